@@ -1,0 +1,51 @@
+"""Draw the sample inputs of the saved workflows (64x64, like the bundled models' shapes data).
+
+Run `python workflows/inputs/make_inputs.py` to regenerate them; the PNGs are committed so the saved
+workflows run from a clean checkout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+HERE = Path(__file__).resolve().parent
+BACKGROUND = (40, 44, 52)
+
+
+def shapes() -> Image.Image:
+    """A red circle on the left and a blue square on the right, on a dark background."""
+    image = Image.new("RGB", (64, 64), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((4, 20, 28, 44), fill=(220, 30, 30))
+    draw.rectangle((38, 22, 58, 42), fill=(30, 60, 220))
+    return image
+
+
+def green_triangle() -> Image.Image:
+    """A green triangle at the top, the high-resolution original of the super-resolution input."""
+    image = Image.new("RGB", (64, 64), (200, 200, 190))
+    ImageDraw.Draw(image).polygon([(32, 4), (50, 34), (14, 34)], fill=(30, 170, 40))
+    return image
+
+
+def centre_mask() -> Image.Image:
+    """White (1 = repaint) over the centre box, black elsewhere."""
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((16, 16, 47, 47), fill=255)
+    return mask
+
+
+def main() -> None:
+    shapes().save(HERE / "shapes.png")
+    green_triangle().resize((16, 16), Image.Resampling.BICUBIC).save(HERE / "lowres_16.png")
+    centre_mask().save(HERE / "mask_centre.png")
+    with_alpha = shapes().convert("RGBA")
+    alpha = Image.eval(centre_mask(), lambda v: 255 - v)  # transparent where to repaint
+    with_alpha.putalpha(alpha)
+    with_alpha.save(HERE / "shapes_alpha_hole.png")
+
+
+if __name__ == "__main__":
+    main()
