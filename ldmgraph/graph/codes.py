@@ -1,0 +1,21 @@
+"""Stable machine-readable problem codes reported by validation (``Problem.code``).
+
+Scripts and front ends match on these strings; never rename one, only add.
+"""
+
+BAD_DOCUMENT = "bad_document"  # not JSON / wrong shape / wrong format version
+UNKNOWN_NODE_TYPE = "unknown_node_type"
+UNKNOWN_INPUT = "unknown_input"
+MISSING_INPUT = "missing_input"
+DANGLING_LINK = "dangling_link"  # link to a node id that does not exist
+UNKNOWN_OUTPUT = "unknown_output"  # link to an output name the source node does not have
+TYPE_MISMATCH = "type_mismatch"
+WRONG_TYPE = "wrong_type"  # literal of the wrong Python/JSON type
+OUT_OF_BOUNDS = "out_of_bounds"
+NOT_IN_CHOICES = "not_in_choices"
+LINK_REQUIRED = "link_required"  # literal given where only a link makes sense (IMAGE, MODEL, ...)
+CYCLE = "cycle"
+NO_OUTPUT_NODE = "no_output_node"
+BAD_PARAMETER = "bad_parameter"
+FILE_NOT_FOUND = "file_not_found"
+UNSAFE_PATH = "unsafe_path"

@@ -1,0 +1,90 @@
+"""The one exception hierarchy of ldmgraph.
+
+Every error the package raises on purpose derives from :class:`LdmGraphError`, so a front end can
+catch one class and print a readable line. Other layers subclass it (e.g. ``ModelError``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class LdmGraphError(Exception):
+    """Root of every error ldmgraph raises deliberately."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a workflow: where (node id, input name), a stable code, and how to fix it.
+
+    Codes are machine-readable and stable across releases (see ``ldmgraph.graph.codes``).
+    """
+
+    node_id: str | None
+    input: str | None
+    code: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as printed by ``ldmgraph validate --json``."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"node {self.node_id!r}" if self.node_id is not None else "workflow"
+        if self.input is not None:
+            where += f", input {self.input!r}"
+        return f"[{self.code}] {where}: {self.message}"
+
+
+class ValidationError(LdmGraphError):
+    """A workflow (or a document claiming to be one) is invalid; holds every problem found at once."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__(self._summary())
+
+    def _summary(self) -> str:
+        lines = [f"{len(self.problems)} problem(s) in the workflow:"]
+        lines += [f"  {p}" for p in self.problems]
+        return "\n".join(lines)
+
+    @property
+    def codes(self) -> set[str]:
+        """The distinct problem codes, handy for tests and scripts."""
+        return {p.code for p in self.problems}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"ok": false, "problems": [...]}``."""
+        return {"ok": False, "problems": [p.to_dict() for p in self.problems]}
+
+
+class ExecutionError(LdmGraphError):
+    """A node failed while running: names the node id, its type and the underlying cause."""
+
+    def __init__(self, node_id: str, node_type: str, cause: BaseException) -> None:
+        self.node_id = node_id
+        self.node_type = node_type
+        self.cause = cause
+        super().__init__(f"node {node_id!r} ({node_type}) failed: {type(cause).__name__}: {cause}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, as printed by ``ldmgraph run --json``."""
+        return {
+            "node_id": self.node_id,
+            "node_type": self.node_type,
+            "error": type(self.cause).__name__,
+            "message": str(self.cause),
+        }
+
+
+class Cancelled(LdmGraphError):
+    """The run was cancelled (between nodes, or inside a long node through its context)."""
+
+
+class PluginError(LdmGraphError):
+    """A plugin is broken or conflicts with another (e.g. two plugins register the same node type)."""
+
+
+class UnsafePathError(LdmGraphError, ValueError):
+    """A file name from a workflow tried to leave its folder (absolute path, ``..``, a link out)."""

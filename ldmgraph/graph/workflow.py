@@ -1,0 +1,125 @@
+"""The workflow file format ``ldmgraph/1``: pydantic models, JSON Schema, and a tolerant loader.
+
+A workflow maps node ids to ``{type, inputs, title?, pos?}``; an input is either a link
+``{"node": id, "output": name}`` or a JSON literal. ``parameters`` name the values a caller may
+override (``--set name=value``) and the inputs each one goes to. See docs/INTERFACES.md.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from . import codes
+from .errors import Problem, ValidationError
+
+FORMAT = "ldmgraph/1"
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+
+
+class Link(BaseModel):
+    """A link to a named output of another node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    node: str = Field(description="id of the source node")
+    output: str = Field(description="name of the source node's output")
+
+
+class NodeEntry(BaseModel):
+    """One node of a workflow."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="node type name, as listed by `ldmgraph nodes`")
+    inputs: dict[str, Link | Any] = Field(
+        default_factory=dict, description='input name -> literal, or a link {"node": id, "output": name}'
+    )
+    title: str | None = Field(default=None, description="optional display title")
+    pos: list[float] | None = Field(default=None, description="optional editor position [x, y]")
+
+
+class ParameterTarget(BaseModel):
+    """Where a parameter's value goes: one input of one node."""
+
+    model_config = ConfigDict(extra="forbid")
+    node: str
+    input: str
+
+
+class Parameter(BaseModel):
+    """A value a caller may override by name (prompt, seed, steps, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    targets: list[ParameterTarget] = Field(min_length=1, description="inputs that receive the value")
+    description: str = ""
+
+
+class Workflow(BaseModel):
+    """A whole workflow document."""
+
+    model_config = ConfigDict(extra="forbid", title="ldmgraph workflow")
+    format: Literal["ldmgraph/1"] = Field(description="format and version of this document")
+    nodes: dict[str, NodeEntry] = Field(description="node id -> node")
+    parameters: dict[str, Parameter] = Field(default_factory=dict)
+    outputs: list[str] | None = Field(
+        default=None, description="ids of the output nodes to run (default: every output node)"
+    )
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free-form (author, notes, ...)")
+
+
+def workflow_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the workflow file (what ``ldmgraph schema`` prints)."""
+    schema = Workflow.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def parse_workflow(doc: Any) -> Workflow:
+    """Turn a decoded JSON document into a :class:`Workflow`, or raise our ``ValidationError``.
+
+    Never raises anything else, whatever the shape of ``doc`` (deep nesting, odd types, unicode).
+    """
+    if isinstance(doc, Workflow):
+        return doc
+    if not isinstance(doc, dict):
+        raise _bad(f"a workflow is a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != FORMAT:
+        raise _bad(f'"format" must be "{FORMAT}" (got {_short(doc.get("format"))}); is this a ComfyUI file? '
+                   "`ldmgraph run` converts those automatically")
+    try:
+        return Workflow.model_validate(doc)
+    except PydanticValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False)[:50]:
+            loc = [str(part) for part in err.get("loc", ())]
+            node_id = loc[1] if len(loc) > 1 and loc[0] == "nodes" else None
+            input_name = loc[3] if len(loc) > 3 and loc[2] == "inputs" else None
+            problems.append(Problem(node_id, input_name, codes.BAD_DOCUMENT,
+                                    f"at {'.'.join(loc) or 'top level'}: {err.get('msg', 'invalid')}"))
+        raise ValidationError(problems) from None
+    except (RecursionError, ValueError, TypeError) as exc:
+        raise _bad(f"the document cannot be read: {type(exc).__name__}") from None
+
+
+def decode_json(text: str | bytes, source: str = "workflow") -> Any:
+    """Decode JSON text, turning every decoding failure into our ``ValidationError``."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise _bad(f"{source} is larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(f"{source} is not valid JSON: {exc}") from None
+
+
+def _bad(message: str) -> ValidationError:
+    return ValidationError([Problem(None, None, codes.BAD_DOCUMENT, message)])
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a repr of arbitrary user data may fail
+        text = "<unprintable>"
+    return text if len(text) <= 40 else text[:37] + "..."
