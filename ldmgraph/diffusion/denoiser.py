@@ -1,0 +1,55 @@
+"""The denoiser wrapper: an eps- or v-predicting network as x0 = D(x, sigma).
+
+Samplers integrate the variance-exploding ODE/SDE in x = x0 + sigma * eps (Karras et al. 2022),
+while the network was trained on x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps. With
+alpha_bar = 1 / (1 + sigma^2) the two are related by x_t = c_in * x, c_in = 1 / sqrt(sigma^2 + 1),
+and D(x, sigma) = c_skip * x + c_out * F(c_in * x, t(sigma)) with (Karras et al. 2022, Table 1,
+"VP" column, sigma_data = 1 for v):
+  eps: c_skip = 1,                  c_out = -sigma
+  v:   c_skip = 1 / (sigma^2 + 1),  c_out = -sigma / sqrt(sigma^2 + 1)   (Salimans & Ho 2022)
+The timestep t(sigma) interpolates the training schedule in log-sigma (k-diffusion).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ldmgraph.diffusion.errors import DiffusionError
+from ldmgraph.diffusion.values import DiffusionModel
+
+PREDICTION_TYPES = ("eps", "v")
+
+
+class Denoiser:
+    """Wraps a `DiffusionModel` so that calling it returns the predicted clean latent x0."""
+
+    def __init__(self, model: DiffusionModel) -> None:
+        prediction = getattr(model, "prediction_type", "eps")
+        if prediction not in PREDICTION_TYPES:
+            raise DiffusionError(
+                f"model prediction_type {prediction!r} is not supported; expected one of {PREDICTION_TYPES}"
+            )
+        self.model = model
+        self.prediction_type = prediction
+        self.noise_schedule = model.noise_schedule
+        self.calls = 0  # network evaluations, for tests and progress figures
+
+    def __call__(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        context: Tensor | None = None,
+        concat: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        """x0 for a batch x `[B, C, h, w]` at noise levels sigma (scalar or `[B]`)."""
+        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))
+        c_in = (s * s + 1).rsqrt()
+        t = self.noise_schedule.sigma_to_t(sigma)
+        self.calls += 1
+        out = self.model.apply_model(x * c_in, t, context=context, concat=concat, y=y).to(x.dtype)
+        if self.prediction_type == "eps":
+            return x - s * out
+        return x * (c_in * c_in) - s * c_in * out

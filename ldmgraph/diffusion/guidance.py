@@ -1,0 +1,181 @@
+"""Classifier-free guidance over lists of conditioning entries, and the inpainting noise mask.
+
+CFG (Ho & Salimans 2022): D = D_uncond + cfg * (D_cond - D_uncond), with the cond and uncond
+passes stacked into one batch; at cfg == 1 the uncond pass is skipped (D = D_cond).
+Several entries on one side are combined as ComfyUI does: each entry's prediction covers its
+area (h, w, y, x) and is weighted by strength * mask there; the side's prediction is the
+weighted sum divided by the summed weights. Where no positive entry covers a pixel, the
+negative prediction is used there (no guidance) instead of a zero latent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldmgraph.diffusion.denoiser import Denoiser
+from ldmgraph.diffusion.errors import DiffusionError
+from ldmgraph.diffusion.values import CondEntry
+
+
+def _fit_batch(value: Tensor, batch: int, what: str) -> Tensor:
+    """Broadcast a conditioning tensor's batch to the latent batch (1 -> B, or repeat B/b times)."""
+    if value.shape[0] == batch:
+        return value
+    if batch % value.shape[0] == 0:
+        return (
+            value.repeat_interleave(batch // value.shape[0], dim=0)
+            if value.shape[0] > 1
+            else value.expand(batch, *value.shape[1:])
+        )
+    raise DiffusionError(
+        f"conditioning {what} has batch {value.shape[0]} but the latent has batch {batch}; "
+        "use one conditioning per image or a single one for all"
+    )
+
+
+@dataclass
+class _Piece:
+    """One conditioning entry prepared for a latent of a given shape."""
+
+    side: int  # 0 = positive, 1 = negative
+    region: tuple[slice, slice]
+    weight: Tensor | float  # [B or 1, 1, h_a, w_a] or a scalar
+    context: Tensor
+    concat: Tensor | None
+    pooled: Tensor | None
+
+    def key(self) -> tuple:
+        """Pieces with equal keys run in one batched network call."""
+        hw = (self.region[0].stop - self.region[0].start, self.region[1].stop - self.region[1].start)
+        return (
+            hw,
+            tuple(self.context.shape[1:]),
+            None if self.concat is None else tuple(self.concat.shape[1:]),
+            None if self.pooled is None else tuple(self.pooled.shape[1:]),
+        )
+
+
+def _prepare(entry: CondEntry, side: int, x: Tensor) -> _Piece:
+    batch, _, height, width = x.shape
+    if entry.area is None:
+        region = (slice(0, height), slice(0, width))
+    else:
+        h, w, y, xo = (int(v) for v in entry.area)
+        y, xo = min(max(y, 0), height - 1), min(max(xo, 0), width - 1)
+        region = (slice(y, min(y + h, height)), slice(xo, min(xo + w, width)))
+    weight: Tensor | float = float(entry.strength)
+    if entry.mask is not None:
+        mask = entry.mask.to(x.device, torch.float32)
+        mask = mask.reshape(-1, 1, *mask.shape[-2:])
+        if mask.shape[-2:] != (height, width):
+            mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
+        weight = mask[..., region[0], region[1]] * float(entry.strength)
+    device = x.device
+    concat = None
+    if entry.concat is not None:
+        concat = _fit_batch(entry.concat.to(device, x.dtype), batch, "concat")
+        if concat.shape[-2:] != (height, width):
+            raise DiffusionError(
+                f"concat conditioning is {tuple(concat.shape[-2:])} but the latent is {(height, width)}; "
+                "encode the conditioning image at the latent's size"
+            )
+        concat = concat[..., region[0], region[1]]
+    pooled = None if entry.pooled is None else _fit_batch(entry.pooled.to(device), batch, "pooled")
+    context = _fit_batch(entry.context.to(device), batch, "context")
+    return _Piece(side, region, weight, context, concat, pooled)
+
+
+class CFGDenoiser:
+    """x0 = D(x, sigma) guided by positive and negative conditioning; what samplers call."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        positive: Sequence[CondEntry],
+        negative: Sequence[CondEntry],
+        cfg: float,
+    ) -> None:
+        if not positive:
+            raise DiffusionError("positive conditioning is empty; connect at least one CONDITIONING entry")
+        self.denoiser = denoiser
+        self.positive = list(positive)
+        self.negative = list(negative) if cfg != 1.0 else []
+        if cfg != 1.0 and not self.negative:
+            raise DiffusionError(
+                f"cfg is {cfg} but the negative conditioning is empty; connect one or set cfg 1"
+            )
+        self.cfg = float(cfg)
+        self.noise_schedule = denoiser.noise_schedule
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        pieces = [_prepare(e, 0, x) for e in self.positive] + [_prepare(e, 1, x) for e in self.negative]
+        preds = self._run(pieces, x, sigma)
+        cond, covered = self._combine(pieces, preds, 0, x)
+        if not self.negative:
+            return cond
+        uncond, _ = self._combine(pieces, preds, 1, x)
+        guided = uncond + self.cfg * (cond - uncond)
+        return guided if covered is None else torch.where(covered, guided, uncond)
+
+    def _run(self, pieces: list[_Piece], x: Tensor, sigma: Tensor) -> list[Tensor]:
+        """Network calls, one per group of pieces with equal shapes (cond + uncond batched)."""
+        sigma = sigma.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
+        groups: dict[tuple, list[int]] = {}
+        for index, piece in enumerate(pieces):
+            groups.setdefault(piece.key(), []).append(index)
+        preds: list[Tensor] = [x] * len(pieces)
+        for members in groups.values():
+            chosen = [pieces[i] for i in members]
+            xs = torch.cat([x[..., p.region[0], p.region[1]] for p in chosen])
+            context = torch.cat([p.context for p in chosen])
+            concat = None if chosen[0].concat is None else torch.cat([p.concat for p in chosen])  # type: ignore[misc]
+            pooled = None if chosen[0].pooled is None else torch.cat([p.pooled for p in chosen])  # type: ignore[misc]
+            out = self.denoiser(xs, sigma.repeat(len(chosen)), context=context, concat=concat, y=pooled)
+            for i, part in zip(members, out.chunk(len(chosen)), strict=True):
+                preds[i] = part
+        return preds
+
+    @staticmethod
+    def _combine(
+        pieces: list[_Piece], preds: list[Tensor], side: int, x: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """Weighted average of one side's predictions; also where any entry covers (None = all)."""
+        chosen = [(p, d) for p, d in zip(pieces, preds, strict=True) if p.side == side]
+        full = all(p.region == (slice(0, x.shape[-2]), slice(0, x.shape[-1])) for p, _ in chosen)
+        if len(chosen) == 1 and full and not isinstance(chosen[0][0].weight, Tensor):
+            return chosen[0][1], None
+        total = torch.zeros_like(x)
+        count = torch.zeros_like(x[:, :1])
+        for piece, pred in chosen:
+            rows, cols = piece.region
+            total[..., rows, cols] += pred * piece.weight
+            count[..., rows, cols] += piece.weight
+        covered = count > 0
+        return total / count.clamp_min(1e-8), (None if bool(covered.all()) else covered)
+
+
+class InpaintDenoiser:
+    """Keeps the known latent outside the noise mask (1 = repaint).
+
+    Before each call the region outside the mask is replaced by the known latent re-noised to the
+    current sigma (known + noise * sigma, with the run's own starting noise), and the prediction
+    there is the known latent, so the sampler only changes the masked region.
+    """
+
+    def __init__(self, inner: CFGDenoiser, known: Tensor, noise: Tensor, mask: Tensor) -> None:
+        self.inner = inner
+        self.known = known
+        self.noise = noise
+        self.mask = mask
+        self.noise_schedule = inner.noise_schedule
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        s = sigma.to(x.device, torch.float32).reshape(-1)[:1].view(1, 1, 1, 1)
+        keep = 1.0 - self.mask
+        x = x * self.mask + (self.known + self.noise * s) * keep
+        return self.inner(x, sigma) * self.mask + self.known * keep
