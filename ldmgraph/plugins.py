@@ -56,6 +56,7 @@ BUILTIN_PLUGIN_MODULES: list[str] = [
     "ldmgraph.nodes.conditioning",
     "ldmgraph.nodes.latent",
     "ldmgraph.nodes.sampling",
+    "ldmgraph.nodes.image_ops",
 ]
 
 
