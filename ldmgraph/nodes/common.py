@@ -1,0 +1,188 @@
+"""Helpers shared by the diffusion nodes: model files by name, the model cache, devices, conversions.
+
+Nothing here imports torch at module level (listing and validating nodes must not); the torch
+helpers import it inside the function.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ldmgraph.graph import codes
+from ldmgraph.graph.errors import LdmGraphError, UnsafePathError
+from ldmgraph.graph.files import safe_join
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from ldmgraph.graph.context import Environment, NodeContext
+
+MODEL_CACHE_KEY = "model_cache"
+"""The `ctx.resource` key of the executor session's `ModelCache` (tests read it there too)."""
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+SD_DOWNSCALE = 8
+"""Pixel-to-latent factor assumed when a node is given no VAE (Stable Diffusion's f = 8)."""
+
+
+class NodeInputError(LdmGraphError, ValueError):
+    """An input value a node cannot use (wrong size, missing model part); says what to change."""
+
+
+# --- model files ------------------------------------------------------------------------------
+
+
+def available_models(model_dirs: tuple[Path, ...] | list[Path]) -> list[str]:
+    """Names (relative to their model folder) of the checkpoints and diffusers folders found."""
+    names: list[str] = []
+    for folder in model_dirs:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for root, dirs, files in os.walk(folder):
+            rel = Path(root).relative_to(folder)
+            if "model_index.json" in files:
+                names.append(rel.as_posix())
+                dirs.clear()
+                continue
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            names += [(rel / f).as_posix() for f in sorted(files) if f.endswith(CHECKPOINT_SUFFIXES)]
+    return sorted(dict.fromkeys(n.removeprefix("./") for n in names))
+
+
+def find_model(name: str, model_dirs: tuple[Path, ...] | list[Path]) -> Path:
+    """Resolve a checkpoint name in the model folders (the extension `.safetensors` may be left out).
+
+    Raises `UnsafePathError` for `..` or absolute names and `FileNotFoundError` naming what is there.
+    """
+    for folder in model_dirs:
+        for candidate in (name, f"{name}.safetensors"):
+            path = safe_join(folder, candidate)
+            if path.is_file() or (path / "model_index.json").is_file():
+                return path
+    found = available_models(model_dirs)
+    where = ", ".join(str(d) for d in model_dirs) or "(no model folders configured)"
+    listing = ", ".join(found) if found else "none"
+    raise FileNotFoundError(
+        f"no model named {name!r} in the model folders ({where}); available: {listing}. "
+        "Put the file in one of those folders or pass --models-dir"
+    )
+
+
+def check_model_name(name: Any, env: Environment) -> list[tuple[str, str, str]]:
+    """Validation-time check of a model-name literal: one (code, message) pair per problem."""
+    if not isinstance(name, str):
+        return []
+    try:
+        find_model(name, env.model_dirs)
+    except UnsafePathError as error:
+        return [(codes.UNSAFE_PATH, f"{error}: name a file inside the model folders")]
+    except FileNotFoundError as error:
+        return [(codes.FILE_NOT_FOUND, str(error))]
+    return []
+
+
+def model_fingerprint(name: Any, env: Environment) -> str | None:
+    """Cache-key material for a model name: the resolved path, size and mtime (a replaced file re-loads)."""
+    try:
+        path = find_model(str(name), env.model_dirs)
+    except (OSError, LdmGraphError):
+        return None
+    stat = (path / "model_index.json" if path.is_dir() else path).stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def model_cache(ctx: NodeContext) -> Any:
+    """The executor session's model cache: a checkpoint loaded once serves every later workflow."""
+    from ldmgraph.models.cache import ModelCache
+
+    return ctx.resource(MODEL_CACHE_KEY, ModelCache)
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+
+def pick_device(choice: str, ctx: NodeContext) -> str:
+    """The device to compute on: the node's choice, else the run's `--device`, else CUDA > MPS > CPU."""
+    import torch
+
+    if choice not in ("", "auto"):
+        wanted = choice
+    elif ctx.device:
+        wanted = ctx.device
+    elif torch.cuda.is_available():
+        return "cuda"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    else:
+        return "cpu"
+    kind = wanted.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise NodeInputError(
+            f"device {wanted!r} was asked for but CUDA is not available; use 'auto' or 'cpu'"
+        )
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise NodeInputError(f"device {wanted!r} was asked for but MPS is not available; use 'auto' or 'cpu'")
+    return wanted
+
+
+# --- conversions ------------------------------------------------------------------------------
+
+
+def image_to_torch(image: np.ndarray) -> torch.Tensor:
+    """IMAGE (numpy [B, H, W, C] 0..1) -> float32 torch tensor of the same layout (no copy if possible)."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+
+
+def image_to_numpy(image: torch.Tensor) -> np.ndarray:
+    """torch [B, H, W, C] -> IMAGE (numpy float32, clipped to 0..1)."""
+    return image.detach().to("cpu", dtype=_float32()).clamp(0, 1).numpy()
+
+
+def _float32() -> Any:
+    import torch
+
+    return torch.float32
+
+
+def mask_to_torch(mask: np.ndarray, batch: int | None = None) -> torch.Tensor:
+    """MASK (numpy [B, H, W] or [H, W]) -> torch [B, 1, H, W] float32, repeated to `batch` if given."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(mask, dtype=np.float32)
+    if array.ndim == 2:
+        array = array[None]
+    tensor = torch.from_numpy(np.ascontiguousarray(array))[:, None]
+    if batch is not None and tensor.shape[0] != batch:
+        repeats = -(-batch // tensor.shape[0])
+        tensor = tensor.repeat(repeats, 1, 1, 1)[:batch]
+    return tensor
+
+
+def check_mask_size(mask: np.ndarray, image: np.ndarray, node: str) -> None:
+    """Refuse a mask whose height and width differ from the image's, saying both sizes."""
+    mh, mw = mask.shape[-2:]
+    ih, iw = image.shape[1:3]
+    if (mh, mw) != (ih, iw):
+        raise NodeInputError(
+            f"{node}: the mask is {mw}x{mh} but the image is {iw}x{ih}; "
+            "give a mask of the image's size (resize it with an ImageScale node first)"
+        )
+
+
+def latent_size(width: int, height: int, factor: int, node: str) -> tuple[int, int]:
+    """Pixel size -> latent size, refusing sizes that are not multiples of the VAE's factor."""
+    if width % factor or height % factor:
+        raise NodeInputError(
+            f"{node}: {width}x{height} is not a multiple of the VAE's downscale factor {factor}; "
+            f"use multiples of {factor}"
+        )
+    return width // factor, height // factor

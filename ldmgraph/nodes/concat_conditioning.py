@@ -1,0 +1,127 @@
+"""Concat conditioning: spatially aligned inputs stacked onto the latent as extra U-Net channels.
+
+Rombach et al. 2022, Sec. 3.3 and 4.4-4.5: for super-resolution the low-resolution image is
+concatenated to z_t; for inpainting the mask and the latent of the masked image are. Two channel
+orders exist in released models and both are offered:
+
+* `sd`: [mask, masked-image latent], Stable Diffusion inpainting (4 + 1 + 4 = 9 input channels);
+* `ldm`: [masked-image latent, mask], the paper's inpainting model (3 + 3 + 1 = 7 with its VQ-f4).
+
+The masked image is the image with the repaint region set to grey (0 in the -1..1 range), as both
+original implementations do; the mask reaches the latent grid by nearest-neighbour resizing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph.node import InputField, OutputField
+from ldmgraph.graph.sockets import BOOLEAN, CONDITIONING, ENUM, IMAGE, INT, LATENT, MASK, VAE
+from ldmgraph.nodes.common import check_mask_size, image_to_torch, mask_to_torch
+from ldmgraph.nodes.latent import encode_pixels
+
+
+class SuperResolutionConditioning(Node):
+    """Condition a super-resolution model on a low-resolution image (the paper's LDM-SR).
+
+    The image, resized to the latent grid of the `scale_by` times larger output and mapped to
+    -1..1, becomes the concat input of every entry; the output latent is an empty latent of the
+    output size. Without `positive`/`negative` (models with no text, like the bundled one) each side
+    gets one entry with a placeholder context. Sample with cfg 1 for text-free models.
+    """
+
+    type_name = "SuperResolutionConditioning"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        image: Any = InputField(IMAGE, description="the low-resolution image")
+        vae: Any = InputField(VAE, description="the autoencoder of the super-resolution model")
+        scale_by: int = InputField(INT, 4, ge=1, le=16, description="output size / input size")
+        positive: Any = InputField(CONDITIONING, None, description="optional text conditioning")
+        negative: Any = InputField(CONDITIONING, None, description="optional negative text conditioning")
+
+    class Outputs(NodeOutputs):
+        positive: Any = OutputField(CONDITIONING, description="conditioning with the image concat")
+        negative: Any = OutputField(CONDITIONING, description="negative conditioning with the image concat")
+        latent: Any = OutputField(LATENT, description="empty latent of the output size")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import torch
+        import torch.nn.functional as F
+
+        from ldmgraph.diffusion import CondEntry, Latent
+
+        vae = inputs.vae
+        batch, height, width = inputs.image.shape[:3]
+        h, w = height * inputs.scale_by // vae.downscale, width * inputs.scale_by // vae.downscale
+        if h < 1 or w < 1:
+            raise ValueError(f"SuperResolutionConditioning: a {width}x{height} image is too small to upscale")
+        lowres = image_to_torch(inputs.image).permute(0, 3, 1, 2)
+        if lowres.shape[-2:] != (h, w):
+            lowres = F.interpolate(lowres, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+        concat = lowres * 2.0 - 1.0
+        placeholder = [CondEntry(context=torch.zeros(1, 1, 1))]
+        positive = [replace(e, concat=concat) for e in (inputs.positive or placeholder)]
+        negative = [replace(e, concat=concat) for e in (inputs.negative or placeholder)]
+        latent = Latent(samples=torch.zeros(batch, vae.latent_channels, h, w))
+        return self.Outputs(positive=positive, negative=negative, latent=latent)
+
+
+class InpaintConditioning(Node):
+    """Condition an inpainting model: mask + masked-image latent concatenated to the latent.
+
+    Outputs the conditioning for both sides and the image's latent, with the mask as its noise
+    mask (so the sampler keeps the known region) unless `noise_mask` is off.
+    """
+
+    type_name = "InpaintConditioning"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        positive: Any = InputField(CONDITIONING, description="positive conditioning")
+        negative: Any = InputField(CONDITIONING, description="negative conditioning")
+        vae: Any = InputField(VAE, description="the inpainting model's autoencoder")
+        image: Any = InputField(IMAGE, description="the image to repaint")
+        mask: Any = InputField(MASK, description="1 where to repaint; the image's size")
+        layout: str = InputField(
+            ENUM,
+            "sd",
+            choices=["sd", "ldm"],
+            description="channel order: 'sd' [mask, masked latent] (9 ch), 'ldm' [masked latent, mask] (7 ch)",
+        )
+        noise_mask: bool = InputField(
+            BOOLEAN, True, description="also set the mask as the latent's noise mask"
+        )
+
+    class Outputs(NodeOutputs):
+        positive: Any = OutputField(CONDITIONING, description="positive with the inpainting concat")
+        negative: Any = OutputField(CONDITIONING, description="negative with the inpainting concat")
+        latent: Any = OutputField(LATENT, description="the image's latent (with its noise mask)")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import torch
+        import torch.nn.functional as F
+
+        from ldmgraph.diffusion import Latent
+
+        check_mask_size(inputs.mask, inputs.image, "InpaintConditioning")
+        batch = inputs.image.shape[0]
+        mask = mask_to_torch(inputs.mask, batch).round()
+        pixels = image_to_torch(inputs.image)
+        keep = (1.0 - mask).permute(0, 2, 3, 1)
+        masked_pixels = pixels * keep + 0.5 * (1.0 - keep)
+        masked_latent = encode_pixels(inputs.vae, masked_pixels)
+        latent = encode_pixels(inputs.vae, pixels)
+        small = F.interpolate(mask, size=masked_latent.shape[-2:], mode="nearest")
+        parts = [small, masked_latent] if inputs.layout == "sd" else [masked_latent, small]
+        concat = torch.cat(parts, dim=1)
+        positive = [replace(e, concat=concat) for e in inputs.positive]
+        negative = [replace(e, concat=concat) for e in inputs.negative]
+        noise_mask = (
+            F.interpolate(mask, size=latent.shape[-2:], mode="bilinear") if inputs.noise_mask else None
+        )
+        return self.Outputs(
+            positive=positive, negative=negative, latent=Latent(samples=latent, noise_mask=noise_mask)
+        )

@@ -1,0 +1,210 @@
+"""Conditioning nodes: text encoding and the ways to combine, restrict and zero conditioning.
+
+CONDITIONING is a list of `ldmgraph.diffusion.CondEntry` (cross-attention context `[B, T, D]`,
+optional pooled vector, optional concat tensor, strength, area, mask). The text reaches the U-Net
+through cross-attention, softmax(Q K^T / sqrt(d)) V with K, V from the context (Rombach et al. 2022,
+eq. 3). The concat-conditioning nodes (super-resolution, inpainting) live in `concat_conditioning.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph.node import InputField, OutputField
+from ldmgraph.graph.sockets import CONDITIONING, FLOAT, INT, STRING, TEXT_ENCODER, VAE
+from ldmgraph.nodes.common import SD_DOWNSCALE, NodeInputError
+from ldmgraph.plugins import hookimpl
+
+
+class TextEncode(Node):
+    """Encode a prompt with a text encoder into conditioning (cross-attention context).
+
+    `clip_skip` k takes the k-th layer from the end (1 = the last layer, 2 = the penultimate one
+    as SD2 and many SD1 fine-tunes expect).
+    """
+
+    type_name = "TextEncode"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        text_encoder: Any = InputField(TEXT_ENCODER, description="text encoder from a loader")
+        text: str = InputField(STRING, "", description="the prompt")
+        clip_skip: int = InputField(INT, 1, ge=1, le=24, description="layer from the end to use (1 = last)")
+
+    class Outputs(NodeOutputs):
+        conditioning: Any = OutputField(CONDITIONING, description="one entry with the prompt's context")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        from ldmgraph.diffusion import CondEntry
+
+        if inputs.text_encoder is None:
+            raise NodeInputError(
+                "TextEncode: the checkpoint has no text encoder (e.g. the super-resolution model); "
+                "connect a text encoder from another loader or leave the prompt out of this graph"
+            )
+        encoding = inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip)
+        return self.Outputs(conditioning=[CondEntry(context=encoding.context, pooled=encoding.pooled)])
+
+
+class ConditioningCombine(Node):
+    """Join two conditioning lists: the sampler averages their predictions (a composition)."""
+
+    type_name = "ConditioningCombine"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning_1: Any = InputField(CONDITIONING, description="first conditioning")
+        conditioning_2: Any = InputField(CONDITIONING, description="second conditioning")
+
+    class Outputs(NodeOutputs):
+        conditioning: Any = OutputField(CONDITIONING, description="both lists, joined")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        return self.Outputs(conditioning=list(inputs.conditioning_1) + list(inputs.conditioning_2))
+
+
+def _fit_tokens(context: Any, tokens: int) -> Any:
+    """Pad (with zeros) or cut a context `[B, T, D]` to `tokens` tokens."""
+    import torch
+
+    if context.shape[1] >= tokens:
+        return context[:, :tokens]
+    pad = context.new_zeros(context.shape[0], tokens - context.shape[1], context.shape[2])
+    return torch.cat([context, pad], dim=1)
+
+
+class ConditioningAverage(Node):
+    """Blend two prompts: context = w * to + (1 - w) * from (the first entry of `from`)."""
+
+    type_name = "ConditioningAverage"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning_to: Any = InputField(CONDITIONING, description="conditioning kept at weight w")
+        conditioning_from: Any = InputField(CONDITIONING, description="conditioning mixed in at 1 - w")
+        to_strength: float = InputField(
+            FLOAT, 1.0, ge=0.0, le=1.0, description="w: weight of `conditioning_to`"
+        )
+
+    class Outputs(NodeOutputs):
+        conditioning: Any = OutputField(CONDITIONING, description="the blended conditioning")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        source = _first(inputs.conditioning_from, "ConditioningAverage", "conditioning_from")
+        w = inputs.to_strength
+        out = []
+        for entry in inputs.conditioning_to:
+            context = entry.context * w + _fit_tokens(source.context, entry.context.shape[1]) * (1.0 - w)
+            pooled = entry.pooled
+            if pooled is not None and source.pooled is not None:
+                pooled = pooled * w + source.pooled * (1.0 - w)
+            out.append(replace(entry, context=context, pooled=pooled))
+        return self.Outputs(conditioning=out)
+
+
+class ConditioningConcat(Node):
+    """Append the tokens of `from` to each entry of `to` (a longer context, both prompts attended)."""
+
+    type_name = "ConditioningConcat"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning_to: Any = InputField(CONDITIONING, description="conditioning to extend")
+        conditioning_from: Any = InputField(
+            CONDITIONING, description="conditioning whose tokens are appended"
+        )
+
+    class Outputs(NodeOutputs):
+        conditioning: Any = OutputField(CONDITIONING, description="the concatenated conditioning")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import torch
+
+        source = _first(inputs.conditioning_from, "ConditioningConcat", "conditioning_from")
+        out = []
+        for entry in inputs.conditioning_to:
+            extra = source.context.to(entry.context.dtype)
+            if extra.shape[0] != entry.context.shape[0]:
+                extra = extra.expand(entry.context.shape[0], -1, -1)
+            out.append(replace(entry, context=torch.cat([entry.context, extra], dim=1)))
+        return self.Outputs(conditioning=out)
+
+
+class ConditioningSetArea(Node):
+    """Restrict conditioning to a rectangle of the image (regional prompts, area composition).
+
+    Sizes are in pixels, multiples of 8; they become latent pixels through the VAE's downscale
+    factor (8 when no VAE is connected, as Stable Diffusion's).
+    """
+
+    type_name = "ConditioningSetArea"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: Any = InputField(CONDITIONING, description="conditioning to restrict")
+        width: int = InputField(INT, 64, ge=8, le=16384, multiple_of=8, description="area width in pixels")
+        height: int = InputField(INT, 64, ge=8, le=16384, multiple_of=8, description="area height in pixels")
+        x: int = InputField(INT, 0, ge=0, le=16384, multiple_of=8, description="left edge in pixels")
+        y: int = InputField(INT, 0, ge=0, le=16384, multiple_of=8, description="top edge in pixels")
+        strength: float = InputField(FLOAT, 1.0, ge=0.0, le=10.0, description="weight against other entries")
+        vae: Any = InputField(VAE, None, description="optional: the VAE whose factor maps pixels to latents")
+
+    class Outputs(NodeOutputs):
+        conditioning: Any = OutputField(CONDITIONING, description="the restricted conditioning")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        f = downscale_of(inputs.vae)
+        area = (inputs.height // f, inputs.width // f, inputs.y // f, inputs.x // f)
+        return self.Outputs(
+            conditioning=[replace(e, area=area, strength=inputs.strength) for e in inputs.conditioning]
+        )
+
+
+class ConditioningZeroOut(Node):
+    """Zero the context and pooled vectors (an "empty" negative for models trained that way)."""
+
+    type_name = "ConditioningZeroOut"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        conditioning: Any = InputField(CONDITIONING, description="conditioning to zero")
+
+    class Outputs(NodeOutputs):
+        conditioning: Any = OutputField(CONDITIONING, description="zeros of the same shapes")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        out = [
+            replace(e, context=e.context * 0, pooled=None if e.pooled is None else e.pooled * 0)
+            for e in inputs.conditioning
+        ]
+        return self.Outputs(conditioning=out)
+
+
+def downscale_of(vae: Any) -> int:
+    """The VAE's pixel-to-latent factor (4 for the bundled models, 8 for SD), 8 without a VAE."""
+    return SD_DOWNSCALE if vae is None else int(vae.downscale)
+
+
+def _first(conditioning: Any, node: str, name: str) -> Any:
+    if not conditioning:
+        raise NodeInputError(f"{node}: {name} is an empty conditioning list; connect a TextEncode output")
+    return conditioning[0]
+
+
+@hookimpl
+def ldmgraph_nodes() -> list[type[Node]]:
+    """Register the conditioning nodes (text and combinations; concat conditioning is separate)."""
+    from ldmgraph.nodes.concat_conditioning import InpaintConditioning, SuperResolutionConditioning
+
+    return [
+        TextEncode,
+        ConditioningCombine,
+        ConditioningAverage,
+        ConditioningConcat,
+        ConditioningSetArea,
+        ConditioningZeroOut,
+        SuperResolutionConditioning,
+        InpaintConditioning,
+    ]

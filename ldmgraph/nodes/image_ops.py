@@ -1,0 +1,225 @@
+"""Image nodes for diffusion graphs: load a mask, preview, pad for outpainting, composite with a mask.
+
+Torch-free (numpy + Pillow), like the framework's image nodes in `image.py`. IMAGE is numpy float32
+`[B, H, W, C]` in 0..1, MASK numpy float32 `[B, H, W]` in 0..1 with 1 = repaint.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs, codes
+from ldmgraph.graph.context import Environment
+from ldmgraph.graph.errors import UnsafePathError
+from ldmgraph.graph.files import atomic_write_new, safe_join
+from ldmgraph.graph.node import InputField, OutputField
+from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, MASK, STRING
+from ldmgraph.nodes.common import NodeInputError, check_mask_size
+from ldmgraph.plugins import hookimpl
+
+MASK_CHANNELS = ["alpha", "red", "green", "blue", "luminance"]
+
+
+def check_input_file(name: Any, env: Environment, input_name: str) -> list[tuple[str, str, str]]:
+    """Validation-time check that a file name stays in the input folder and exists."""
+    if not isinstance(name, str):
+        return []
+    try:
+        path = safe_join(env.input_dir, name)
+    except UnsafePathError as error:
+        return [
+            (input_name, codes.UNSAFE_PATH, f"{error}; name a file inside the input folder {env.input_dir}")
+        ]
+    if not path.is_file():
+        return [(input_name, codes.FILE_NOT_FOUND, f"no file {name!r} in the input folder {env.input_dir}")]
+    return []
+
+
+def open_image(folder: Path, name: str, node: str) -> Any:
+    """Open an image file from the input folder, refusing names that escape it and files that are not images."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = safe_join(folder, name)
+    try:
+        data = path.read_bytes()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except FileNotFoundError:
+        raise NodeInputError(f"{node}: no file {name!r} in the input folder {folder}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise NodeInputError(f"{node}: {name!r} is not an image Pillow can read ({error})") from None
+    return image
+
+
+class LoadMask(Node):
+    """Load a mask from an image file in the input folder: one channel, 1 = repaint.
+
+    `alpha` gives 1 - alpha (transparent pixels are repainted, as image editors mark holes); the
+    colour channels and luminance are used as they are (white = repaint).
+    """
+
+    type_name = "LoadMask"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: str = InputField(STRING, description="file name in the input folder")
+        channel: str = InputField(
+            ENUM, "luminance", choices=MASK_CHANNELS, description="which channel is the mask"
+        )
+
+    class Outputs(NodeOutputs):
+        mask: Any = OutputField(MASK, description="[1, H, W], 1 = repaint")
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+        return check_input_file(literals.get("image"), env, "image")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        try:
+            stat = safe_join(env.input_dir, str(literals.get("image"))).stat()
+        except (OSError, UnsafePathError):
+            return None
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        image = open_image(ctx.input_dir, inputs.image, "LoadMask")
+        if inputs.channel == "alpha":
+            alpha = image.convert("RGBA").getchannel("A")
+            mask = 1.0 - np.asarray(alpha, dtype=np.float32) / 255.0
+        elif inputs.channel == "luminance":
+            mask = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        else:
+            band = "RGB".index(inputs.channel[0].upper())
+            mask = np.asarray(image.convert("RGB"), dtype=np.float32)[..., band] / 255.0
+        return self.Outputs(mask=mask[None].astype(np.float32))
+
+
+class PreviewImage(Node):
+    """Show images without keeping them: written to a temporary folder and listed in the run's files."""
+
+    type_name = "PreviewImage"
+    category = "image"
+    output_node = True
+
+    class Inputs(NodeInputs):
+        images: Any = InputField(IMAGE, description="images to preview")
+
+    class Outputs(NodeOutputs):
+        pass
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> None:
+        from PIL import Image
+
+        folder = Path(tempfile.gettempdir()) / "ldmgraph-preview"
+        for picture in inputs.images:
+            buffer = io.BytesIO()
+            pixels = (np.clip(picture, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            Image.fromarray(pixels[..., :3] if pixels.shape[-1] > 1 else pixels[..., 0]).save(buffer, "PNG")
+            ctx.add_file(atomic_write_new(folder, f"preview_{ctx.node_id}", ".png", buffer.getvalue()))
+        return None
+
+
+class ImagePadForOutpaint(Node):
+    """Pad an image for outpainting: grey borders to paint, and a mask of them feathered into the image."""
+
+    type_name = "ImagePadForOutpaint"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: Any = InputField(IMAGE, description="image to extend")
+        left: int = InputField(INT, 0, ge=0, le=8192, multiple_of=8, description="pixels to add on the left")
+        top: int = InputField(INT, 0, ge=0, le=8192, multiple_of=8, description="pixels to add on top")
+        right: int = InputField(
+            INT, 0, ge=0, le=8192, multiple_of=8, description="pixels to add on the right"
+        )
+        bottom: int = InputField(
+            INT, 0, ge=0, le=8192, multiple_of=8, description="pixels to add at the bottom"
+        )
+        feathering: int = InputField(
+            INT, 8, ge=0, le=8192, description="soft mask edge inside the image, pixels"
+        )
+
+    class Outputs(NodeOutputs):
+        image: Any = OutputField(IMAGE, description="the padded image (new area grey)")
+        mask: Any = OutputField(MASK, description="1 on the new area, fading to 0 inside the image")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        batch, height, width, channels = inputs.image.shape
+        left, t, r, b = inputs.left, inputs.top, inputs.right, inputs.bottom
+        out = np.full((batch, height + t + b, width + left + r, channels), 0.5, dtype=np.float32)
+        out[:, t : t + height, left : left + width] = inputs.image
+        mask = np.ones((batch, height + t + b, width + left + r), dtype=np.float32)
+        inner = np.zeros((height, width), dtype=np.float32)
+        if inputs.feathering > 0:
+            rows, cols = np.mgrid[0:height, 0:width]
+            distances = [
+                d
+                for d, pad in ((rows, t), (height - 1 - rows, b), (cols, left), (width - 1 - cols, r))
+                if pad
+            ]
+            if distances:
+                nearest = np.minimum.reduce(distances).astype(np.float32)
+                fade = np.clip((inputs.feathering - nearest) / inputs.feathering, 0.0, 1.0)
+                inner = fade * fade
+        mask[:, t : t + height, left : left + width] = inner
+        return self.Outputs(image=out, mask=mask)
+
+
+class ImageCompositeMasked(Node):
+    """Paste `source` onto `destination` at (x, y), through `mask` if given (e.g. keep unmasked pixels).
+
+    After inpainting, compositing the decoded image over the original with the inpainting mask
+    leaves every pixel outside the mask exactly as it was.
+    """
+
+    type_name = "ImageCompositeMasked"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        destination: Any = InputField(IMAGE, description="background image")
+        source: Any = InputField(IMAGE, description="image pasted on top")
+        x: int = InputField(INT, 0, ge=0, le=16384, description="left edge of the paste in pixels")
+        y: int = InputField(INT, 0, ge=0, le=16384, description="top edge of the paste in pixels")
+        mask: Any = InputField(
+            MASK, None, description="optional: 1 where the source shows (the source's size)"
+        )
+        mask_strength: float = InputField(FLOAT, 1.0, ge=0.0, le=1.0, description="scales the mask")
+
+    class Outputs(NodeOutputs):
+        image: Any = OutputField(IMAGE, description="the composite")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        dest, src = inputs.destination, inputs.source
+        batch = max(dest.shape[0], src.shape[0])
+        out = np.array(np.broadcast_to(dest, (batch, *dest.shape[1:])), dtype=np.float32)
+        height = min(src.shape[1], dest.shape[1] - inputs.y)
+        width = min(src.shape[2], dest.shape[2] - inputs.x)
+        if height <= 0 or width <= 0:
+            raise NodeInputError(
+                f"ImageCompositeMasked: position ({inputs.x}, {inputs.y}) is outside the "
+                f"{dest.shape[2]}x{dest.shape[1]} destination"
+            )
+        alpha = np.ones((batch, src.shape[1], src.shape[2], 1), dtype=np.float32)
+        if inputs.mask is not None:
+            check_mask_size(inputs.mask, src, "ImageCompositeMasked")
+            mask = np.asarray(inputs.mask, dtype=np.float32)
+            alpha = np.broadcast_to(mask.reshape(-1, *mask.shape[-2:])[..., None], alpha.shape)
+        alpha = alpha[:, :height, :width] * inputs.mask_strength
+        src_part = np.broadcast_to(src, (batch, *src.shape[1:]))[:, :height, :width, : dest.shape[3]]
+        region = out[:, inputs.y : inputs.y + height, inputs.x : inputs.x + width]
+        out[:, inputs.y : inputs.y + height, inputs.x : inputs.x + width] = (
+            region * (1 - alpha) + src_part * alpha
+        )
+        return self.Outputs(image=out)
+
+
+@hookimpl
+def ldmgraph_nodes() -> list[type[Node]]:
+    """Register the diffusion graphs' image nodes."""
+    return [LoadMask, PreviewImage, ImagePadForOutpaint, ImageCompositeMasked]

@@ -1,0 +1,342 @@
+"""Latent nodes: empty latents, VAE encode/decode, inpainting masks, upscaling and batch handling.
+
+The autoencoder maps an image x to z = E(x) * scale_factor and back, D(z / scale_factor)
+(Rombach et al. 2022, Sec. 3.1); the VAE handle applies the scale factor. Pixel sizes become
+latent sizes through the VAE's downscale factor f (4 for the bundled models, 8 for SD); nodes that
+take a pixel size and no image accept an optional VAE for f and assume 8 without one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph.node import InputField, OutputField
+from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, LATENT, MASK, VAE
+from ldmgraph.nodes.common import (
+    check_mask_size,
+    image_to_numpy,
+    image_to_torch,
+    latent_size,
+    mask_to_torch,
+)
+from ldmgraph.nodes.conditioning import downscale_of
+from ldmgraph.plugins import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic"]
+CROP_MODES = ["disabled", "center"]
+
+
+def encode_pixels(vae: Any, pixels: Any) -> torch.Tensor:
+    """Encode an image (numpy or torch `[B, H, W, C]` 0..1) to a scaled latent `[B, C, h, w]`.
+
+    Sizes that are not multiples of the VAE's factor are centre-cropped to the nearest multiple
+    below (as ComfyUI does), so any input image can be encoded.
+    """
+    import torch
+
+    if not isinstance(pixels, torch.Tensor):
+        pixels = image_to_torch(pixels)
+    f = int(vae.downscale)
+    height, width = pixels.shape[1] // f * f, pixels.shape[2] // f * f
+    if height == 0 or width == 0:
+        raise ValueError(
+            f"an image of {pixels.shape[2]}x{pixels.shape[1]} is smaller than the VAE's factor {f}"
+        )
+    top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
+    pixels = pixels[:, top : top + height, left : left + width, :3]
+    with torch.no_grad():
+        return vae.encode(pixels)
+
+
+def resize_latent(samples: torch.Tensor, height: int, width: int, method: str, crop: str) -> torch.Tensor:
+    """Resize `[B, C, h, w]` to `height` x `width`, optionally centre-cropping to the new aspect first."""
+    import torch.nn.functional as F
+
+    if crop == "center":
+        old_h, old_w = samples.shape[-2:]
+        old_aspect, new_aspect = old_w / old_h, width / height
+        if old_aspect > new_aspect:
+            keep = round(old_h * new_aspect)
+            left = (old_w - keep) // 2
+            samples = samples[..., :, left : left + keep]
+        elif old_aspect < new_aspect:
+            keep = round(old_w / new_aspect)
+            top = (old_h - keep) // 2
+            samples = samples[..., top : top + keep, :]
+    align = {"bilinear": False, "bicubic": False}.get(method)
+    return F.interpolate(samples, size=(height, width), mode=method, align_corners=align)
+
+
+def _with(latent: Any, **changes: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(latent, **changes)
+
+
+class EmptyLatent(Node):
+    """A latent of zeros for text-to-image: width and height in pixels, multiples of 8."""
+
+    type_name = "EmptyLatent"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        width: int = InputField(INT, 64, ge=8, le=16384, multiple_of=8, description="image width in pixels")
+        height: int = InputField(INT, 64, ge=8, le=16384, multiple_of=8, description="image height in pixels")
+        batch_size: int = InputField(
+            INT, 1, ge=1, le=64, description="images per batch (image k uses seed + k)"
+        )
+        vae: Any = InputField(VAE, None, description="optional: VAE for the downscale factor and channels")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="zeros [batch, channels, height/f, width/f]")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import torch
+
+        from ldmgraph.diffusion import Latent
+
+        f = downscale_of(inputs.vae)
+        channels = 4 if inputs.vae is None else int(inputs.vae.latent_channels)
+        w, h = latent_size(inputs.width, inputs.height, f, "EmptyLatent")
+        return self.Outputs(latent=Latent(samples=torch.zeros(inputs.batch_size, channels, h, w)))
+
+
+class VAEEncode(Node):
+    """Encode an image into a latent (img2img starts here)."""
+
+    type_name = "VAEEncode"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        vae: Any = InputField(VAE, description="the autoencoder")
+        image: Any = InputField(IMAGE, description="image to encode")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="the image's latent")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        from ldmgraph.diffusion import Latent
+
+        return self.Outputs(latent=Latent(samples=encode_pixels(inputs.vae, inputs.image)))
+
+
+class VAEDecode(Node):
+    """Decode a latent into an image."""
+
+    type_name = "VAEDecode"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        vae: Any = InputField(VAE, description="the autoencoder")
+        latent: Any = InputField(LATENT, description="latent to decode")
+
+    class Outputs(NodeOutputs):
+        image: Any = OutputField(IMAGE, description="the decoded image, 0..1")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import torch
+
+        with torch.no_grad():
+            pixels = inputs.vae.decode(inputs.latent.samples)
+        return self.Outputs(image=image_to_numpy(pixels))
+
+
+class VAEEncodeForInpaint(Node):
+    """Encode an image for inpainting with a normal model: the hole is greyed out and becomes the noise mask.
+
+    The mask is first grown by `grow_mask_by` pixels (a dilation) so the repaint blends into its
+    surroundings; the sampler then repaints only inside it (use denoise 1).
+    """
+
+    type_name = "VAEEncodeForInpaint"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        vae: Any = InputField(VAE, description="the autoencoder")
+        image: Any = InputField(IMAGE, description="image to repaint")
+        mask: Any = InputField(MASK, description="1 where to repaint; the image's size")
+        grow_mask_by: int = InputField(INT, 6, ge=0, le=64, description="dilate the mask by this many pixels")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="latent of the greyed image, with the noise mask")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import torch.nn.functional as F
+
+        from ldmgraph.diffusion import Latent
+
+        check_mask_size(inputs.mask, inputs.image, "VAEEncodeForInpaint")
+        mask = mask_to_torch(inputs.mask, inputs.image.shape[0])
+        if inputs.grow_mask_by:
+            k = inputs.grow_mask_by
+            mask = F.max_pool2d(mask, kernel_size=2 * k + 1, stride=1, padding=k)
+        keep = (1.0 - mask.round()).permute(0, 2, 3, 1)
+        pixels = image_to_torch(inputs.image) * keep + 0.5 * (1.0 - keep)
+        samples = encode_pixels(inputs.vae, pixels)
+        noise_mask = F.interpolate(mask, size=samples.shape[-2:], mode="bilinear")
+        return self.Outputs(latent=Latent(samples=samples, noise_mask=noise_mask))
+
+
+class SetLatentNoiseMask(Node):
+    """Attach a mask to a latent: the sampler repaints only where the mask is 1."""
+
+    type_name = "SetLatentNoiseMask"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        latent: Any = InputField(LATENT, description="latent to mask")
+        mask: Any = InputField(MASK, description="1 where to repaint (any size; resized to the latent)")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="the latent with its noise mask")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import torch.nn.functional as F
+
+        samples = inputs.latent.samples
+        mask = mask_to_torch(inputs.mask)
+        mask = F.interpolate(mask, size=samples.shape[-2:], mode="bilinear")
+        return self.Outputs(latent=_with(inputs.latent, noise_mask=mask))
+
+
+class LatentUpscale(Node):
+    """Resize a latent to a pixel size (hires fix: upscale, then sample again at denoise < 1).
+
+    A width or height of 0 keeps the aspect ratio from the other one.
+    """
+
+    type_name = "LatentUpscale"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        latent: Any = InputField(LATENT, description="latent to resize")
+        method: str = InputField(ENUM, "nearest-exact", choices=UPSCALE_METHODS, description="interpolation")
+        width: int = InputField(INT, 128, ge=0, le=16384, multiple_of=8, description="target width in pixels")
+        height: int = InputField(
+            INT, 128, ge=0, le=16384, multiple_of=8, description="target height in pixels"
+        )
+        crop: str = InputField(
+            ENUM, "disabled", choices=CROP_MODES, description="centre-crop to the new aspect"
+        )
+        vae: Any = InputField(VAE, None, description="optional: VAE for the downscale factor (else 8)")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="the resized latent")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        f = downscale_of(inputs.vae)
+        samples = inputs.latent.samples
+        width, height = inputs.width, inputs.height
+        if width == 0 and height == 0:
+            raise ValueError("LatentUpscale: width and height are both 0; give at least one of them")
+        if width == 0:
+            width = round(samples.shape[-1] * f * height / (samples.shape[-2] * f) / 8) * 8
+        if height == 0:
+            height = round(samples.shape[-2] * f * width / (samples.shape[-1] * f) / 8) * 8
+        w, h = latent_size(max(width, f), max(height, f), f, "LatentUpscale")
+        return self.Outputs(latent=_resized(inputs.latent, h, w, inputs.method, inputs.crop))
+
+
+class LatentUpscaleBy(Node):
+    """Resize a latent by a factor (e.g. 2 for a hires-fix pass at twice the size)."""
+
+    type_name = "LatentUpscaleBy"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        latent: Any = InputField(LATENT, description="latent to resize")
+        method: str = InputField(ENUM, "nearest-exact", choices=UPSCALE_METHODS, description="interpolation")
+        scale_by: float = InputField(FLOAT, 1.5, ge=0.01, le=8.0, description="size factor")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="the resized latent")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        samples = inputs.latent.samples
+        h = max(1, round(samples.shape[-2] * inputs.scale_by))
+        w = max(1, round(samples.shape[-1] * inputs.scale_by))
+        return self.Outputs(latent=_resized(inputs.latent, h, w, inputs.method, "disabled"))
+
+
+def _resized(latent: Any, h: int, w: int, method: str, crop: str) -> Any:
+    samples = resize_latent(latent.samples, h, w, method, crop)
+    mask = latent.noise_mask
+    if mask is not None:
+        mask = resize_latent(mask.reshape(-1, 1, *mask.shape[-2:]).float(), h, w, "bilinear", crop)
+    return _with(latent, samples=samples, noise_mask=mask)
+
+
+class LatentFromBatch(Node):
+    """Pick images `batch_index` .. `batch_index + length - 1` of a batch; each keeps its seed offset."""
+
+    type_name = "LatentFromBatch"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        latent: Any = InputField(LATENT, description="a batch of latents")
+        batch_index: int = InputField(INT, 0, ge=0, le=4095, description="first image to take")
+        length: int = InputField(INT, 1, ge=1, le=4096, description="how many images to take")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="the chosen images")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        latent = inputs.latent
+        size = latent.samples.shape[0]
+        start = min(inputs.batch_index, size - 1)
+        stop = min(start + inputs.length, size)
+        offsets = latent.batch_index or list(range(size))
+        mask = latent.noise_mask
+        if mask is not None and mask.shape[0] == size:
+            mask = mask[start:stop]
+        return self.Outputs(
+            latent=_with(
+                latent, samples=latent.samples[start:stop], noise_mask=mask, batch_index=offsets[start:stop]
+            )
+        )
+
+
+class RepeatLatentBatch(Node):
+    """Repeat a batch `amount` times; copies get new seed offsets, so each is a different image."""
+
+    type_name = "RepeatLatentBatch"
+    category = "latent"
+
+    class Inputs(NodeInputs):
+        latent: Any = InputField(LATENT, description="latent batch to repeat")
+        amount: int = InputField(INT, 1, ge=1, le=64, description="how many copies")
+
+    class Outputs(NodeOutputs):
+        latent: Any = OutputField(LATENT, description="the repeated batch")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        latent = inputs.latent
+        size = latent.samples.shape[0]
+        offsets = latent.batch_index or list(range(size))
+        span = max(offsets) + 1
+        repeated = [o + k * span for k in range(inputs.amount) for o in offsets]
+        mask = latent.noise_mask
+        if mask is not None and mask.shape[0] == size and size > 1:
+            mask = mask.repeat(inputs.amount, *([1] * (mask.dim() - 1)))
+        samples = latent.samples.repeat(inputs.amount, 1, 1, 1)
+        return self.Outputs(latent=_with(latent, samples=samples, noise_mask=mask, batch_index=repeated))
+
+
+@hookimpl
+def ldmgraph_nodes() -> list[type[Node]]:
+    """Register the latent nodes."""
+    return [
+        EmptyLatent,
+        VAEEncode,
+        VAEDecode,
+        VAEEncodeForInpaint,
+        SetLatentNoiseMask,
+        LatentUpscale,
+        LatentUpscaleBy,
+        LatentFromBatch,
+        RepeatLatentBatch,
+    ]

@@ -1,0 +1,145 @@
+"""Loader nodes: a checkpoint, a VAE or a text encoder, found by name in the model folders.
+
+Model folders are the run's `--models-dir` list (default `./models`, then the bundled
+`ldmgraph/assets/models`). A name is a file (`.safetensors`; the extension may be left out) or a
+diffusers folder, relative to a model folder; `..` and absolute paths are refused. Loaded models
+live in the executor session's model cache, so a second workflow naming the same file reuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph.context import Environment
+from ldmgraph.graph.node import InputField, OutputField
+from ldmgraph.graph.sockets import ENUM, MODEL, STRING, TEXT_ENCODER, VAE
+from ldmgraph.nodes.common import (
+    NodeInputError,
+    check_model_name,
+    find_model,
+    model_cache,
+    model_fingerprint,
+)
+from ldmgraph.plugins import hookimpl
+
+BUNDLED_TXT2IMG = "ldmgraph-shapes-txt2img.safetensors"
+MINILM = "minilm-l6-v2"
+
+
+class CheckpointLoader(Node):
+    """Load a checkpoint (single file in the original LDM/SD layout, or a diffusers folder).
+
+    Outputs the diffusion model, its text encoder (None for models without text, such as the
+    super-resolution model) and its autoencoder. The architecture is detected from the weights.
+    """
+
+    type_name = "CheckpointLoader"
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        ckpt_name: str = InputField(
+            STRING, BUNDLED_TXT2IMG, description="checkpoint file or diffusers folder in the model folders"
+        )
+        prediction_type: str = InputField(
+            ENUM,
+            "auto",
+            choices=["auto", "eps", "v"],
+            description="override what the U-Net predicts (SD 2.x 768 models are 'v'); auto reads the file",
+        )
+
+    class Outputs(NodeOutputs):
+        model: Any = OutputField(MODEL, description="the diffusion U-Net")
+        text_encoder: Any = OutputField(
+            TEXT_ENCODER, description="the text encoder (None if the model has none)"
+        )
+        vae: Any = OutputField(VAE, description="the autoencoder")
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+        return [("ckpt_name", code, msg) for code, msg in check_model_name(literals.get("ckpt_name"), env)]
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        return model_fingerprint(literals.get("ckpt_name"), env)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        from ldmgraph.models.checkpoint import load_checkpoint
+
+        path = find_model(inputs.ckpt_name, ctx.model_dirs)
+        prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
+        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction)
+        return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
+
+
+class VAELoader(Node):
+    """Load an autoencoder on its own: a VAE file, or the first-stage model of a full checkpoint."""
+
+    type_name = "VAELoader"
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        vae_name: str = InputField(STRING, description="VAE file (or checkpoint) in the model folders")
+
+    class Outputs(NodeOutputs):
+        vae: Any = OutputField(VAE, description="the autoencoder")
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+        return [("vae_name", code, msg) for code, msg in check_model_name(literals.get("vae_name"), env)]
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        return model_fingerprint(literals.get("vae_name"), env)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        from ldmgraph.models.checkpoint import load_vae
+
+        path = find_model(inputs.vae_name, ctx.model_dirs)
+        return self.Outputs(vae=load_vae(path, cache=model_cache(ctx)))
+
+
+class TextEncoderLoader(Node):
+    """Load a text encoder on its own: the bundled MiniLM-L6 by name, or the one inside a checkpoint."""
+
+    type_name = "TextEncoderLoader"
+    category = "loaders"
+
+    class Inputs(NodeInputs):
+        name: str = InputField(
+            STRING,
+            MINILM,
+            description=f"'{MINILM}' (the bundled models' encoder) or a checkpoint in the model folders",
+        )
+
+    class Outputs(NodeOutputs):
+        text_encoder: Any = OutputField(TEXT_ENCODER, description="the text encoder")
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+        if literals.get("name") == MINILM:
+            return []
+        return [("name", code, msg) for code, msg in check_model_name(literals.get("name"), env)]
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        return None if literals.get("name") == MINILM else model_fingerprint(literals.get("name"), env)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        from ldmgraph.models import text_encoders
+        from ldmgraph.models.checkpoint import load_text_encoder
+
+        cache = model_cache(ctx)
+        if inputs.name == MINILM:
+            encoder = cache.get_or_load(("text-encoder", MINILM), text_encoders.load_minilm)
+        else:
+            encoder = load_text_encoder(find_model(inputs.name, ctx.model_dirs), cache=cache)
+        if encoder is None:
+            raise NodeInputError(f"{inputs.name!r} has no text encoder; pick a checkpoint that has one")
+        return self.Outputs(text_encoder=encoder)
+
+
+@hookimpl
+def ldmgraph_nodes() -> list[type[Node]]:
+    """Register the loader nodes."""
+    return [CheckpointLoader, VAELoader, TextEncoderLoader]
