@@ -62,11 +62,17 @@ class RunState:
 
     __slots__ = ("workflow", "parameters", "files", "resolved_inputs")
 
-    def __init__(self, workflow: dict[str, Any], parameters: dict[str, Any]) -> None:
+    def __init__(self, workflow: dict[str, Any] | None, parameters: dict[str, Any]) -> None:
         self.workflow = workflow
         self.parameters = parameters
         self.files: list[Path] = []
         self.resolved_inputs: dict[str, dict[str, Any]] = {}
+
+    def document(self) -> dict[str, Any]:
+        """The resolved workflow document (built on first use by subclasses)."""
+        if self.workflow is None:
+            self.workflow = {}
+        return self.workflow
 
 
 class NodeContext:
@@ -121,7 +127,7 @@ class NodeContext:
     @property
     def workflow(self) -> dict[str, Any]:
         """The resolved workflow document (parameter values applied), for metadata."""
-        return self._run.workflow
+        return self._run.document()
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -159,7 +165,7 @@ class NodeContext:
         """
         self._run.parameters[name] = value
         if inputs:
-            node = self._run.workflow.get("nodes", {}).get(self.node_id)
+            node = self._run.document().get("nodes", {}).get(self.node_id)
             if isinstance(node, dict):
                 node.setdefault("inputs", {}).update(inputs)
             self._run.resolved_inputs.setdefault(self.node_id, {}).update(inputs)

@@ -256,6 +256,14 @@ class Node:
         return []
 
     @classmethod
+    def is_deterministic(cls, literals: dict[str, Any]) -> bool:
+        """Whether this node instance is a pure function of its inputs (default: ``deterministic``).
+
+        Override when it depends on an input, e.g. a seed node in "random" mode.
+        """
+        return cls.deterministic
+
+    @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
         """Extra cache-key material beyond the inputs, e.g. a file's size and mtime (None = none)."""
         return None

@@ -1,0 +1,43 @@
+"""Progress events of a run, fed to a callback (CLI progress bar, server websocket)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+EventKind = Literal["start", "cached", "progress", "done", "error"]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One thing that happened: ``kind`` for node ``node_id`` (``index`` of ``total`` in this run).
+
+    ``progress`` events carry ``k`` of ``n`` from inside a node; ``done`` carries the node's wall
+    time in seconds; ``error`` carries the exception.
+    """
+
+    kind: EventKind
+    node_id: str
+    node_type: str
+    index: int
+    total: int
+    k: int = 0
+    n: int = 0
+    seconds: float = 0.0
+    error: BaseException | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the error as its message)."""
+        out: dict[str, Any] = {"kind": self.kind, "node_id": self.node_id, "node_type": self.node_type,
+                               "index": self.index, "total": self.total}
+        if self.kind == "progress":
+            out.update(k=self.k, n=self.n)
+        if self.kind == "done":
+            out["seconds"] = self.seconds
+        if self.error is not None:
+            out["error"] = str(self.error)
+        return out
+
+
+EventCallback = Callable[[Event], None]

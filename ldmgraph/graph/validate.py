@@ -1,0 +1,292 @@
+"""Validation: check a whole workflow before anything runs, reporting every problem at once.
+
+The result is a :class:`CompiledWorkflow`: node classes looked up, literals coerced to their
+canonical form, defaults filled in, links resolved, a topological order of the nodes the
+requested outputs need, and each node's static cache-key material. The executor runs that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+
+from . import codes
+from .context import Environment
+from .errors import Problem, ValidationError
+from .node import InputSpec, Node, NodeSpec
+from .registry import Registry
+from .sockets import ENUM
+from .workflow import Link, Workflow, parse_workflow
+
+
+@dataclass
+class CompiledNode:
+    """A validated node, ready to run."""
+
+    node_id: str
+    cls: type[Node]
+    spec: NodeSpec
+    literals: dict[str, Any]  # canonical literal values, defaults included
+    links: list[tuple[str, str, str]]  # (input name, source node id, source output name)
+    static_key: bytes  # hash of type, version, literals and the node's fingerprint
+    deterministic: bool = True
+    enum_checks: list[InputSpec] = field(default_factory=list)  # ENUM inputs fed by a STRING link
+
+
+@dataclass
+class CompiledWorkflow:
+    """A workflow that passed validation."""
+
+    workflow: Workflow
+    nodes: dict[str, CompiledNode]
+    order: list[str]  # topological order of the nodes the outputs need
+    outputs: list[str]
+    parameters: dict[str, Any]  # every declared parameter's value (override or current literal)
+    overrides: dict[str, Any]
+
+    def resolved_document(self) -> dict[str, Any]:
+        """The workflow as JSON with parameter overrides applied (embedded in saved images)."""
+        doc = self.workflow.model_dump(mode="json", exclude_none=True)
+        for name, value in self.overrides.items():
+            for target in self.workflow.parameters[name].targets:
+                doc["nodes"][target.node]["inputs"][target.input] = value
+        return doc
+
+
+def validate_workflow(
+    doc: Any,
+    registry: Registry,
+    env: Environment | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    outputs: list[str] | None = None,
+) -> CompiledWorkflow:
+    """Validate ``doc`` (a decoded JSON document or a :class:`Workflow`) against ``registry``.
+
+    Raises :class:`ValidationError` listing every problem (node id, input, code, how to fix).
+    """
+    workflow = parse_workflow(doc)
+    env = env or Environment()
+    checker = _Checker(workflow, registry, env)
+    overrides = dict(overrides or {})
+    inputs_by_node = checker.apply_parameters(overrides)
+    compiled = {nid: node for nid in workflow.nodes if (node := checker.check_node(nid, inputs_by_node[nid]))}
+    graph = checker.build_graph()
+    checker.check_cycles(graph)
+    wanted = checker.check_outputs(outputs if outputs is not None else workflow.outputs)
+    if checker.problems:
+        raise ValidationError(checker.problems)
+    order = _needed_order(graph, wanted)
+    return CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides)
+
+
+class _Checker:
+    """Collects problems while walking the workflow once."""
+
+    def __init__(self, workflow: Workflow, registry: Registry, env: Environment) -> None:
+        self.workflow = workflow
+        self.registry = registry
+        self.env = env
+        self.problems: list[Problem] = []
+        self.parameter_values: dict[str, Any] = {}
+
+    def add(self, node_id: str | None, input_name: str | None, code: str, message: str) -> None:
+        self.problems.append(Problem(node_id, input_name, code, message))
+
+    # -- parameters --------------------------------------------------------------------------
+    def apply_parameters(self, overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        inputs = {nid: entry.inputs for nid, entry in self.workflow.nodes.items()}
+        declared = self.workflow.parameters
+        for name in overrides:
+            if name not in declared:
+                known = ", ".join(sorted(declared)) or "none"
+                self.add(None, None, codes.BAD_PARAMETER,
+                         f"--set {name}=...: the workflow declares no parameter {name!r} (declared: {known})")
+        for name, param in declared.items():
+            for target in param.targets:
+                value = self._check_target(name, target.node, target.input, overrides)
+                if name in overrides and value is not _INVALID:
+                    inputs[target.node] = {**inputs[target.node], target.input: value}
+                if name not in self.parameter_values and value is not _INVALID:
+                    self.parameter_values[name] = overrides.get(name, value)
+        return inputs
+
+    def _check_target(self, name: str, node_id: str, input_name: str, overrides: dict[str, Any]) -> Any:
+        entry = self.workflow.nodes.get(node_id)
+        if entry is None:
+            self.add(node_id, input_name, codes.BAD_PARAMETER,
+                     f"parameter {name!r} targets node {node_id!r}, which is not in the workflow")
+            return _INVALID
+        cls = self.registry.node(entry.type)
+        if cls is None:
+            return _INVALID  # reported as unknown_node_type
+        spec = cls.spec.inputs.get(input_name)
+        if spec is None:
+            self.add(node_id, input_name, codes.BAD_PARAMETER,
+                     f"parameter {name!r} targets input {input_name!r}, which {entry.type} does not have "
+                     f"(inputs: {', '.join(cls.spec.inputs)})")
+            return _INVALID
+        if isinstance(entry.inputs.get(input_name), Link):
+            self.add(node_id, input_name, codes.BAD_PARAMETER,
+                     f"parameter {name!r} targets an input that is linked to another node; "
+                     "remove the link or the parameter")
+            return _INVALID
+        if name not in overrides:
+            return entry.inputs.get(input_name, spec.default)
+        value, code, message = spec.check_literal(overrides[name], self.registry)
+        if code is not None:
+            self.add(node_id, input_name, codes.BAD_PARAMETER, f"value of parameter {name!r}: {message}")
+            return _INVALID
+        return value
+
+    # -- nodes -------------------------------------------------------------------------------
+    def check_node(self, node_id: str, given: dict[str, Any]) -> CompiledNode | None:
+        entry = self.workflow.nodes[node_id]
+        cls = self.registry.node(entry.type)
+        if cls is None:
+            close = self.registry.closest_node_types(entry.type)
+            hint = f"did you mean {', '.join(map(repr, close))}?" if close else "see `ldmgraph nodes`"
+            self.add(node_id, None, codes.UNKNOWN_NODE_TYPE,
+                     f"unknown node type {entry.type!r}; {hint} (or install the plugin that provides it)")
+            return None
+        spec = cls.spec
+        before = len(self.problems)
+        for name in given:
+            if name not in spec.inputs:
+                self.add(node_id, name, codes.UNKNOWN_INPUT,
+                         f"{spec.type_name} has no input {name!r}; its inputs are: {', '.join(spec.inputs) or 'none'}")
+        literals: dict[str, Any] = {}
+        links: list[tuple[str, str, str]] = []
+        enum_checks: list[InputSpec] = []
+        for name, ispec in spec.inputs.items():
+            if name not in given:
+                if ispec.required:
+                    self.add(node_id, name, codes.MISSING_INPUT,
+                             f"required {ispec.socket.name} input {name!r} of {spec.type_name} is not set; "
+                             + ("link it to a node's output" if not ispec.socket.literal else "give it a value"))
+                else:
+                    literals[name] = ispec.default
+                continue
+            value = given[name]
+            if isinstance(value, Link):
+                if self._check_link(node_id, ispec, value):
+                    links.append((name, value.node, value.output))
+                    if issubclass(ispec.socket, ENUM) and not issubclass(self._source_socket(value), ENUM):
+                        enum_checks.append(ispec)
+                continue
+            if isinstance(value, dict) and "node" in value:
+                self.add(node_id, name, codes.BAD_DOCUMENT,
+                         'a link is exactly {"node": "<id>", "output": "<name>"} with string values')
+                continue
+            canonical, code, message = ispec.check_literal(value, self.registry)
+            if code is not None:
+                self.add(node_id, name, code, message)
+            literals[name] = canonical
+        if len(self.problems) == before:
+            for name, code, message in cls.check_inputs(literals, self.env):
+                self.add(node_id, name, code, message)
+        if len(self.problems) != before:
+            return None
+        key = _static_key(cls, literals, self.env)
+        return CompiledNode(node_id, cls, spec, literals, links, key, cls.is_deterministic(literals), enum_checks)
+
+    def _source_socket(self, link: Link) -> type:
+        cls = self.registry.node(self.workflow.nodes[link.node].type)
+        assert cls is not None
+        return cls.spec.outputs[link.output].socket
+
+    def _check_link(self, node_id: str, ispec: InputSpec, link: Link) -> bool:
+        source = self.workflow.nodes.get(link.node)
+        if source is None:
+            self.add(node_id, ispec.name, codes.DANGLING_LINK,
+                     f"input {ispec.name!r} links to node {link.node!r}, which is not in the workflow; "
+                     "fix the node id or add that node")
+            return False
+        source_cls = self.registry.node(source.type)
+        if source_cls is None:
+            return False  # the source is reported as unknown_node_type
+        out = source_cls.spec.outputs.get(link.output)
+        if out is None:
+            names = ", ".join(source_cls.spec.outputs) or "none"
+            self.add(node_id, ispec.name, codes.UNKNOWN_OUTPUT,
+                     f"node {link.node!r} ({source.type}) has no output {link.output!r}; its outputs are: {names}")
+            return False
+        if not ispec.socket.accepts(out.socket):
+            self.add(node_id, ispec.name, codes.TYPE_MISMATCH,
+                     f"input {ispec.name!r} takes {ispec.socket.name} but is linked to {out.socket.name} output "
+                     f"{link.output!r} of node {link.node!r} ({source.type}); link a {ispec.socket.name} output")
+            return False
+        return True
+
+    # -- graph -------------------------------------------------------------------------------
+    def build_graph(self) -> nx.DiGraph:
+        graph: nx.DiGraph = nx.DiGraph()
+        graph.add_nodes_from(self.workflow.nodes)
+        for node_id, entry in self.workflow.nodes.items():
+            for value in entry.inputs.values():
+                if isinstance(value, Link) and value.node in self.workflow.nodes:
+                    graph.add_edge(value.node, node_id)
+        return graph
+
+    def check_cycles(self, graph: nx.DiGraph) -> None:
+        for component in nx.strongly_connected_components(graph):
+            if len(component) == 1:
+                (only,) = component
+                if not graph.has_edge(only, only):
+                    continue
+            cycle = [edge[0] for edge in nx.find_cycle(graph.subgraph(component))]
+            path = " -> ".join(map(repr, [*cycle, cycle[0]]))
+            self.add(sorted(component)[0], None, codes.CYCLE,
+                     f"nodes {path} form a cycle; a workflow must be acyclic, remove one of these links")
+
+    def check_outputs(self, requested: list[str] | None) -> list[str]:
+        nodes = self.workflow.nodes
+        if requested is not None:
+            for node_id in requested:
+                if node_id not in nodes:
+                    self.add(node_id, None, codes.NO_OUTPUT_NODE,
+                             f"requested output node {node_id!r} is not in the workflow")
+            return [n for n in requested if n in nodes]
+        wanted = []
+        for node_id, entry in nodes.items():
+            cls = self.registry.node(entry.type)
+            if cls is not None and cls.output_node:
+                wanted.append(node_id)
+        if not wanted and nodes.keys() and all(self.registry.node(e.type) for e in nodes.values()):
+            self.add(None, None, codes.NO_OUTPUT_NODE,
+                     "the workflow has no output node (e.g. SaveImage), so running it would do nothing")
+        elif not nodes:
+            self.add(None, None, codes.NO_OUTPUT_NODE, "the workflow has no nodes")
+        return wanted
+
+
+_INVALID = object()
+
+
+def _needed_order(graph: nx.DiGraph, outputs: list[str]) -> list[str]:
+    """Topological order of the outputs and their ancestors (iterative: no recursion depth limit)."""
+    needed = set(outputs)
+    stack = list(outputs)
+    while stack:
+        for parent in graph.predecessors(stack.pop()):
+            if parent not in needed:
+                needed.add(parent)
+                stack.append(parent)
+    if len(needed) == graph.number_of_nodes():
+        return list(nx.topological_sort(graph))
+    return list(nx.topological_sort(graph.subgraph(needed)))
+
+
+def _static_key(cls: type[Node], literals: dict[str, Any], env: Environment) -> bytes:
+    """Hash of what a node's result depends on besides its upstream values."""
+    payload = json.dumps([cls.type_name, cls.version, literals], sort_keys=True, default=repr,
+                         separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16)
+    extra = cls.fingerprint(literals, env)
+    if extra is not None:
+        digest.update(extra.encode("utf-8", "surrogatepass"))
+    return digest.digest()

@@ -1,0 +1,292 @@
+"""Image nodes: load, save, scale, crop, invert, blend. numpy + Pillow only, never torch.
+
+IMAGE values are numpy float32 ``[B, H, W, C]`` arrays in 0..1 and MASK values ``[B, H, W]``
+(see docs/INTERFACES.md). Resizing goes through Pillow's 32-bit float mode ("F"), one channel at
+a time, so no precision is lost to 8-bit rounding between nodes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin
+
+from ldmgraph.graph import InputField, Node, NodeContext, NodeInputs, NodeOutputs, OutputField, codes
+from ldmgraph.graph.context import Environment
+from ldmgraph.graph.errors import UnsafePathError
+from ldmgraph.graph.files import atomic_write_new, safe_join
+from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, MASK, STRING
+from ldmgraph.plugins import hookimpl
+
+MAX_SIZE = 16384
+PNG_WORKFLOW_KEY = "ldmgraph:workflow"
+PNG_PARAMETERS_KEY = "ldmgraph:parameters"
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+def resize_images(images: np.ndarray, width: int, height: int, method: str) -> np.ndarray:
+    """Resize a ``[B, H, W, C]`` float batch to ``width`` x ``height`` with a Pillow filter."""
+    if images.shape[1:3] == (height, width):
+        return images
+    out = np.empty((images.shape[0], height, width, images.shape[3]), dtype=np.float32)
+    for b in range(images.shape[0]):
+        for c in range(images.shape[3]):
+            plane = Image.fromarray(np.ascontiguousarray(images[b, :, :, c], dtype=np.float32), mode="F")
+            out[b, :, :, c] = np.asarray(plane.resize((width, height), RESAMPLE[method]), dtype=np.float32)
+    return np.clip(out, 0.0, 1.0)
+
+
+def center_crop_to_aspect(images: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Crop the centre of a batch to the aspect ratio width:height (before scaling)."""
+    h, w = images.shape[1:3]
+    if w * height > h * width:  # too wide
+        new_w = max(1, round(h * width / height))
+        x = (w - new_w) // 2
+        return images[:, :, x : x + new_w]
+    new_h = max(1, round(w * height / width))
+    y = (h - new_h) // 2
+    return images[:, y : y + new_h]
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """One ``[H, W, C]`` float image in 0..1 to uint8 (rounded, clipped)."""
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def _file_problems(folder: Path, name: str, what: str) -> list[tuple[str, str, str]]:
+    try:
+        path = safe_join(folder, name)
+    except UnsafePathError as exc:
+        return [("image", codes.UNSAFE_PATH, f"{exc}; name a file inside the {what} folder {folder}")]
+    if not path.is_file():
+        return [("image", codes.FILE_NOT_FOUND,
+                 f"file {name!r} not found in the {what} folder {folder}; put it there or pass --input-dir")]
+    return []
+
+
+# -- nodes ------------------------------------------------------------------------------------------
+class LoadImage(Node):
+    """Load an image file from the input folder; the mask output is 1 - alpha (zeros without alpha)."""
+
+    type_name = "LoadImage"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: str = InputField(STRING, description="file name inside the input folder")
+
+    class Outputs(NodeOutputs):
+        image: np.ndarray = OutputField(IMAGE, description="RGB image [1, H, W, 3]")
+        mask: np.ndarray = OutputField(MASK, description="1 - alpha [1, H, W]")
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+        return _file_problems(env.input_dir, literals["image"], "input")
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        stat = safe_join(env.input_dir, literals["image"]).stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        path = safe_join(ctx.input_dir, inputs.image)
+        with Image.open(path) as opened:
+            picture = ImageOps.exif_transpose(opened)
+            has_alpha = "A" in picture.getbands() or "transparency" in picture.info
+            rgba = np.asarray(picture.convert("RGBA"), dtype=np.float32) / 255.0
+        image = np.ascontiguousarray(rgba[None, :, :, :3])
+        mask = (1.0 - rgba[None, :, :, 3]) if has_alpha else np.zeros((1, *rgba.shape[:2]), np.float32)
+        return self.Outputs(image=image, mask=np.ascontiguousarray(mask, dtype=np.float32))
+
+
+class SaveImage(Node):
+    """Save images as PNG files in the output folder, with the workflow and parameters embedded.
+
+    Files are named ``{prefix}_{counter:05d}_.png``, never overwriting, and written atomically. The
+    text chunk ``ldmgraph:workflow`` holds the resolved workflow (parameter values and drawn seeds
+    applied) and ``ldmgraph:parameters`` the parameter values, so `ldmgraph run image.png` re-runs it.
+    """
+
+    type_name = "SaveImage"
+    category = "image"
+    output_node = True
+
+    class Inputs(NodeInputs):
+        images: np.ndarray = InputField(IMAGE, description="images to save (one file per batch item)")
+        filename_prefix: str = InputField(STRING, "ldmgraph",
+                                          description="file name prefix, may include a subfolder")
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+        try:
+            safe_join(env.output_dir, literals["filename_prefix"] + "_")
+        except UnsafePathError as exc:
+            return [("filename_prefix", codes.UNSAFE_PATH, f"{exc}; use a prefix inside the output folder")]
+        return []
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, ensure_ascii=False))
+        info.add_text(PNG_PARAMETERS_KEY, json.dumps(ctx.parameters, ensure_ascii=False))
+        for image in _as_batch(inputs.images):
+            ctx.check_cancelled()
+            buffer = io.BytesIO()
+            Image.fromarray(to_uint8(image)).save(buffer, format="PNG", pnginfo=info, compress_level=4)
+            ctx.add_file(atomic_write_new(ctx.output_dir, inputs.filename_prefix, ".png", buffer.getvalue()))
+        return None
+
+
+class ImageScale(Node):
+    """Resize images to a width and height; "center" crop keeps the aspect ratio."""
+
+    type_name = "ImageScale"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: np.ndarray = InputField(IMAGE)
+        width: int = InputField(INT, 512, ge=1, le=MAX_SIZE, description="new width in pixels")
+        height: int = InputField(INT, 512, ge=1, le=MAX_SIZE, description="new height in pixels")
+        upscale_method: str = InputField(ENUM, "bicubic", choices=list(RESAMPLE), description="filter")
+        crop: str = InputField(ENUM, "disabled", choices=["disabled", "center"],
+                               description='"center" crops to the new aspect ratio before scaling')
+
+    class Outputs(NodeOutputs):
+        image: np.ndarray = OutputField(IMAGE)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        images = inputs.image
+        if inputs.crop == "center":
+            images = center_crop_to_aspect(images, inputs.width, inputs.height)
+        return self.Outputs(image=resize_images(images, inputs.width, inputs.height, inputs.upscale_method))
+
+
+class ImageScaleBy(Node):
+    """Resize images by a factor."""
+
+    type_name = "ImageScaleBy"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: np.ndarray = InputField(IMAGE)
+        scale_by: float = InputField(FLOAT, 2.0, ge=0.01, le=16.0, description="size factor")
+        upscale_method: str = InputField(ENUM, "bicubic", choices=list(RESAMPLE), description="filter")
+
+    class Outputs(NodeOutputs):
+        image: np.ndarray = OutputField(IMAGE)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        h, w = inputs.image.shape[1:3]
+        width = min(MAX_SIZE, max(1, round(w * inputs.scale_by)))
+        height = min(MAX_SIZE, max(1, round(h * inputs.scale_by)))
+        return self.Outputs(image=resize_images(inputs.image, width, height, inputs.upscale_method))
+
+
+class ImageCrop(Node):
+    """Crop a rectangle (clamped to the image) from images."""
+
+    type_name = "ImageCrop"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: np.ndarray = InputField(IMAGE)
+        width: int = InputField(INT, 512, ge=1, le=MAX_SIZE, description="crop width")
+        height: int = InputField(INT, 512, ge=1, le=MAX_SIZE, description="crop height")
+        x: int = InputField(INT, 0, ge=0, le=MAX_SIZE, description="left edge")
+        y: int = InputField(INT, 0, ge=0, le=MAX_SIZE, description="top edge")
+
+    class Outputs(NodeOutputs):
+        image: np.ndarray = OutputField(IMAGE)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        h, w = inputs.image.shape[1:3]
+        x = min(inputs.x, w - 1)
+        y = min(inputs.y, h - 1)
+        crop = inputs.image[:, y : y + inputs.height, x : x + inputs.width]
+        return self.Outputs(image=np.ascontiguousarray(crop))
+
+
+class ImageInvert(Node):
+    """Invert the colours of images (1 - x)."""
+
+    type_name = "ImageInvert"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image: np.ndarray = InputField(IMAGE)
+
+    class Outputs(NodeOutputs):
+        image: np.ndarray = OutputField(IMAGE)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        return self.Outputs(image=(1.0 - inputs.image).astype(np.float32, copy=False))
+
+
+BLEND_MODES = ("normal", "multiply", "screen", "overlay", "difference")
+
+
+class ImageBlend(Node):
+    """Blend image2 over image1: ``(1 - f) * image1 + f * mode(image1, image2)``.
+
+    Modes follow the usual compositing formulas (W3C Compositing and Blending Level 1, section 10):
+    multiply a*b, screen 1-(1-a)(1-b), overlay = hard light with swapped layers, difference |a-b|.
+    image2 is resized to image1's size if they differ.
+    """
+
+    type_name = "ImageBlend"
+    category = "image"
+
+    class Inputs(NodeInputs):
+        image1: np.ndarray = InputField(IMAGE, description="base image")
+        image2: np.ndarray = InputField(IMAGE, description="blended image")
+        blend_factor: float = InputField(FLOAT, 0.5, ge=0.0, le=1.0, description="0 = image1, 1 = blended")
+        blend_mode: str = InputField(ENUM, "normal", choices=list(BLEND_MODES))
+
+    class Outputs(NodeOutputs):
+        image: np.ndarray = OutputField(IMAGE)
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        base = inputs.image1
+        top = resize_images(inputs.image2, base.shape[2], base.shape[1], "bicubic")
+        if top.shape[3] != base.shape[3]:
+            raise ValueError(f"image1 has {base.shape[3]} channels but image2 has {top.shape[3]}")
+        blended = _blend(base, top, inputs.blend_mode)
+        f = np.float32(inputs.blend_factor)
+        return self.Outputs(image=((1 - f) * base + f * blended).astype(np.float32, copy=False))
+
+
+def _blend(a: np.ndarray, b: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "normal":
+        return b
+    if mode == "multiply":
+        return a * b
+    if mode == "screen":
+        return 1 - (1 - a) * (1 - b)
+    if mode == "overlay":
+        return np.where(a <= 0.5, 2 * a * b, 1 - 2 * (1 - a) * (1 - b))
+    if mode == "difference":
+        return np.abs(a - b)
+    raise ValueError(f"unknown blend mode {mode!r}; use one of {', '.join(BLEND_MODES)}")
+
+
+def _as_batch(images: np.ndarray) -> np.ndarray:
+    if images.ndim == 3:
+        return images[None]
+    if images.ndim != 4:
+        raise ValueError(f"expected IMAGE [B, H, W, C], got an array of shape {images.shape}")
+    return images
+
+
+@hookimpl
+def ldmgraph_nodes() -> list[type[Node]]:
+    """Register the image nodes."""
+    return [LoadImage, SaveImage, ImageScale, ImageScaleBy, ImageCrop, ImageInvert, ImageBlend]
