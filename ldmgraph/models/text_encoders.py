@@ -280,3 +280,100 @@ def build_clip_text_model(config: Any) -> nn.Module:
 
     model = CLIPTextModel(config)
     return model.eval().requires_grad_(False)
+
+
+# --- weight layouts -------------------------------------------------------------------------------
+
+_OPENCLIP_LAYER = {
+    "ln_1.": "layer_norm1.",
+    "ln_2.": "layer_norm2.",
+    "attn.out_proj.": "self_attn.out_proj.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
+
+
+def clip_weights_from_sd1(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CLIPTextModel weights from SD1's `cond_stage_model.transformer.*` (prefix removed) or a diffusers
+    `text_encoder/` file: both hold `text_model.*`, which transformers 5's CLIPTextModel keeps one level
+    up (its state dict starts at `embeddings.`). Old files' `position_ids` buffer is dropped (rebuilt)."""
+    out = {}
+    for key, value in weights.items():
+        key = key.removeprefix("text_model.")
+        if key.endswith("position_ids"):
+            continue
+        out[key] = value
+    return out
+
+
+def clip_weights_from_openclip(weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """CLIPTextModel weights (and the text projection) from SD2's OpenCLIP `cond_stage_model.model.*`.
+
+    OpenCLIP fuses q, k, v into one `in_proj_weight` [3D, D] (torch.nn.MultiheadAttention layout,
+    rows in q, k, v order): it is split into three views, no copy. `logit_scale` and any `visual.*`
+    weights are not part of the text encoder and are dropped.
+    """
+    out: dict[str, Tensor] = {}
+    projection = weights.get("text_projection")
+    for key, value in weights.items():
+        if key == "token_embedding.weight":
+            out["embeddings.token_embedding.weight"] = value
+        elif key == "positional_embedding":
+            out["embeddings.position_embedding.weight"] = value
+        elif key.startswith("ln_final."):
+            out["final_layer_norm." + key.removeprefix("ln_final.")] = value
+        elif key.startswith("transformer.resblocks."):
+            index, rest = key.removeprefix("transformer.resblocks.").split(".", 1)
+            base = f"encoder.layers.{index}."
+            if rest.startswith("attn.in_proj_"):
+                kind = rest.removeprefix("attn.in_proj_")  # weight | bias
+                for name, part in zip(("q", "k", "v"), value.chunk(3, dim=0), strict=True):
+                    out[f"{base}self_attn.{name}_proj.{kind}"] = part
+                continue
+            for old, new in _OPENCLIP_LAYER.items():
+                if rest.startswith(old):
+                    out[base + new + rest.removeprefix(old)] = value
+                    break
+            else:
+                out[base + rest] = value  # unknown: reported as unexpected by the loader
+        elif key in ("text_projection", "logit_scale", "attn_mask") or key.startswith("visual."):
+            continue
+        else:
+            out[key] = value
+    return out, projection
+
+
+def clip_text_encoder_from_weights(
+    weights: dict[str, Tensor],
+    *,
+    kind: str,
+    config_kwargs: dict[str, Any],
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    pad_id: int | None = None,
+    default_clip_skip: int | None = None,
+) -> ClipTextEncoder:
+    """Build a ClipTextEncoder on the meta device and give it the (already renamed) weights without a copy."""
+    from ldmgraph.models.checkpoint import assign_weights, build_on_meta
+
+    projection = None
+    if kind == "openclip-h":
+        weights, projection = clip_weights_from_openclip(weights)
+    else:
+        weights = clip_weights_from_sd1(weights)
+    config = clip_config(
+        "clip-l" if config_kwargs.get("hidden_act") == "quick_gelu" else "openclip-h", **config_kwargs
+    )
+    model = build_on_meta(build_clip_text_model, config)
+    assign_weights(model, weights, path=path, component=f"text encoder ({kind})", dtype=dtype)
+    if projection is not None and dtype is not None:
+        projection = projection.to(dtype)
+    return ClipTextEncoder(
+        model,
+        kind=kind,
+        pad_id=(0 if kind == "openclip-h" else EOS_ID) if pad_id is None else pad_id,
+        default_clip_skip=(2 if kind == "openclip-h" else 1)
+        if default_clip_skip is None
+        else default_clip_skip,
+        text_projection=projection,
+    )

@@ -1,0 +1,203 @@
+"""Handles to loaded models: what MODEL, VAE and TEXT_ENCODER sockets carry and samplers call.
+
+A handle owns one torch module plus the facts needed to use it (prediction type, noise schedule,
+scale factor, concat kind), so nodes never need the checkpoint again. Handles are shared by every
+node and workflow that loads the same file (see `cache.py`): never mutate one; `.to(device)`
+moves it in place and returns it, for the executor's device placement only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
+
+TextEncoderHandle = TextEncoder
+"""The TEXT_ENCODER socket value: `encode(texts, clip_skip=None) -> TextEncoding(context, pooled)`."""
+
+__all__ = ["Checkpoint", "DiffusionModelHandle", "TextEncoderHandle", "TextEncoding", "VAEHandle"]
+
+
+class DiffusionModelHandle(nn.Module):
+    """The MODEL socket value: a U-Net as the samplers' `DiffusionModel` protocol sees it.
+
+    `apply_model(x, t, context, concat, y)` stacks `concat` onto `x` along channels (the LDM
+    paper's concat conditioning, Rombach et al. 2022 Sec. 3.3; SD inpainting's mask + masked-image
+    latent) and returns the U-Net's eps or v prediction in x's dtype. The U-Net runs in its own
+    dtype (fp16 weights stay fp16). `noise_schedule` is built from the training config
+    (`ldmgraph.diffusion.NoiseSchedule.from_config`).
+    """
+
+    def __init__(
+        self,
+        diffusion_model: nn.Module,
+        *,
+        prediction_type: str = "eps",
+        schedule: dict[str, Any] | None = None,
+        concat_kind: str | None = None,
+        info: Any = None,
+    ) -> None:
+        super().__init__()
+        from ldmgraph.diffusion.noise_schedule import NoiseSchedule
+
+        self.diffusion_model = diffusion_model
+        self.prediction_type = prediction_type
+        self.schedule = dict(schedule or {})
+        self.noise_schedule = NoiseSchedule.from_config(**self.schedule)
+        self.concat_kind = concat_kind
+        self.info = info
+        self.in_channels = int(diffusion_model.in_channels)
+        self.latent_channels = int(diffusion_model.out_channels)
+        self.context_dim = getattr(diffusion_model, "context_dim", None)
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels that `concat` must bring (in_channels - latent_channels)."""
+        return self.in_channels - self.latent_channels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.diffusion_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.diffusion_model.parameters()).dtype
+
+    def apply_model(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor | None = None,
+        concat: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        """eps or v for x_t at timesteps t ([B], float allowed); see `ldmgraph.diffusion.DiffusionModel`."""
+        model_in = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
+        if model_in.shape[1] != self.in_channels:
+            raise ValueError(
+                f"the model takes {self.in_channels} input channels (latent {self.latent_channels} + concat "
+                f"{self.concat_channels}) but got {model_in.shape[1]}: "
+                + (
+                    "this model needs concat conditioning (e.g. an inpainting mask and image)"
+                    if concat is None
+                    else "the concat conditioning has the wrong channel count"
+                )
+            )
+        dtype, device = self.dtype, self.device
+        t = torch.as_tensor(t, device=device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        out = self.diffusion_model(
+            model_in.to(device=device, dtype=dtype),
+            t.to(device),
+            context=None if context is None else context.to(device=device, dtype=dtype),
+            y=None if y is None else y.to(device=device, dtype=dtype),
+        )
+        return out.to(device=x.device, dtype=x.dtype)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.apply_model(*args, **kwargs)
+
+
+def _pixels_to_tensor(pixels: Any) -> Tensor:
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+    if pixels.dim() == 3:
+        pixels = pixels[None]
+    if pixels.dim() != 4:
+        raise ValueError(f"VAE encode expects an image [B, H, W, C], got shape {tuple(pixels.shape)}")
+    return pixels
+
+
+class VAEHandle(nn.Module):
+    """The VAE socket value: pixels [B, H, W, C] 0..1 <-> latents [B, C, H/f, W/f] scaled by `scale_factor`.
+
+    `encode` takes the posterior mean (deterministic, as ComfyUI's VAEEncode) unless a generator
+    is given, then samples z = mean + std * eps; the latent is multiplied by `scale_factor` (LDM
+    paper Sec. 4.3.2 / App. G: unit-variance latents). Sides that are not multiples of `downscale`
+    are centre-cropped to the nearest multiple. `decode` divides by `scale_factor`, decodes, and
+    maps -1..1 to 0..1 (clamped), one image at a time to bound memory.
+    """
+
+    def __init__(self, first_stage_model: nn.Module, *, scale_factor: float, info: Any = None) -> None:
+        super().__init__()
+        self.first_stage_model = first_stage_model
+        self.scale_factor = float(scale_factor)
+        self.info = info
+        ddconfig = getattr(first_stage_model, "ddconfig", {})
+        self.downscale = int(2 ** (len(ddconfig.get("ch_mult", (1, 2, 4, 4))) - 1))
+        self.latent_channels = int(getattr(first_stage_model, "embed_dim", 4))
+        self.image_channels = int(ddconfig.get("in_channels", 3))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.first_stage_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.first_stage_model.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, pixels: Any, generator: torch.Generator | None = None) -> Tensor:
+        """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU)."""
+        image = _pixels_to_tensor(pixels)
+        f = self.downscale
+        h, w = image.shape[1] // f * f, image.shape[2] // f * f
+        if h == 0 or w == 0:
+            raise ValueError(f"image {tuple(image.shape[1:3])} is smaller than the VAE's factor {f}")
+        top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+        image = image[:, top : top + h, left : left + w, : self.image_channels]
+        x = image.permute(0, 3, 1, 2).to(device=self.device, dtype=self.dtype) * 2.0 - 1.0
+        posterior = self.first_stage_model.encode(x)
+        z = posterior.mode() if generator is None else posterior.sample(generator)
+        return (z * self.scale_factor).to(device="cpu", dtype=torch.float32)
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        """Scaled latent [B, C, h, w] -> image [B, h*f, w*f, 3] fp32 CPU tensor in 0..1."""
+        images = []
+        for z in latent.split(1):
+            x = self.first_stage_model.decode(z.to(device=self.device, dtype=self.dtype) / self.scale_factor)
+            images.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu())
+        return torch.cat(images)
+
+
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` returns: the three handles (any may be None) and the detection result."""
+
+    unet: DiffusionModelHandle | None
+    vae: VAEHandle | None
+    text_encoder: TextEncoder | None
+    info: Any
+
+    def to(self, device: str | torch.device) -> Checkpoint:
+        for part in (self.unet, self.vae, self.text_encoder):
+            if part is not None:
+                part.to(device)
+        return self
+
+
+def module_nbytes(obj: Any) -> int:
+    """Bytes of parameters and buffers held by a module, a handle or a Checkpoint (for the cache budget)."""
+    if isinstance(obj, Checkpoint):
+        return sum(module_nbytes(p) for p in (obj.unet, obj.vae, obj.text_encoder) if p is not None)
+    if isinstance(obj, nn.Module):
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for t in [*obj.parameters(), *obj.buffers()]:
+            if t.device.type == "meta":
+                continue
+            key = (t.data_ptr(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    return 0
