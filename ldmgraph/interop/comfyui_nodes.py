@@ -24,6 +24,11 @@ def _enable_flag(value: Any) -> Any:
     return value
 
 
+def _image_filter(value: Any) -> Any:
+    """ComfyUI's image filter names onto ours (Pillow filters): "nearest-exact" is our "nearest"."""
+    return "nearest" if value == "nearest-exact" else value
+
+
 @dataclass(frozen=True)
 class NodeMapping:
     """How one ComfyUI class becomes one ldmgraph node."""
@@ -191,13 +196,14 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         "ImageScale",
         {
             "image": "image",
-            "upscale_method": "method",
+            "upscale_method": "upscale_method",
             "width": "width",
             "height": "height",
             "crop": "crop",
         },
         ("image",),
         ("upscale_method", "width", "height", "crop"),
+        convert={"upscale_method": _image_filter},
     ),
     "LoadImage": NodeMapping("LoadImage", {"image": "image"}, ("image", "mask"), ("image", "upload")),
     "SaveImage": NodeMapping(

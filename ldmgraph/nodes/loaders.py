@@ -126,14 +126,10 @@ class TextEncoderLoader(Node):
         return None if literals.get("name") == MINILM else model_fingerprint(literals.get("name"), env)
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
-        from ldmgraph.models import text_encoders
         from ldmgraph.models.checkpoint import load_text_encoder
 
-        cache = model_cache(ctx)
-        if inputs.name == MINILM:
-            encoder = cache.get_or_load(("text-encoder", MINILM), text_encoders.load_minilm)
-        else:
-            encoder = load_text_encoder(find_model(inputs.name, ctx.model_dirs), cache=cache)
+        path = MINILM if inputs.name == MINILM else find_model(inputs.name, ctx.model_dirs)
+        encoder = load_text_encoder(path, cache=model_cache(ctx))
         if encoder is None:
             raise NodeInputError(f"{inputs.name!r} has no text encoder; pick a checkpoint that has one")
         return self.Outputs(text_encoder=encoder)
