@@ -13,14 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
-
 from . import codes
 from .context import Environment
 from .errors import Problem, ValidationError
 from .node import InputSpec, Node, NodeSpec
 from .registry import Registry
 from .sockets import ENUM
+from .topology import ancestors_and_self, cycles, to_networkx, topological_order
 from .workflow import Link, Workflow, parse_workflow
 
 
@@ -49,6 +48,10 @@ class CompiledWorkflow:
     parameters: dict[str, Any]  # every declared parameter's value (override or current literal)
     overrides: dict[str, Any]
 
+    def to_networkx(self) -> Any:
+        """The needed part of the workflow as a ``networkx.DiGraph`` (edge: source -> consumer)."""
+        return to_networkx(self.order, {n: [s for _, s, _ in self.nodes[n].links] for n in self.order})
+
     def resolved_document(self) -> dict[str, Any]:
         """The workflow as JSON with parameter overrides applied (embedded in saved images)."""
         doc = self.workflow.model_dump(mode="json", exclude_none=True)
@@ -75,12 +78,15 @@ def validate_workflow(
     overrides = dict(overrides or {})
     inputs_by_node = checker.apply_parameters(overrides)
     compiled = {nid: node for nid in workflow.nodes if (node := checker.check_node(nid, inputs_by_node[nid]))}
-    graph = checker.build_graph()
-    checker.check_cycles(graph)
+    sources = checker.sources()
+    order, on_cycles = topological_order(workflow.nodes, sources)
+    if on_cycles:
+        checker.report_cycles(on_cycles, sources)
     wanted = checker.check_outputs(outputs if outputs is not None else workflow.outputs)
     if checker.problems:
         raise ValidationError(checker.problems)
-    order = _needed_order(graph, wanted)
+    needed = ancestors_and_self(sources, wanted)
+    order = [node_id for node_id in order if node_id in needed]
     return CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides)
 
 
@@ -223,24 +229,18 @@ class _Checker:
         return True
 
     # -- graph -------------------------------------------------------------------------------
-    def build_graph(self) -> nx.DiGraph:
-        graph: nx.DiGraph = nx.DiGraph()
-        graph.add_nodes_from(self.workflow.nodes)
-        for node_id, entry in self.workflow.nodes.items():
-            for value in entry.inputs.values():
-                if isinstance(value, Link) and value.node in self.workflow.nodes:
-                    graph.add_edge(value.node, node_id)
-        return graph
+    def sources(self) -> dict[str, list[str]]:
+        """node id -> the ids of existing nodes it links to."""
+        nodes = self.workflow.nodes
+        return {
+            node_id: [v.node for v in entry.inputs.values() if isinstance(v, Link) and v.node in nodes]
+            for node_id, entry in nodes.items()
+        }
 
-    def check_cycles(self, graph: nx.DiGraph) -> None:
-        for component in nx.strongly_connected_components(graph):
-            if len(component) == 1:
-                (only,) = component
-                if not graph.has_edge(only, only):
-                    continue
-            cycle = [edge[0] for edge in nx.find_cycle(graph.subgraph(component))]
+    def report_cycles(self, on_cycles: set[str], sources: dict[str, list[str]]) -> None:
+        for cycle in cycles(on_cycles, sources):
             path = " -> ".join(map(repr, [*cycle, cycle[0]]))
-            self.add(sorted(component)[0], None, codes.CYCLE,
+            self.add(min(cycle), None, codes.CYCLE,
                      f"nodes {path} form a cycle; a workflow must be acyclic, remove one of these links")
 
     def check_outputs(self, requested: list[str] | None) -> list[str]:
@@ -265,20 +265,6 @@ class _Checker:
 
 
 _INVALID = object()
-
-
-def _needed_order(graph: nx.DiGraph, outputs: list[str]) -> list[str]:
-    """Topological order of the outputs and their ancestors (iterative: no recursion depth limit)."""
-    needed = set(outputs)
-    stack = list(outputs)
-    while stack:
-        for parent in graph.predecessors(stack.pop()):
-            if parent not in needed:
-                needed.add(parent)
-                stack.append(parent)
-    if len(needed) == graph.number_of_nodes():
-        return list(nx.topological_sort(graph))
-    return list(nx.topological_sort(graph.subgraph(needed)))
 
 
 def _static_key(cls: type[Node], literals: dict[str, Any], env: Environment) -> bytes:
