@@ -45,7 +45,9 @@ class TextEncode(Node):
                 "connect a text encoder from another loader or leave the prompt out of this graph"
             )
         encoding = inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip)
-        return self.Outputs(conditioning=[CondEntry(context=encoding.context, pooled=encoding.pooled)])
+        # The pooled vector is left out: it is the U-Net's `y`, which only class-conditional
+        # (ADM-style) U-Nets take, and neither SD 1.x/2.x nor the bundled models are.
+        return self.Outputs(conditioning=[CondEntry(context=encoding.context)])
 
 
 class ConditioningCombine(Node):
