@@ -8,7 +8,6 @@ requested outputs need, and each node's static cache-key material. The executor 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -268,11 +267,18 @@ _INVALID = object()
 
 
 def _static_key(cls: type[Node], literals: dict[str, Any], env: Environment) -> bytes:
-    """Hash of what a node's result depends on besides its upstream values."""
-    payload = json.dumps([cls.type_name, cls.version, literals], sort_keys=True, default=repr,
-                         separators=(",", ":"), ensure_ascii=False)
+    """Hash of what a node's result depends on besides its upstream values.
+
+    ``literals`` is in the declaration order of the node's inputs and holds canonical values
+    (coerced JSON scalars and containers), so their ``repr`` is a canonical encoding; it is several
+    times cheaper than ``json.dumps`` per node.
+    """
+    payload = repr((cls.type_name, cls.version, tuple(literals.items())))
     digest = hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16)
-    extra = cls.fingerprint(literals, env)
+    extra = cls.fingerprint(literals, env) if cls.fingerprint.__func__ is not _BASE_FINGERPRINT else None  # type: ignore[attr-defined]
     if extra is not None:
-        digest.update(extra.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00" + extra.encode("utf-8", "surrogatepass"))
     return digest.digest()
+
+
+_BASE_FINGERPRINT = Node.fingerprint.__func__  # type: ignore[attr-defined]
