@@ -161,10 +161,13 @@ class InputSpec:
     def _check_bounds(self, value: Any) -> tuple[str | None, str]:
         if not isinstance(value, int | float) or isinstance(value, bool):
             return None, ""
+        low, high = getattr(self.socket, "min_value", None), getattr(self.socket, "max_value", None)
+        if low is not None and high is not None and not low <= value <= high:
+            return codes.OUT_OF_BOUNDS, f"{_short_number(value)} is outside the {self.socket.name} range {low}..{high}"
         if self.ge is not None and value < self.ge:
-            return codes.OUT_OF_BOUNDS, f"{value} is below the minimum {self.ge}; use a value >= {self.ge}"
+            return codes.OUT_OF_BOUNDS, f"{_short_number(value)} is below the minimum {self.ge}; use a value >= {self.ge}"
         if self.le is not None and value > self.le:
-            return codes.OUT_OF_BOUNDS, f"{value} is above the maximum {self.le}; use a value <= {self.le}"
+            return codes.OUT_OF_BOUNDS, f"{_short_number(value)} is above the maximum {self.le}; use a value <= {self.le}"
         if self.multiple_of:
             ratio = value / self.multiple_of
             if not math.isclose(ratio, round(ratio), rel_tol=0, abs_tol=1e-9):
@@ -318,6 +321,11 @@ def _marker(metadata: list[Any], where: str) -> _SocketMarker:
         if isinstance(item, _SocketMarker):
             return item
     raise TypeError(f"{where} must be declared with InputField(...) / OutputField(...)")
+
+
+def _short_number(value: float) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
 
 
 def _choices_message(value: Any, choices: list[str]) -> str:

@@ -77,11 +77,14 @@ class TEXT_ENCODER(Socket):
 
 
 class INT(Socket):
-    """Python int (never bool)."""
+    """Python int (never bool), within the 64-bit range (signed minimum, unsigned maximum, as
+    seeds need); a node may narrow it with ``ge`` / ``le``."""
 
     name = "INT"
     literal = True
     json_type = "integer"
+    min_value: ClassVar[int] = -(2**63)
+    max_value: ClassVar[int] = 2**64 - 1
 
     @classmethod
     def coerce(cls, value: Any) -> int:
