@@ -212,3 +212,12 @@ def sd1_file(tmp_path: Path, tiny_clip: Any) -> Path:
         **clip_sd1_keys(tiny_clip),
     }
     return write(tmp_path / "tiny-sd1.safetensors", tensors)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Any:
+    """Tiny models run fastest on one thread; on a shared 2-core machine two threads spin (70x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

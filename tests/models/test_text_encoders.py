@@ -1,0 +1,180 @@
+"""Text encoders against transformers run directly on the same weights, in every file layout we read."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import clip_model, clip_openclip_keys, write
+
+from ldmgraph.models.checkpoint import load_text_encoder
+from ldmgraph.models.text_encoders import ClipTextEncoder, encode_minilm, minilm_folder, shared_minilm
+from ldmgraph.models.tokenizer import BOS_ID, EOS_ID, clip_bpe_path
+
+PROMPTS = ["a photo of a cat", "(masterpiece:1.2), a castle at night, café, 東京", ""]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def simple_tokenizer() -> Any:
+    path = clip_bpe_path().parent / "simple_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("_clip_simple_tokenizer_te", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
+
+
+def reference_ids(tok: Any, text: str, pad: int) -> torch.Tensor:
+    """[1, 77] ids the way the original SD code builds them (here from OpenAI's reference BPE)."""
+    ids = [BOS_ID, *tok.encode(text)[:75], EOS_ID]
+    return torch.tensor([ids + [pad] * (77 - len(ids))])
+
+
+@torch.no_grad()
+def reference_context(model: Any, ids: torch.Tensor, skip: int) -> torch.Tensor:
+    """transformers CLIPTextModel: layer (L - skip + 1)'s output through the final layer norm."""
+    out = model(input_ids=ids, output_hidden_states=True)
+    return model.final_layer_norm(out.hidden_states[-skip])
+
+
+def save_diffusers_text_encoder(folder: Path, model: Any, *, text_model_level: bool, pad: str | None) -> Path:
+    """A diffusers-layout `text_encoder/` (config.json + model.safetensors) and optional `tokenizer/`."""
+    te = folder / "text_encoder"
+    te.mkdir(parents=True)
+    (te / "config.json").write_text(model.config.to_json_string())
+    prefix = "text_model." if text_model_level else ""
+    write(te / "model.safetensors", {prefix + k: v for k, v in model.state_dict().items()})
+    if pad is not None:
+        (folder / "tokenizer").mkdir()
+        (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}))
+    return folder
+
+
+def assert_agrees(encoder: ClipTextEncoder, model: Any, tok: Any, pad: int) -> None:
+    """Every clip skip value, every prompt: context within TOL of transformers on the same ids."""
+    ids = torch.cat([reference_ids(tok, text, pad) for text in PROMPTS])
+    for skip in range(1, model.config.num_hidden_layers + 1):
+        ours = encoder.encode(PROMPTS, clip_skip=skip).context
+        ref = reference_context(model, ids, skip)
+        assert ours.shape == ref.shape == (len(PROMPTS), 77, model.config.hidden_size)
+        assert (ours - ref).abs().max().item() <= TOL, skip
+
+
+@pytest.mark.reference
+def test_sd1_single_file_agrees_with_transformers(
+    sd1_file: Path, tiny_clip: Any, simple_tokenizer: Any
+) -> None:
+    encoder = load_text_encoder(sd1_file)
+    assert encoder.kind == "clip-l" and encoder.default_clip_skip == 1 and encoder.pad_id == EOS_ID
+    assert_agrees(encoder, tiny_clip, simple_tokenizer, pad=EOS_ID)
+    pooled = encoder.encode(["a photo of a cat"]).pooled
+    with torch.no_grad():
+        ref = tiny_clip(input_ids=reference_ids(simple_tokenizer, "a photo of a cat", EOS_ID)).pooler_output
+    assert (pooled - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(
+    "hidden, heads, layers, act, text_model_level, pad",
+    [
+        (96, 3, 2, "quick_gelu", True, "<|endoftext|>"),  # diffusers' SD1 folders: text_model.* keys
+        (64, 4, 4, "gelu", False, "!"),  # transformers 5 save_pretrained form; SD2-style pad "!" = id 0
+    ],
+)
+def test_diffusers_text_encoder_folder_agrees(
+    tmp_path: Path,
+    simple_tokenizer: Any,
+    hidden: int,
+    heads: int,
+    layers: int,
+    act: str,
+    text_model_level: bool,
+    pad: str,
+) -> None:
+    model = clip_model(hidden=hidden, heads=heads, layers=layers, act=act, seed=hidden)
+    folder = save_diffusers_text_encoder(tmp_path / "pipe", model, text_model_level=text_model_level, pad=pad)
+    encoder = load_text_encoder(folder)
+    pad_id = 0 if pad == "!" else EOS_ID
+    assert encoder.pad_id == pad_id and encoder.default_clip_skip == 1
+    assert_agrees(encoder, model, simple_tokenizer, pad=pad_id)
+
+
+@pytest.mark.reference
+def test_sd2_openclip_layout_agrees(tmp_path: Path, simple_tokenizer: Any) -> None:
+    """OpenCLIP keys (fused in_proj) map onto CLIPTextModel; SD2 pads with 0 and defaults to the penultimate layer."""
+    model = clip_model(hidden=128, layers=3, act="gelu", seed=7)
+    path = write(tmp_path / "sd2-te.safetensors", clip_openclip_keys(model))
+    encoder = load_text_encoder(path)
+    assert encoder.kind == "openclip-h" and encoder.pad_id == 0 and encoder.default_clip_skip == 2
+    assert_agrees(encoder, model, simple_tokenizer, pad=0)
+    ids = reference_ids(simple_tokenizer, PROMPTS[0], 0)
+    default = encoder.encode([PROMPTS[0]]).context
+    assert (default - reference_context(model, ids, 2)).abs().max().item() <= TOL
+
+
+@pytest.mark.reference
+def test_long_prompt_is_encoded_in_windows(sd1_file: Path, tiny_clip: Any, simple_tokenizer: Any) -> None:
+    encoder = load_text_encoder(sd1_file)
+    text = ", ".join(f"detail {i}" for i in range(40))  # 40 * 3 - 1 = 119 tokens
+    ids = simple_tokenizer.encode(text)
+    assert 75 < len(ids) <= 150
+    out = encoder.encode([text, "short"]).context
+    assert out.shape == (2, 154, 128)
+    for w, piece in enumerate((ids[:75], ids[75:])):
+        window = [BOS_ID, *piece, EOS_ID]
+        window = torch.tensor([window + [EOS_ID] * (77 - len(window))])
+        ref = reference_context(tiny_clip, window, 1)[0]
+        assert (out[0, 77 * w : 77 * (w + 1)] - ref).abs().max().item() <= TOL
+    empty = reference_context(tiny_clip, reference_ids(simple_tokenizer, "", EOS_ID), 1)[0]
+    assert (out[1, 77:] - empty).abs().max().item() <= TOL  # the short row is padded with an empty window
+
+
+def test_clip_skip_out_of_range_is_clear(sd1_file: Path) -> None:
+    encoder = load_text_encoder(sd1_file)
+    with pytest.raises(ValueError, match=r"clip_skip=4 .* use 1 \(last layer\) \.\. 3"):
+        encoder.encode(["x"], clip_skip=4)
+
+
+def test_sd1_checkpoint_text_encoder_from_load_checkpoint(sd1_file: Path) -> None:
+    from ldmgraph.models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(sd1_file)
+    assert ckpt.info.text_encoder["kind"] == "clip-l"
+    a = ckpt.text_encoder.encode(["a red cube"]).context
+    b = load_text_encoder(sd1_file).encode(["a red cube"]).context
+    assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Any:
+    return shared_minilm()  # the same object encode_minilm uses
+
+
+@pytest.mark.reference
+def test_minilm_matches_bert_model_run_directly(minilm: Any) -> None:
+    from transformers import BertModel, BertTokenizerFast
+
+    folder = str(minilm_folder())
+    tok = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+    bert = BertModel.from_pretrained(folder, local_files_only=True).eval()
+    texts = ["a red circle above a blue square", "", "two small green triangles " * 20]
+    batch = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    ours = minilm.encode(texts)
+    assert ours.context.shape == (3, 32, 384) and ours.context.dtype == torch.float32
+    assert (ours.context - ref).abs().max().item() <= TOL
+    assert ours.pooled is not None and ours.pooled.shape == (3, 384)
+
+
+def test_minilm_is_deterministic_and_batch_independent(minilm: Any) -> None:
+    a = minilm.encode(["a yellow star", "a purple ring"]).context
+    b = minilm.encode(["a purple ring"]).context
+    assert torch.equal(minilm.encode(["a yellow star", "a purple ring"]).context, a)
+    assert (a[1] - b[0]).abs().max().item() <= 1e-5
+    assert encode_minilm(["a yellow star"]).shape == (1, 32, 384)
