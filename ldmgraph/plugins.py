@@ -113,10 +113,15 @@ class PluginManager:
         """Register an already-imported plugin object (module or instance with hook functions)."""
         status = PluginStatus(name=name, source=source, ok=True)
         self.registry.plugins.append(status)
+        snapshot = self.registry.snapshot()
         try:
             self._pm.register(plugin, name=name)
             self._collect(plugin, status)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
+            self.registry.restore(snapshot)  # all or nothing: no half-registered plugin
+            status.nodes.clear()
+            for table in ("samplers", "schedules", "conditioners"):
+                getattr(status, table).clear()
             self._fail(status, exc)
             if self._pm.is_registered(plugin):
                 self._pm.unregister(plugin)

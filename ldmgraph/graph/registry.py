@@ -48,6 +48,17 @@ class Registry:
         self.plugins: list[PluginStatus] = []
         self._owners: dict[tuple[str, str], str] = {}
 
+    def snapshot(self) -> tuple[dict[Any, Any], ...]:
+        """Copies of the tables, so that a plugin failing halfway can be rolled back."""
+        return (dict(self.nodes), dict(self.samplers), dict(self.schedules), dict(self.conditioners),
+                dict(self._owners))
+
+    def restore(self, snapshot: tuple[dict[Any, Any], ...]) -> None:
+        """Undo every registration made since ``snapshot``."""
+        nodes, samplers, schedules, conditioners, owners = (dict(t) for t in snapshot)
+        self.nodes, self.samplers, self.schedules, self.conditioners = nodes, samplers, schedules, conditioners
+        self._owners = owners
+
     def add_node(self, cls: type[Node], owner: str) -> None:
         """Register a node type; a name registered by two plugins is an error naming both."""
         if not (isinstance(cls, type) and issubclass(cls, Node) and getattr(cls, "spec", None)):
