@@ -29,7 +29,9 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
-            return super().forward(x.float()).type(x.dtype)
+            weight = self.weight.float() if self.weight is not None else None
+            bias = self.bias.float() if self.bias is not None else None
+            return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
         return super().forward(x)
 
 
