@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,9 +28,10 @@ from .errors import Cancelled, ExecutionError
 from .events import Event, EventCallback
 from .node import Node, NodeOutputs
 from .registry import Registry
-from .validate import CompiledWorkflow, validate_workflow
+from .validate import CompiledWorkflow, recheck_environment, validate_workflow
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3
+VALIDATION_MEMO_SIZE = 16
 
 
 @dataclass
@@ -96,13 +99,29 @@ class Executor:
         self.cache = ByteLRU(cache_bytes)
         self.resources: dict[Any, Any] = {}
         self._instances: dict[type[Node], Node] = {}
+        self._validated: OrderedDict[bytes, tuple[int, CompiledWorkflow]] = OrderedDict()
 
     def validate(
         self, doc: Any, overrides: Mapping[str, Any] | None = None, outputs: list[str] | None = None
     ) -> CompiledWorkflow:
-        """Validate a workflow for this executor's registry and environment (raises ValidationError)."""
+        """Validate a workflow for this executor's registry and environment (raises ValidationError).
+
+        Results are remembered by the document's exact JSON text (and overrides, outputs and the
+        registry's version), so re-running an unchanged workflow skips re-validating it; file
+        checks and fingerprints are redone every time.
+        """
         with gc_paused():
-            return validate_workflow(doc, self.registry, self.env, overrides, outputs)
+            memo = _memo_key(doc, overrides, outputs)
+            hit = self._validated.get(memo) if memo is not None else None
+            if hit is not None and hit[0] == self.registry.version:
+                self._validated.move_to_end(memo)  # type: ignore[arg-type]
+                return recheck_environment(hit[1], self.env)
+            compiled = validate_workflow(doc, self.registry, self.env, overrides, outputs)
+            if memo is not None:
+                self._validated[memo] = (self.registry.version, compiled)
+                if len(self._validated) > VALIDATION_MEMO_SIZE:
+                    self._validated.popitem(last=False)
+            return compiled
 
     def run(
         self,
@@ -247,6 +266,17 @@ class Executor:
         if on_event:
             on_event(Event("done", node_id, type_name, index, total, seconds=time.perf_counter() - started))
         return outs, ctx.files
+
+
+def _memo_key(doc: Any, overrides: Mapping[str, Any] | None, outputs: list[str] | None) -> bytes | None:
+    """Digest of the exact JSON text of a run request, or None when it is not plain JSON."""
+    if not isinstance(doc, dict):
+        return None
+    try:
+        text = json.dumps([doc, overrides, outputs], ensure_ascii=False, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        return None
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 @contextmanager

@@ -46,6 +46,7 @@ class Registry:
         self.schedules: dict[str, Callable[..., Any] | str] = {}
         self.conditioners: dict[str, Callable[..., Any] | str] = {}
         self.plugins: list[PluginStatus] = []
+        self.version = 0  # bumped on every change, so caches of validation results can tell
         self._owners: dict[tuple[str, str], str] = {}
 
     def snapshot(self) -> tuple[dict[Any, Any], ...]:
@@ -58,6 +59,7 @@ class Registry:
         nodes, samplers, schedules, conditioners, owners = (dict(t) for t in snapshot)
         self.nodes, self.samplers, self.schedules, self.conditioners = nodes, samplers, schedules, conditioners
         self._owners = owners
+        self.version += 1
 
     def add_node(self, cls: type[Node], owner: str) -> None:
         """Register a node type; a name registered by two plugins is an error naming both."""
@@ -65,6 +67,7 @@ class Registry:
             raise PluginError(f"plugin {owner!r} registered {cls!r}, which is not a Node subclass with a type_name")
         self._claim("node type", cls.type_name, owner, same=self.nodes.get(cls.type_name) is cls)
         self.nodes[cls.type_name] = cls
+        self.version += 1
 
     def add_callable(self, table: str, name: str, value: Callable[..., Any] | str, owner: str) -> None:
         """Register a sampler / schedule / conditioner (a callable or a ``"module:attr"`` string)."""
@@ -75,6 +78,7 @@ class Registry:
         entries: dict[str, Any] = getattr(self, table)
         self._claim(table[:-1], name, owner, same=entries.get(name) == value)
         entries[name] = value
+        self.version += 1
 
     def _claim(self, kind: str, name: str, owner: str, same: bool) -> None:
         previous = self._owners.get((kind, name))

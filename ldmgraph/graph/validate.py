@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import codes
@@ -46,6 +46,7 @@ class CompiledWorkflow:
     outputs: list[str]
     parameters: dict[str, Any]  # every declared parameter's value (override or current literal)
     overrides: dict[str, Any]
+    env_dependent: list[str] = field(default_factory=list)  # nodes with file checks or fingerprints
 
     def to_networkx(self) -> Any:
         """The needed part of the workflow as a ``networkx.DiGraph`` (edge: source -> consumer)."""
@@ -86,7 +87,34 @@ def validate_workflow(
         raise ValidationError(checker.problems)
     needed = ancestors_and_self(sources, wanted)
     order = [node_id for node_id in order if node_id in needed]
-    return CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides)
+    env_dependent = [n for n in order if _depends_on_env(compiled[n].cls)]
+    return CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent)
+
+
+def recheck_environment(compiled: CompiledWorkflow, env: Environment) -> CompiledWorkflow:
+    """Re-run the file checks and fingerprints of a workflow validated earlier (files may have
+    changed since); the rest of validation depends only on the document and the registry."""
+    if not compiled.env_dependent:
+        return compiled
+    problems: list[Problem] = []
+    nodes = compiled.nodes
+    for node_id in compiled.env_dependent:
+        node = nodes[node_id]
+        found = node.cls.check_inputs(node.literals, env)
+        problems += [Problem(node_id, name, code, message) for name, code, message in found]
+        if not found:
+            key = _static_key(node.cls, node.literals, env)
+            if key != node.static_key:
+                nodes = dict(nodes) if nodes is compiled.nodes else nodes
+                nodes[node_id] = replace(node, static_key=key)
+    if problems:
+        raise ValidationError(problems)
+    return compiled if nodes is compiled.nodes else replace(compiled, nodes=nodes)
+
+
+def _depends_on_env(cls: type[Node]) -> bool:
+    return (cls.check_inputs.__func__ is not _BASE_CHECK_INPUTS  # type: ignore[attr-defined]
+            or cls.fingerprint.__func__ is not _BASE_FINGERPRINT)  # type: ignore[attr-defined]
 
 
 class _Checker:
@@ -282,3 +310,4 @@ def _static_key(cls: type[Node], literals: dict[str, Any], env: Environment) -> 
 
 
 _BASE_FINGERPRINT = Node.fingerprint.__func__  # type: ignore[attr-defined]
+_BASE_CHECK_INPUTS = Node.check_inputs.__func__  # type: ignore[attr-defined]

@@ -239,3 +239,25 @@ def test_file_inputs_invalidate_when_the_file_changes(executor: Executor, env) -
     assert executor.run(doc).executed == []
     write_png(path, seed=2, size=(13, 8))  # new size and mtime
     assert executor.run(doc).executed == ["l", "s"]
+
+
+def test_remembered_validation_still_sees_file_and_registry_changes(registry, env) -> None:
+    from graph_helpers import make_registry
+
+    from ldmgraph.graph import ValidationError
+
+    reg = make_registry()
+    executor = Executor(reg, env)
+    write_png(env.input_dir / "a.png")
+    doc = workflow({"l": {"type": "LoadImage", "inputs": {"image": "a.png"}},
+                    "s": {"type": "SaveImage", "inputs": {"images": link("l", "image")}}})
+    executor.run(doc)
+    (env.input_dir / "a.png").unlink()
+    with pytest.raises(ValidationError, match="not found"):
+        executor.run(doc)
+    write_png(env.input_dir / "a.png")
+    executor.run(doc)
+    del reg.nodes["SaveImage"]  # registry changed (version bumps on every registration)
+    reg.version += 1
+    with pytest.raises(ValidationError, match="unknown node type 'SaveImage'"):
+        executor.run(doc)

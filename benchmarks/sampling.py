@@ -1,0 +1,159 @@
+"""Benchmark full sampling loops: ldmgraph's `sample()` vs a diffusers loop, same U-Net weights.
+
+    python benchmarks/sampling.py            # small model and the SD1.5 config
+    python benchmarks/sampling.py --quick    # small model only
+
+Both loops run Euler over the same 10-step "normal" schedule (diffusers: EulerDiscreteScheduler,
+timestep_spacing="linspace"; 999/9 is whole, so the sigmas are identical), classifier-free
+guidance 7.5 with cond and uncond in one batch of 2, 32x32 latents, random weights. The U-Nets
+share the same tensors: diffusers' UNet2DConditionModel, and our UNetModel given its weights
+through `ldmgraph.models.diffusers_keys` (no copy) inside a `DiffusionModelHandle`. Both start
+from the same noise (drawn from the seed on the CPU, scaled by sqrt(1 + sigma_max^2)); the final
+latents' max |difference| is printed as a check. Per-step time: differences of timestamps taken
+once per step (after a device sync), median over interleaved runs (ours, theirs, ours, ...)
+after a warm-up run each. The last line is `step_ratio_small=<x> step_ratio_sd15=<x>`
+(ldmgraph / diffusers; below 1.0 means ldmgraph is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+# diffusers UNet2DConditionModel kwargs (the rest are diffusers' SD1.x defaults)
+SMALL_UNET = dict(
+    block_out_channels=(64, 128, 256),
+    layers_per_block=2,
+    cross_attention_dim=384,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+SD15_UNET = dict(cross_attention_dim=768, attention_head_dim=8)
+STEPS, CFG, SEED, SIDE, TOKENS = 10, 7.5, 1234, 32, 77
+
+
+def build(config: dict[str, Any], device: str) -> tuple[torch.nn.Module, Any]:
+    """The diffusers U-Net (seeded random weights) and our model handle sharing its tensors."""
+    from diffusers import UNet2DConditionModel
+
+    from ldmgraph.models import diffusers_keys as dk
+    from ldmgraph.models.configs import sd_schedule
+    from ldmgraph.models.handles import DiffusionModelHandle
+    from ldmgraph.models.unet import UNetModel
+
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(**config).eval().to(device)
+    kwargs = dk.unet_config_from_diffusers(dict(reference.config))
+    with torch.device("meta"):
+        ours = UNetModel(**kwargs)
+    ours.load_state_dict(dk.unet_from_diffusers(reference.state_dict(), kwargs), assign=True, strict=True)
+    return reference, DiffusionModelHandle(ours.eval(), prediction_type="eps", schedule=sd_schedule())
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_ours(handle: Any, positive: list, negative: list, device: str) -> tuple[list[float], torch.Tensor]:
+    from ldmgraph.diffusion import Latent, sample
+
+    stamps: list[float] = []
+
+    def stamp(info: dict[str, Any]) -> None:
+        _sync(device)
+        stamps.append(time.perf_counter())
+
+    latent = Latent(torch.zeros(1, 4, SIDE, SIDE))
+    out = sample(
+        handle,
+        latent,
+        positive,
+        negative,
+        seed=SEED,
+        steps=STEPS,
+        cfg=CFG,
+        sampler="euler",
+        schedule="normal",
+        device=device,
+        callback=stamp,
+    )
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], out.samples
+
+
+def run_diffusers(
+    unet: torch.nn.Module, context: torch.Tensor, device: str
+) -> tuple[list[float], torch.Tensor]:
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="linspace"
+    )
+    scheduler.set_timesteps(STEPS, device=device)
+    noise = torch.randn((4, SIDE, SIDE), generator=torch.Generator().manual_seed(SEED))[None].to(device)
+    x = noise * (1 + scheduler.sigmas.max() ** 2) ** 0.5
+    stamps: list[float] = []
+    with torch.inference_mode():
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps = unet(model_in, t, encoder_hidden_states=context).sample
+            uncond, cond = eps.chunk(2)
+            _sync(device)
+            stamps.append(time.perf_counter())
+            x = scheduler.step(uncond + CFG * (cond - uncond), t, x).prev_sample
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], x.cpu()
+
+
+def bench(config: dict[str, Any], label: str, device: str, repeats: int) -> float:
+    from ldmgraph.diffusion import CondEntry
+
+    unet, handle = build(config, device)
+    width = config["cross_attention_dim"]
+    g = torch.Generator().manual_seed(7)
+    cond, uncond = torch.randn(1, TOKENS, width, generator=g), torch.randn(1, TOKENS, width, generator=g)
+    context = torch.cat([uncond, cond]).to(device)
+    positive, negative = [CondEntry(context=cond.to(device))], [CondEntry(context=uncond.to(device))]
+    run_ours(handle, positive, negative, device)  # warm-up
+    run_diffusers(unet, context, device)
+    mine: list[float] = []
+    theirs: list[float] = []
+    for _ in range(repeats):
+        steps, ours_latent = run_ours(handle, positive, negative, device)
+        mine += steps
+        steps, their_latent = run_diffusers(unet, context, device)
+        theirs += steps
+    ours_ms, theirs_ms = statistics.median(mine) * 1e3, statistics.median(theirs) * 1e3
+    diff = (ours_latent - their_latent).abs().max().item()
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    print(
+        f"sampling {label} ({params:.0f}M params, euler {STEPS} steps, cfg {CFG}, {SIDE}x{SIDE} latents, {device}): "
+        f"ldmgraph {ours_ms:.1f} ms/step, diffusers {theirs_ms:.1f} ms/step, ratio {ours_ms / theirs_ms:.3f}, "
+        f"final max|diff| {diff:.1e}"
+    )
+    return ours_ms / theirs_ms
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="skip the SD1.5 config")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each loop")
+    args = parser.parse_args(argv)
+    small = bench(SMALL_UNET, "small", args.device, args.repeats)
+    sd15 = None if args.quick else bench(SD15_UNET, "sd15", args.device, max(1, args.repeats - 1))
+    print(f"step_ratio_small={small:.3f} step_ratio_sd15={'skipped' if sd15 is None else f'{sd15:.3f}'}")
+
+
+if __name__ == "__main__":
+    main()
