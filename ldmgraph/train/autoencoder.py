@@ -1,0 +1,149 @@
+"""Stage 1: the KL autoencoder, f = 4 (64x64x3 -> 16x16x4), Rombach et al. 2022 Sec. 3.1.
+
+Loss per image: L1 + L2 reconstruction (the perceptual and adversarial terms of the paper are
+left out: our images are flat shapes, where they add little) + ``kl_weight`` * KL(q(z|x) || N(0, I)),
+with the paper's tiny KL weight (1e-6 on sums) so the latent space stays close to the data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ldmgraph.models.autoencoder import AutoencoderKL
+
+from .common import (
+    EMA,
+    load_checkpoint,
+    lr_at,
+    psnr,
+    save_checkpoint,
+    save_grid,
+    step_generator,
+    to_images,
+    to_model,
+)
+from .data.scenes import batch as data_batch
+
+
+def default_ddconfig() -> dict[str, Any]:
+    """The bundled autoencoder: 0.95M parameters, widths 32/64/64, one residual block per level."""
+    return {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 64,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 2, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+        "norm_groups": 32,
+    }
+
+
+@dataclass
+class AEConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    kl_weight: float = 1e-6
+    seed: int = 0
+    data_seed: int = 0
+    grid_every: int = 200
+    checkpoint_every: int = 100
+    crop: int = 32  # train on random crops (multiples of 4): the model is convolutional, 4x cheaper
+    minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    ddconfig: dict[str, Any] = field(default_factory=default_ddconfig)
+    embed_dim: int = 4
+
+
+def build(cfg: AEConfig) -> AutoencoderKL:
+    torch.manual_seed(cfg.seed)
+    return AutoencoderKL(ddconfig=dict(cfg.ddconfig), embed_dim=cfg.embed_dim)
+
+
+def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random crop of side ``size`` per image, at offsets that are multiples of 4 (the latent grid)."""
+    if size >= x.shape[-1]:
+        return x
+    cells = (x.shape[-1] - size) // 4 + 1
+    offsets = torch.randint(0, cells, (x.shape[0], 2), generator=generator) * 4
+    return torch.stack([img[:, oy : oy + size, ox : ox + size] for img, (oy, ox) in zip(x, offsets.tolist(), strict=True)])
+
+
+def ae_loss(model: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
+    """Mean over pixels of |x - x'| + (x - x')^2, plus kl_weight * KL summed per image / pixels."""
+    recon, posterior = model(x, sample_posterior=True, generator=generator)
+    rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
+    return rec + kl_weight * posterior.kl().mean() / x[0].numel()
+
+
+def train_autoencoder(
+    cfg: AEConfig, out: Path, resume: bool = False, progress: bool = True, threads: int = 1
+) -> Path:
+    """Train (or resume) the autoencoder in run folder ``out``; returns the folder."""
+    torch.set_num_threads(threads)
+    model = build(cfg)
+    ema = EMA(model, decay=0.999)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = 0
+    if resume and (out / "checkpoint.safetensors").exists():
+        start = int(load_checkpoint(out, model, ema, opt)["step"])
+    state = {"kind": "autoencoder", "config": asdict(cfg)}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="autoencoder", disable=not progress)
+    t0 = time.time()
+    for step in bar:
+        images, _ = data_batch(cfg.data_seed, "train", step * cfg.batch_size, cfg.batch_size)
+        x = random_crops(to_model(images), cfg.crop, step_generator(cfg.seed, step, stream=1))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+        loss = ae_loss(model, x, cfg.kl_weight, step_generator(cfg.seed, step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
+            save_checkpoint(out, model, ema, opt, {**state, "step": done, "seconds": time.time() - t0})
+        if done % cfg.grid_every == 0 or done == cfg.steps or out_of_time:
+            save_recon_grid(model, ema, out / f"recon_{done:06d}.png", cfg.data_seed)
+        if out_of_time:
+            break
+    return out
+
+
+@torch.no_grad()
+def save_recon_grid(model: AutoencoderKL, ema: EMA, path: Path, data_seed: int) -> None:
+    """Originals (odd rows) above EMA reconstructions (even rows) of 16 test images."""
+    backup = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.copy_to(model)
+    model.eval()
+    images, _ = data_batch(data_seed, "test", 0, 16)
+    recon = to_images(model(to_model(images), sample_posterior=False)[0])
+    model.load_state_dict(backup)
+    model.train()
+    rows = np.concatenate([images[:8], recon[:8], images[8:], recon[8:]])
+    save_grid(rows, path)
+
+
+@torch.no_grad()
+def reconstruction_psnr(model: AutoencoderKL, count: int = 1000, data_seed: int = 0, batch: int = 100) -> float:
+    """PSNR (dB) of posterior-mode reconstructions of ``count`` test-split images (unseen in training)."""
+    model.eval()
+    originals, recons = [], []
+    for start in range(0, count, batch):
+        images, _ = data_batch(data_seed, "test", start, min(batch, count - start))
+        originals.append(images)
+        recons.append(to_images(model(to_model(images), sample_posterior=False)[0]))
+    return psnr(np.concatenate(originals), np.concatenate(recons))

@@ -1,0 +1,154 @@
+"""Stage 2: diffusion models in the autoencoder's latent space (Rombach et al. 2022, Sec. 3.2-3.3).
+
+L_LDM = E_{z0, y, eps, t} || eps - eps_theta(z_t, t, tau(y)) ||^2 with
+z_t = sqrt(alpha_bar_t) z0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4 and 14), on SD's
+"linear" schedule (linspace over sqrt(beta), 0.00085..0.012, 1000 steps), so every sampler treats
+these models as it treats Stable Diffusion. Three kinds, one loop:
+
+- ``ldm``: text-to-image; tau(y) = frozen MiniLM context by cross-attention; the caption is
+  dropped (replaced by "") 10% of the time so classifier-free guidance works (Ho & Salimans 2022).
+- ``superres``: the 16x16 low-resolution image (-1..1) concatenated to z_t: 4 + 3 = 7 channels.
+- ``inpaint``: the mask and the masked image's latent concatenated to z_t (SD inpainting order
+  [z_t, mask, masked latent]): 4 + 1 + 4 = 9 channels, with the text context.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ldmgraph.models.unet import UNetModel
+
+from .common import EMA, load_checkpoint, lr_at, save_checkpoint, step_generator
+
+KINDS = ("ldm", "superres", "inpaint")
+SCHEDULE = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
+CONCAT = {"ldm": None, "superres": "lowres-image", "inpaint": "inpaint-mask-latent"}
+IN_CHANNELS = {"ldm": 4, "superres": 7, "inpaint": 9}
+
+
+def default_unet(kind: str) -> dict[str, Any]:
+    """U-Net of each kind: ~1.7M parameters, widths 32/64/64 over 16/8/4 latent pixels."""
+    config: dict[str, Any] = {
+        "in_channels": IN_CHANNELS[kind],
+        "out_channels": 4,
+        "model_channels": 32,
+        "attention_resolutions": [1, 2],
+        "num_res_blocks": 1,
+        "channel_mult": [1, 2, 2],
+        "num_head_channels": 32,
+        "transformer_depth": 1,
+        "context_dim": 384,
+        "use_linear_in_transformer": True,
+    }
+    if kind == "superres":  # no text: self-attention blocks only where the latent is small
+        config.update(context_dim=None, use_linear_in_transformer=False, attention_resolutions=[2])
+    return config
+
+
+@dataclass
+class LDMConfig:
+    kind: str = "ldm"
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    scale_factor: float = 1.0
+    unet: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown training kind {self.kind!r}; expected one of {KINDS}")
+        if not self.unet:
+            self.unet = default_unet(self.kind)
+
+
+def alphas_cumprod() -> torch.Tensor:
+    """alpha_bar_t of SD's schedule, t = 0..999 (float32)."""
+    from ldmgraph.diffusion.noise_schedule import NoiseSchedule
+
+    return NoiseSchedule.from_config(**SCHEDULE).alphas_cumprod.float()
+
+
+def build_unet(cfg: LDMConfig) -> UNetModel:
+    torch.manual_seed(cfg.seed)
+    return UNetModel(**cfg.unet)
+
+
+def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+    """The step's examples: z0 (scaled), concat (or None) and context (or None)."""
+    g = step_generator(cfg.seed, step, stream=2)
+    n = pool["inpaint_mask"].shape[0] if cfg.kind == "inpaint" else pool["mean"].shape[0]
+    idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+    mean, std = pool["mean"][idx], pool["std"][idx]
+    z0 = (mean + std * torch.randn(mean.shape, generator=g)) * cfg.scale_factor
+    out: dict[str, Any] = {"z0": z0, "concat": None, "context": None}
+    if cfg.kind == "superres":
+        out["concat"] = pool["lowres"][idx]
+    if cfg.kind == "inpaint":
+        out["concat"] = torch.cat([pool["inpaint_mask"][idx], pool["inpaint_masked"][idx] * cfg.scale_factor], 1)
+    if cfg.kind in ("ldm", "inpaint"):
+        key = "caption_index" if cfg.kind == "ldm" else "inpaint_caption_index"
+        captions = pool[key][idx]
+        dropped = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        captions = torch.where(dropped, torch.zeros_like(captions), captions)  # entry 0 is ""
+        out["context"] = pool["contexts"][captions]
+    return out
+
+
+def diffusion_loss(unet: UNetModel, batch: dict[str, torch.Tensor], abar: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """|| eps - eps_theta(z_t, t, c) ||^2, t uniform in 0..T-1."""
+    z0 = batch["z0"]
+    t = torch.randint(0, abar.shape[0], (z0.shape[0],), generator=generator)
+    eps = torch.randn(z0.shape, generator=generator)
+    a = abar[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    x = zt if batch["concat"] is None else torch.cat([zt, batch["concat"]], 1)
+    return (unet(x, t, context=batch["context"]) - eps).pow(2).mean()
+
+
+def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = False,
+              progress: bool = True, threads: int = 1, on_checkpoint: Any = None) -> Path:
+    """Train (or resume) one latent diffusion model in run folder ``out``."""
+    torch.set_num_threads(threads)
+    unet = build_unet(cfg)
+    ema = EMA(unet, decay=cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = 0
+    if resume and (out / "checkpoint.safetensors").exists():
+        start = int(load_checkpoint(out, unet, ema, opt)["step"])
+    abar = alphas_cumprod()
+    state = {"kind": cfg.kind, "config": asdict(cfg)}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.kind, disable=not progress)
+    t0 = time.time()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+        loss = diffusion_loss(unet, make_batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(unet)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
+            save_checkpoint(out, unet, ema, opt, {**state, "step": done, "seconds": time.time() - t0})
+            if on_checkpoint is not None:
+                on_checkpoint(done)
+        if out_of_time:
+            break
+    return out

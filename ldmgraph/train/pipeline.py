@@ -1,0 +1,61 @@
+"""The stages between training runs: the latent pool, the scale factor, exports and sample grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .export import BUNDLED_NAMES, export_bundled, load_autoencoder
+from .pool import build_latents, load_pool
+
+
+def scale_factor_of(pool: dict[str, Any], seed: int = 0) -> float:
+    """1 / std of sampled training latents (Rombach et al. 2022, App. G: unit-variance latents)."""
+    g = torch.Generator().manual_seed(seed)
+    mean, std = pool["mean"], pool["std"]
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    return float(1.0 / z.std())
+
+
+def prepare_pool(ae_folder: Path, pool_folder: Path, data_seed: int, count: int, inpaint_count: int,
+                 threads: int = 1) -> float:
+    """Encode the pool with the trained autoencoder; write and return its scale factor."""
+    torch.set_num_threads(threads)
+    ae, _ = load_autoencoder(ae_folder)
+    build_latents(ae, pool_folder, data_seed, count, inpaint_count)
+    scale = scale_factor_of(dict(load_pool_latents(pool_folder)))
+    (pool_folder / "scale_factor.json").write_text(json.dumps({"scale_factor": scale}))
+    return scale
+
+
+def load_pool_latents(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "latents.safetensors"))
+
+
+def read_scale_factor(pool_folder: Path) -> float:
+    return float(json.loads((pool_folder / "scale_factor.json").read_text())["scale_factor"])
+
+
+def export_and_grid(kind: str, unet_folder: Path, ae_folder: Path, pool_folder: Path, out_dir: Path,
+                    grid: Path | None = None) -> Path:
+    """Export a run as its bundled file in out_dir; for txt2img also save a 16-image sample grid."""
+    path = export_bundled(kind, unet_folder, ae_folder, read_scale_factor(pool_folder), out_dir / BUNDLED_NAMES[kind])
+    if grid is not None and kind == "ldm":
+        from ldmgraph.models.checkpoint import load_checkpoint
+
+        from .common import save_grid
+        from .evaluate import one_object_prompts
+        from .sampling import txt2img
+
+        ckpt = load_checkpoint(path)
+        prompts = [p for _, p in one_object_prompts(16)]
+        save_grid(txt2img(ckpt, prompts, seed=0, steps=15), grid)
+    return path
+
+
+__all__ = ["export_and_grid", "load_pool", "prepare_pool", "read_scale_factor", "scale_factor_of"]
