@@ -19,12 +19,11 @@ from ldmgraph.graph import InputField, Node, NodeContext, NodeInputs, NodeOutput
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.errors import UnsafePathError
 from ldmgraph.graph.files import atomic_write_new, safe_join
+from ldmgraph.graph.loading import PNG_PARAMETERS_KEY, PNG_WORKFLOW_KEY
 from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, MASK, STRING
 from ldmgraph.plugins import hookimpl
 
 MAX_SIZE = 16384
-PNG_WORKFLOW_KEY = "ldmgraph:workflow"
-PNG_PARAMETERS_KEY = "ldmgraph:parameters"
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
