@@ -86,7 +86,11 @@ def _add_lazy_subcommands(sub: Any, command: str | None) -> None:
         if module_name in done or _find_spec(module_name) is None:
             continue
         if command == name:
-            importlib.import_module(module_name).register(sub)
+            try:
+                importlib.import_module(module_name).register(sub)
+            except Exception as exc:  # noqa: BLE001 - a broken layer must not break the other commands
+                print(f"ldmgraph: cannot load the {name!r} command from {module_name}: "
+                      f"{type(exc).__name__}: {exc}", file=sys.stderr)
             done.add(module_name)
     registered = set(sub.choices)
     for name, module_name in LAZY_SUBCOMMANDS.items():

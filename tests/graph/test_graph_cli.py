@@ -158,3 +158,18 @@ def test_comfyui_api_workflow_runs(project) -> None:
     [path] = json.loads(result.stdout)["files"]
     with Image.open(path) as image:
         np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+def test_lazy_subcommands_load_only_when_used(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from ldmgraph import cli as cli_module
+
+    monkeypatch.setitem(cli_module.LAZY_SUBCOMMANDS, "hello", "graph_fake_subcommand")
+    monkeypatch.setitem(cli_module.LAZY_SUBCOMMANDS, "ghost", "no_such_module_anywhere")
+    sys.modules.pop("graph_fake_subcommand", None)
+    assert cli_module.main(["schema"]) == 0
+    assert "graph_fake_subcommand" not in sys.modules  # not imported for other commands
+    capsys.readouterr()
+    assert cli_module.main(["hello", "--code", "3"]) == 3
+    assert "hello from a lazy subcommand" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli_module.main(["ghost"])  # a module that does not exist is simply not offered
