@@ -1,0 +1,109 @@
+"""``ldmgraph train`` and ``ldmgraph evaluate`` (registered lazily by ``ldmgraph.cli``; no torch at import)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+TRAIN_KINDS = ("autoencoder", "ldm", "superres", "inpaint")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` and ``evaluate`` subcommands to the main parser."""
+    train = subparsers.add_parser("train", help="train the autoencoder or a latent diffusion model",
+                                  description="Train ldmgraph's models on the procedural shapes data set: "
+                                  "first the autoencoder, then ldm (text-to-image), superres, inpaint.")
+    train.add_argument("kind", choices=TRAIN_KINDS)
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 / 2000)")
+    train.add_argument("--minutes", type=float, default=0.0, help="stop and save after this wall time (0: no limit)")
+    train.add_argument("--batch-size", type=int, default=None, help="images per step (default 32 / 64)")
+    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--seed", type=int, default=0, help="initialisation and noise seed")
+    train.add_argument("--out", type=Path, default=None, help="run folder (default runs/<kind>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--ae", type=Path, default=Path("runs/autoencoder"),
+                       help="autoencoder run folder (diffusion kinds)")
+    train.add_argument("--pool", type=Path, default=Path("runs/pool"),
+                       help="latent pool folder; built from --ae when missing (diffusion kinds)")
+    train.add_argument("--pool-size", type=int, default=12000, help="images in a new pool")
+    train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    train.add_argument("--export", type=Path, default=None, metavar="PATH",
+                       help="after training, write the bundled safetensors file here (diffusion kinds)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    ev = subparsers.add_parser("evaluate", help="score the bundled models with the judge",
+                               description="Autoencoder PSNR, judge scores of text-to-image on held-out "
+                               "captions, super-resolution gain over bicubic, inpainting; figures last.")
+    ev.add_argument("--models", type=Path, default=None, help="folder of the three bundled files "
+                    "(default: the shipped ones)")
+    ev.add_argument("--samples", type=int, default=256, help="generated images per figure (fewer: quicker)")
+    ev.add_argument("--steps", type=int, default=20, help="sampler steps (dpmpp_2m, karras)")
+    ev.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--grid", type=Path, default=None, help="also save sample grids (PNG) here")
+    ev.set_defaults(func=cmd_evaluate)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = args.out or Path("runs") / args.kind
+    if args.kind == "autoencoder":
+        from .autoencoder import AEConfig, train_autoencoder
+
+        cfg = AEConfig(seed=args.seed, minutes=args.minutes)
+        for name in ("steps", "batch_size", "lr"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        train_autoencoder(cfg, out, resume=args.resume, progress=not args.no_progress, threads=args.threads)
+        print(f"autoencoder run: {out}")
+        return 0
+
+    from .ldm import LDMConfig, train_ldm
+    from .pipeline import export_and_grid, prepare_pool, read_scale_factor
+    from .pool import build_contexts, load_pool
+
+    if not (args.ae / "checkpoint.safetensors").exists():
+        print(f"ldmgraph train {args.kind}: no autoencoder checkpoint in {args.ae}; run "
+              f"'ldmgraph train autoencoder --out {args.ae}' first or pass --ae", file=sys.stderr)
+        return 1
+    if not (args.pool / "contexts.safetensors").exists():
+        build_contexts(args.pool, 0, args.pool_size, args.pool_size // 2)
+    if not (args.pool / "latents.safetensors").exists():
+        prepare_pool(args.ae, args.pool, 0, args.pool_size, args.pool_size // 2, threads=args.threads)
+    cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes, scale_factor=read_scale_factor(args.pool))
+    for name in ("steps", "batch_size", "lr"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    train_ldm(cfg, load_pool(args.pool), out, resume=args.resume, progress=not args.no_progress, threads=args.threads)
+    print(f"{args.kind} run: {out}")
+    if args.export is not None:
+        folder, name = args.export.parent, args.export.name
+        path = export_and_grid(args.kind, out, args.ae, args.pool, folder)
+        if path.name != name:
+            path.replace(args.export)
+        print(f"exported: {args.export}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .evaluate import evaluate
+    from .export import assets_dir
+
+    figures = evaluate(args.models or assets_dir(), samples=args.samples, steps=args.steps, cfg=args.cfg,
+                       seed=args.seed, grid=args.grid, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(figures.two_object_line())
+    print(figures.line())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ldmgraph.train ...`` without the main CLI."""
+    parser = argparse.ArgumentParser(prog="python -m ldmgraph.train")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
