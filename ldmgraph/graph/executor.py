@@ -256,7 +256,9 @@ class Executor:
                     raise ValueError(f"input {spec.name!r}: {message}")
             result = instance.run(node.cls.Inputs.model_construct(**inputs), ctx)
             outs = _outputs_dict(node, result)
-        except Cancelled:
+        except Cancelled as exc:
+            if on_event:
+                on_event(Event("error", node_id, type_name, index, total, error=exc))
             raise
         except Exception as exc:
             error = ExecutionError(node_id, type_name, exc)

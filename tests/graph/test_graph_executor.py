@@ -124,6 +124,14 @@ def test_cancel_inside_a_long_node_through_its_context(executor: Executor) -> No
     with pytest.raises(Cancelled):
         executor.run(doc, on_event=on_event, cancel=token)
     assert seen == [1, 2, 3]  # stopped at the next check, not after 50 steps
+    events: list = []
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        executor.run(workflow({"slow": {"type": "TSlow", "inputs": {"steps": 7}},
+                               "s": {"type": "TSink", "inputs": {"x": link("slow")}}}),
+                     on_event=events.append, cancel=token)
+    assert events == []  # cancelled before the first node: nothing started
 
 
 def test_failed_save_leaves_no_file(executor: Executor, env, monkeypatch: pytest.MonkeyPatch) -> None:
