@@ -21,6 +21,7 @@ from ldmgraph.models.autoencoder import AutoencoderKL
 from .common import (
     EMA,
     load_checkpoint,
+    load_ema_weights,
     lr_at,
     psnr,
     save_checkpoint,
@@ -62,6 +63,9 @@ class AEConfig:
     checkpoint_every: int = 100
     crop: int = 32  # train on random crops (multiples of 4): the model is convolutional, 4x cheaper
     minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    init_from: str | None = None  # start from this run folder's EMA weights
+    train_encoder: bool = True  # False: fine-tune the decoder only; latents (and the LDM pools) stay valid
+    shape_weight: float = 0.0  # extra loss weight on shape pixels (chroma > 0.3): colours matter most
     ddconfig: dict[str, Any] = field(default_factory=default_ddconfig)
     embed_dim: int = 4
 
@@ -80,11 +84,18 @@ def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torc
     return torch.stack([img[:, oy : oy + size, ox : ox + size] for img, (oy, ox) in zip(x, offsets.tolist(), strict=True)])
 
 
-def ae_loss(model: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> torch.Tensor:
-    """Mean over pixels of |x - x'| + (x - x')^2, plus kl_weight * KL summed per image / pixels."""
+def ae_loss(model: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: torch.Generator,
+            shape_weight: float = 0.0) -> torch.Tensor:
+    """Mean over pixels of w * (|x - x'| + (x - x')^2), plus kl_weight * KL summed per image / pixels.
+
+    w = 1 + shape_weight on the shapes' pixels (high chroma), 1 elsewhere.
+    """
     recon, posterior = model(x, sample_posterior=True, generator=generator)
-    rec = (recon - x).abs().mean() + (recon - x).pow(2).mean()
-    return rec + kl_weight * posterior.kl().mean() / x[0].numel()
+    err = (recon - x).abs() + (recon - x).pow(2)
+    if shape_weight:
+        chroma = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 2  # x is -1..1
+        err = err * (1 + shape_weight * (chroma > 0.3).float())
+    return err.mean() + kl_weight * posterior.kl().mean() / x[0].numel()
 
 
 def train_autoencoder(
@@ -93,8 +104,15 @@ def train_autoencoder(
     """Train (or resume) the autoencoder in run folder ``out``; returns the folder."""
     torch.set_num_threads(threads)
     model = build(cfg)
+    if cfg.init_from:
+        load_ema_weights(Path(cfg.init_from), model)
     ema = EMA(model, decay=0.999)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    params = model.parameters()
+    if not cfg.train_encoder:
+        for p in [*model.encoder.parameters(), *model.quant_conv.parameters()]:
+            p.requires_grad_(False)
+        params = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     start = 0
     if resume and (out / "checkpoint.safetensors").exists():
         start = int(load_checkpoint(out, model, ema, opt)["step"])
@@ -106,7 +124,7 @@ def train_autoencoder(
         x = random_crops(to_model(images), cfg.crop, step_generator(cfg.seed, step, stream=1))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        loss = ae_loss(model, x, cfg.kl_weight, step_generator(cfg.seed, step))
+        loss = ae_loss(model, x, cfg.kl_weight, step_generator(cfg.seed, step), cfg.shape_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
