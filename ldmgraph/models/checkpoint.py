@@ -199,9 +199,8 @@ class CheckpointInfo:
 
     path: str
     layout: str  # "single-file" | "diffusers" | "bundled"
-    architecture: (
-        str  # e.g. "sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "ldm-concat", "ldm", "bundled-txt2img"
-    )
+    # "sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "ldm-txt2img", "ldm-concat", "ldm", "bundled-<kind>", "diffusers-..."
+    architecture: str
     unet: dict[str, Any] | None = None
     vae: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None  # {"kind": ..., "config": {...}, ...}
@@ -350,12 +349,10 @@ def detect_text_encoder(state: StateDict) -> dict[str, Any] | None:
     if state.has_prefix(OPENCLIP_PREFIX + "transformer.resblocks."):
         sub = state.sub(OPENCLIP_PREFIX)
         return {"kind": "openclip-h", "config": _openclip_kwargs(sub)}
-    if CLIP_PREFIX + "token_emb.weight" in t or state.has_prefix(CLIP_PREFIX + "attn_layers."):
-        raise UnknownArchitectureError(
-            state.path,
-            "the text encoder is the LDM paper's x-transformers BERT (cond_stage_model.transformer.token_emb): "
-            "not supported yet; load the U-Net and autoencoder with load_checkpoint(..., text_encoder=False)",
-        )
+    if CLIP_PREFIX + "token_emb.weight" in t:
+        from ldmgraph.models.text_encoders import ldm_bert_config
+
+        return {"kind": "ldm-bert", "config": ldm_bert_config(state.sub(CLIP_PREFIX))}
     return None
 
 
@@ -502,10 +499,12 @@ def _name_architecture(unet: dict[str, Any], text: dict[str, Any] | None, concat
         base = "sd1"
     elif kind == "openclip-h" and unet["context_dim"] == 1024:
         base = "sd2"
+    elif kind == "ldm-bert":
+        base = "ldm-txt2img"
     else:
         base = "ldm"
     if concat == "inpaint-mask-latent":
-        return f"{base}-inpaint" if base != "ldm" else "ldm-concat"
+        return f"{base}-inpaint" if base in ("sd1", "sd2") else "ldm-concat"
     if concat is not None:
         return "ldm-concat"
     return base
@@ -740,6 +739,10 @@ def _text_encoder(
         weights = state.sub(CLIP_PREFIX)
     elif kind == "openclip-h":
         weights = state.sub(OPENCLIP_PREFIX)
+    elif kind == "ldm-bert":
+        return te.ldm_bert_from_weights(
+            state.sub(CLIP_PREFIX), path=state.path, dtype=dtype, config=info.text_encoder.get("config")
+        )
     else:
         raise UnknownArchitectureError(
             state.path, f"text encoder {kind!r} is unknown: use 'minilm-l6-v2' or none"

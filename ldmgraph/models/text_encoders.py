@@ -377,3 +377,171 @@ def clip_text_encoder_from_weights(
         else default_clip_skip,
         text_projection=projection,
     )
+
+
+# --- the LDM paper's BERT-tokenised transformer (x-transformers layout) -----------------------------
+
+
+class _SelfAttention(nn.Module):
+    """Multi-head self-attention without q/k/v biases (keys `to_q`, `to_k`, `to_v`, `to_out`)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q, k, v = (f(x).view(b, n, self.heads, -1).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # softmax(QK^T / sqrt(d)) V
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class _FeedForward(nn.Module):
+    """Linear -> GELU -> Linear (keys `net.0.0`, `net.2`; index 1 is a parameter-free dropout)."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, inner), nn.GELU()), nn.Identity(), nn.Linear(inner, dim)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class _Residual(nn.Module):
+    """Parameter-free slot 2 of each x-transformers layer (keeps the key indices)."""
+
+    def forward(self, out: Tensor, residual: Tensor) -> Tensor:
+        return out + residual
+
+
+class _PositionEmbedding(nn.Module):
+    def __init__(self, dim: int, max_seq_len: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(max_seq_len, dim)
+
+
+class LDMBertTransformer(nn.Module):
+    """The text transformer of the LDM paper's text-to-image model (Rombach et al. 2022, Sec. 4.3.1:
+    "a BERT-tokenizer and a transformer", 32 layers of width 1280 in the released LAION model).
+
+    A pre-norm encoder: token + learned position embeddings, then `depth` pairs of
+    (LayerNorm -> self-attention -> residual), (LayerNorm -> GELU MLP -> residual), then a final
+    LayerNorm. Attribute names follow the released checkpoints' keys under
+    `cond_stage_model.transformer.` (`token_emb`, `pos_emb.emb`, `attn_layers.layers.{i}.{0,1}`,
+    `norm`, `to_logits`); `to_logits` (a language-model head) is loaded but unused.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        vocab_size: int = 30522,
+        max_seq_len: int = 77,
+    ) -> None:
+        super().__init__()
+        self.depth, self.dim = depth, dim
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = _PositionEmbedding(dim, max_seq_len)
+        layers = []
+        for _ in range(depth):
+            layers.append(
+                nn.ModuleList([nn.LayerNorm(dim), _SelfAttention(dim, heads, dim_head), _Residual()])
+            )
+            layers.append(nn.ModuleList([nn.LayerNorm(dim), _FeedForward(dim, dim * ff_mult), _Residual()]))
+        self.attn_layers = nn.Module()
+        self.attn_layers.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(dim)
+        self.to_logits = nn.Linear(dim, vocab_size)
+
+    def forward(self, input_ids: Tensor, stop_after: int | None = None) -> Tensor:
+        """Embeddings [B, T, dim] after `stop_after` attention+MLP blocks (all when None), then the final norm."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.token_emb(input_ids) + self.pos_emb.emb(positions)[None]
+        blocks = self.depth if stop_after is None else stop_after
+        for norm, block, residual in list(self.attn_layers.layers)[: 2 * blocks]:
+            x = residual(block(norm(x)), x)
+        return self.norm(x)
+
+
+class LDMBertTextEncoder(TextEncoder):
+    """The paper's BERT embedder: WordPiece ids (BERT uncased vocabulary, here MiniLM's identical
+    30522-token vocab.txt) padded to 77 with [PAD], no attention mask (as the original), then
+    `LDMBertTransformer`; context [B, 77, dim]. Clip skip k stops after block (depth - k + 1)."""
+
+    def __init__(self, transformer: LDMBertTransformer, tokenizer: Any, max_length: int = 77) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.kind = "ldm-bert"
+        self.max_length = max_length
+        self.context_dim = transformer.dim
+        self.num_layers = transformer.depth
+        self.default_clip_skip = 1
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
+        k = self._check_clip_skip(clip_skip)
+        ids = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )["input_ids"].to(self.device)
+        context = self.transformer(ids, stop_after=self.num_layers - k + 1)
+        return TextEncoding(context=context, pooled=context.mean(dim=1))
+
+
+def bert_tokenizer() -> Any:
+    """The uncased BERT WordPiece tokenizer, from the MiniLM package's vocab.txt (local files only)."""
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast.from_pretrained(str(minilm_folder()), local_files_only=True)
+
+
+def ldm_bert_config(weights: dict[str, Tensor]) -> dict[str, Any]:
+    """`LDMBertTransformer` kwargs from weights under `cond_stage_model.transformer.` (prefix removed).
+
+    The head width is not in any shape: 64, the x-transformers default the paper's model used.
+    """
+    token = weights["token_emb.weight"]
+    q = weights["attn_layers.layers.0.1.to_q.weight"]
+    ff = weights["attn_layers.layers.1.1.net.0.0.weight"]
+    n_layers = len({k.split(".")[2] for k in weights if k.startswith("attn_layers.layers.")})
+    dim = int(token.shape[1])
+    return {
+        "dim": dim,
+        "depth": n_layers // 2,
+        "heads": max(1, int(q.shape[0]) // 64),
+        "dim_head": min(64, int(q.shape[0])),
+        "ff_mult": int(ff.shape[0]) // dim,
+        "vocab_size": int(token.shape[0]),
+        "max_seq_len": int(weights["pos_emb.emb.weight"].shape[0]),
+    }
+
+
+def ldm_bert_from_weights(
+    weights: dict[str, Tensor],
+    *,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    config: dict[str, Any] | None = None,
+) -> LDMBertTextEncoder:
+    """Build the paper's BERT text encoder on the meta device and give it the file's weights (no copy)."""
+    from ldmgraph.models.checkpoint import assign_weights, build_on_meta
+
+    kwargs = config or ldm_bert_config(weights)
+    model = build_on_meta(LDMBertTransformer, **kwargs)
+    assign_weights(model, weights, path=path, component="text encoder (ldm-bert)", dtype=dtype)
+    return LDMBertTextEncoder(model, bert_tokenizer(), max_length=kwargs.get("max_seq_len", 77))

@@ -221,3 +221,30 @@ def _one_torch_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def ldm_bert_keys(dim: int = 64, depth: int = 2, inner: int = 128, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Random weights of the paper's BERT text transformer under `cond_stage_model.transformer.` (x-transformers names)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, scale: float = 0.05) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * scale
+
+    p = "cond_stage_model.transformer."
+    out = {
+        p + "token_emb.weight": rnd(30522, dim, scale=0.5),
+        p + "pos_emb.emb.weight": rnd(77, dim, scale=0.5),
+    }
+    for i in range(depth):
+        a, f = f"{p}attn_layers.layers.{2 * i}.", f"{p}attn_layers.layers.{2 * i + 1}."
+        for layer in (a, f):
+            out[layer + "0.weight"] = 1 + rnd(dim, scale=0.1)
+            out[layer + "0.bias"] = rnd(dim, scale=0.1)
+        for name in ("to_q", "to_k", "to_v"):
+            out[f"{a}1.{name}.weight"] = rnd(inner, dim, scale=0.3)
+        out[a + "1.to_out.weight"], out[a + "1.to_out.bias"] = rnd(dim, inner), rnd(dim)
+        out[f + "1.net.0.0.weight"], out[f + "1.net.0.0.bias"] = rnd(4 * dim, dim), rnd(4 * dim)
+        out[f + "1.net.2.weight"], out[f + "1.net.2.bias"] = rnd(dim, 4 * dim), rnd(dim)
+    out[p + "norm.weight"], out[p + "norm.bias"] = 1 + rnd(dim, scale=0.1), rnd(dim, scale=0.1)
+    out[p + "to_logits.weight"], out[p + "to_logits.bias"] = rnd(30522, dim), rnd(30522)
+    return out

@@ -15,6 +15,7 @@ from conftest import (
     clip_model,
     clip_openclip_keys,
     clip_sd1_keys,
+    ldm_bert_keys,
     prefixed,
     tiny_sd2_unet,
     tiny_unet,
@@ -114,6 +115,14 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], Any, dict[str, str] | Non
         None,
         None,
         {"architecture": "ldm-concat", "concat_kind": "lowres-image"},
+    ),
+    (
+        "ldm-txt2img",
+        tiny_unet(context_dim=64),
+        TINY_VAE,
+        ldm_bert_keys,
+        None,
+        {"architecture": "ldm-txt2img", "text": "ldm-bert"},
     ),
     (
         "bundled",

@@ -178,3 +178,50 @@ def test_minilm_is_deterministic_and_batch_independent(minilm: Any) -> None:
     assert torch.equal(minilm.encode(["a yellow star", "a purple ring"]).context, a)
     assert (a[1] - b[0]).abs().max().item() <= 1e-5
     assert encode_minilm(["a yellow star"]).shape == (1, 32, 384)
+
+
+def reference_ldm_bert(sd: dict[str, torch.Tensor], ids: torch.Tensor, head_dim: int = 64) -> torch.Tensor:
+    """The paper's pre-norm encoder written out in plain tensor maths from its description (no modules)."""
+    import torch.nn.functional as F
+
+    p = "cond_stage_model.transformer."
+    x = sd[p + "token_emb.weight"][ids] + sd[p + "pos_emb.emb.weight"][: ids.shape[1]]
+    depth = len({k.split(".")[4] for k in sd if ".attn_layers.layers." in k}) // 2
+    for i in range(depth):
+        a, f = f"{p}attn_layers.layers.{2 * i}.", f"{p}attn_layers.layers.{2 * i + 1}."
+        h = F.layer_norm(x, x.shape[-1:], sd[a + "0.weight"], sd[a + "0.bias"])
+        q, k, v = (h @ sd[f"{a}1.{n}.weight"].T for n in ("to_q", "to_k", "to_v"))
+        b, t, inner = q.shape
+        q, k, v = (m.view(b, t, inner // head_dim, head_dim).transpose(1, 2) for m in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / head_dim**0.5, dim=-1)
+        attn = (weights @ v).transpose(1, 2).reshape(b, t, inner)
+        x = x + attn @ sd[a + "1.to_out.weight"].T + sd[a + "1.to_out.bias"]
+        h = F.layer_norm(x, x.shape[-1:], sd[f + "0.weight"], sd[f + "0.bias"])
+        h = F.gelu(h @ sd[f + "1.net.0.0.weight"].T + sd[f + "1.net.0.0.bias"])
+        x = x + h @ sd[f + "1.net.2.weight"].T + sd[f + "1.net.2.bias"]
+    return F.layer_norm(x, x.shape[-1:], sd[p + "norm.weight"], sd[p + "norm.bias"])
+
+
+@pytest.mark.reference
+def test_ldm_paper_bert_encoder_agrees_with_plain_maths(tmp_path: Path) -> None:
+    from conftest import ldm_bert_keys
+
+    sd = ldm_bert_keys()
+    path = write(tmp_path / "ldm-txt2img-te.safetensors", sd)
+    encoder = load_text_encoder(path)
+    assert encoder.kind == "ldm-bert" and encoder.context_dim == 64 and encoder.num_layers == 2
+    texts = ["a photo of a cat", "A painting of a squirrel eating a burger"]
+    ids = encoder.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    assert ids[0, :7].tolist() == [
+        101,
+        1037,
+        6302,
+        1997,
+        1037,
+        4937,
+        102,
+    ]  # bert-base-uncased ids, then [PAD]=0
+    assert ids[0, 7:].eq(0).all()
+    ours = encoder.encode(texts).context
+    assert ours.shape == (2, 77, 64)
+    assert (ours - reference_ldm_bert(sd, ids)).abs().max().item() <= TOL
