@@ -246,7 +246,8 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=event.total, unit="node", file=sys.stderr, dynamic_ncols=True)
+            # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
+            self.bar = tqdm(total=event.total, unit="node", file=sys.stderr, dynamic_ncols=True, disable=None)
         if event.kind in ("done", "cached"):
             self.bar.update(1)
         label = f"{event.node_id} {event.node_type}"

@@ -20,7 +20,8 @@ whose fields are declared with :func:`InputField` / :func:`OutputField`. Validat
             return self.Outputs(image=1.0 - inputs.image)
 
 ``run`` must be a pure function of its inputs unless ``deterministic = False``; it never mutates an
-input value.
+input value. One instance of a node class serves every run of an executor, so keep no per-run state
+on ``self`` (shared, expensive things go through ``ctx.resource``).
 """
 
 from __future__ import annotations
