@@ -1,5 +1,35 @@
 """Torch models of latent diffusion: U-Net, KL autoencoder, text encoders, checkpoint loading, model cache.
 
-Import the submodules directly (`ldmgraph.models.text_encoders`, `ldmgraph.models.checkpoint`, ...);
-this package file stays light so that importing one model does not pull in the others.
+Submodules: `unet`, `autoencoder`, `text_encoders`, `tokenizer`, `checkpoint` (reading, detection,
+loaders, errors), `handles` (MODEL / VAE / TEXT_ENCODER values), `cache`, `configs`, `diffusers_keys`.
+The common names below are exported lazily (PEP 562), so importing this package stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_checkpoint": "ldmgraph.models.checkpoint",
+    "load_vae": "ldmgraph.models.checkpoint",
+    "load_text_encoder": "ldmgraph.models.checkpoint",
+    "detect": "ldmgraph.models.checkpoint",
+    "read_state_dict": "ldmgraph.models.checkpoint",
+    "CheckpointInfo": "ldmgraph.models.checkpoint",
+    "ModelError": "ldmgraph.models.checkpoint",
+    "Checkpoint": "ldmgraph.models.handles",
+    "DiffusionModelHandle": "ldmgraph.models.handles",
+    "VAEHandle": "ldmgraph.models.handles",
+    "TextEncoder": "ldmgraph.models.text_encoders",
+    "TextEncoding": "ldmgraph.models.text_encoders",
+    "ModelCache": "ldmgraph.models.cache",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ldmgraph.models' has no attribute {name!r}")
