@@ -19,3 +19,4 @@ NO_OUTPUT_NODE = "no_output_node"
 BAD_PARAMETER = "bad_parameter"
 FILE_NOT_FOUND = "file_not_found"
 UNSAFE_PATH = "unsafe_path"
+CHECK_FAILED = "check_failed"  # a node's own input check (or file fingerprint) raised an error

@@ -252,10 +252,10 @@ class Node:
         raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
     @classmethod
-    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
         """Extra validation before anything runs, e.g. that a named file exists.
 
-        Returns ``(input name, problem code, message)`` triples. Only literal inputs are given.
+        Returns ``(input name or None, problem code, message)`` triples. Only literal inputs are given.
         """
         return []
 

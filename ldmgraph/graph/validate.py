@@ -100,10 +100,13 @@ def recheck_environment(compiled: CompiledWorkflow, env: Environment) -> Compile
     nodes = compiled.nodes
     for node_id in compiled.env_dependent:
         node = nodes[node_id]
-        found = node.cls.check_inputs(node.literals, env)
+        try:
+            found = node.cls.check_inputs(node.literals, env)
+            key = _static_key(node.cls, node.literals, env) if not found else node.static_key
+        except Exception as exc:  # noqa: BLE001 - as in check_node
+            found = [(None, codes.CHECK_FAILED, f"could not check its inputs: {type(exc).__name__}: {exc}")]
         problems += [Problem(node_id, name, code, message) for name, code, message in found]
         if not found:
-            key = _static_key(node.cls, node.literals, env)
             if key != node.static_key:
                 nodes = dict(nodes) if nodes is compiled.nodes else nodes
                 nodes[node_id] = replace(node, static_key=key)
@@ -220,12 +223,18 @@ class _Checker:
                 self.add(node_id, name, code, message)
             literals[name] = canonical
         if len(self.problems) == before:
-            for name, code, message in cls.check_inputs(literals, self.env):
-                self.add(node_id, name, code, message)
+            try:
+                for input_name, code, message in cls.check_inputs(literals, self.env):
+                    self.add(node_id, input_name, code, message)
+                if len(self.problems) == before:
+                    key = _static_key(cls, literals, self.env)
+                    deterministic = cls.is_deterministic(literals)
+            except Exception as exc:  # noqa: BLE001 - a plugin's check must not crash validation
+                self.add(node_id, None, codes.CHECK_FAILED,
+                         f"{spec.type_name} could not check its inputs: {type(exc).__name__}: {exc}")
         if len(self.problems) != before:
             return None
-        key = _static_key(cls, literals, self.env)
-        return CompiledNode(node_id, cls, spec, literals, links, key, cls.is_deterministic(literals), enum_checks)
+        return CompiledNode(node_id, cls, spec, literals, links, key, deterministic, enum_checks)
 
     def _source_socket(self, link: Link) -> type:
         cls = self.registry.node(self.workflow.nodes[link.node].type)

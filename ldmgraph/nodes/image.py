@@ -89,7 +89,7 @@ class LoadImage(Node):
         mask: np.ndarray = OutputField(MASK, description="1 - alpha [1, H, W]")
 
     @classmethod
-    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
         return _file_problems(env.input_dir, literals["image"], "input")
 
     @classmethod
@@ -126,7 +126,7 @@ class SaveImage(Node):
                                           description="file name prefix, may include a subfolder")
 
     @classmethod
-    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
         try:
             safe_join(env.output_dir, literals["filename_prefix"] + "_")
         except UnsafePathError as exc:

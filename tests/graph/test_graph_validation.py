@@ -102,3 +102,26 @@ def test_missing_and_unsafe_files(registry, env) -> None:
                                  {"format": "ldmgraph/1", "nodes": {}, "extra": 1}])
 def test_malformed_documents_are_bad_document(registry, doc) -> None:
     assert {k[2] for k in problems(doc, registry)} <= {codes.BAD_DOCUMENT, codes.NO_OUTPUT_NODE}
+
+
+def test_a_crashing_input_check_is_a_problem_not_a_crash(registry) -> None:
+    from ldmgraph.graph import InputField, Node, NodeInputs, Registry
+    from ldmgraph.graph.sockets import INT
+
+    class Fragile(Node):
+        """Its input check has a bug."""
+
+        type_name = "TFragile"
+        output_node = True
+
+        class Inputs(NodeInputs):
+            x: int = InputField(INT, 0)
+
+        @classmethod
+        def check_inputs(cls, literals, env):
+            raise KeyError("oops")
+
+    reg = Registry()
+    reg.add_node(Fragile, "test")
+    found = problems(workflow({"f": {"type": "TFragile", "inputs": {}}}), reg)
+    assert list(found) == [("f", None, codes.CHECK_FAILED)] and "KeyError" in found[("f", None, codes.CHECK_FAILED)]
