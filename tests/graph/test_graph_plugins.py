@@ -147,3 +147,13 @@ def test_plugin_sampler_appears_in_enum_choices_of_nodes(registry) -> None:
     doc = workflow({"p": {"type": "TPick", "inputs": {"sampler": "other_sampler"}},
                     "c": {"type": "TConst", "inputs": {}}, "s": {"type": "TSink", "inputs": {"x": link("c")}}})
     assert Executor(reg).run(doc).outputs["p"]["value"] == "other_sampler"
+
+
+def test_package_folder_plugin(tmp_path: Path) -> None:
+    package = tmp_path / "plugins" / "pkg_plugin"
+    package.mkdir(parents=True)
+    (package / "nodes.py").write_text(textwrap.dedent(GOOD))
+    (package / "__init__.py").write_text("from .nodes import ldmgraph_nodes, ldmgraph_samplers  # noqa: F401\n")
+    pm = manager(tmp_path / "plugins")
+    [status] = [s for s in pm.statuses if s.source == "plugin-dir"]
+    assert status.ok and status.nodes == ["DirTriple"] and status.samplers == ["dir_sampler"]
