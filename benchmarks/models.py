@@ -2,6 +2,7 @@
 
     python benchmarks/models.py            # everything (SD1.5-size parts take minutes on a CPU)
     python benchmarks/models.py --quick    # skips the SD1.5 U-Net and the SD1.5-size load
+    python benchmarks/models.py --clock cpu --threads 1   # on a busy shared machine
 
 Figures: medians of interleaved timed calls (ours, theirs, ours, theirs, ...) after a warm-up,
 under `torch.inference_mode`; the same weight tensors are shared by both models (our modules
@@ -47,17 +48,25 @@ SD_VAE = dict(
 )
 
 
+CLOCK = {"clock": "wall"}  # set once by main(): "wall" (perf_counter) or "cpu" (process time)
+
+
 def timed_pair(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int, device: str) -> tuple[float, float]:
-    """Medians (seconds) of interleaved calls after one warm-up call each."""
+    """Medians (seconds) of interleaved calls after one warm-up call each.
+
+    The clock is wall time, or with `--clock cpu` this process's CPU time, which a busy shared
+    machine disturbs far less (use it with `--threads 1`, where CPU time is compute time).
+    """
+    clock = time.process_time if CLOCK["clock"] == "cpu" else time.perf_counter
 
     def once(fn: Callable[[], Any]) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     once(ours)
     once(theirs)
@@ -225,8 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="skip the SD1.5 U-Net and the SD1.5-size load")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per model (medians)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or process CPU time (steadier on a shared machine; use with --threads 1)")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    CLOCK["clock"] = args.clock
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{args.clock} clock, load average {os.getloadavg()[0]:.1f}")
     small = bench_unet(SMALL_UNET, args.repeats, args.device, "small")
     sd15 = math.nan if args.quick else bench_unet(SD15_UNET, max(3, args.repeats // 2), args.device, "SD1.5")
     vae = bench_vae(max(3, args.repeats // 2), args.device, side=16 if args.quick else 32)

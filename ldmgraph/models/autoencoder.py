@@ -81,7 +81,8 @@ class AttnBlock(nn.Module):
         # [B, C, H, W] -> [B, 1, HW, C] views; one head of width C, scale 1/sqrt(C)
         q, k, v = (conv(hn).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(b, c, h, w))
+        # contiguous channels-first again: the convolutions after this block are slow on channels-last strides
+        return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(b, c, h, w).contiguous())
 
 
 class Downsample(nn.Module):
@@ -114,12 +115,27 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: `block` (ResnetBlocks), `attn` (AttnBlocks), and a resampler."""
+    """One resolution level: `block` (ResnetBlocks), `attn` (AttnBlocks after each block, when the
+    level has attention), then the resampler under its original name (`downsample`/`upsample`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
+        self.resample_name: str | None = None
+
+    def set_resample(self, name: str, module: nn.Module) -> None:
+        setattr(self, name, module)
+        self.resample_name = name
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        if self.resample_name is not None:
+            h = getattr(self, self.resample_name)(h)
+        return h
 
 
 class _Mid(nn.Module):
@@ -170,7 +186,7 @@ class Encoder(nn.Module):
                 if curr_res in attn_resolutions:
                     level.attn.append(AttnBlock(block_in, norm_groups))
             if i_level != len(ch_mult) - 1:
-                level.downsample = Downsample(block_in, resamp_with_conv)
+                level.set_resample("downsample", Downsample(block_in, resamp_with_conv))
                 curr_res //= 2
             self.down.append(level)
         self.mid = _Mid(block_in, dropout, norm_groups)
@@ -179,13 +195,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for i_level, level in enumerate(self.down):
-            for i_block, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i_block](h)
-            if i_level != len(self.down) - 1:
-                h = level.downsample(h)
+        for level in self.down:
+            h = level(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -227,7 +238,7 @@ class Decoder(nn.Module):
                 if curr_res in attn_resolutions:
                     level.attn.append(AttnBlock(block_in, norm_groups))
             if i_level != 0:
-                level.upsample = Upsample(block_in, resamp_with_conv)
+                level.set_resample("upsample", Upsample(block_in, resamp_with_conv))
                 curr_res *= 2
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
@@ -236,14 +247,8 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
-        for i_level in reversed(range(len(self.up))):
-            level = self.up[i_level]
-            for i_block, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i_block](h)
-            if i_level != 0:
-                h = level.upsample(h)
+        for level in reversed(self.up):
+            h = level(h)
         if self.give_pre_end:
             return h
         h = self.conv_out(F.silu(self.norm_out(h)))

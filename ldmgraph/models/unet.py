@@ -334,7 +334,7 @@ class UNetModel(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
-        dtype = self.time_embed[0].weight.dtype
+        dtype = next(self.time_embed.parameters()).dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         if y is not None:
             if self.num_classes == "continuous" and y.dim() == 1:
