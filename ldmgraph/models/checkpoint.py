@@ -827,8 +827,10 @@ def load_text_encoder(
     if str(path) == "minilm-l6-v2":
         from ldmgraph.models import text_encoders as te
 
-        key = ("text-encoder", "minilm-l6-v2", str(torch_dtype or torch.float32), str(device))
-        return _cached(cache, key, lambda: te.load_minilm(device=device, dtype=torch_dtype or torch.float32))
+        minilm_key = ("text-encoder", "minilm-l6-v2", str(torch_dtype or torch.float32), str(device))
+        return _cached(
+            cache, minilm_key, lambda: te.load_minilm(device=device, dtype=torch_dtype or torch.float32)
+        )
     key = ("text-encoder", file_identity(path), str(torch_dtype), str(device), allow_pickle)
     return _cached(
         cache, key, lambda: _load_text_encoder(Path(path), cache, torch_dtype, device, allow_pickle)

@@ -45,14 +45,15 @@ class DiffusionModelHandle(nn.Module):
         super().__init__()
         from ldmgraph.diffusion.noise_schedule import NoiseSchedule
 
-        self.diffusion_model = diffusion_model
+        self.diffusion_model: Any = diffusion_model
         self.prediction_type = prediction_type
         self.schedule = dict(schedule or {})
         self.noise_schedule = NoiseSchedule.from_config(**self.schedule)
         self.concat_kind = concat_kind
         self.info = info
-        self.in_channels = int(diffusion_model.in_channels)
-        self.latent_channels = int(diffusion_model.out_channels)
+        unet: Any = diffusion_model
+        self.in_channels = int(unet.in_channels)
+        self.latent_channels = int(unet.out_channels)
         self.context_dim = getattr(diffusion_model, "context_dim", None)
 
     @property
@@ -126,7 +127,7 @@ class VAEHandle(nn.Module):
 
     def __init__(self, first_stage_model: nn.Module, *, scale_factor: float, info: Any = None) -> None:
         super().__init__()
-        self.first_stage_model = first_stage_model
+        self.first_stage_model: Any = first_stage_model
         self.scale_factor = float(scale_factor)
         self.info = info
         ddconfig = getattr(first_stage_model, "ddconfig", {})

@@ -93,7 +93,7 @@ class ClipTextEncoder(TextEncoder):
         tokenizer: ClipTokenizer | None = None,
     ) -> None:
         super().__init__()
-        self.transformer = transformer
+        self.transformer: Any = transformer
         cfg: Any = transformer.config
         self.kind = kind
         self.context_dim = int(cfg.hidden_size)
@@ -214,7 +214,7 @@ def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
 
     Each call builds a fresh module; share one through the model cache (or `shared_minilm`).
     """
-    from transformers import BertModel, BertTokenizerFast
+    from transformers import BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     folder = str(minilm_folder())
     tokenizer = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
@@ -459,7 +459,7 @@ class LDMBertTransformer(nn.Module):
                 nn.ModuleList([nn.LayerNorm(dim), _SelfAttention(dim, heads, dim_head), _Residual()])
             )
             layers.append(nn.ModuleList([nn.LayerNorm(dim), _FeedForward(dim, dim * ff_mult), _Residual()]))
-        self.attn_layers = nn.Module()
+        self.attn_layers: Any = nn.Module()
         self.attn_layers.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(dim)
         self.to_logits = nn.Linear(dim, vocab_size)
@@ -505,7 +505,7 @@ class LDMBertTextEncoder(TextEncoder):
 
 def bert_tokenizer() -> Any:
     """The uncased BERT WordPiece tokenizer, from the MiniLM package's vocab.txt (local files only)."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
     return BertTokenizerFast.from_pretrained(str(minilm_folder()), local_files_only=True)
 
@@ -542,6 +542,6 @@ def ldm_bert_from_weights(
     from ldmgraph.models.checkpoint import assign_weights, build_on_meta
 
     kwargs = config or ldm_bert_config(weights)
-    model = build_on_meta(LDMBertTransformer, **kwargs)
+    model: Any = build_on_meta(LDMBertTransformer, **kwargs)
     assign_weights(model, weights, path=path, component="text encoder (ldm-bert)", dtype=dtype)
     return LDMBertTextEncoder(model, bert_tokenizer(), max_length=kwargs.get("max_seq_len", 77))
