@@ -1,61 +1,74 @@
-"""Graph order for workflows: the nodes the outputs need, in topological order, in linear time.
+"""Graph order for workflows, on a ``networkx.DiGraph``: the nodes the outputs need, in topological
+order, and the cycles that make a workflow invalid.
 
-Kahn's algorithm (Kahn 1962, "Topological sorting of large networks"), iterative, so a
-10,000-node chain needs no recursion. It is stdlib-only on purpose: importing networkx alone
-costs 130-270 ms here, a large share of the 1 s that ``ldmgraph validate`` may take, so networkx is
-imported only to explain a cycle (strongly connected components, one cycle named per component)
-and to export a workflow as a ``networkx.DiGraph`` for tools (:func:`to_networkx`).
+Every function here is iterative (networkx's traversals keep explicit stacks), so a 10,000-node
+chain needs no recursion, and each is linear in nodes + links. networkx is imported inside the
+functions: the framework's import stays light, and ``ldmgraph nodes``/``plugins`` never pay for it.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 Edges = Mapping[str, Iterable[str]]  # node id -> ids of the nodes it reads from (its sources)
 
 
-def ancestors_and_self(sources: Edges, roots: Iterable[str]) -> set[str]:
-    """The roots and every node they (transitively) read from."""
-    needed = set(roots)
-    stack = list(needed)
-    while stack:
-        for parent in sources.get(stack.pop(), ()):
-            if parent not in needed:
-                needed.add(parent)
-                stack.append(parent)
-    return needed
+def to_networkx(nodes: Iterable[str], sources: Edges) -> Any:
+    """A ``networkx.DiGraph`` with an edge source -> consumer for each link (links to nodes that
+    are not in ``nodes`` are left out: validation reports them as dangling)."""
+    import networkx as nx
 
-
-def topological_order(nodes: Iterable[str], sources: Edges) -> tuple[list[str], set[str]]:
-    """``(order, left)``: a topological order of ``nodes`` (sources first, ties in the given order);
-    ``left`` holds the nodes on or behind a cycle (empty for an acyclic graph)."""
+    graph = nx.DiGraph()
     members = list(nodes)
+    graph.add_nodes_from(members)
     member_set = set(members)
-    indegree = dict.fromkeys(members, 0)
-    children: dict[str, list[str]] = {n: [] for n in members}
-    for node in members:
-        for parent in set(sources.get(node, ())):
-            if parent in member_set:
-                indegree[node] += 1
-                children[parent].append(node)
-    ready = deque(n for n in members if indegree[n] == 0)
-    order: list[str] = []
-    while ready:
-        node = ready.popleft()
-        order.append(node)
-        for child in children[node]:
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                ready.append(child)
-    left = {n for n in members if indegree[n] > 0}
+    graph.add_edges_from(
+        (parent, node) for node in members for parent in sources.get(node, ()) if parent in member_set
+    )
+    return graph
+
+
+def topological_order(graph: Any) -> tuple[list[str], set[str]]:
+    """``(order, left)``: a topological order of the graph's nodes (sources first); ``left`` holds
+    the nodes on or behind a cycle (empty for an acyclic graph), which the order leaves out."""
+    import networkx as nx
+
+    if nx.is_directed_acyclic_graph(graph):
+        return list(nx.topological_sort(graph)), set()
+    # Condense the strongly connected components: a node is orderable when its component is a single
+    # node without a self-loop and no cyclic component lies upstream of it.
+    condensed = nx.condensation(graph)
+    members = condensed.graph["mapping"]  # node -> component index
+    cyclic = {
+        c for c in condensed.nodes
+        if len(condensed.nodes[c]["members"]) > 1
+        or any(graph.has_edge(n, n) for n in condensed.nodes[c]["members"])
+    }
+    blocked = set(cyclic)
+    for c in cyclic:
+        blocked |= nx.descendants(condensed, c)
+    left = {n for n in graph.nodes if members[n] in blocked}
+    order = [n for n in nx.topological_sort(graph.subgraph([n for n in graph.nodes if n not in left]))]
     return order, left
 
 
-def cycles(nodes: Iterable[str], sources: Edges) -> list[list[str]]:
+def ancestors_and_self(graph: Any, roots: Iterable[str]) -> set[str]:
+    """The roots and every node they (transitively) read from: one traversal from a virtual sink
+    that every root feeds, so many roots cost no more than one."""
+    import networkx as nx
+
+    needed = {r for r in roots if r in graph}
+    if not needed:
+        return needed
+    sink = ("__ldmgraph_sink__",)
+    with_sink = graph.copy()
+    with_sink.add_edges_from((root, sink) for root in needed)
+    return needed | nx.ancestors(with_sink, sink)
+
+
+def cycles(graph: Any) -> list[list[str]]:
     """One cycle per strongly connected component that has one, each as a list of node ids."""
-    graph = to_networkx(nodes, sources)
     import networkx as nx
 
     found = []
@@ -66,16 +79,3 @@ def cycles(nodes: Iterable[str], sources: Edges) -> list[list[str]]:
                 continue
         found.append([edge[0] for edge in nx.find_cycle(graph.subgraph(component))])
     return sorted(found)
-
-
-def to_networkx(nodes: Iterable[str], sources: Edges) -> Any:
-    """A ``networkx.DiGraph`` with an edge source -> consumer for each link."""
-    import networkx as nx
-
-    graph = nx.DiGraph()
-    members = list(nodes)
-    graph.add_nodes_from(members)
-    for node in members:
-        for parent in sources.get(node, ()):
-            graph.add_edge(parent, node)
-    return graph

@@ -79,13 +79,14 @@ def validate_workflow(
     inputs_by_node = checker.apply_parameters(overrides)
     compiled = {nid: node for nid in workflow.nodes if (node := checker.check_node(nid, inputs_by_node[nid]))}
     sources = checker.sources()
-    order, on_cycles = topological_order(workflow.nodes, sources)
+    graph = to_networkx(workflow.nodes, sources)
+    order, on_cycles = topological_order(graph)
     if on_cycles:
-        checker.report_cycles(on_cycles, sources)
+        checker.report_cycles(graph.subgraph(on_cycles))
     wanted = checker.check_outputs(outputs if outputs is not None else workflow.outputs)
     if checker.problems:
         raise ValidationError(checker.problems)
-    needed = ancestors_and_self(sources, wanted)
+    needed = ancestors_and_self(graph, wanted)
     order = [node_id for node_id in order if node_id in needed]
     env_dependent = [n for n in order if _depends_on_env(compiled[n].cls)]
     return CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent)
@@ -273,8 +274,8 @@ class _Checker:
             for node_id, entry in nodes.items()
         }
 
-    def report_cycles(self, on_cycles: set[str], sources: dict[str, list[str]]) -> None:
-        for cycle in cycles(on_cycles, sources):
+    def report_cycles(self, graph: Any) -> None:
+        for cycle in cycles(graph):
             path = " -> ".join(map(repr, [*cycle, cycle[0]]))
             self.add(min(cycle), None, codes.CYCLE,
                      f"nodes {path} form a cycle; a workflow must be acyclic, remove one of these links")
