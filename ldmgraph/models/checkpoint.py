@@ -278,7 +278,7 @@ def detect_unet_config(unet: Mapping[str, Tensor], path: str | Path) -> dict[str
         "channel_mult": mults,
         "num_heads": -1 if sd2_like else 8,
         "num_head_channels": 64 if sd2_like else -1,
-        "transformer_depth": _per_level(attn_depths) if context_dim else 1,
+        "transformer_depth": (attn_depths[0] if len(set(attn_depths)) == 1 else depths) if context_dim else 1,
         "context_dim": context_dim,
         "use_linear_in_transformer": linear,
     }
@@ -343,9 +343,10 @@ def detect_vae_config(vae: Mapping[str, Tensor], path: str | Path) -> dict[str, 
 def detect_text_encoder(state: StateDict) -> dict[str, Any] | None:
     """The text encoder family and its transformers config kwargs, or None when the file has none."""
     t = state.tensors
-    if state.has_prefix(CLIP_PREFIX + "text_model."):
-        sub = state.sub(CLIP_PREFIX + "text_model.")
-        return {"kind": "clip-l", "config": _clip_kwargs(sub, "encoder.layers.", "quick_gelu")}
+    for level in ("text_model.", ""):  # the second: files re-saved from transformers 5 (no text_model level)
+        if CLIP_PREFIX + level + "embeddings.token_embedding.weight" in t:
+            sub = state.sub(CLIP_PREFIX + level)
+            return {"kind": "clip-l", "config": _clip_kwargs(sub, "encoder.layers.", "quick_gelu")}
     if state.has_prefix(OPENCLIP_PREFIX + "transformer.resblocks."):
         sub = state.sub(OPENCLIP_PREFIX)
         return {"kind": "openclip-h", "config": _openclip_kwargs(sub)}

@@ -225,3 +225,17 @@ def test_ldm_paper_bert_encoder_agrees_with_plain_maths(tmp_path: Path) -> None:
     ours = encoder.encode(texts).context
     assert ours.shape == (2, 77, 64)
     assert (ours - reference_ldm_bert(sd, ids)).abs().max().item() <= TOL
+
+
+@pytest.mark.reference
+def test_sd1_file_resaved_without_text_model_level(
+    tmp_path: Path, tiny_clip: Any, simple_tokenizer: Any
+) -> None:
+    """Files re-saved from transformers 5 lack the `text_model.` level; they load the same."""
+    keys = {f"cond_stage_model.transformer.{k}": v for k, v in tiny_clip.state_dict().items()}
+    encoder = load_text_encoder(write(tmp_path / "resaved.safetensors", keys))
+    assert encoder.kind == "clip-l"
+    ids = reference_ids(simple_tokenizer, PROMPTS[1], EOS_ID)
+    assert (
+        encoder.encode([PROMPTS[1]]).context - reference_context(tiny_clip, ids, 1)
+    ).abs().max().item() <= TOL
