@@ -149,7 +149,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="skip the SD1.5 config")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each loop")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on the CPU, for stable timings on a shared machine)",
+    )
     args = parser.parse_args(argv)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     small = bench(SMALL_UNET, "small", args.device, args.repeats)
     sd15 = None if args.quick else bench(SD15_UNET, "sd15", args.device, max(1, args.repeats - 1))
     print(f"step_ratio_small={small:.3f} step_ratio_sd15={'skipped' if sd15 is None else f'{sd15:.3f}'}")
