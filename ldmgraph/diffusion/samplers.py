@@ -203,7 +203,8 @@ def dpmpp_2m(
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) in lambda = -log(sigma); first order at the
     first step and at the step to sigma 0."""
     extra, s_in = _setup(x, extra_args)
-    old_denoised, h_last = None, None
+    old_denoised: Tensor | None = None
+    h_last: Tensor | None = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra)
@@ -213,7 +214,7 @@ def dpmpp_2m(
             continue
         h = sigma.log() - sigma_next.log()
         blend = denoised
-        if old_denoised is not None:
+        if old_denoised is not None and h_last is not None:
             r = h_last / h
             blend = denoised + (denoised - old_denoised) / (2 * r)
         x = (sigma_next / sigma) * x - torch.expm1(-h) * blend
@@ -280,7 +281,9 @@ def plms(
             eps_used = (eps + eps_next) / 2
         else:
             recent = [eps, *history][:4]
-            eps_used = sum(w * e for w, e in zip(weights[len(recent)], recent, strict=True))
+            eps_used = sum(
+                (w * e for w, e in zip(weights[len(recent)], recent, strict=True)), torch.zeros_like(eps)
+            )
         _report(callback, i, sigma, x, x - sigma * eps_used)
         x = x + eps_used * (sigma_next - sigma)
         history = [eps, *history][:3]
@@ -392,7 +395,8 @@ def dpmpp_2m_sde(
     """SDE-DPM-Solver++(2M) with the midpoint correction (Lu et al. 2022b, Appendix; k-diffusion)."""
     extra, s_in = _setup(x, extra_args)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
-    old_denoised, h_last = None, None
+    old_denoised: Tensor | None = None
+    h_last: Tensor | None = None
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * s_in, **extra)
@@ -404,7 +408,7 @@ def dpmpp_2m_sde(
         eta_h = eta * h
         decay = -torch.expm1(-h - eta_h)
         x = sigma_next / sigma * (-eta_h).exp() * x + decay * denoised
-        if old_denoised is not None:
+        if old_denoised is not None and h_last is not None:
             x = x + 0.5 * decay * (h / h_last) * (denoised - old_denoised)
         if eta:
             x = (
