@@ -177,7 +177,12 @@ def _read_safetensors(path: Path) -> StateDict:
 
 def _read_pickle(path: Path) -> StateDict:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # pre-1.6 (non-zip) pickles cannot be memory-mapped: read them whole
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or code-carrying pickles
         raise CorruptCheckpointError(
             path, f"cannot read it with torch.load(weights_only=True): {exc}"

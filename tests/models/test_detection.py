@@ -299,3 +299,27 @@ def test_standalone_vae_is_pointed_to_the_vae_loader(tmp_path: Path) -> None:
     path = write(tmp_path / "vae.safetensors", vae_state())
     with pytest.raises(UnknownArchitectureError, match="standalone VAE"):
         load_checkpoint(path)
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("unpickling ran code",))
+
+
+def test_opted_in_pickle_still_cannot_run_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """allow_pickle=True uses weights_only=True: a pickle that calls a function is refused, nothing runs."""
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": _RunsCode()}}, path)
+    with pytest.raises(CorruptCheckpointError, match=r"evil\.ckpt.*weights_only=True"):
+        load_checkpoint(path, allow_pickle=True)
+    assert "unpickling ran code" not in capsys.readouterr().out
+
+
+def test_legacy_non_zip_pickle_loads_when_opted_in(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.pt"
+    torch.save(
+        prefixed("model.diffusion_model.", unet_state(tiny_unet())),
+        path,
+        _use_new_zipfile_serialization=False,
+    )
+    assert load_checkpoint(path, allow_pickle=True).unet.in_channels == 4
