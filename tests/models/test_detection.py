@@ -323,3 +323,63 @@ def test_legacy_non_zip_pickle_loads_when_opted_in(tmp_path: Path) -> None:
         _use_new_zipfile_serialization=False,
     )
     assert load_checkpoint(path, allow_pickle=True).unet.in_channels == 4
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sd1-inpaint"])
+def test_full_size_stable_diffusion_shapes_detect_exactly(family: str) -> None:
+    """Real SD 1.x / 2.x key sets and shapes (meta tensors: no memory) give back the released configs."""
+    from ldmgraph.models import configs
+    from ldmgraph.models.autoencoder import AutoencoderKL
+    from ldmgraph.models.checkpoint import StateDict
+    from ldmgraph.models.text_encoders import build_clip_text_model, clip_config
+    from ldmgraph.models.unet import UNetModel
+
+    unet_cfg = {
+        "sd1": configs.sd1_unet(),
+        "sd2": configs.sd2_unet(),
+        "sd1-inpaint": configs.sd1_inpaint_unet(),
+    }[family]
+    variant = "openclip-h" if family == "sd2" else "clip-l"
+    with torch.device("meta"):
+        unet = UNetModel(**unet_cfg)
+        vae = AutoencoderKL(**configs.sd_vae())
+        text = build_clip_text_model(clip_config(variant))
+    tensors = {
+        **prefixed("model.diffusion_model.", unet.state_dict()),
+        **prefixed("first_stage_model.", vae.state_dict()),
+    }
+    if variant == "clip-l":
+        tensors.update(clip_sd1_keys_meta(text))
+    else:
+        tensors.update(clip_openclip_keys_meta(text))
+    info = detect(StateDict(Path(f"{family}.safetensors"), tensors))
+    assert info.architecture == family
+    expected = dict(unet_cfg, attention_resolutions=sorted(unet_cfg["attention_resolutions"]))
+    assert {k: info.unet[k] for k in expected} == expected
+    assert info.vae == configs.sd_vae()
+    te = info.text_encoder["config"]
+    ref = clip_config(variant)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act"):
+        assert te[key] == getattr(ref, key), key
+
+
+def clip_sd1_keys_meta(model: Any) -> dict[str, torch.Tensor]:
+    return {f"cond_stage_model.transformer.text_model.{k}": v for k, v in model.state_dict().items()}
+
+
+def clip_openclip_keys_meta(model: Any) -> dict[str, torch.Tensor]:
+    """OpenCLIP key names and shapes (fused in_proj [3D, D]) for a meta CLIPTextModel."""
+    cfg, p = model.config, "cond_stage_model.model."
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
+    meta = torch.device("meta")
+    out = {
+        p + "token_embedding.weight": torch.empty(cfg.vocab_size, d, device=meta),
+        p + "positional_embedding": torch.empty(77, d, device=meta),
+        p + "ln_final.weight": torch.empty(d, device=meta),
+        p + "ln_final.bias": torch.empty(d, device=meta),
+    }
+    for i in range(layers):
+        r = f"{p}transformer.resblocks.{i}."
+        out[r + "attn.in_proj_weight"] = torch.empty(3 * d, d, device=meta)
+        out[r + "mlp.c_fc.weight"] = torch.empty(cfg.intermediate_size, d, device=meta)
+    return out
