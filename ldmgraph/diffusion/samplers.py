@@ -14,7 +14,7 @@ noise, same per-step noise; "T" = num_train_timesteps, SD's scaled_linear betas)
 |------------------------------|-------------------------------------------------------------------------------|
 | euler + normal               | EulerDiscreteScheduler(timestep_spacing="linspace")                            |
 | euler + karras               | EulerDiscreteScheduler(use_karras_sigmas=True)                                 |
-| euler_ancestral + normal     | EulerAncestralDiscreteScheduler(timestep_spacing="linspace")                   |
+| euler_ancestral + normal     | EulerAncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
 | heun + normal / karras       | HeunDiscreteScheduler(timestep_spacing="linspace" / use_karras_sigmas=True)    |
 | lms + normal / karras        | LMSDiscreteScheduler(timestep_spacing="linspace" / use_karras_sigmas=True)     |
 | dpmpp_2m + sgm_uniform       | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,      |
@@ -27,7 +27,8 @@ noise, same per-step noise; "T" = num_train_timesteps, SD's scaled_linear betas)
 |                              |   set_alpha_to_one=True, clip_sample=False), start x = noise*sqrt(1+sigma0^2) |
 | ddpm + ddim_uniform          | DDPMScheduler(steps_offset=1, timestep_spacing="leading", clip_sample=False,   |
 |                              |   variance_type="fixed_small")                                                 |
-| dpm_2 / dpm_2_ancestral      | KDPM2DiscreteScheduler / KDPM2AncestralDiscreteScheduler (not checked)         |
+| dpm_2 + normal               | KDPM2DiscreteScheduler(timestep_spacing="linspace")                            |
+| dpm_2_ancestral + normal     | KDPM2AncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
 | plms                         | the original LDM PLMS sampler (PNDM's pseudo linear multistep); not checked    |
 
 Notes: DDIMScheduler with SD's set_alpha_to_one=False stops at sigma(t=0) = 0.029 instead of 0,

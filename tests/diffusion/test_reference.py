@@ -192,3 +192,21 @@ def test_dpmpp_sde_matches_with_same_noise(tiny_unet, noise, context, ours, monk
     expected = _diffusers_loop(scheduler, tiny_unet, x, context)
     got = ours(K.dpmpp_sde, x, sigmas, generator=torch.Generator().manual_seed(21))
     assert (got - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize(
+    "name,cls", [("dpm_2", "KDPM2DiscreteScheduler"), ("dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler")]
+)
+def test_dpm_2_samplers_match_kdpm2(name, cls, tiny_unet, noise, context, ours):
+    import diffusers
+
+    steps = 10
+    scheduler = getattr(diffusers, cls)(**SD, timestep_spacing="linspace")
+    scheduler.set_timesteps(steps)
+    sigmas = S.normal(steps, SCHEDULE)
+    x = noise * scheduler.init_noise_sigma
+    shared = torch.Generator().manual_seed(31)
+    kwargs = {"generator": shared} if "Ancestral" in cls else {}
+    expected = _diffusers_loop(scheduler, tiny_unet, x, context, lambda i: kwargs)
+    got = ours(getattr(K, name), x, sigmas, generator=torch.Generator().manual_seed(31))
+    assert (got - expected).abs().max() < TOL
