@@ -29,7 +29,7 @@ noise, same per-step noise; "T" = num_train_timesteps, SD's scaled_linear betas)
 |                              |   variance_type="fixed_small")                                                 |
 | dpm_2 + normal               | KDPM2DiscreteScheduler(timestep_spacing="linspace")                            |
 | dpm_2_ancestral + normal     | KDPM2AncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
-| plms                         | the original LDM PLMS sampler (PNDM's pseudo linear multistep); not checked    |
+| plms + ddim_uniform          | PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True)      |
 
 Notes: DDIMScheduler with SD's set_alpha_to_one=False stops at sigma(t=0) = 0.029 instead of 0,
 so its last latent still holds that much noise; ours ends at sigma 0 (its x0).

@@ -210,3 +210,15 @@ def test_dpm_2_samplers_match_kdpm2(name, cls, tiny_unet, noise, context, ours):
     expected = _diffusers_loop(scheduler, tiny_unet, x, context, lambda i: kwargs)
     got = ours(getattr(K, name), x, sigmas, generator=torch.Generator().manual_seed(31))
     assert (got - expected).abs().max() < TOL
+
+
+def test_plms_matches_pndm_with_skipped_prk_steps(tiny_unet, noise, context, ours):
+    from diffusers import PNDMScheduler
+
+    steps = 10
+    scheduler = PNDMScheduler(**SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True)
+    scheduler.set_timesteps(steps)
+    sigmas = S.ddim_uniform(steps, SCHEDULE)
+    expected = _diffusers_loop(scheduler, tiny_unet, noise, context)  # VP space: x_T = noise
+    got = ours(K.plms, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas)
+    assert (got - expected).abs().max() < TOL
