@@ -222,3 +222,17 @@ def test_plms_matches_pndm_with_skipped_prk_steps(tiny_unet, noise, context, our
     expected = _diffusers_loop(scheduler, tiny_unet, noise, context)  # VP space: x_T = noise
     got = ours(K.plms, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas)
     assert (got - expected).abs().max() < TOL
+
+
+def test_v_prediction_euler_matches_diffusers(tiny_unet, noise, context, as_model):
+    from diffusers import EulerDiscreteScheduler
+
+    steps = 10
+    scheduler = EulerDiscreteScheduler(**SD, timestep_spacing="linspace", prediction_type="v_prediction")
+    scheduler.set_timesteps(steps)
+    x = noise * scheduler.init_noise_sigma
+    expected = _diffusers_loop(scheduler, tiny_unet, x, context)
+    model = as_model(tiny_unet)
+    model.prediction_type = "v"
+    got = K.euler(Denoiser(model), x, S.normal(steps, SCHEDULE), extra_args={"context": context})
+    assert (got - expected).abs().max() < TOL

@@ -70,3 +70,15 @@ def test_exponential_is_log_linear_and_ddim_uniform_picks_leading_timesteps():
     logs = S.exponential(6, SD)[:-1].log()
     assert torch.allclose(logs[1:] - logs[:-1], (logs[1] - logs[0]).expand(5), atol=1e-5)
     assert torch.equal(S.ddim_uniform(10, SD)[:-1], SD.sigmas[torch.arange(901, 0, -100)])
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize(
+    "ours,theirs", [("linear", "scaled_linear"), ("linear_plain", "linear"), ("cosine", "squaredcos_cap_v2")]
+)
+def test_beta_schedules_match_diffusers(ours, theirs):
+    from diffusers import DDPMScheduler
+
+    reference = DDPMScheduler(beta_schedule=theirs, beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    mine = NoiseSchedule.from_config(ours, 0.00085, 0.012, 1000).alphas_cumprod
+    assert torch.allclose(mine.float(), reference, atol=2e-6)
