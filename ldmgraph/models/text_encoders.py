@@ -212,14 +212,28 @@ def minilm_folder() -> Path:
 def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BertTextEncoder:
     """The MiniLM-L6 text encoder of the bundled models, in eval mode, from local files only.
 
-    Each call builds a fresh module; share one through the model cache (or `shared_minilm`).
+    The `BertModel` is built from the folder's config.json on the meta device and takes the
+    memory-mapped tensors of its model.safetensors (the same weights `BertModel.from_pretrained`
+    would load, without its progress bar or a copy). Each call builds a fresh module; share one
+    through the model cache (or `shared_minilm`).
     """
-    from transformers import BertModel, BertTokenizerFast  # type: ignore[attr-defined]
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
-    folder = str(minilm_folder())
-    tokenizer = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
-    bert = BertModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    bert.eval().requires_grad_(False)
+    from ldmgraph.models.checkpoint import assign_weights, build_on_meta, read_state_dict
+
+    folder = minilm_folder()
+    tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    config = BertConfig.from_pretrained(str(folder), local_files_only=True)
+    bert = build_on_meta(BertModel, config)
+    weights = read_state_dict(folder / "model.safetensors").tensors
+    assign_weights(
+        bert,
+        weights,
+        path=folder / "model.safetensors",
+        component="text encoder (minilm-l6-v2)",
+        dtype=dtype,
+        ignore=[r"position_ids$"],
+    )
     return BertTextEncoder(bert, tokenizer, kind="minilm-l6-v2", max_length=MINILM_MAX_LENGTH).to(device)
 
 
