@@ -67,7 +67,7 @@ def _prepare(entry: CondEntry, side: int, x: Tensor) -> _Piece:
     else:
         h, w, y, xo = (int(v) for v in entry.area)
         y, xo = min(max(y, 0), height - 1), min(max(xo, 0), width - 1)
-        region = (slice(y, min(y + h, height)), slice(xo, min(xo + w, width)))
+        region = (slice(y, min(y + max(h, 1), height)), slice(xo, min(xo + max(w, 1), width)))
     weight: Tensor | float = float(entry.strength)
     if entry.mask is not None:
         mask = entry.mask.to(x.device, torch.float32)
