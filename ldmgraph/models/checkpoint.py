@@ -210,9 +210,8 @@ class CheckpointInfo:
     vae: dict[str, Any] | None = None
     text_encoder: dict[str, Any] | None = None  # {"kind": ..., "config": {...}, ...}
     prediction_type: str = "eps"
-    prediction_type_source: str = (
-        "default"  # "argument" | "ldmgraph metadata" | "modelspec metadata" | "v_pred key" | "default"
-    )
+    # "argument" | "ldmgraph metadata" | "modelspec metadata" | "v_pred key" | "scheduler config" | "default"
+    prediction_type_source: str = "default"
     concat_kind: str | None = None  # None | "lowres-image" | "inpaint-mask-latent"
     scale_factor: float = configs.SD_SCALE_FACTOR
     schedule: dict[str, Any] = field(default_factory=configs.sd_schedule)
