@@ -78,14 +78,22 @@ def build_contexts(out: Path, data_seed: int, count: int, inpaint_count: int) ->
 
 @torch.no_grad()
 def build_latents(ae: torch.nn.Module, out: Path, data_seed: int, count: int, inpaint_count: int,
-                  batch: int = 100) -> Path:
+                  batch: int = 100, part: tuple[int, int] | None = None) -> Path:
     """Encode the pool: posterior mean/std [N, 4, 16, 16], LR images [N, 3, 16, 16] (-1..1),
-    inpainting masks [M, 1, 16, 16] and masked-image latent means [M, 4, 16, 16]."""
+    inpainting masks [M, 1, 16, 16] and masked-image latent means [M, 4, 16, 16].
+
+    ``part`` = (k, parts) encodes only the k-th of ``parts`` equal ranges into
+    ``latents.part{k}.safetensors`` (run parts in parallel, then :func:`merge_parts`).
+    """
     ae.eval()
     scenes = pool_scenes(data_seed, count)
     means, stds, lows, masks, masked = [], [], [], [], []
-    for start in tqdm(range(0, count, batch), desc="encode pool"):
-        chunk = scenes[start : start + batch]
+    first, stop = 0, count
+    if part is not None:
+        size = -(-count // part[1])
+        first, stop = part[0] * size, min(count, (part[0] + 1) * size)
+    for start in tqdm(range(first, stop, batch), desc="encode pool"):
+        chunk = scenes[start : min(start + batch, stop)]
         x = to_model(np.stack([render(s) for s in chunk]))
         posterior = ae.encode(x)
         means.append(posterior.mean.clone())
@@ -100,13 +108,22 @@ def build_latents(ae: torch.nn.Module, out: Path, data_seed: int, count: int, in
             masks.append(torch.nn.functional.max_pool2d(m, 4))
             masked.append(ae.encode(x[:n_inp] * (1 - m)).mean.clone())
     out.mkdir(parents=True, exist_ok=True)
+    empty = torch.zeros(0, 1, 16, 16), torch.zeros(0, 4, 16, 16)
     save_file(
         {"mean": torch.cat(means), "std": torch.cat(stds), "lowres": torch.cat(lows).contiguous(),
-         "inpaint_mask": torch.cat(masks), "inpaint_masked": torch.cat(masked)},
-        str(out / "latents.safetensors"),
+         "inpaint_mask": torch.cat(masks) if masks else empty[0],
+         "inpaint_masked": torch.cat(masked) if masked else empty[1]},
+        str(out / ("latents.safetensors" if part is None else f"latents.part{part[0]}.safetensors")),
         metadata={"data_seed": str(data_seed), "count": str(count)},
     )
     return out
+
+
+def merge_parts(out: Path, parts: int) -> None:
+    """Join ``latents.part*.safetensors`` (in order) into ``latents.safetensors``."""
+    loaded = [load_file(str(out / f"latents.part{k}.safetensors")) for k in range(parts)]
+    save_file({key: torch.cat([p[key] for p in loaded]).contiguous() for key in loaded[0]},
+              str(out / "latents.safetensors"))
 
 
 def load_pool(folder: Path) -> dict[str, object]:
