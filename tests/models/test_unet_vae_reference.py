@@ -222,3 +222,38 @@ def test_posterior_kl_and_sampling_follow_the_gaussian_closed_form() -> None:
     same = posterior.sample(torch.Generator().manual_seed(5)), posterior.sample(torch.Generator().manual_seed(5))
     assert torch.equal(*same)
     assert torch.equal(posterior.mode(), moments[:, :4])
+
+
+SD_DIFFUSERS_UNETS = {
+    # diffusers' published unet/config.json values (SD1.5 and SD2.1) vs the original yaml configs
+    "sd15": (dict(cross_attention_dim=768, attention_head_dim=8),
+             dict(num_heads=8, context_dim=768, use_linear_in_transformer=False)),
+    "sd21": (dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True),
+             dict(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)),
+    "sd2_inpaint": (dict(in_channels=9, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                         use_linear_projection=True),
+                    dict(in_channels=9, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(SD_DIFFUSERS_UNETS))
+def test_full_size_sd_configs_map_key_for_key_and_shape_for_shape(name: str) -> None:
+    """Real SD-size diffusers configs (on the meta device: no memory) map onto the original yaml's U-Net."""
+    diffusers_cfg, expected = SD_DIFFUSERS_UNETS[name]
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**diffusers_cfg)
+        kwargs = dk.unet_config_from_diffusers(dict(ref.config))
+        ours = UNetModel(**kwargs)
+    for key, value in expected.items():
+        assert kwargs[key] == value, key
+    assert kwargs["attention_resolutions"] == [1, 2, 4] and kwargs["channel_mult"] == [1, 2, 4, 4]
+    renamed = dk.unet_from_diffusers(ref.state_dict(), kwargs)
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    with torch.device("meta"):
+        vae = diffusers.AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        ours_vae = AutoencoderKL(**dk.vae_config_from_diffusers(dict(vae.config)))
+    renamed_vae = dk.vae_from_diffusers(vae.state_dict())
+    assert {k: tuple(v.shape) for k, v in renamed_vae.items()} == {k: tuple(v.shape) for k, v in ours_vae.state_dict().items()}
