@@ -8,7 +8,8 @@ orders exist in released models and both are offered:
 * `ldm`: [masked-image latent, mask], the paper's inpainting model (3 + 3 + 1 = 7 with its VQ-f4).
 
 The masked image is the image with the repaint region set to grey (0 in the -1..1 range), as both
-original implementations do; the mask reaches the latent grid by nearest-neighbour resizing.
+original implementations do; the mask reaches the latent grid by max-pooling (a latent pixel that
+touches the hole is repainted), as the bundled inpainting model was trained.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class SuperResolutionConditioning(Node):
     """Condition a super-resolution model on a low-resolution image (the paper's LDM-SR).
 
     The image, resized to the latent grid of the `scale_by` times larger output and mapped to
-    -1..1, becomes the concat input of every entry; the output latent is an empty latent of the
+    -1..1, becomes the concat input of every entry (the bundled model: a 16x16 image, 4x4 box
+    downsampled from 64x64, for a 64x64 output with an f = 4 autoencoder); the output latent is an empty latent of the
     output size. Without `positive`/`negative` (models with no text, like the bundled one) each side
     gets one entry with a placeholder context. Sample with cfg 1 for text-free models.
     """
@@ -114,7 +116,9 @@ class InpaintConditioning(Node):
         masked_pixels = pixels * keep + 0.5 * (1.0 - keep)
         masked_latent = encode_pixels(inputs.vae, masked_pixels)
         latent = encode_pixels(inputs.vae, pixels)
-        small = F.interpolate(mask, size=masked_latent.shape[-2:], mode="nearest")
+        small = F.adaptive_max_pool2d(
+            mask, masked_latent.shape[-2:]
+        )  # a latent pixel touching the hole repaints
         parts = [small, masked_latent] if inputs.layout == "sd" else [masked_latent, small]
         concat = torch.cat(parts, dim=1)
         positive = [replace(e, concat=concat) for e in inputs.positive]
