@@ -135,3 +135,16 @@ def test_cancelling_during_sampling_stops_the_run_and_writes_nothing(make_execut
             load("txt2img"), overrides={"steps": 4}, on_event=on_event, cancel=token
         )
     assert not list(out.glob("*.png")) if out.exists() else True
+
+
+def test_validating_a_diffusion_workflow_does_not_import_torch(models_dir):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ldmgraph.cli import main; "
+        f"rc = main(['validate', {str(WORKFLOWS / 'inpaint.json')!r}, '--models-dir', {str(models_dir)!r}]); "
+        "sys.exit(rc or ('torch' in sys.modules) * 3)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr)
