@@ -47,7 +47,7 @@ class NodeMapping:
     extra: dict[str, Any] = field(default_factory=dict)
     """Literal inputs our node gets that ComfyUI's has no counterpart for."""
     wants_vae_geometry: bool = False
-    """Our node takes an optional VAE to size latents (ComfyUI assumes a factor of 8)."""
+    """Our node takes an optional VAE to turn pixels into latent pixels (ComfyUI assumes a factor of 8)."""
 
 
 COMFYUI_NODES: dict[str, NodeMapping] = {
@@ -172,6 +172,7 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         },
         ("conditioning",),
         ("width", "height", "x", "y", "strength"),
+        wants_vae_geometry=True,
     ),
     "LatentUpscale": NodeMapping(
         "LatentUpscale",

@@ -152,3 +152,11 @@ def test_a_comfyui_png_prompt_chunk_imports(tmp_path):
     path = tmp_path / "ComfyUI_00001_.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     assert to_workflow(read_comfyui_file(path)) == to_workflow(copy.deepcopy(API_TXT2IMG))
+
+
+def test_pixel_sizes_use_the_graphs_vae_factor():
+    from comfy_graphs import API_AREA_COMPOSITION
+
+    nodes = to_workflow(copy.deepcopy(API_AREA_COMPOSITION))["nodes"]
+    for node_id in ("6", "8", "12"):  # two areas and the empty latent
+        assert nodes[node_id]["inputs"]["vae"] == {"node": "1", "output": "vae"}
