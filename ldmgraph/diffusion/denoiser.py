@@ -44,7 +44,9 @@ class Denoiser:
         y: Tensor | None = None,
     ) -> Tensor:
         """x0 for a batch x `[B, C, h, w]` at noise levels sigma (scalar or `[B]`)."""
-        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1)
+        if sigma.shape[0] != x.shape[0]:
+            sigma = sigma.expand(x.shape[0])
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         c_in = (s * s + 1).rsqrt()
         t = self.noise_schedule.sigma_to_t(sigma)

@@ -90,6 +90,25 @@ def _prepare(entry: CondEntry, side: int, x: Tensor) -> _Piece:
     return _Piece(side, region, weight, context, concat, pooled)
 
 
+@dataclass
+class _Group:
+    """Pieces that run in one network call, with their inputs concatenated once."""
+
+    members: list[int]
+    regions: list[tuple[slice, slice]]
+    full: bool
+    context: Tensor
+    concat: Tensor | None
+    pooled: Tensor | None
+
+
+@dataclass
+class _Plan:
+    pieces: list[_Piece]
+    groups: list[_Group]
+    simple: bool  # one full-size, unmasked entry per side: plain CFG, no weighting
+
+
 class CFGDenoiser:
     """x0 = D(x, sigma) guided by positive and negative conditioning; what samplers call."""
 
@@ -111,32 +130,66 @@ class CFGDenoiser:
             )
         self.cfg = float(cfg)
         self.noise_schedule = denoiser.noise_schedule
+        self._plans: dict[tuple, _Plan] = {}
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        pieces = [_prepare(e, 0, x) for e in self.positive] + [_prepare(e, 1, x) for e in self.negative]
-        preds = self._run(pieces, x, sigma)
-        cond, covered = self._combine(pieces, preds, 0, x)
+        plan = self._plan(x)
+        preds = self._run(plan, x, sigma)
+        if plan.simple:
+            cond = preds[0]
+            return cond if not self.negative else preds[1] + self.cfg * (cond - preds[1])
+        cond, covered = self._combine(plan.pieces, preds, 0, x)
         if not self.negative:
             return cond
-        uncond, _ = self._combine(pieces, preds, 1, x)
+        uncond, _ = self._combine(plan.pieces, preds, 1, x)
         guided = uncond + self.cfg * (cond - uncond)
         return guided if covered is None else torch.where(covered, guided, uncond)
 
-    def _run(self, pieces: list[_Piece], x: Tensor, sigma: Tensor) -> list[Tensor]:
+    def _plan(self, x: Tensor) -> _Plan:
+        """Pieces and batched network inputs for latents of x's shape (built once per shape)."""
+        key = (tuple(x.shape), x.device, x.dtype)
+        if key not in self._plans:
+            pieces = [_prepare(e, 0, x) for e in self.positive] + [_prepare(e, 1, x) for e in self.negative]
+            by_key: dict[tuple, list[int]] = {}
+            for index, piece in enumerate(pieces):
+                by_key.setdefault(piece.key(), []).append(index)
+            everywhere = (slice(0, x.shape[-2]), slice(0, x.shape[-1]))
+            groups = []
+            for members in by_key.values():
+                chosen = [pieces[i] for i in members]
+                groups.append(
+                    _Group(
+                        members=members,
+                        regions=[p.region for p in chosen],
+                        full=all(p.region == everywhere for p in chosen),
+                        context=torch.cat([p.context for p in chosen]),
+                        concat=None if chosen[0].concat is None else torch.cat([p.concat for p in chosen]),  # type: ignore[misc]
+                        pooled=None if chosen[0].pooled is None else torch.cat([p.pooled for p in chosen]),  # type: ignore[misc]
+                    )
+                )
+            simple = (
+                len(self.positive) == 1
+                and len(self.negative) <= 1
+                and all(p.region == everywhere and not isinstance(p.weight, Tensor) for p in pieces)
+            )
+            self._plans[key] = _Plan(pieces, groups, simple)
+        return self._plans[key]
+
+    def _run(self, plan: _Plan, x: Tensor, sigma: Tensor) -> list[Tensor]:
         """Network calls, one per group of pieces with equal shapes (cond + uncond batched)."""
-        sigma = sigma.to(x.device, torch.float32).reshape(-1).expand(x.shape[0])
-        groups: dict[tuple, list[int]] = {}
-        for index, piece in enumerate(pieces):
-            groups.setdefault(piece.key(), []).append(index)
-        preds: list[Tensor] = [x] * len(pieces)
-        for members in groups.values():
-            chosen = [pieces[i] for i in members]
-            xs = torch.cat([x[..., p.region[0], p.region[1]] for p in chosen])
-            context = torch.cat([p.context for p in chosen])
-            concat = None if chosen[0].concat is None else torch.cat([p.concat for p in chosen])  # type: ignore[misc]
-            pooled = None if chosen[0].pooled is None else torch.cat([p.pooled for p in chosen])  # type: ignore[misc]
-            out = self.denoiser(xs, sigma.repeat(len(chosen)), context=context, concat=concat, y=pooled)
-            for i, part in zip(members, out.chunk(len(chosen)), strict=True):
+        sigma = sigma.reshape(-1)
+        if sigma.shape[0] != x.shape[0]:
+            sigma = sigma.expand(x.shape[0])
+        preds: list[Tensor] = [x] * len(plan.pieces)
+        for group in plan.groups:
+            n = len(group.members)
+            if group.full:
+                xs = x if n == 1 else x.repeat(n, *([1] * (x.ndim - 1)))
+            else:
+                xs = torch.cat([x[..., rows, cols] for rows, cols in group.regions])
+            sigmas = sigma if n == 1 else sigma.repeat(n)
+            out = self.denoiser(xs, sigmas, context=group.context, concat=group.concat, y=group.pooled)
+            for i, part in zip(group.members, out.chunk(n), strict=True):
                 preds[i] = part
         return preds
 

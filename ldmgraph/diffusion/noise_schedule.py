@@ -91,16 +91,16 @@ class NoiseSchedule:
         return float(self.sigmas[-1])
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        """Fractional timestep for each sigma: linear interpolation in log-sigma (k-diffusion)."""
-        log_sigma = sigma.to(torch.float32).log()
-        log_sigmas = self.log_sigmas.to(log_sigma.device)
-        dists = log_sigma - log_sigmas[:, None]
-        low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
-        high = low + 1
-        lo, hi = log_sigmas[low], log_sigmas[high]
-        w = ((lo - log_sigma) / (lo - hi)).clamp(0, 1)
-        t = (1 - w) * low + w * high
-        return t.view(sigma.shape)
+        """Fractional timestep for each sigma: linear interpolation in log-sigma (k-diffusion),
+        clamped to 0..T-1."""
+        log_sigmas = (
+            self.log_sigmas if self.log_sigmas.device == sigma.device else self.log_sigmas.to(sigma.device)
+        )
+        log_sigma = sigma.to(torch.float32).log().reshape(-1)
+        high = torch.searchsorted(log_sigmas, log_sigma).clamp_(1, log_sigmas.shape[0] - 1)
+        lo, hi = log_sigmas[high - 1], log_sigmas[high]
+        w = ((log_sigma - lo) / (hi - lo)).clamp_(0, 1)
+        return (high - 1).to(torch.float32).add_(w).view(sigma.shape)
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
         """Sigma at a (possibly fractional) timestep, interpolating log-sigma linearly."""
