@@ -34,6 +34,7 @@ class Denoiser:
         self.prediction_type = prediction
         self.noise_schedule = model.noise_schedule
         self.calls = 0  # network evaluations, for tests and progress figures
+        self._timesteps: dict[float, float] = {}  # sigma -> t, memoised (schedules revisit sigmas)
 
     def __call__(
         self,
@@ -44,14 +45,30 @@ class Denoiser:
         y: Tensor | None = None,
     ) -> Tensor:
         """x0 for a batch x `[B, C, h, w]` at noise levels sigma (scalar or `[B]`)."""
-        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1)
-        if sigma.shape[0] != x.shape[0]:
-            sigma = sigma.expand(x.shape[0])
+        self.calls += 1
+        values = sigma.reshape(-1).tolist()
+        if len(set(values)) == 1:  # the usual case: one noise level for the whole batch
+            return self._uniform(x, float(values[0]), context, concat, y)
+        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         c_in = (s * s + 1).rsqrt()
         t = self.noise_schedule.sigma_to_t(sigma)
-        self.calls += 1
         out = self.model.apply_model(x * c_in, t, context=context, concat=concat, y=y).to(x.dtype)
         if self.prediction_type == "eps":
             return x - s * out
         return x * (c_in * c_in) - s * c_in * out
+
+    def _uniform(
+        self, x: Tensor, sigma: float, context: Tensor | None, concat: Tensor | None, y: Tensor | None
+    ) -> Tensor:
+        """Same maths with a Python-float sigma: a handful of kernels per call instead of dozens."""
+        t = self._timesteps.get(sigma)
+        if t is None:
+            t = float(self.noise_schedule.sigma_to_t(torch.tensor([sigma]))[0])
+            self._timesteps[sigma] = t
+        c_in = (sigma * sigma + 1) ** -0.5
+        timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        out = self.model.apply_model(x * c_in, timesteps, context=context, concat=concat, y=y).to(x.dtype)
+        if self.prediction_type == "eps":
+            return torch.add(x, out, alpha=-sigma)
+        return torch.add(x * (c_in * c_in), out, alpha=-sigma * c_in)

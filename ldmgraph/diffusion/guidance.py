@@ -137,12 +137,12 @@ class CFGDenoiser:
         preds = self._run(plan, x, sigma)
         if plan.simple:
             cond = preds[0]
-            return cond if not self.negative else preds[1] + self.cfg * (cond - preds[1])
+            return cond if not self.negative else torch.lerp(preds[1], cond, self.cfg)
         cond, covered = self._combine(plan.pieces, preds, 0, x)
         if not self.negative:
             return cond
         uncond, _ = self._combine(plan.pieces, preds, 1, x)
-        guided = uncond + self.cfg * (cond - uncond)
+        guided = torch.lerp(uncond, cond, self.cfg)  # uncond + cfg * (cond - uncond)
         return guided if covered is None else torch.where(covered, guided, uncond)
 
     def _plan(self, x: Tensor) -> _Plan:
