@@ -153,7 +153,7 @@ def sample(
         if callback is not None:
             callback({**info, "total": total})
 
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: callers may edit the returned latent in place
         x = _call_sampler(
             sampler_fn,
             dict(sampler_options or {}),
