@@ -32,16 +32,7 @@ from ldmgraph.interop.comfyui_nodes import (
 
 MUTED, BYPASSED = 2, 4
 
-__all__ = ["is_comfyui_document", "to_workflow", "ui_to_api", "api_to_workflow"]
-
-
-def is_comfyui_document(doc: Any) -> bool:
-    """True when `doc` looks like a ComfyUI graph (UI format, API format, or a PNG's chunks)."""
-    if not isinstance(doc, dict) or doc.get("format", "").startswith("ldmgraph"):
-        return False
-    if _is_ui_format(doc) or isinstance(doc.get("prompt"), dict):
-        return True
-    return bool(doc) and all(isinstance(v, dict) and "class_type" in v for v in doc.values())
+__all__ = ["to_workflow", "ui_to_api", "api_to_workflow"]
 
 
 def to_workflow(doc: dict[str, Any]) -> dict[str, Any]:
