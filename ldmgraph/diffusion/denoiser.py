@@ -44,12 +44,14 @@ class Denoiser:
         concat: Tensor | None = None,
         y: Tensor | None = None,
     ) -> Tensor:
-        """x0 for a batch x `[B, C, h, w]` at noise levels sigma (scalar or `[B]`)."""
+        """x0 for a batch x `[B, C, h, w]` at noise levels sigma (scalar, `[B]`, or `[B / n]` for
+        n stacked copies of a batch, as CFG passes them)."""
         self.calls += 1
         values = sigma.reshape(-1).tolist()
         if len(set(values)) == 1:  # the usual case: one noise level for the whole batch
             return self._uniform(x, float(values[0]), context, concat, y)
-        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+        sigma = sigma.to(device=x.device, dtype=torch.float32).reshape(-1)
+        sigma = sigma.repeat(x.shape[0] // sigma.shape[0]) if sigma.shape[0] > 1 else sigma.expand(x.shape[0])
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         c_in = (s * s + 1).rsqrt()
         t = self.noise_schedule.sigma_to_t(sigma)

@@ -177,18 +177,15 @@ class CFGDenoiser:
 
     def _run(self, plan: _Plan, x: Tensor, sigma: Tensor) -> list[Tensor]:
         """Network calls, one per group of pieces with equal shapes (cond + uncond batched)."""
-        sigma = sigma.reshape(-1)
-        if sigma.shape[0] != x.shape[0]:
-            sigma = sigma.expand(x.shape[0])
         preds: list[Tensor] = [x] * len(plan.pieces)
         for group in plan.groups:
             n = len(group.members)
             if group.full:
-                xs = x if n == 1 else x.repeat(n, *([1] * (x.ndim - 1)))
+                xs = x if n == 1 else torch.cat([x] * n)
             else:
                 xs = torch.cat([x[..., rows, cols] for rows, cols in group.regions])
-            sigmas = sigma if n == 1 else sigma.repeat(n)
-            out = self.denoiser(xs, sigmas, context=group.context, concat=group.concat, y=group.pooled)
+            # sigma stays per image: the denoiser repeats it over the n stacked pieces
+            out = self.denoiser(xs, sigma, context=group.context, concat=group.concat, y=group.pooled)
             for i, part in zip(group.members, out.chunk(n), strict=True):
                 preds[i] = part
         return preds
@@ -228,7 +225,7 @@ class InpaintDenoiser:
         self.noise_schedule = inner.noise_schedule
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        s = sigma.to(x.device, torch.float32).reshape(-1)[:1].view(1, 1, 1, 1)
+        s = float(sigma.reshape(-1)[0])
         keep = 1.0 - self.mask
         x = x * self.mask + (self.known + self.noise * s) * keep
         return self.inner(x, sigma) * self.mask + self.known * keep

@@ -1,9 +1,10 @@
 """Samplers: plain functions `(model, x, sigmas, extra_args, callback, generator, ...) -> x`.
 
-`model(x, sigma, **extra_args)` is a denoiser returning x0 (see denoiser.py); x lives in the
+`model(x, sigma, **extra_args)` is a denoiser returning x0 (see denoiser.py; sigma is a CPU
+tensor `[B]`); x lives in the
 variance-exploding parameterisation x = x0 + sigma * eps, starting at x = noise * sigmas[0]
 (or noise * sqrt(1 + sigmas[0]^2) from pure noise) and ending at sigmas[-1] = 0. Stochastic
-samplers draw their per-step noise from `noise_sampler(sigma, sigma_next)`; by default it draws
+samplers draw their per-step noise from `noise_sampler(sigma, sigma_next)` (floats); by default it draws
 from `generator` on the CPU. After each network evaluation `callback({"i", "sigma", "x",
 "denoised"})` runs; it may raise `Cancelled` to stop.
 
@@ -37,6 +38,7 @@ so its last latent still holds that much noise; ours ends at sigma 0 (its x0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -45,8 +47,12 @@ import torch
 from torch import Tensor
 
 Denoise = Callable[..., Tensor]
-NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+NoiseSampler = Callable[[float, float], Tensor]
 Callback = Callable[[dict[str, Any]], None] | None
+
+# The step arithmetic uses Python floats for the noise levels (read once with `tolist()`): no
+# device sync per step and a few fused kernels, which keeps the loop's own cost far below the
+# network's even for small models on a GPU.
 
 
 # ---------------------------------------------------------------- helpers
@@ -55,34 +61,40 @@ Callback = Callable[[dict[str, Any]], None] | None
 def default_noise_sampler(x: Tensor, generator: torch.Generator | None = None) -> NoiseSampler:
     """Gaussian noise shaped like x, drawn on the CPU (stable across devices) and moved to x's device."""
 
-    def draw(sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    def draw(sigma: float, sigma_next: float) -> Tensor:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu")
         return noise.to(device=x.device, dtype=x.dtype)
 
     return draw
 
 
-def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
     """(sigma_down, sigma_up) splitting a step into a deterministic part and fresh noise
     (k-diffusion; Karras et al. 2022, ancestral sampling of Ho et al. 2020 in sigma form)."""
     if not eta or sigma_next == 0:
-        return sigma_next, sigma_next * 0
-    sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
-    return (sigma_next**2 - sigma_up**2).sqrt(), sigma_up
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
-def _to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
-    """dx/dsigma of the probability-flow ODE (Karras et al. 2022, eq. 4 with D = denoised)."""
-    return (x - denoised) / sigma
+def _levels(sigmas: Tensor) -> list[float]:
+    return [float(v) for v in sigmas.tolist()]
 
 
-def _report(callback: Callback, i: int, sigma: Tensor, x: Tensor, denoised: Tensor) -> None:
+def _at(x: Tensor, sigma: float) -> Tensor:
+    """The noise level as the denoiser takes it: a CPU tensor [B]."""
+    return torch.full((x.shape[0],), sigma, dtype=torch.float32)
+
+
+def _euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """x + (sigma_next - sigma) * (x - denoised) / sigma: Euler on dx/dsigma = (x - D) / sigma
+    (Karras et al. 2022, eq. 4), as one lerp towards D."""
+    return torch.lerp(x, denoised, 1.0 - sigma_next / sigma)
+
+
+def _report(callback: Callback, i: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
     if callback is not None:
         callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised})
-
-
-def _setup(x: Tensor, extra_args: dict | None) -> tuple[dict, Tensor]:
-    return (extra_args or {}), x.new_ones([x.shape[0]])
 
 
 # ---------------------------------------------------------------- ODE samplers
@@ -98,11 +110,12 @@ def euler(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2, no churn)."""
-    extra, s_in = _setup(x, extra_args)
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra)
-        _report(callback, i, sigmas[i], x, denoised)
-        x = x + _to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
+    extra, levels = extra_args or {}, _levels(sigmas)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
+        _report(callback, i, sigma, x, denoised)
+        x = _euler_step(x, denoised, sigma, sigma_next)
     return x
 
 
@@ -116,18 +129,18 @@ def heun(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler for the step to sigma 0."""
-    extra, s_in = _setup(x, extra_args)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    extra, levels = extra_args or {}, _levels(sigmas)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
-        d = _to_d(x, sigma, denoised)
-        x_next = x + d * (sigma_next - sigma)
+        x_next = _euler_step(x, denoised, sigma, sigma_next)
         if sigma_next == 0:
             x = x_next
             continue
-        d_next = _to_d(x_next, sigma_next, model(x_next, sigma_next * s_in, **extra))
-        x = x + (d + d_next) / 2 * (sigma_next - sigma)
+        denoised_next = model(x_next, _at(x, sigma_next), **extra)
+        slope = (x - denoised) / sigma + (x_next - denoised_next) / sigma_next
+        x = x + slope * ((sigma_next - sigma) / 2)
     return x
 
 
@@ -142,23 +155,28 @@ def dpm_2(
 ) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022, Algorithm 1) in k-diffusion's form: midpoint at the
     geometric mean of sigma and sigma_next."""
-    extra, s_in = _setup(x, extra_args)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    extra, levels = extra_args or {}, _levels(sigmas)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
-        d = _to_d(x, sigma, denoised)
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-            continue
-        sigma_mid = (sigma.log() + sigma_next.log()).div(2).exp()
-        x_mid = x + d * (sigma_mid - sigma)
-        d_mid = _to_d(x_mid, sigma_mid, model(x_mid, sigma_mid * s_in, **extra))
-        x = x + d_mid * (sigma_next - sigma)
+        x = _dpm_2_step(model, extra, x, denoised, sigma, sigma_next)
     return x
 
 
-def _lms_coefficient(order: int, t: np.ndarray, i: int, j: int) -> float:
+def _dpm_2_step(
+    model: Denoise, extra: dict, x: Tensor, denoised: Tensor, sigma: float, target: float
+) -> Tensor:
+    """One DPM-Solver-2 step from sigma to target (Euler when target is 0)."""
+    if target == 0:
+        return _euler_step(x, denoised, sigma, target)
+    sigma_mid = math.sqrt(sigma * target)
+    x_mid = _euler_step(x, denoised, sigma, sigma_mid)
+    denoised_mid = model(x_mid, _at(x, sigma_mid), **extra)
+    return x + (x_mid - denoised_mid) * ((target - sigma) / sigma_mid)
+
+
+def _lms_coefficient(order: int, t: list[float], i: int, j: int) -> float:
     """Integral over [t_i, t_{i+1}] of the Lagrange basis polynomial through t_i, ..., t_{i-order+1}
     for node t_{i-j} (linear multistep coefficients, exact polynomial integration)."""
     poly = np.polynomial.Polynomial([1.0])
@@ -180,15 +198,14 @@ def lms(
     order: int = 4,
 ) -> Tensor:
     """Linear multistep (Adams-Bashforth in sigma) over the last `order` derivatives (k-diffusion)."""
-    extra, s_in = _setup(x, extra_args)
-    sigmas_np = sigmas.detach().cpu().double().numpy()
+    extra, levels = extra_args or {}, _levels(sigmas)
     history: list[Tensor] = []
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra)
-        _report(callback, i, sigmas[i], x, denoised)
-        history = [_to_d(x, sigmas[i], denoised), *history][:order]
-        coeffs = [_lms_coefficient(len(history), sigmas_np, i, j) for j in range(len(history))]
-        x = x + sum(c * d for c, d in zip(coeffs, history, strict=True))
+    for i in range(len(levels) - 1):
+        denoised = model(x, _at(x, levels[i]), **extra)
+        _report(callback, i, levels[i], x, denoised)
+        history = [(x - denoised) / levels[i], *history][:order]
+        for j, slope in enumerate(history):
+            x = x + slope * _lms_coefficient(len(history), levels, i, j)
     return x
 
 
@@ -203,22 +220,21 @@ def dpmpp_2m(
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) in lambda = -log(sigma); first order at the
     first step and at the step to sigma 0."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     old_denoised: Tensor | None = None
-    h_last: Tensor | None = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    h_last = 0.0
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
         if sigma_next == 0:
             x = denoised
             continue
-        h = sigma.log() - sigma_next.log()
+        h = math.log(sigma / sigma_next)
         blend = denoised
-        if old_denoised is not None and h_last is not None:
-            r = h_last / h
-            blend = denoised + (denoised - old_denoised) / (2 * r)
-        x = (sigma_next / sigma) * x - torch.expm1(-h) * blend
+        if old_denoised is not None:
+            blend = torch.lerp(denoised, old_denoised, -h / (2 * h_last))  # D + (D - D_old) / (2 r)
+        x = torch.add(x * (sigma_next / sigma), blend, alpha=-math.expm1(-h))
         old_denoised, h_last = denoised, h
     return x
 
@@ -236,19 +252,18 @@ def ddim(
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) written for x / sqrt(alpha_bar); eta 0 is deterministic
     (and equals Euler in sigma), eta 1 is DDPM-like ancestral sampling."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
-        eps = (x - denoised) / sigma
         alpha_bar, alpha_bar_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
-        std = eta * ((1 - alpha_bar_next) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_next)).sqrt()
-        direction = ((1 - alpha_bar_next - std**2).clamp_min(0) / alpha_bar_next).sqrt()
-        x = denoised + direction * eps
+        std = eta * math.sqrt((1 - alpha_bar_next) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_next))
+        direction = math.sqrt(max(1 - alpha_bar_next - std**2, 0.0) / alpha_bar_next)
+        x = torch.lerp(x, denoised, 1.0 - direction / sigma)  # x0 + direction * eps
         if eta and sigma_next > 0:
-            x = x + noise_sampler(sigma, sigma_next) * std / alpha_bar_next.sqrt()
+            x = x + noise_sampler(sigma, sigma_next) * (std / math.sqrt(alpha_bar_next))
     return x
 
 
@@ -264,7 +279,7 @@ def plms(
     """Pseudo linear multistep (Liu et al. 2022, PNDM, eq. 12 with the 4th-order Adams-Bashforth
     combination of eps); the first step uses the pseudo improved-Euler warm-up of the original
     LDM PLMS sampler, each step a DDIM (eta 0) transfer with the combined eps."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     history: list[Tensor] = []
     weights = {
         1: [1.0],
@@ -272,13 +287,13 @@ def plms(
         3: [23 / 12, -16 / 12, 5 / 12],
         4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
     }
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         eps = (x - denoised) / sigma
         if not history and sigma_next > 0:
-            x_guess = denoised + sigma_next * eps
-            eps_next = (x_guess - model(x_guess, sigma_next * s_in, **extra)) / sigma_next
+            x_guess = x + eps * (sigma_next - sigma)
+            eps_next = (x_guess - model(x_guess, _at(x, sigma_next), **extra)) / sigma_next
             eps_used = (eps + eps_next) / 2
         else:
             recent = [eps, *history][:4]
@@ -307,16 +322,16 @@ def euler_ancestral(
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Ancestral Euler: an Euler step to sigma_down, then fresh noise of std sigma_up (k-diffusion)."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x + _to_d(x, sigma, denoised) * (sigma_down - sigma)
+        x = _euler_step(x, denoised, sigma, sigma_down)
         if sigma_next > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + noise_sampler(sigma, sigma_next) * (s_noise * sigma_up)
     return x
 
 
@@ -333,23 +348,16 @@ def dpm_2_ancestral(
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Ancestral DPM-Solver-2: the dpm_2 step to sigma_down, then noise of std sigma_up (k-diffusion)."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        d = _to_d(x, sigma, denoised)
-        if sigma_down == 0:
-            x = x + d * (sigma_down - sigma)
-        else:
-            sigma_mid = (sigma.log() + sigma_down.log()).div(2).exp()
-            x_mid = x + d * (sigma_mid - sigma)
-            d_mid = _to_d(x_mid, sigma_mid, model(x_mid, sigma_mid * s_in, **extra))
-            x = x + d_mid * (sigma_down - sigma)
+        x = _dpm_2_step(model, extra, x, denoised, sigma, sigma_down)
         if sigma_next > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * sigma_up
+            x = x + noise_sampler(sigma, sigma_next) * (s_noise * sigma_up)
     return x
 
 
@@ -365,18 +373,20 @@ def ddpm(
 ) -> Tensor:
     """Ancestral DDPM: sample the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eqs. 6-7),
     written for x / sqrt(alpha_bar) with alpha_bar = 1 / (1 + sigma^2)."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
         alpha_bar, alpha_bar_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
         alpha = alpha_bar / alpha_bar_next
         beta = 1 - alpha
-        x = beta / (1 - alpha_bar) * denoised + alpha * (1 - alpha_bar_next) / (1 - alpha_bar) * x
+        # posterior mean: beta / (1 - alpha_bar) * x0 + alpha (1 - alpha_bar_next) / (1 - alpha_bar) * x,
+        # whose two weights sum to 1 in this parameterisation
+        x = torch.lerp(x, denoised, beta / (1 - alpha_bar))
         if sigma_next > 0:
-            std = (beta * (1 - alpha_bar_next) / (1 - alpha_bar) / alpha_bar_next).sqrt()
+            std = math.sqrt(beta * (1 - alpha_bar_next) / (1 - alpha_bar) / alpha_bar_next)
             x = x + noise_sampler(sigma, sigma_next) * std
     return x
 
@@ -394,27 +404,26 @@ def dpmpp_2m_sde(
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """SDE-DPM-Solver++(2M) with the midpoint correction (Lu et al. 2022b, Appendix; k-diffusion)."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
     old_denoised: Tensor | None = None
-    h_last: Tensor | None = None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    h_last = 0.0
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
         if sigma_next == 0:
             x = denoised
             continue
-        h = sigma.log() - sigma_next.log()
+        h = math.log(sigma / sigma_next)
         eta_h = eta * h
-        decay = -torch.expm1(-h - eta_h)
-        x = sigma_next / sigma * (-eta_h).exp() * x + decay * denoised
-        if old_denoised is not None and h_last is not None:
-            x = x + 0.5 * decay * (h / h_last) * (denoised - old_denoised)
+        decay = -math.expm1(-h - eta_h)
+        x = torch.add(x * (sigma_next / sigma * math.exp(-eta_h)), denoised, alpha=decay)
+        if old_denoised is not None:
+            x = x + (denoised - old_denoised) * (0.5 * decay * h / h_last)
         if eta:
-            x = (
-                x
-                + noise_sampler(sigma, sigma_next) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
+            x = x + noise_sampler(sigma, sigma_next) * (
+                sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
             )
         old_denoised, h_last = denoised, h
     return x
@@ -437,26 +446,23 @@ def dpmpp_sde(
 
     k-diffusion and diffusers feed it Brownian-tree noise (torchsde); our default noise sampler
     draws independent Gaussians per sub-step, and any Brownian sampler can be passed instead."""
-    extra, s_in = _setup(x, extra_args)
+    extra, levels = extra_args or {}, _levels(sigmas)
     noise_sampler = noise_sampler or default_noise_sampler(x, generator)
     fac = 1 / (2 * r)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
         _report(callback, i, sigma, x, denoised)
         if sigma_next == 0:
-            x = x + _to_d(x, sigma, denoised) * (sigma_next - sigma)
+            x = _euler_step(x, denoised, sigma, sigma_next)
             continue
-        lam, lam_next = -sigma.log(), -sigma_next.log()
-        sigma_mid = (-(lam + (lam_next - lam) * r)).exp()
+        sigma_mid = sigma ** (1 - r) * sigma_next**r  # lambda_mid = lambda + r * h
         down, up = ancestral_step(sigma, sigma_mid, eta)
-        x_mid = (down / sigma) * x - torch.expm1(lam + down.log()) * denoised
-        x_mid = x_mid + noise_sampler(sigma, sigma_mid) * s_noise * up
-        denoised_mid = model(x_mid, sigma_mid * s_in, **extra)
+        x_mid = torch.lerp(x, denoised, 1 - down / sigma) + noise_sampler(sigma, sigma_mid) * (s_noise * up)
+        denoised_mid = model(x_mid, _at(x, sigma_mid), **extra)
         down, up = ancestral_step(sigma, sigma_next, eta)
-        blend = (1 - fac) * denoised + fac * denoised_mid
-        x = (down / sigma) * x - torch.expm1(lam + down.log()) * blend
-        x = x + noise_sampler(sigma, sigma_next) * s_noise * up
+        blend = torch.lerp(denoised, denoised_mid, fac)
+        x = torch.lerp(x, blend, 1 - down / sigma) + noise_sampler(sigma, sigma_next) * (s_noise * up)
     return x
 
 
