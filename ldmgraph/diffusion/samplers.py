@@ -1,12 +1,11 @@
 """Samplers: plain functions `(model, x, sigmas, extra_args, callback, generator, ...) -> x`.
 
 `model(x, sigma, **extra_args)` is a denoiser returning x0 (see denoiser.py; sigma is a CPU
-tensor `[B]`); x lives in the
-variance-exploding parameterisation x = x0 + sigma * eps, starting at x = noise * sigmas[0]
-(or noise * sqrt(1 + sigmas[0]^2) from pure noise) and ending at sigmas[-1] = 0. Stochastic
-samplers draw their per-step noise from `noise_sampler(sigma, sigma_next)` (floats); by default it draws
-from `generator` on the CPU. After each network evaluation `callback({"i", "sigma", "x",
-"denoised"})` runs; it may raise `Cancelled` to stop.
+tensor `[B]`). x lives in the variance-exploding parameterisation x = x0 + sigma * eps, starts
+at x = noise * sigmas[0] (or noise * sqrt(1 + sigmas[0]^2) from pure noise) and ends at
+sigmas[-1] = 0. Stochastic samplers draw their per-step noise from `noise_sampler(sigma,
+sigma_next)` (floats); by default it draws from `generator` on the CPU. After each network
+evaluation `callback({"i", "sigma", "x", "denoised"})` runs; it may raise `Cancelled` to stop.
 
 Agreement with diffusers (tests/diffusion/test_reference.py, same network, same starting
 noise, same per-step noise; "T" = num_train_timesteps, SD's scaled_linear betas):
