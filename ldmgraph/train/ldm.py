@@ -61,6 +61,7 @@ class LDMConfig:
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
     grad_clip: float = 1.0
+    offset_noise: float = 0.0  # std of a per-image, per-channel constant added to eps (see diffusion_loss)
     seed: int = 0
     checkpoint_every: int = 50
     minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
@@ -108,11 +109,21 @@ def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, tor
 
 
 def diffusion_loss(unet: UNetModel, batch: dict[str, torch.Tensor], abar: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    """|| eps - eps_theta(z_t, t, c) ||^2, t uniform in 0..T-1."""
+                   generator: torch.Generator, offset_noise: float = 0.0) -> torch.Tensor:
+    """|| eps - eps_theta(z_t, t, c) ||^2, t uniform in 0..T-1.
+
+    SD's schedule keeps sqrt(alpha_bar_T) = 0.068 of the signal at t = T, so during training the
+    spatial mean of z_T leaks each image's brightness, while sampling starts from zero-mean noise
+    (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed"). Our
+    latents carry dark/light backgrounds as large per-image offsets, so ``offset_noise`` > 0 adds a
+    random constant per image and channel to eps ("offset noise", Guttenberg 2023): the model
+    then learns to choose the brightness itself from any start.
+    """
     z0 = batch["z0"]
     t = torch.randint(0, abar.shape[0], (z0.shape[0],), generator=generator)
     eps = torch.randn(z0.shape, generator=generator)
+    if offset_noise:
+        eps = eps + offset_noise * torch.randn(z0.shape[0], z0.shape[1], 1, 1, generator=generator)
     a = abar[t].view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
     x = zt if batch["concat"] is None else torch.cat([zt, batch["concat"]], 1)
@@ -136,7 +147,8 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        loss = diffusion_loss(unet, make_batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3))
+        loss = diffusion_loss(unet, make_batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3),
+                              cfg.offset_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
