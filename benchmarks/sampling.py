@@ -10,7 +10,7 @@ share the same tensors: diffusers' UNet2DConditionModel, and our UNetModel given
 through `ldmgraph.models.diffusers_keys` (no copy) inside a `DiffusionModelHandle`. Both start
 from the same noise (drawn from the seed on the CPU, scaled by sqrt(1 + sigma_max^2)); the final
 latents' max |difference| is printed as a check. Per-step time: differences of timestamps taken
-once per step (after a device sync), median over interleaved runs (ours, theirs, ours, ...)
+once per step (after a device sync), median over interleaved runs (ours, theirs, theirs, ours, ...)
 after a warm-up run each. The last line is `step_ratio_small=<x> step_ratio_sd15=<x>`
 (ldmgraph / diffusers; below 1.0 means ldmgraph is faster).
 """
@@ -128,11 +128,14 @@ def bench(config: dict[str, Any], label: str, device: str, repeats: int) -> floa
     run_diffusers(unet, context, device)
     mine: list[float] = []
     theirs: list[float] = []
-    for _ in range(repeats):
-        steps, ours_latent = run_ours(handle, positive, negative, device)
-        mine += steps
-        steps, their_latent = run_diffusers(unet, context, device)
-        theirs += steps
+    for repeat in range(repeats):  # alternate who goes first, against drifting machine load
+        for who in ("ours", "theirs") if repeat % 2 == 0 else ("theirs", "ours"):
+            if who == "ours":
+                steps, ours_latent = run_ours(handle, positive, negative, device)
+                mine += steps
+            else:
+                steps, their_latent = run_diffusers(unet, context, device)
+                theirs += steps
     ours_ms, theirs_ms = statistics.median(mine) * 1e3, statistics.median(theirs) * 1e3
     diff = (ours_latent - their_latent).abs().max().item()
     params = sum(p.numel() for p in unet.parameters()) / 1e6

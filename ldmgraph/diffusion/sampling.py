@@ -153,7 +153,7 @@ def sample(
         if callback is not None:
             callback({**info, "total": total})
 
-    with torch.no_grad():  # not inference_mode: callers may edit the returned latent in place
+    with torch.inference_mode():
         x = _call_sampler(
             sampler_fn,
             dict(sampler_options or {}),
@@ -167,5 +167,6 @@ def sample(
         )
         if mask is not None:
             x = known * (1 - mask) + x * mask
-    samples = x.to(home, latent.samples.dtype if latent.samples.is_floating_point() else torch.float32)
+        x = x.to(home, latent.samples.dtype if latent.samples.is_floating_point() else torch.float32)
+    samples = x.clone()  # outside inference mode: an ordinary tensor that callers may edit
     return Latent(samples=samples, noise_mask=latent.noise_mask, batch_index=latent.batch_index)

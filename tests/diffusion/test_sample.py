@@ -141,6 +141,7 @@ def test_denoise_zero_returns_input_and_denoise_one_is_txt2img_from_pure_noise(t
         image.samples,
     )
     got = _run(toy_model, Latent(torch.zeros(1, 4, 8, 8)), seed=3, denoise=1.0)
+    assert not got.is_inference()  # an ordinary tensor: later nodes may edit a copy in place
     # by hand: noise from the seed on the CPU, x_T = noise * sqrt(1 + sigma_max^2), Euler over karras
     noise = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(3))[None]
     sigmas = S.karras(6, toy_model.noise_schedule)
