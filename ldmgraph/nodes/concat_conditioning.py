@@ -29,8 +29,11 @@ class SuperResolutionConditioning(Node):
 
     The image, resized to the latent grid of the `scale_by` times larger output and mapped to
     -1..1, becomes the concat input of every entry (the bundled model: a 16x16 image, 4x4 box
-    downsampled from 64x64, for a 64x64 output with an f = 4 autoencoder); the output latent is an empty latent of the
-    output size. Without `positive`/`negative` (models with no text, like the bundled one) each side
+    downsampled from 64x64, for a 64x64 output with an f = 4 autoencoder). The output latent is
+    the latent of the bicubic upsampling (`start="bicubic"`): SD's schedule keeps ~7% of the signal
+    at t = T, so a model trained on it expects each image's brightness there (Lin et al. 2024,
+    "Common Diffusion Noise Schedules and Sample Steps are Flawed"); sample it at denoise 1.
+    `start="empty"` gives a zero latent instead. Without `positive`/`negative` (models with no text, like the bundled one) each side
     gets one entry with a placeholder context. Sample with cfg 1 for text-free models.
     """
 
@@ -41,6 +44,12 @@ class SuperResolutionConditioning(Node):
         image: Any = InputField(IMAGE, description="the low-resolution image")
         vae: Any = InputField(VAE, description="the autoencoder of the super-resolution model")
         scale_by: int = InputField(INT, 4, ge=1, le=16, description="output size / input size")
+        start: str = InputField(
+            ENUM,
+            "bicubic",
+            choices=["bicubic", "empty"],
+            description="latent to start from: bicubic upsampling or zeros",
+        )
         positive: Any = InputField(CONDITIONING, None, description="optional text conditioning")
         negative: Any = InputField(CONDITIONING, None, description="optional negative text conditioning")
 
@@ -67,8 +76,13 @@ class SuperResolutionConditioning(Node):
         placeholder = [CondEntry(context=torch.zeros(1, 1, 1))]
         positive = [replace(e, concat=concat) for e in (inputs.positive or placeholder)]
         negative = [replace(e, concat=concat) for e in (inputs.negative or placeholder)]
-        latent = Latent(samples=torch.zeros(batch, vae.latent_channels, h, w))
-        return self.Outputs(positive=positive, negative=negative, latent=latent)
+        if inputs.start == "bicubic":
+            size = (height * inputs.scale_by, width * inputs.scale_by)
+            up = F.interpolate(image_to_torch(inputs.image).permute(0, 3, 1, 2), size=size, mode="bicubic")
+            samples = encode_pixels(vae, up.clamp(0, 1).permute(0, 2, 3, 1))
+        else:
+            samples = torch.zeros(batch, vae.latent_channels, h, w)
+        return self.Outputs(positive=positive, negative=negative, latent=Latent(samples=samples))
 
 
 class InpaintConditioning(Node):

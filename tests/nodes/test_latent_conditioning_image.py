@@ -182,10 +182,15 @@ def test_vae_encode_for_inpaint_grows_the_mask_and_refuses_a_wrong_size_mask():
 
 def test_superres_conditioning_concats_the_lowres_image_at_latent_size():
     lowres = np.random.default_rng(0).random((1, 16, 16, 3), dtype=np.float32)
-    out = run(SuperResolutionConditioning, image=lowres, vae=PoolVAE(), scale_by=4)
+    out = run(SuperResolutionConditioning, image=lowres, vae=PoolVAE(), scale_by=4, start="bicubic")
     assert out.latent.samples.shape == (1, 4, 16, 16)
     concat = out.positive[0].concat
-    assert torch.allclose(concat, torch.from_numpy(lowres).permute(0, 3, 1, 2) * 2 - 1)  # same size: as is
+    expected = torch.from_numpy(lowres).permute(0, 3, 1, 2)
+    assert torch.allclose(concat, expected * 2 - 1)  # same size as the latent: as is, in -1..1
+    # the start latent encodes the bicubic upsampling: pooling it back gives about the input
+    assert (out.latent.samples[:, :3] - expected).abs().mean() < 0.1  # zeros would be ~0.5 away
+    empty = run(SuperResolutionConditioning, image=lowres, vae=PoolVAE(), scale_by=4, start="empty").latent
+    assert empty.samples.shape == (1, 4, 16, 16) and not empty.samples.any()
 
 
 def test_pad_for_outpaint_marks_the_new_area_and_feathers_into_the_image():
