@@ -19,7 +19,7 @@ EXPECTED_SIZE = {  # (width, height) of each workflow's image
     "img2img": (64, 64),
     "inpaint": (64, 64),
     "superres": (64, 64),
-    "hires_fix": (128, 128),
+    "hires_fix": (64, 64),
     "area_composition": (128, 64),
 }
 
