@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import bundled_metadata, prefixed, tiny_unet, unet_state, vae_state, write
+from model_helpers import bundled_metadata, prefixed, tiny_unet, unet_state, vae_state, write
 
 from ldmgraph.models.cache import ModelCache
 from ldmgraph.models.checkpoint import load_checkpoint, load_text_encoder, load_vae

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
+from model_helpers import (
     TINY_VAE,
     bundled_metadata,
     clip_model,

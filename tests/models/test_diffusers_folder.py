@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import clip_model
+from model_helpers import clip_model
 
 from ldmgraph.models.checkpoint import PickleRefusedError, load_checkpoint
 

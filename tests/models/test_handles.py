@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import prefixed, tiny_unet, unet_state, vae_state, write
+from model_helpers import prefixed, tiny_unet, unet_state, vae_state, write
 
 from ldmgraph.models.checkpoint import load_checkpoint, load_vae
 

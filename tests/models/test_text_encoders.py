@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import clip_model, clip_openclip_keys, write
+from model_helpers import clip_model, clip_openclip_keys, write
 
 from ldmgraph.models.checkpoint import load_text_encoder
 from ldmgraph.models.text_encoders import ClipTextEncoder, encode_minilm, minilm_folder, shared_minilm
@@ -204,7 +204,7 @@ def reference_ldm_bert(sd: dict[str, torch.Tensor], ids: torch.Tensor, head_dim:
 
 @pytest.mark.reference
 def test_ldm_paper_bert_encoder_agrees_with_plain_maths(tmp_path: Path) -> None:
-    from conftest import ldm_bert_keys
+    from model_helpers import ldm_bert_keys
 
     sd = ldm_bert_keys()
     path = write(tmp_path / "ldm-txt2img-te.safetensors", sd)
