@@ -97,12 +97,18 @@ class DiffusionModelHandle(nn.Module):
             model_in.to(device=device, dtype=dtype),
             t.to(device),
             context=None if context is None else context.to(device=device, dtype=dtype),
-            y=None if y is None else y.to(device=device, dtype=dtype),
+            # `y` (a class label or SDXL-style vector) only reaches class-conditional U-Nets: the
+            # pooled text vector that a CondEntry may carry is meaningless to SD1/SD2 and our models.
+            y=None if y is None or not self._takes_y else y.to(device=device, dtype=dtype),
         )
         return out.to(device=x.device, dtype=x.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.apply_model(*args, **kwargs)
+
+    @property
+    def _takes_y(self) -> bool:
+        return getattr(self.diffusion_model, "num_classes", None) is not None
 
 
 def _pixels_to_tensor(pixels: Any) -> Tensor:
