@@ -24,6 +24,7 @@ from .common import (
     load_ema_weights,
     lr_at,
     psnr,
+    restores_torch_threads,
     save_checkpoint,
     save_grid,
     step_generator,
@@ -98,6 +99,7 @@ def ae_loss(model: AutoencoderKL, x: torch.Tensor, kl_weight: float, generator: 
     return err.mean() + kl_weight * posterior.kl().mean() / x[0].numel()
 
 
+@restores_torch_threads
 def train_autoencoder(
     cfg: AEConfig, out: Path, resume: bool = False, progress: bool = True, threads: int = 1
 ) -> Path:

@@ -7,15 +7,35 @@ never a pickle) and ``state.json`` (step, configuration). Every batch is a pure 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def restores_torch_threads(fn: _F) -> _F:
+    """Run ``fn`` and then put torch's thread count back: the trainers pick their own count, and a
+    library call must not leave the caller's process (a test run, a server) with another one, which
+    would change CPU results in the last bits and break bit-for-bit re-runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:

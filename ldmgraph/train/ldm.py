@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from ldmgraph.models.unet import UNetModel
 
-from .common import EMA, load_checkpoint, lr_at, save_checkpoint, step_generator
+from .common import EMA, load_checkpoint, lr_at, restores_torch_threads, save_checkpoint, step_generator
 
 KINDS = ("ldm", "superres", "inpaint")
 SCHEDULE = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
@@ -130,6 +130,7 @@ def diffusion_loss(unet: UNetModel, batch: dict[str, torch.Tensor], abar: torch.
     return (unet(x, t, context=batch["context"]) - eps).pow(2).mean()
 
 
+@restores_torch_threads
 def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = False,
               progress: bool = True, threads: int = 1, on_checkpoint: Any = None) -> Path:
     """Train (or resume) one latent diffusion model in run folder ``out``."""

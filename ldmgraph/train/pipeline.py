@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .common import restores_torch_threads
 from .export import BUNDLED_NAMES, export_bundled, load_autoencoder
 from .pool import build_latents, load_pool
 
@@ -20,6 +21,7 @@ def scale_factor_of(pool: dict[str, Any], seed: int = 0) -> float:
     return float(1.0 / z.std())
 
 
+@restores_torch_threads
 def prepare_pool(ae_folder: Path, pool_folder: Path, data_seed: int, count: int, inpaint_count: int,
                  threads: int = 1) -> float:
     """Encode the pool with the trained autoencoder; write and return its scale factor."""
