@@ -30,6 +30,9 @@ def register(subparsers: Any) -> None:
                        help="latent pool folder; built from --ae when missing (diffusion kinds)")
     train.add_argument("--pool-size", type=int, default=12000, help="images in a new pool")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    train.add_argument("--offset-noise", type=float, default=None,
+                       help="diffusion models: std of a per-image, per-channel constant added to the noise "
+                            "(0.1 used for the shipped txt2img and inpaint models; default 0)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--no-progress", action="store_true")
@@ -55,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .autoencoder import AEConfig, train_autoencoder
 
         cfg = AEConfig(seed=args.seed, minutes=args.minutes)
-        for name in ("steps", "batch_size", "lr"):
+        for name in ("steps", "batch_size", "lr", "offset_noise"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
         train_autoencoder(cfg, out, resume=args.resume, progress=not args.no_progress, threads=args.threads)
@@ -75,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not (args.pool / "latents.safetensors").exists():
         prepare_pool(args.ae, args.pool, 0, args.pool_size, args.pool_size // 2, threads=args.threads)
     cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes, scale_factor=read_scale_factor(args.pool))
-    for name in ("steps", "batch_size", "lr"):
+    for name in ("steps", "batch_size", "lr", "offset_noise"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     train_ldm(cfg, load_pool(args.pool), out, resume=args.resume, progress=not args.no_progress, threads=args.threads)
