@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .common import restores_torch_threads
 from .data.judge import read_in_box, score
 from .data.scenes import ShapeSpec, batch
 from .data.vocab import COLOURS, SHAPES, SIZES, held_out_combos
@@ -83,6 +84,7 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+@restores_torch_threads
 def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0, seed: int = 1234,
              batch_size: int = 64, grid: Path | None = None, log: Any = print) -> Figures:
     """Score the bundled checkpoints in folder ``models``; see the module docstring."""
