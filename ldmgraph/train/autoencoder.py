@@ -35,7 +35,15 @@ from .data.scenes import batch as data_batch
 
 
 def default_ddconfig() -> dict[str, Any]:
-    """The bundled autoencoder: 0.95M parameters, widths 32/64/64, one residual block per level."""
+    """The bundled autoencoder: 0.95M parameters, widths 32/64/64, one residual block per level.
+
+    GroupNorm uses 8 groups, not the original 32. With 32 groups on 32 or 64 channels each group
+    holds one or two channels, so the norm removes each channel's mean over the image: a flat
+    background's brightness and tint then cannot pass through the encoder's last norm, and the
+    decoder cannot set it either. Our images are mostly flat background, and a first model built
+    that way stopped at 23 dB with greyed backgrounds. With 4 to 8 channels a group, the relations
+    between channels carry the level through.
+    """
     return {
         "double_z": True,
         "z_channels": 4,
@@ -47,7 +55,7 @@ def default_ddconfig() -> dict[str, Any]:
         "num_res_blocks": 1,
         "attn_resolutions": [],
         "dropout": 0.0,
-        "norm_groups": 32,
+        "norm_groups": 8,
     }
 
 
@@ -55,25 +63,37 @@ def default_ddconfig() -> dict[str, Any]:
 class AEConfig:
     steps: int = 1000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 50
     kl_weight: float = 1e-6
     seed: int = 0
     data_seed: int = 0
     grid_every: int = 200
     checkpoint_every: int = 100
-    crop: int = 32  # train on random crops (multiples of 4): the model is convolutional, 4x cheaper
+    # Train on random crops (side a multiple of 4): the model is convolutional and a 32x32 crop
+    # costs a quarter of the whole image. Measured on 2 CPU cores: 27.4 dB after 900 steps of 32
+    # crops (10 min) against 25.5 dB after 900 steps of 16 whole images (20 min); GroupNorm's
+    # statistics over a crop differ little from those over the whole (mostly flat) image.
+    crop: int = 32
     minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     init_from: str | None = None  # start from this run folder's EMA weights
     train_encoder: bool = True  # False: fine-tune the decoder only; latents (and the LDM pools) stay valid
     shape_weight: float = 0.0  # extra loss weight on shape pixels (chroma > 0.3): colours matter most
+    # Initial log-variance of the posterior (the bias of quant_conv's second half). At 0 the
+    # sampled latents start with unit noise, as large as the signal, and the tiny KL weight lets
+    # the encoder shrink it only slowly: the decoder spends its first thousand steps learning from
+    # noise (blurry, grey colours). -6 starts at std 0.05; the KL term still pulls it up.
+    logvar_init: float = -6.0
     ddconfig: dict[str, Any] = field(default_factory=default_ddconfig)
     embed_dim: int = 4
 
 
 def build(cfg: AEConfig) -> AutoencoderKL:
     torch.manual_seed(cfg.seed)
-    return AutoencoderKL(ddconfig=dict(cfg.ddconfig), embed_dim=cfg.embed_dim)
+    model = AutoencoderKL(ddconfig=dict(cfg.ddconfig), embed_dim=cfg.embed_dim)
+    with torch.no_grad():
+        model.quant_conv.bias[cfg.embed_dim :] = cfg.logvar_init
+    return model
 
 
 def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -115,9 +135,10 @@ def train_autoencoder(
             p.requires_grad_(False)
         params = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    start = 0
+    start, earlier = 0, 0.0  # earlier: training seconds of the segments before a resume
     if resume and (out / "checkpoint.safetensors").exists():
-        start = int(load_checkpoint(out, model, ema, opt)["step"])
+        loaded = load_checkpoint(out, model, ema, opt)
+        start, earlier = int(loaded["step"]), float(loaded.get("seconds", 0.0))
     state = {"kind": "autoencoder", "config": asdict(cfg)}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="autoencoder", disable=not progress)
     t0 = time.time()
@@ -135,7 +156,7 @@ def train_autoencoder(
         done = step + 1
         out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
-            save_checkpoint(out, model, ema, opt, {**state, "step": done, "seconds": time.time() - t0})
+            save_checkpoint(out, model, ema, opt, {**state, "step": done, "seconds": earlier + time.time() - t0})
         if done % cfg.grid_every == 0 or done == cfg.steps or out_of_time:
             save_recon_grid(model, ema, out / f"recon_{done:06d}.png", cfg.data_seed)
         if out_of_time:

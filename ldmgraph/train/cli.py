@@ -20,7 +20,7 @@ def register(subparsers: Any) -> None:
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 / 2000)")
     train.add_argument("--minutes", type=float, default=0.0, help="stop and save after this wall time (0: no limit)")
     train.add_argument("--batch-size", type=int, default=None, help="images per step (default 32 / 64)")
-    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-3 autoencoder, 1e-3 diffusion)")
     train.add_argument("--seed", type=int, default=0, help="initialisation and noise seed")
     train.add_argument("--out", type=Path, default=None, help="run folder (default runs/<kind>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -45,6 +45,10 @@ def default_unet(kind: str) -> dict[str, Any]:
         "transformer_depth": 1,
         "context_dim": 384,
         "use_linear_in_transformer": True,
+        # 8 GroupNorm groups, not 32: with one channel a group (32 on 32 channels) the norm after
+        # each residual block's time-embedding addition subtracts that per-channel constant again,
+        # so the first level would never see the timestep (see also default_ddconfig).
+        "norm_groups": 8,
     }
     if kind == "superres":  # no text: self-attention blocks only where the latent is small
         config.update(context_dim=None, use_linear_in_transformer=False, attention_resolutions=[2])
@@ -138,9 +142,10 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
     unet = build_unet(cfg)
     ema = EMA(unet, decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = 0
+    start, earlier = 0, 0.0  # earlier: training seconds of the segments before a resume
     if resume and (out / "checkpoint.safetensors").exists():
-        start = int(load_checkpoint(out, unet, ema, opt)["step"])
+        loaded = load_checkpoint(out, unet, ema, opt)
+        start, earlier = int(loaded["step"]), float(loaded.get("seconds", 0.0))
     abar = alphas_cumprod()
     state = {"kind": cfg.kind, "config": asdict(cfg)}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.kind, disable=not progress)
@@ -159,7 +164,7 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
         done = step + 1
         out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
-            save_checkpoint(out, unet, ema, opt, {**state, "step": done, "seconds": time.time() - t0})
+            save_checkpoint(out, unet, ema, opt, {**state, "step": done, "seconds": earlier + time.time() - t0})
             if on_checkpoint is not None:
                 on_checkpoint(done)
         if out_of_time:

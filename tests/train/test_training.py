@@ -72,6 +72,16 @@ def test_diffusion_same_seed_same_weights(tmp_path: Path, kind: str) -> None:
     assert_same(straight, run(tmp_path / "c", 3, resume=True))
 
 
+def test_training_seconds_add_up_over_resumed_segments(tmp_path: Path) -> None:
+    """The exported metadata's `seconds` is the run's whole training time, not its last segment's."""
+    ae_run(tmp_path / "ae", 2)
+    state_file = tmp_path / "ae" / "state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "seconds": 1000.0}))  # as if the first segment took 1000 s
+    ae_run(tmp_path / "ae", 4, resume=True)
+    assert 1000.0 < json.loads(state_file.read_text())["seconds"] < 1100.0
+
+
 def test_export_is_a_bundled_checkpoint_the_loader_runs(tmp_path: Path) -> None:
     from ldmgraph.models.checkpoint import load_checkpoint
     from ldmgraph.train.export import export_bundled
