@@ -43,6 +43,7 @@ class Figures:
     sr_psnr_model_only: float = float("nan")
     bicubic_psnr: float = float("nan")
     inpaint_object: float = float("nan")
+    inpaint_colour: float = float("nan")
     inpaint_outside_delta: float = float("nan")
     inpaint_outside_delta_raw: float = float("nan")
 
@@ -161,6 +162,9 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
         figures.sr_psnr_gain = figures.sr_psnr - figures.bicubic_psnr
         log(f"superres: {figures.sr_psnr:.2f} dB ({figures.sr_psnr_model_only:.2f} dB before ImageMatchLowRes) "
             f"vs bicubic {figures.bicubic_psnr:.2f} dB ({n_sr} test images)")
+        if grid is not None:  # rows: the truth, bicubic, the model, the model + ImageMatchLowRes
+            save_grid(np.concatenate([truth[:8], bicubic[:8], ups[:8], matched[:8]]),
+                      grid.with_name(grid.stem + "_superres" + grid.suffix))
 
     # inpainting
     inp_path = models / BUNDLED_NAMES["inpaint"]
@@ -184,12 +188,14 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
         q = lambda a: np.round(np.clip(a, 0, 1) * 255)  # noqa: E731 - the saved PNG's 8-bit values
         figures.inpaint_outside_delta = float(np.abs(q(composite) - q(base))[outside].mean())
         figures.inpaint_outside_delta_raw = float(np.abs(q(out) - q(base))[outside].mean())
-        hits = []
+        hits, colour_hits = [], []
         for im, (c, s) in zip(composite, wants, strict=True):
             r = read_in_box(im, CENTRE_BOX)
             hits.append(r is not None and r.colour == c and r.shape == s)
-        figures.inpaint_object = float(np.mean(hits))
-        log(f"inpaint: object {figures.inpaint_object:.3f}, outside delta {figures.inpaint_outside_delta:.3f} "
+            colour_hits.append(r is not None and r.colour == c)
+        figures.inpaint_object, figures.inpaint_colour = float(np.mean(hits)), float(np.mean(colour_hits))
+        log(f"inpaint: object {figures.inpaint_object:.3f} (colour alone {figures.inpaint_colour:.3f}), "
+            f"outside delta {figures.inpaint_outside_delta:.3f} "
             f"(before compositing {figures.inpaint_outside_delta_raw:.3f}) on {n_inp} test images")
         if grid is not None:
             save_grid(np.concatenate([base[:8], composite[:8], base[8:16], composite[8:16]]),

@@ -1,0 +1,43 @@
+"""The shipped models do what the README says, on a small sample (the full figures: `ldmgraph evaluate`).
+
+`ldmgraph evaluate --samples 8` in-process: the autoencoder's PSNR on 100 held-out images, the
+judge's reading of text-to-image on held-out captions, the super-resolution workflow's gain over
+bicubic and the inpainting scores. Margins sit below the measured figures (README, "Status"), so
+a change of weights, sampler or loader that makes the shipped models worse fails here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ldmgraph.train.evaluate import evaluate
+from ldmgraph.train.export import BUNDLED_NAMES, assets_dir
+
+
+@pytest.fixture(scope="module")
+def figures():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    missing = [n for n in BUNDLED_NAMES.values() if not (assets_dir() / n).is_file()]
+    assert not missing, f"the package lacks its bundled models {missing}"
+    return evaluate(assets_dir(), samples=8, steps=12, log=lambda s: None)
+
+
+def test_autoencoder_reconstructs_held_out_images_above_30_db(figures):
+    assert figures.ae_psnr >= 30.0
+
+
+def test_text_to_image_draws_held_out_captions(figures):
+    assert figures.color >= 0.75 and figures.position >= 0.75 and figures.shape >= 0.6
+
+
+def test_superres_beats_bicubic(figures):
+    assert figures.sr_psnr_gain >= 3.0  # the workflow's output (model, then ImageMatchLowRes)
+    assert figures.sr_psnr_model_only >= figures.bicubic_psnr + 2.0  # the model on its own
+
+
+def test_inpainting_paints_the_requested_colour_and_keeps_the_rest(figures):
+    # The shape in the hole is right only about half the time (issue 6 stays open for it); the
+    # colour is right nearly always.
+    assert figures.inpaint_colour >= 0.6 and figures.inpaint_outside_delta <= 2.0
