@@ -227,7 +227,10 @@ def box_downscale(images: np.ndarray, factor: int) -> np.ndarray:
 
 
 def bicubic_upscale(images: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bicubic resize of float images [B, h, w, C] to [B, height, width, C], channel by channel."""
+    """Bicubic resize of float images [B, h, w, C] to [B, height, width, C], channel by channel.
+
+    Unlike ``image.resize_images`` it does not clip to 0..1: back-projection resizes signed residuals.
+    """
     from PIL import Image
 
     out = np.empty((images.shape[0], height, width, images.shape[3]), np.float32)
