@@ -99,7 +99,8 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
     from ldmgraph.nodes.image_ops import ImageMatchLowRes
 
     from . import sampling
-    from .common import psnr, save_grid, to_images, to_model
+    from .autoencoder import reconstruction_psnr
+    from .common import psnr, save_grid
     from .export import BUNDLED_NAMES
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -108,14 +109,7 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
 
     # autoencoder
     n_ae = min(1000, max(100, 4 * samples))
-    originals, recons = [], []
-    with torch.no_grad():
-        for start in range(0, n_ae, 100):
-            images, _ = batch(seed, "test", start, min(100, n_ae - start))
-            originals.append(images)
-            ae = txt.vae.first_stage_model
-            recons.append(to_images(ae(to_model(images).to(txt.vae.dtype), sample_posterior=False)[0].float()))
-    figures.ae_psnr = psnr(np.concatenate(originals), np.concatenate(recons))
+    figures.ae_psnr = reconstruction_psnr(txt.vae.first_stage_model.float(), count=n_ae, data_seed=seed)
     log(f"autoencoder: PSNR {figures.ae_psnr:.2f} dB on {n_ae} test images")
 
     # text-to-image, one object
