@@ -29,6 +29,11 @@ def register(subparsers: Any) -> None:
     train.add_argument("--pool", type=Path, default=Path("runs/pool"),
                        help="latent pool folder; built from --ae when missing (diffusion kinds)")
     train.add_argument("--pool-size", type=int, default=12000, help="images in a new pool")
+    train.add_argument("--init-from", type=Path, default=None, metavar="PATH",
+                       help="start a diffusion model from these U-Net weights (a run folder or bundled file), "
+                            "e.g. inpainting from the text-to-image model; extra input channels start at zero")
+    train.add_argument("--inpaint-size", type=int, default=16000,
+                       help="inpainting examples in a new pool (default 16000; each has its own hole)")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     train.add_argument("--offset-noise", type=float, default=None,
                        help="diffusion models: std of a per-image, per-channel constant added to the noise "
@@ -66,18 +71,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
 
     from .ldm import LDMConfig, train_ldm
-    from .pipeline import export_and_grid, prepare_pool, read_scale_factor
+    from .pipeline import export_and_grid, prepare_inpaint_pool, prepare_pool, read_scale_factor
     from .pool import build_contexts, load_pool
 
     if not (args.ae / "checkpoint.safetensors").exists():
         print(f"ldmgraph train {args.kind}: no autoencoder checkpoint in {args.ae}; run "
               f"'ldmgraph train autoencoder --out {args.ae}' first or pass --ae", file=sys.stderr)
         return 1
+    inpaint_size = args.inpaint_size
     if not (args.pool / "contexts.safetensors").exists():
-        build_contexts(args.pool, 0, args.pool_size, args.pool_size // 2)
+        build_contexts(args.pool, 0, args.pool_size, inpaint_size)
     if not (args.pool / "latents.safetensors").exists():
-        prepare_pool(args.ae, args.pool, 0, args.pool_size, args.pool_size // 2, threads=args.threads)
-    cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes, scale_factor=read_scale_factor(args.pool))
+        prepare_pool(args.ae, args.pool, 0, args.pool_size, inpaint_size, threads=args.threads)
+    elif args.kind == "inpaint" and not (args.pool / "inpaint.safetensors").exists():
+        prepare_inpaint_pool(args.ae, args.pool, 0, inpaint_size, threads=args.threads)
+    cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes, scale_factor=read_scale_factor(args.pool),
+                    init_from=str(args.init_from or ""))
     for name in ("steps", "batch_size", "lr", "offset_noise"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

@@ -70,6 +70,7 @@ class LDMConfig:
     checkpoint_every: int = 50
     minutes: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     scale_factor: float = 1.0
+    init_from: str = ""  # start from these U-Net weights (see initial_weights); "" = random
     unet: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,12 +92,56 @@ def build_unet(cfg: LDMConfig) -> UNetModel:
     return UNetModel(**cfg.unet)
 
 
+def initial_weights(unet: UNetModel, source: Path) -> dict[str, int]:
+    """Load another model's U-Net weights into ``unet`` before training (fine-tuning).
+
+    ``source`` is a run folder (its EMA weights) or a bundled / LDM-format file
+    (``model.diffusion_model.*``). As for SD's inpainting model, which started from the text-to-image
+    weights, an input convolution with more input channels keeps the source's channels and starts
+    the new ones (mask, masked latent, low-resolution image) at zero, so the first steps behave
+    exactly like the source model. Every other tensor must match in shape. Returns counts of the
+    tensors copied and widened.
+    """
+    from safetensors.torch import load_file
+
+    if source.is_dir():
+        tensors = {k[4:]: v for k, v in load_file(str(source / "checkpoint.safetensors")).items() if k.startswith("ema.")}
+    else:
+        prefix = "model.diffusion_model."
+        tensors = {k[len(prefix):]: v for k, v in load_file(str(source)).items() if k.startswith(prefix)}
+    own = unet.state_dict()
+    if not tensors or set(tensors) != set(own):
+        missing, extra = sorted(set(own) - set(tensors))[:3], sorted(set(tensors) - set(own))[:3]
+        raise ValueError(f"--init-from {source}: not a U-Net of this layout (missing {missing}, unexpected {extra}); "
+                         "pass a run folder or bundled file of the same widths")
+    copied, widened = 0, 0
+    with torch.no_grad():
+        for name, target in own.items():
+            value = tensors[name]
+            if value.shape == target.shape:
+                target.copy_(value)
+                copied += 1
+            elif value.dim() == 4 and value.shape[0] == target.shape[0] and value.shape[1] < target.shape[1] \
+                    and value.shape[2:] == target.shape[2:]:
+                target.zero_()
+                target[:, : value.shape[1]] = value
+                widened += 1
+            else:
+                raise ValueError(f"--init-from {source}: {name} has shape {tuple(value.shape)}, this model needs "
+                                 f"{tuple(target.shape)}")
+    return {"copied": copied, "widened": widened}
+
+
 def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
     """The step's examples: z0 (scaled), concat (or None) and context (or None)."""
     g = step_generator(cfg.seed, step, stream=2)
-    n = pool["inpaint_mask"].shape[0] if cfg.kind == "inpaint" else pool["mean"].shape[0]
+    if cfg.kind == "inpaint" and "inpaint_mean" not in pool:
+        raise ValueError("this pool has no inpainting examples (inpaint.safetensors); delete its latents and "
+                         "let 'ldmgraph train inpaint' rebuild them")
+    prefix = "inpaint_" if cfg.kind == "inpaint" else ""
+    n = pool[prefix + "mean"].shape[0]
     idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
-    mean, std = pool["mean"][idx], pool["std"][idx]
+    mean, std = pool[prefix + "mean"][idx], pool[prefix + "std"][idx]
     z0 = (mean + std * torch.randn(mean.shape, generator=g)) * cfg.scale_factor
     out: dict[str, Any] = {"z0": z0, "concat": None, "context": None}
     if cfg.kind == "superres":
@@ -140,6 +185,8 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
     """Train (or resume) one latent diffusion model in run folder ``out``."""
     torch.set_num_threads(threads)
     unet = build_unet(cfg)
+    if cfg.init_from and not (resume and (out / "checkpoint.safetensors").exists()):
+        initial_weights(unet, Path(cfg.init_from))
     ema = EMA(unet, decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, earlier = 0, 0.0  # earlier: training seconds of the segments before a resume

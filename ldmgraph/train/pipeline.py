@@ -10,7 +10,7 @@ import torch
 
 from .common import restores_torch_threads
 from .export import BUNDLED_NAMES, export_bundled, load_autoencoder
-from .pool import build_latents, load_pool
+from .pool import build_inpaint_latents, build_latents, load_pool
 
 
 def scale_factor_of(pool: dict[str, Any], seed: int = 0) -> float:
@@ -27,10 +27,20 @@ def prepare_pool(ae_folder: Path, pool_folder: Path, data_seed: int, count: int,
     """Encode the pool with the trained autoencoder; write and return its scale factor."""
     torch.set_num_threads(threads)
     ae, _ = load_autoencoder(ae_folder)
-    build_latents(ae, pool_folder, data_seed, count, inpaint_count)
+    build_latents(ae, pool_folder, data_seed, count)
+    build_inpaint_latents(ae, pool_folder, data_seed, inpaint_count)
     scale = scale_factor_of(dict(load_pool_latents(pool_folder)))
     (pool_folder / "scale_factor.json").write_text(json.dumps({"scale_factor": scale}))
     return scale
+
+
+@restores_torch_threads
+def prepare_inpaint_pool(ae_folder: Path, pool_folder: Path, data_seed: int, inpaint_count: int,
+                         threads: int = 1) -> None:
+    """(Re)build only the inpainting examples of an existing pool (same autoencoder)."""
+    torch.set_num_threads(threads)
+    ae, _ = load_autoencoder(ae_folder)
+    build_inpaint_latents(ae, pool_folder, data_seed, inpaint_count)
 
 
 def load_pool_latents(folder: Path) -> dict[str, torch.Tensor]:
@@ -60,4 +70,4 @@ def export_and_grid(kind: str, unet_folder: Path, ae_folder: Path, pool_folder: 
     return path
 
 
-__all__ = ["export_and_grid", "load_pool", "prepare_pool", "read_scale_factor", "scale_factor_of"]
+__all__ = ["export_and_grid", "load_pool", "prepare_inpaint_pool", "prepare_pool", "read_scale_factor", "scale_factor_of"]

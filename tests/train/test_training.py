@@ -29,6 +29,7 @@ def tiny_pool(n: int = 12) -> dict:
         "mean": torch.randn(n, 4, 16, 16, generator=g), "std": torch.rand(n, 4, 16, 16, generator=g) * 0.1,
         "lowres": torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, "inpaint_mask": torch.ones(n, 1, 16, 16),
         "inpaint_masked": torch.randn(n, 4, 16, 16, generator=g), "contexts": torch.randn(5, 32, 384, generator=g),
+        "inpaint_mean": torch.randn(n, 4, 16, 16, generator=g), "inpaint_std": torch.rand(n, 4, 16, 16, generator=g) * 0.1,
         "caption_index": torch.randint(0, 5, (n,), generator=g),
         "inpaint_caption_index": torch.randint(0, 5, (n,), generator=g),
     }
