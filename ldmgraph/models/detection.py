@@ -1,0 +1,366 @@
+"""Architecture detection (`detect`): from key names and shapes, as the original configs would have
+built them: U-Net in/out channels, widths per level, attention levels, transformer depth, context
+width, conv vs linear projections; autoencoder widths and levels; the text encoder family.
+
+Facts that weights cannot tell are decided so, in this order: the `prediction_type` argument, then
+the file's `ldmgraph` metadata (our bundled models carry their whole configuration there, see
+docs/INTERFACES.md), then `modelspec.prediction_type` metadata, then a `v_pred` key, else "eps".
+SD 2.x 768-v files carry none of these: pass `prediction_type="v"` for them. Attention heads do not
+change any weight shape: SD2-like models (context 1024 or linear projections) get 64 channels per
+head, others 8 heads, as the released configs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ldmgraph.models import configs
+from ldmgraph.models.files import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    CorruptCheckpointError,
+    ModelError,
+    StateDict,
+    UnknownArchitectureError,
+)
+
+# --- detection --------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is: its architecture configs and the facts samplers and nodes need."""
+
+    path: str
+    layout: str  # "single-file" | "diffusers" | "bundled"
+    # "sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "ldm-txt2img", "ldm-concat", "ldm", "bundled-<kind>", "diffusers-..."
+    architecture: str
+    unet: dict[str, Any] | None = None
+    vae: dict[str, Any] | None = None
+    text_encoder: dict[str, Any] | None = None  # {"kind": ..., "config": {...}, ...}
+    prediction_type: str = "eps"
+    # "argument" | "ldmgraph metadata" | "modelspec metadata" | "v_pred key" | "scheduler config" | "default"
+    prediction_type_source: str = "default"
+    concat_kind: str | None = None  # None | "lowres-image" | "inpaint-mask-latent"
+    scale_factor: float = configs.SD_SCALE_FACTOR
+    schedule: dict[str, Any] = field(default_factory=configs.sd_schedule)
+    dtype: str = "float32"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _block_ids(keys: Iterable[str], prefix: str) -> list[int]:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
+
+
+def _has(keys: set[str], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
+def _per_level(values: list[int]) -> int | list[int]:
+    return values[0] if len(set(values)) == 1 else values
+
+
+def detect_unet_config(unet: Mapping[str, Tensor], path: str | Path) -> dict[str, Any]:
+    """UNetModel kwargs from U-Net weights (keys without the `model.diffusion_model.` prefix)."""
+    keys = set(unet)
+    try:
+        conv_in = unet["input_blocks.0.0.weight"]
+        out_conv = unet["out.2.weight"]
+    except KeyError as exc:
+        raise UnknownArchitectureError(
+            path, f"U-Net weights lack {exc.args[0]!r}: not a latent-diffusion U-Net"
+        ) from exc
+    model_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    mults: list[int] = []
+    res_blocks: list[int] = []
+    depths: list[int] = []
+    attn_levels: list[int] = []
+    count, level_depth = 0, 0
+    width = model_channels
+    for i in _block_ids(keys, "input_blocks.")[1:]:
+        p = f"input_blocks.{i}."
+        if f"{p}0.op.weight" in keys or f"{p}0.op.bias" in keys:  # downsample closes a level
+            mults.append(width // model_channels)
+            res_blocks.append(count)
+            depths.append(level_depth)
+            count, level_depth = 0, 0
+            continue
+        width = int(unet[f"{p}0.out_layers.3.weight"].shape[0])
+        count += 1
+        if _has(keys, f"{p}1."):
+            if len(mults) not in attn_levels:
+                attn_levels.append(len(mults))
+            level_depth = max(level_depth, len(_block_ids(keys, f"{p}1.transformer_blocks.")))
+    mults.append(width // model_channels)
+    res_blocks.append(count)
+    depths.append(level_depth)
+
+    ctx_keys = sorted(k for k in keys if k.endswith("attn2.to_k.weight"))
+    context_dim = int(unet[ctx_keys[0]].shape[1]) if ctx_keys else None
+    proj = [k for k in keys if k.endswith("proj_in.weight")]
+    linear = bool(proj) and unet[proj[0]].dim() == 2
+    sd2_like = linear or context_dim == 1024
+    attn_depths = [d for lvl, d in enumerate(depths) if lvl in attn_levels] or [1]
+    config: dict[str, Any] = {
+        "in_channels": in_channels,
+        "out_channels": int(out_conv.shape[0]),
+        "model_channels": model_channels,
+        "attention_resolutions": [2**lvl for lvl in attn_levels],
+        "num_res_blocks": _per_level(res_blocks),
+        "channel_mult": mults,
+        "num_heads": -1 if sd2_like else 8,
+        "num_head_channels": 64 if sd2_like else -1,
+        "transformer_depth": (attn_depths[0] if len(set(attn_depths)) == 1 else depths) if context_dim else 1,
+        "context_dim": context_dim,
+        "use_linear_in_transformer": linear,
+    }
+    if "label_emb.weight" in keys:
+        config["num_classes"] = int(unet["label_emb.weight"].shape[0])
+    elif "label_emb.0.0.weight" in keys:
+        config["num_classes"] = "sequential"
+        config["adm_in_channels"] = int(unet["label_emb.0.0.weight"].shape[1])
+    if model_channels % 32:
+        config["norm_groups"] = _largest_group_count(model_channels)
+    return config
+
+
+def _largest_group_count(channels: int) -> int:
+    return max(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+
+
+def detect_vae_config(vae: Mapping[str, Tensor], path: str | Path) -> dict[str, Any]:
+    """AutoencoderKL kwargs (`ddconfig`, `embed_dim`) from autoencoder weights (prefix removed)."""
+    keys = set(vae)
+    if _has(keys, "quantize.") or _has(keys, "quantize_"):
+        raise UnknownArchitectureError(
+            path, "the autoencoder is a VQ model (quantize.* keys); only KL autoencoders are supported"
+        )
+    try:
+        conv_in = vae["encoder.conv_in.weight"]
+        conv_out = vae["encoder.conv_out.weight"]
+        quant = vae["quant_conv.weight"]
+        dec_in = vae["decoder.conv_in.weight"]
+        dec_out = vae["decoder.conv_out.weight"]
+    except KeyError as exc:
+        raise UnknownArchitectureError(
+            path, f"autoencoder weights lack {exc.args[0]!r}: not a KL autoencoder"
+        ) from exc
+    ch = int(conv_in.shape[0])
+    levels = _block_ids(keys, "encoder.down.")
+    mults, attn_levels = [], []
+    for lvl in levels:
+        width = int(vae[f"encoder.down.{lvl}.block.0.conv2.weight"].shape[0])
+        mults.append(width // ch)
+        if _has(keys, f"encoder.down.{lvl}.attn."):
+            attn_levels.append(lvl)
+    resolution = 256
+    z_channels = int(dec_in.shape[1])
+    ddconfig: dict[str, Any] = {
+        "double_z": int(conv_out.shape[0]) == 2 * z_channels,
+        "z_channels": z_channels,
+        "resolution": resolution,
+        "in_channels": int(conv_in.shape[1]),
+        "out_ch": int(dec_out.shape[0]),
+        "ch": ch,
+        "ch_mult": mults,
+        "num_res_blocks": len(_block_ids(keys, "encoder.down.0.block.")),
+        "attn_resolutions": [resolution // 2**lvl for lvl in attn_levels],
+        "dropout": 0.0,
+    }
+    if ch % 32:
+        ddconfig["norm_groups"] = _largest_group_count(ch)
+    return {"ddconfig": ddconfig, "embed_dim": int(quant.shape[0]) // 2}
+
+
+def detect_text_encoder(state: StateDict) -> dict[str, Any] | None:
+    """The text encoder family and its transformers config kwargs, or None when the file has none."""
+    t = state.tensors
+    for level in ("text_model.", ""):  # the second: files re-saved from transformers 5 (no text_model level)
+        if CLIP_PREFIX + level + "embeddings.token_embedding.weight" in t:
+            sub = state.sub(CLIP_PREFIX + level)
+            return {"kind": "clip-l", "config": _clip_kwargs(sub, "encoder.layers.", "quick_gelu")}
+    if state.has_prefix(OPENCLIP_PREFIX + "transformer.resblocks."):
+        sub = state.sub(OPENCLIP_PREFIX)
+        return {"kind": "openclip-h", "config": _openclip_kwargs(sub)}
+    if CLIP_PREFIX + "token_emb.weight" in t:
+        from ldmgraph.models.text_encoders import ldm_bert_config
+
+        return {"kind": "ldm-bert", "config": ldm_bert_config(state.sub(CLIP_PREFIX))}
+    return None
+
+
+def _clip_kwargs(sub: Mapping[str, Tensor], layer_prefix: str, act: str) -> dict[str, Any]:
+    tok = sub["embeddings.token_embedding.weight"]
+    hidden = int(tok.shape[1])
+    fc1 = next(v for k, v in sub.items() if k.endswith("mlp.fc1.weight"))
+    return {
+        "vocab_size": int(tok.shape[0]),
+        "hidden_size": hidden,
+        "intermediate_size": int(fc1.shape[0]),
+        "num_hidden_layers": len(_block_ids(sub, layer_prefix)),
+        "num_attention_heads": max(1, hidden // 64),
+        "max_position_embeddings": int(sub["embeddings.position_embedding.weight"].shape[0]),
+        "hidden_act": act,
+    }
+
+
+def _openclip_kwargs(sub: Mapping[str, Tensor]) -> dict[str, Any]:
+    tok = sub["token_embedding.weight"]
+    hidden = int(tok.shape[1])
+    return {
+        "vocab_size": int(tok.shape[0]),
+        "hidden_size": hidden,
+        "intermediate_size": int(sub["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        "num_hidden_layers": len(_block_ids(sub, "transformer.resblocks.")),
+        "num_attention_heads": max(1, hidden // 64),
+        "max_position_embeddings": int(sub["positional_embedding"].shape[0]),
+        "hidden_act": "gelu",
+    }
+
+
+def detect_concat_kind(unet: dict[str, Any], path: str | Path) -> str | None:
+    extra = unet["in_channels"] - unet["out_channels"]
+    if extra == 0:
+        return None
+    if extra == unet["out_channels"] + 1:
+        return (
+            "inpaint-mask-latent"  # mask (1) + masked-image latent (C): SD inpainting (9), LDM inpainting (7)
+        )
+    if extra == 3:
+        return "lowres-image"  # LDM super-resolution: the low-resolution RGB image
+    raise UnknownArchitectureError(
+        path,
+        f"U-Net takes {unet['in_channels']} input channels for {unet['out_channels']} latent channels: "
+        "unknown concat conditioning",
+    )
+
+
+def _prediction_type(state: StateDict, meta: dict[str, Any], override: str | None) -> tuple[str, str]:
+    if override is not None:
+        return check_prediction_type(override, state.path), "argument"
+    if meta.get("prediction_type"):
+        return check_prediction_type(str(meta["prediction_type"]), state.path), "ldmgraph metadata"
+    spec = state.metadata.get("modelspec.prediction_type")
+    if spec:
+        return check_prediction_type(spec, state.path), "modelspec metadata"
+    if "v_pred" in state.tensors:
+        return "v", "v_pred key"
+    return "eps", "default"
+
+
+def check_prediction_type(value: str, path: str | Path) -> str:
+    norm = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", "v-prediction": "v"}.get(
+        value.lower()
+    )
+    if norm is None:
+        raise ModelError(path, f"prediction_type {value!r} is not supported: use 'eps' or 'v'")
+    return norm
+
+
+def bundled_metadata(state: StateDict) -> dict[str, Any] | None:
+    """The parsed `ldmgraph` metadata JSON of a bundled model, or None."""
+    raw = state.metadata.get("ldmgraph")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CorruptCheckpointError(
+            state.path, f"its 'ldmgraph' metadata is not valid JSON ({exc})"
+        ) from exc
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("ldmgraph-bundled/"):
+        raise CorruptCheckpointError(state.path, "its 'ldmgraph' metadata lacks format 'ldmgraph-bundled/1'")
+    return meta
+
+
+def detect(state: StateDict, *, prediction_type: str | None = None) -> CheckpointInfo:
+    """Detect the architecture of a single-file checkpoint (original key layout)."""
+    path = state.path
+    meta = bundled_metadata(state)
+    dtype = dominant_dtype(state.tensors.values())
+    if meta is not None:
+        pred, source = _prediction_type(state, meta, prediction_type)
+        te = meta.get("text_encoder")
+        return CheckpointInfo(
+            path=str(path),
+            layout="bundled",
+            architecture=f"bundled-{meta.get('kind', 'txt2img')}",
+            unet=dict(meta["unet"]),
+            vae=dict(meta["vae"]) if meta.get("vae") else None,
+            text_encoder={"kind": te} if te else None,
+            prediction_type=pred,
+            prediction_type_source=source,
+            concat_kind=meta.get("concat"),
+            scale_factor=float(meta.get("scale_factor", configs.SD_SCALE_FACTOR)),
+            schedule=dict(meta.get("schedule") or configs.sd_schedule()),
+            dtype=dtype,
+            metadata=meta,
+        )
+    if not state.has_prefix(UNET_PREFIX):
+        hint = ""
+        if state.has_prefix("encoder.") or state.has_prefix("decoder."):
+            hint = " (it looks like a standalone VAE: load it with a VAE loader)"
+        raise UnknownArchitectureError(
+            path, f"no U-Net weights under '{UNET_PREFIX}'{hint}: not a latent-diffusion checkpoint"
+        )
+    unet = detect_unet_config(state.sub(UNET_PREFIX), path)
+    vae = detect_vae_config(state.sub(VAE_PREFIX), path) if state.has_prefix(VAE_PREFIX) else None
+    text = detect_text_encoder(state)
+    pred, source = _prediction_type(state, {}, prediction_type)
+    concat = detect_concat_kind(unet, path)
+    architecture = architecture_name(unet, text, concat)
+    scale = state.tensors.get("scale_factor")
+    return CheckpointInfo(
+        path=str(path),
+        layout="single-file",
+        architecture=architecture,
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        prediction_type=pred,
+        prediction_type_source=source,
+        concat_kind=concat,
+        scale_factor=float(scale) if scale is not None and scale.numel() == 1 else configs.SD_SCALE_FACTOR,
+        schedule=configs.sd_schedule(),
+        dtype=dtype,
+    )
+
+
+def architecture_name(unet: dict[str, Any], text: dict[str, Any] | None, concat: str | None) -> str:
+    kind = text["kind"] if text else None
+    if kind == "clip-l" and unet["context_dim"] == 768:
+        base = "sd1"
+    elif kind == "openclip-h" and unet["context_dim"] == 1024:
+        base = "sd2"
+    elif kind == "ldm-bert":
+        base = "ldm-txt2img"
+    else:
+        base = "ldm"
+    if concat == "inpaint-mask-latent":
+        return f"{base}-inpaint" if base in ("sd1", "sd2") else "ldm-concat"
+    if concat is not None:
+        return "ldm-concat"
+    return base
+
+
+def dominant_dtype(tensors: Iterable[Tensor]) -> str:
+    counts: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if not counts:
+        return "float32"
+    return str(max(counts, key=lambda d: counts[d])).removeprefix("torch.")
+
+
