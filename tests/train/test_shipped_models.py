@@ -37,7 +37,7 @@ def test_superres_beats_bicubic(figures):
     assert figures.sr_psnr_model_only >= figures.bicubic_psnr + 2.0  # the model on its own
 
 
-def test_inpainting_paints_the_requested_colour_and_keeps_the_rest(figures):
-    # The shape in the hole is right only about half the time (issue 6 stays open for it); the
-    # colour is right nearly always.
-    assert figures.inpaint_colour >= 0.6 and figures.inpaint_outside_delta <= 2.0
+def test_inpainting_paints_the_requested_object_and_keeps_the_rest(figures):
+    # 8 images: 7 of 8 read as the requested colour and shape (0.94 on 128 with `ldmgraph evaluate`)
+    assert figures.inpaint_object >= 0.75 and figures.inpaint_colour >= 0.85
+    assert figures.inpaint_outside_delta <= 2.0
