@@ -3,8 +3,9 @@
 The LDMs never run the encoders while they train (Rombach et al. 2022 train on fixed first-stage
 latents too): a fixed pool of training-split scenes is encoded once into posterior means and
 standard deviations (a latent is drawn from them at each step), low-resolution 16x16 images for
-super-resolution, masks and masked-image latents for inpainting, and the MiniLM contexts of every
-distinct caption.
+super-resolution, and the MiniLM contexts of every distinct caption. Inpainting has its own file
+(``inpaint.safetensors``): each example's target latent, mask and masked-image latent, because a
+"replace" example's target is not the scene it starts from (see :func:`inpaint_task`).
 """
 
 from __future__ import annotations
