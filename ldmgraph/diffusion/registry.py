@@ -21,6 +21,8 @@ SAMPLER_NAMES = (
     "ddim",
     "ddpm",
     "plms",
+    "uni_pc",
+    "uni_pc_bh2",
 )
 SCHEDULE_NAMES = ("normal", "karras", "exponential", "simple", "sgm_uniform", "ddim_uniform")
 

@@ -30,9 +30,13 @@ noise, same per-step noise; "T" = num_train_timesteps, SD's scaled_linear betas)
 | dpm_2 + normal               | KDPM2DiscreteScheduler(timestep_spacing="linspace")                            |
 | dpm_2_ancestral + normal     | KDPM2AncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
 | plms + ddim_uniform          | PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True)      |
+| uni_pc_bh2 (order 2, 3) + sgm_uniform / karras | UniPCMultistepScheduler(solver_type="bh2", solver_order=2 / 3) |
+| uni_pc (order 2, 3)          | UniPCMultistepScheduler(solver_type="bh1", final_sigmas_type="sigma_min")      |
 
 Notes: DDIMScheduler with SD's set_alpha_to_one=False stops at sigma(t=0) = 0.029 instead of 0,
-so its last latent still holds that much noise; ours ends at sigma 0 (its x0).
+so its last latent still holds that much noise; ours ends at sigma 0 (its x0). diffusers' UniPC
+with bh1 returns NaN on a step to sigma 0 (it divides by B(h) = h = infinity); ours takes the x0
+prediction there, as every order-1 step to sigma 0 does.
 """
 
 from __future__ import annotations
@@ -465,6 +469,102 @@ def dpmpp_sde(
     return x
 
 
+def _unipc_update(
+    x: Tensor,
+    sigma: float,
+    sigma_next: float,
+    history: list[tuple[float, Tensor]],
+    order: int,
+    variant: str,
+    denoised_next: Tensor | None = None,
+) -> Tensor:
+    """One UniPC update from (x, sigma) to sigma_next (Zhao et al. 2023, data prediction, Alg. 2).
+
+    ``history`` holds (lambda, x0 prediction) of the last steps, newest last; the newest is at sigma.
+    Without ``denoised_next`` this is the predictor UniP of ``order`` (order - 1 earlier points);
+    with it, the corrector UniC of ``order``, which adds the model output at sigma_next as one more
+    point (rk = 1). lambda = -log(sigma) here (x = x0 + sigma * eps, so alpha = 1). B(h) is h for
+    "bh1" and e^h - 1 for "bh2" (with h taken negative, as for data prediction).
+    """
+    lam, m0 = history[-1]
+    hh = lam + math.log(sigma_next)  # -(lambda_next - lambda)
+    h_phi_1 = math.expm1(hh)
+    b_h = hh if variant == "bh1" else h_phi_1
+    earlier = history[-order:-1][::-1]  # the order - 1 points before the newest, newest first
+    ratios = [(lam_k - lam) / -hh for lam_k, _ in earlier]
+    slopes = [(m_k - m0) / r for (_, m_k), r in zip(earlier, ratios, strict=True)]
+    base = x * (sigma_next / sigma) - m0 * h_phi_1
+    if denoised_next is not None:
+        ratios.append(1.0)
+        slopes.append(denoised_next - m0)
+    if not slopes:
+        return base
+    # rhos solve R rho = b with R[i][k] = r_k^i and b_i = i! * phi_{i+1}(h) / B(h), i = 0..n-1
+    n = len(slopes)
+    phi, factorial, rhs = h_phi_1 / hh - 1.0, 1.0, []
+    for i in range(n):
+        rhs.append(phi * factorial / b_h)
+        factorial *= i + 2
+        phi = phi / hh - 1.0 / factorial
+    if n == 1:
+        rhos = [0.5]  # one point: the fixed weight of the UniPC reference code (predictor 2, corrector 1)
+    else:
+        rhos = np.linalg.solve(np.vander(np.asarray(ratios), n, increasing=True).T, np.asarray(rhs)).tolist()
+    correction = sum(r * d for r, d in zip(rhos, slopes, strict=True))
+    return base - correction * b_h
+
+
+def _uni_pc(model: Denoise, x: Tensor, sigmas: Tensor, extra_args: dict | None, callback: Callback,
+            order: int, variant: str) -> Tensor:
+    extra, levels = extra_args or {}, _levels(sigmas)
+    steps = len(levels) - 1
+    history: list[tuple[float, Tensor]] = []
+    last_x, last_order = x, 0
+    for i in range(steps):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
+        _report(callback, i, sigma, x, denoised)
+        if history:  # UniC: correct x with the output just computed there (no extra evaluation)
+            x = _unipc_update(last_x, levels[i - 1], sigma, history, last_order, variant, denoised)
+        history = [*history, (-math.log(sigma), denoised)][-order:]
+        if sigma_next == 0:
+            x = denoised
+            continue
+        last_order = min(order, steps - i, len(history))  # warm up, and lower orders at the end
+        last_x = x
+        x = _unipc_update(x, sigma, sigma_next, history, last_order, variant)
+    return x
+
+
+@torch.no_grad()
+def uni_pc(
+    model: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    generator: torch.Generator | None = None,
+    order: int = 3,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023): multistep predictor UniP with the corrector UniC after every step,
+    B(h) = h ("bh1"), data prediction; order 3 with lower orders while warming up and at the end."""
+    return _uni_pc(model, x, sigmas, extra_args, callback, order, "bh1")
+
+
+@torch.no_grad()
+def uni_pc_bh2(
+    model: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    generator: torch.Generator | None = None,
+    order: int = 3,
+) -> Tensor:
+    """UniPC with B(h) = e^h - 1 ("bh2"), which the UniPC authors recommend for guided sampling."""
+    return _uni_pc(model, x, sigmas, extra_args, callback, order, "bh2")
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm,
     "ddim": ddim,
@@ -478,4 +578,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_sde": dpmpp_sde,
     "plms": plms,
+    "uni_pc": uni_pc,
+    "uni_pc_bh2": uni_pc_bh2,
 }

@@ -236,3 +236,37 @@ def test_v_prediction_euler_matches_diffusers(tiny_unet, noise, context, as_mode
     model.prediction_type = "v"
     got = K.euler(Denoiser(model), x, S.normal(steps, SCHEDULE), extra_args={"context": context})
     assert (got - expected).abs().max() < TOL
+
+
+@pytest.mark.parametrize("name,variant", [("uni_pc", "bh1"), ("uni_pc_bh2", "bh2")])
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize(
+    "schedule,config,round_t,steps",
+    [("sgm_uniform", {"timestep_spacing": "linspace"}, False, 9), ("karras", {"use_karras_sigmas": True}, True, 10)],
+)
+def test_uni_pc_matches_unipc_multistep(
+    name, variant, order, schedule, config, round_t, steps, tiny_unet, noise, context, ours
+):
+    from diffusers import UniPCMultistepScheduler
+
+    # diffusers' bh1 divides by B(h) = h, infinite on a step to sigma 0 (its result is NaN there), so
+    # bh1 is compared on schedules that end at sigma_min, the last step's order 1 update included
+    final = "zero" if variant == "bh2" else "sigma_min"
+    scheduler = UniPCMultistepScheduler(**SD, solver_order=order, solver_type=variant, final_sigmas_type=final,
+                                        **config)
+    scheduler.set_timesteps(steps)
+    sigmas = getattr(S, schedule)(steps, SCHEDULE)
+    if final == "zero":
+        assert torch.allclose(sigmas, scheduler.sigmas.float(), rtol=1e-4)
+    else:
+        assert torch.allclose(sigmas[:-1], scheduler.sigmas.float()[:-1], rtol=1e-4)
+        sigmas = scheduler.sigmas.float()
+    expected = _diffusers_loop(scheduler, tiny_unet, noise, context)  # VP space: x_T = noise
+    x = noise * (1 + sigmas[0] ** 2).sqrt()
+    got = ours(getattr(K, name), x, sigmas, round_t=round_t, order=order)
+    if final == "sigma_min":  # diffusers' VP latent at sigma_min is ours times sqrt(alpha_bar)
+        got = got / (1 + sigmas[-1] ** 2).sqrt()
+    assert (got - expected).abs().max() < TOL
+    # the corrector matters: plain multistep prediction (DPM-Solver++ 2M) ends elsewhere
+    if order == 2 and final == "zero":
+        assert (ours(K.dpmpp_2m, x, sigmas, round_t=round_t) - expected).abs().max() > 10 * TOL
