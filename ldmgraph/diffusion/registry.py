@@ -24,7 +24,7 @@ SAMPLER_NAMES = (
     "uni_pc",
     "uni_pc_bh2",
 )
-SCHEDULE_NAMES = ("normal", "karras", "exponential", "simple", "sgm_uniform", "ddim_uniform")
+SCHEDULE_NAMES = ("normal", "karras", "exponential", "simple", "sgm_uniform", "ddim_uniform", "beta")
 
 BUILTIN_SAMPLERS: dict[str, str] = {name: f"ldmgraph.diffusion.samplers:{name}" for name in SAMPLER_NAMES}
 BUILTIN_SCHEDULES: dict[str, str] = {name: f"ldmgraph.diffusion.schedules:{name}" for name in SCHEDULE_NAMES}

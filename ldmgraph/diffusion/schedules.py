@@ -56,3 +56,17 @@ def ddim_uniform(n: int, noise_schedule: NoiseSchedule) -> Tensor:
     stride = max(noise_schedule.timesteps // n, 1)
     timesteps = torch.arange(1, noise_schedule.timesteps, stride)[:n].flip(0)
     return _append_zero(noise_schedule.sigmas[timesteps])
+
+
+def beta(n: int, noise_schedule: NoiseSchedule, alpha: float = 0.6, beta: float = 0.6) -> Tensor:
+    """Timesteps at the Beta(alpha, beta) quantiles of 1 - k/n, k = 0..n-1, rounded to training steps
+    (Lee et al. 2024, "Beta sampling is all you need"; ComfyUI's "beta", alpha = beta = 0.6). With
+    alpha, beta < 1 the steps crowd at both ends of the schedule. A timestep that rounding repeats
+    is taken once, so very long schedules may have fewer than n steps."""
+    import numpy as np
+    from scipy.special import betaincinv
+
+    quantiles = 1.0 - np.arange(n) / n
+    timesteps = np.rint(betaincinv(alpha, beta, quantiles) * (noise_schedule.timesteps - 1)).astype(np.int64)
+    keep = np.concatenate([[True], timesteps[1:] != timesteps[:-1]])
+    return _append_zero(noise_schedule.sigmas[torch.from_numpy(timesteps[keep])])

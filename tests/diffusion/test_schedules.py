@@ -58,12 +58,29 @@ def test_karras_endpoints_and_rho_spacing(n):
         assert torch.allclose(diffs, diffs[0].expand_as(diffs), rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["normal", "karras", "exponential", "simple", "ddim_uniform", "sgm_uniform"])
+@pytest.mark.parametrize("name", ["normal", "karras", "exponential", "simple", "ddim_uniform", "sgm_uniform", "beta"])
 def test_every_schedule_decreases_to_zero(name):
     sigmas = getattr(S, name)(10, SD)
     assert sigmas.shape == (11,)
     assert sigmas[-1] == 0 and bool((sigmas[:-1] > 0).all())
     assert bool((sigmas[1:] < sigmas[:-1]).all())
+
+
+def test_beta_schedule_follows_the_beta_quantiles():
+    # Beta(1/2, 1/2) is the arcsine distribution, quantile sin^2(pi q / 2); Beta(1, 1) is uniform
+    n = 12
+    q = 1 - torch.arange(n, dtype=torch.float64) / n
+    arcsine = torch.round(torch.sin(math.pi * q / 2) ** 2 * 999).long()
+    assert torch.equal(S.beta(n, SD, 0.5, 0.5)[:-1], SD.sigmas[arcsine])
+    assert torch.equal(S.beta(n, SD, 1.0, 1.0)[:-1], SD.sigmas[torch.round(q * 999).long()])
+    # the default (0.6, 0.6) starts at sigma_max, crowds both ends and never repeats a step
+    default = S.beta(20, SD)
+    assert default[0] == SD.sigma_max and default.shape == (21,)
+    steps = torch.tensor([int((SD.sigmas - s).abs().argmin()) for s in default[:-1]])
+    gaps = steps[:-1] - steps[1:]  # in timesteps
+    assert gaps[0] < gaps[len(gaps) // 2] and gaps[-1] < gaps[len(gaps) // 2]
+    long = S.beta(900, SD)
+    assert bool((long[1:] < long[:-1]).all()) and long.shape[0] < 901
 
 
 def test_exponential_is_log_linear_and_ddim_uniform_picks_leading_timesteps():
