@@ -72,14 +72,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .ldm import LDMConfig, train_ldm
     from .pipeline import export_and_grid, prepare_inpaint_pool, prepare_pool, read_scale_factor
-    from .pool import build_contexts, load_pool
+    from .pool import INPAINT_TASKS_VERSION, build_contexts, contexts_inpaint_version, load_pool
 
     if not (args.ae / "checkpoint.safetensors").exists():
         print(f"ldmgraph train {args.kind}: no autoencoder checkpoint in {args.ae}; run "
               f"'ldmgraph train autoencoder --out {args.ae}' first or pass --ae", file=sys.stderr)
         return 1
     inpaint_size = args.inpaint_size
-    if not (args.pool / "contexts.safetensors").exists():
+    contexts = args.pool / "contexts.safetensors"
+    if args.kind == "inpaint" and contexts.exists() and contexts_inpaint_version(args.pool) != INPAINT_TASKS_VERSION:
+        print(f"{args.pool}: its inpainting examples predate the current tasks; rebuilding them", file=sys.stderr)
+        contexts.unlink()
+        (args.pool / "inpaint.safetensors").unlink(missing_ok=True)
+    if not contexts.exists():
         build_contexts(args.pool, 0, args.pool_size, inpaint_size)
     if not (args.pool / "latents.safetensors").exists():
         prepare_pool(args.ae, args.pool, 0, args.pool_size, inpaint_size, threads=args.threads)

@@ -223,6 +223,17 @@ def merge_parts(out: Path, parts: int, name: str = "latents") -> None:
               str(out / f"{name}.safetensors"), metadata=metadata)
 
 
+def contexts_inpaint_version(folder: Path) -> str | None:
+    """The inpainting task version the pool's contexts were built for (None: older, or no contexts)."""
+    from safetensors import safe_open
+
+    path = folder / "contexts.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("inpaint_tasks")
+
+
 def load_pool(folder: Path) -> dict[str, object]:
     """The pool's files (latents, inpainting examples where built, contexts) as one dict of
     tensors, plus ``captions`` (the distinct captions)."""

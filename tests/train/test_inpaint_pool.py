@@ -111,3 +111,25 @@ def test_inpainting_starts_as_the_text_to_image_model(tmp_path: Path) -> None:
     wide = build_unet(LDMConfig(kind="inpaint", unet={**tiny_unet("inpaint"), "model_channels": 32}))
     with pytest.raises(ValueError, match="--init-from"):
         initial_weights(wide, tmp_path / "ldm")
+
+
+def test_a_pool_whose_inpainting_examples_predate_the_tasks_is_refused_by_name(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ldmgraph.train.pool import INPAINT_TASKS_VERSION, contexts_inpaint_version, load_pool
+
+    pool = tiny_pool(4)
+    save_file({k: pool[k] for k in ("mean", "std", "lowres")}, str(tmp_path / "latents.safetensors"))
+    inpaint = {k: pool[k].contiguous() for k in ("inpaint_mean", "inpaint_std", "inpaint_mask", "inpaint_masked")}
+    save_file(inpaint, str(tmp_path / "inpaint.safetensors"), metadata={"inpaint_tasks": INPAINT_TASKS_VERSION})
+    contexts = {k: pool[k] for k in ("contexts", "caption_index", "inpaint_caption_index")}
+    save_file(contexts, str(tmp_path / "contexts.safetensors"), metadata={"captions": '["", "a"]'})  # no version
+    assert contexts_inpaint_version(tmp_path) is None
+    with pytest.raises(ValueError, match="different inpainting tasks"):
+        load_pool(tmp_path)
+
+    save_file(contexts, str(tmp_path / "contexts.safetensors"),
+              metadata={"captions": '["", "a"]', "inpaint_tasks": INPAINT_TASKS_VERSION})
+    loaded = load_pool(tmp_path)
+    assert contexts_inpaint_version(tmp_path) == INPAINT_TASKS_VERSION
+    assert torch.equal(loaded["inpaint_mean"], pool["inpaint_mean"]) and loaded["captions"] == ["", "a"]
