@@ -136,8 +136,8 @@ def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, tor
     """The step's examples: z0 (scaled), concat (or None) and context (or None)."""
     g = step_generator(cfg.seed, step, stream=2)
     if cfg.kind == "inpaint" and "inpaint_mean" not in pool:
-        raise ValueError("this pool has no inpainting examples (inpaint.safetensors); delete its latents and "
-                         "let 'ldmgraph train inpaint' rebuild them")
+        raise ValueError("this pool has no inpainting examples (inpaint.safetensors); 'ldmgraph train inpaint "
+                         "--pool FOLDER' builds them")
     prefix = "inpaint_" if cfg.kind == "inpaint" else ""
     n = pool[prefix + "mean"].shape[0]
     idx = torch.randint(0, n, (cfg.batch_size,), generator=g)

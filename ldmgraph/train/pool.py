@@ -32,7 +32,10 @@ def pool_scenes(data_seed: int, count: int) -> list[Scene]:
     return [scene_at(data_seed, "train", i, two_object_prob=TWO_OBJECT_PROB) for i in range(count)]
 
 
-def _box_around(cx: float, cy: float, half: float, margin: float = 3.0) -> tuple[int, int, int, int]:
+Box = tuple[int, int, int, int]  # pixels, x0 y0 x1 y1
+
+
+def _box_around(cx: float, cy: float, half: float, margin: float = 3.0) -> Box:
     x0 = int(max(0, np.floor((cx - half - margin) / 4) * 4))
     y0 = int(max(0, np.floor((cy - half - margin) / 4) * 4))
     x1 = int(min(64, np.ceil((cx + half + margin) / 4) * 4))
@@ -40,13 +43,12 @@ def _box_around(cx: float, cy: float, half: float, margin: float = 3.0) -> tuple
     return x0, y0, x1, y1
 
 
-CENTRE_BOX = (16, 16, 48, 48)  # the hole of the inpainting evaluation (pixels, x0 y0 x1 y1)
-Box = tuple[int, int, int, int]
+CENTRE_BOX: Box = (16, 16, 48, 48)  # the hole of the inpainting evaluation
 # the share of each kind of inpainting example (the rest: a box around one shape, that shape's caption)
 REPLACE_PROB = 0.55
+FULL_CAPTION_PROB = 0.15
 # bumped whenever inpaint_task changes: the contexts and the inpainting latents must come from the same tasks
 INPAINT_TASKS_VERSION = "2"
-FULL_CAPTION_PROB = 0.15
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,19 @@ def _nearest_position(cx: float, cy: float) -> str:
     return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
 
 
+def _random_box(rng: np.random.Generator, low: int, high: int) -> Box:
+    """A box of (low..high-1) x (low..high-1) latent pixels (4 image pixels each) anywhere on the image."""
+    w, h = (int(v) * 4 for v in rng.integers(low, high, size=2))
+    x0, y0 = int(rng.integers(0, (64 - w) // 4 + 1)) * 4, int(rng.integers(0, (64 - h) // 4 + 1)) * 4
+    return x0, y0, x0 + w, y0 + h
+
+
 def _replace_task(rng: np.random.Generator) -> InpaintTask:
     """A box (the evaluation's centre box half the time) holding one new training-combination shape.
 
     The shape fits inside the box with a margin, so its anti-aliased edge never leaves the hole.
     """
-    if rng.random() < 0.5:
-        box = CENTRE_BOX
-    else:
-        w, h = (int(v) * 4 for v in rng.integers(4, 11, size=2))  # 16..40 pixels
-        x0, y0 = int(rng.integers(0, (64 - w) // 4 + 1)) * 4, int(rng.integers(0, (64 - h) // 4 + 1)) * 4
-        box = (x0, y0, x0 + w, y0 + h)
+    box = CENTRE_BOX if rng.random() < 0.5 else _random_box(rng, 4, 11)  # 16..40 pixels
     x0, y0, x1, y1 = box
     bx, by, room = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2 - 2.0
     position = _nearest_position(bx, by)
@@ -106,11 +110,7 @@ def inpaint_task(scene: Scene, data_seed: int, index: int) -> InpaintTask:
         margin = float(rng.uniform(2.0, 8.0))
         return InpaintTask(_box_around(spec.cx, spec.cy, spec.half, margin),
                            caption_of([spec], [bool(rng.random() < 0.5)]))
-    if rng.random() < 0.4:
-        return InpaintTask(CENTRE_BOX, scene.caption)
-    w, h = (int(v) * 4 for v in rng.integers(3, 12, size=2))
-    x0, y0 = int(rng.integers(0, (64 - w) // 4 + 1)) * 4, int(rng.integers(0, (64 - h) // 4 + 1)) * 4
-    return InpaintTask((x0, y0, x0 + w, y0 + h), scene.caption)
+    return InpaintTask(CENTRE_BOX if rng.random() < 0.4 else _random_box(rng, 3, 12), scene.caption)
 
 
 def inpaint_truth(scene: Scene, task: InpaintTask) -> np.ndarray:
