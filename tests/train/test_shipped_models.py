@@ -29,7 +29,8 @@ def test_autoencoder_reconstructs_held_out_images_above_30_db(figures):
 
 
 def test_text_to_image_draws_held_out_captions(figures):
-    assert figures.color >= 0.75 and figures.position >= 0.75 and figures.shape >= 0.6
+    # 8 captions at 12 steps: 8/8 colour and position, 7/8 shape (256 at 20 steps: 1.00 / 0.99 / 1.00)
+    assert figures.color >= 0.85 and figures.position >= 0.85 and figures.shape >= 0.75
 
 
 def test_superres_beats_bicubic(figures):
