@@ -78,18 +78,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"ldmgraph train {args.kind}: no autoencoder checkpoint in {args.ae}; run "
               f"'ldmgraph train autoencoder --out {args.ae}' first or pass --ae", file=sys.stderr)
         return 1
-    inpaint_size = args.inpaint_size
     contexts = args.pool / "contexts.safetensors"
     if args.kind == "inpaint" and contexts.exists() and contexts_inpaint_version(args.pool) != INPAINT_TASKS_VERSION:
         print(f"{args.pool}: its inpainting examples predate the current tasks; rebuilding them", file=sys.stderr)
         contexts.unlink()
         (args.pool / "inpaint.safetensors").unlink(missing_ok=True)
     if not contexts.exists():
-        build_contexts(args.pool, 0, args.pool_size, inpaint_size)
+        build_contexts(args.pool, 0, args.pool_size, args.inpaint_size)
     if not (args.pool / "latents.safetensors").exists():
-        prepare_pool(args.ae, args.pool, 0, args.pool_size, inpaint_size, threads=args.threads)
+        prepare_pool(args.ae, args.pool, 0, args.pool_size, args.inpaint_size, threads=args.threads)
     elif args.kind == "inpaint" and not (args.pool / "inpaint.safetensors").exists():
-        prepare_inpaint_pool(args.ae, args.pool, 0, inpaint_size, threads=args.threads)
+        prepare_inpaint_pool(args.ae, args.pool, 0, args.inpaint_size, threads=args.threads)
     cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes, scale_factor=read_scale_factor(args.pool),
                     init_from=str(args.init_from or ""))
     for name in ("steps", "batch_size", "lr", "offset_noise"):

@@ -117,10 +117,18 @@ def load_checkpoint(
     return state
 
 
+def prefixed_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose keys start with ``prefix``, the prefix removed; the
+    others (a run's model and optimizer state, a bundled file's autoencoder) are not read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
 def load_ema_weights(folder: Path, model: nn.Module) -> dict[str, Any]:
     """Load a run's EMA weights into ``model`` (for sampling, evaluation and export)."""
-    tensors = load_file(str(folder / "checkpoint.safetensors"))
-    model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    model.load_state_dict(prefixed_tensors(folder / "checkpoint.safetensors", "ema."))
     return json.loads((folder / "state.json").read_text())
 
 

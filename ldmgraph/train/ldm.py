@@ -24,7 +24,15 @@ from tqdm import tqdm
 
 from ldmgraph.models.unet import UNetModel
 
-from .common import EMA, load_checkpoint, lr_at, restores_torch_threads, save_checkpoint, step_generator
+from .common import (
+    EMA,
+    load_checkpoint,
+    lr_at,
+    prefixed_tensors,
+    restores_torch_threads,
+    save_checkpoint,
+    step_generator,
+)
 
 KINDS = ("ldm", "superres", "inpaint")
 SCHEDULE = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
@@ -102,13 +110,12 @@ def initial_weights(unet: UNetModel, source: Path) -> dict[str, int]:
     exactly like the source model. Every other tensor must match in shape. Returns counts of the
     tensors copied and widened.
     """
-    from safetensors.torch import load_file
+    from ldmgraph.models.files import UNET_PREFIX
 
     if source.is_dir():
-        tensors = {k[4:]: v for k, v in load_file(str(source / "checkpoint.safetensors")).items() if k.startswith("ema.")}
+        tensors = prefixed_tensors(source / "checkpoint.safetensors", "ema.")
     else:
-        prefix = "model.diffusion_model."
-        tensors = {k[len(prefix):]: v for k, v in load_file(str(source)).items() if k.startswith(prefix)}
+        tensors = prefixed_tensors(source, UNET_PREFIX)
     own = unet.state_dict()
     if not tensors or set(tensors) != set(own):
         missing, extra = sorted(set(own) - set(tensors))[:3], sorted(set(tensors) - set(own))[:3]
