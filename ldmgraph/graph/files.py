@@ -72,6 +72,24 @@ def read_regular_file(path: str | os.PathLike[str], limit: int = MAX_INPUT_FILE_
         os.close(fd)
 
 
+def input_file_problem(folder: str | os.PathLike[str], name: object) -> tuple[str, str] | None:
+    """``(code, message)`` when ``name`` is not a regular file inside the input ``folder``."""
+    if not isinstance(name, str):
+        return None  # the literal's own type check reports it
+    try:
+        path = safe_join(folder, name)
+    except UnsafePathError as exc:
+        return codes.UNSAFE_PATH, f"{exc}; name a file inside the input folder {folder}"
+    try:
+        kind = not_a_regular_file(path)
+    except OSError:
+        return codes.FILE_NOT_FOUND, (f"file {name!r} not found in the input folder {folder}; "
+                                      "put it there or pass --input-dir")
+    if kind is not None:
+        return codes.NOT_A_FILE, f"{name!r} in the input folder {folder} is {kind}, not a regular file"
+    return None
+
+
 def check_file_name_prefix(prefix: object) -> tuple[str, str] | None:
     """``(code, reason)`` when an output file-name prefix is not portable or leaves its folder.
 
