@@ -375,3 +375,23 @@ def _static_key(cls: type[Node], literals: dict[str, Any], known: dict[str, Any]
 
 _BASE_FINGERPRINT = Node.fingerprint.__func__  # type: ignore[attr-defined]
 _BASE_CHECK_INPUTS = Node.check_inputs.__func__  # type: ignore[attr-defined]
+
+
+def describe_parameters(workflow: Workflow, registry: Registry) -> dict[str, dict[str, Any]]:
+    """What ``ldmgraph params`` lists: each declared parameter's type, current value, bounds,
+    choices and help (from the input it targets first), and every input it sets."""
+    listing: dict[str, dict[str, Any]] = {}
+    for name, param in workflow.parameters.items():
+        entry: dict[str, Any] = {"type": "?", "targets": [f"{t.node}.{t.input}" for t in param.targets]}
+        target = param.targets[0]
+        node = workflow.nodes.get(target.node)
+        cls = registry.node(node.type) if node is not None else None
+        spec = cls.spec.inputs.get(target.input) if cls is not None else None
+        if node is not None and spec is not None:
+            described = spec.describe(registry)
+            given = node.inputs.get(target.input, spec.default)
+            entry.update({k: v for k, v in described.items() if k not in ("required", "default")})
+            entry["value"] = None if isinstance(given, Link) else given
+        entry["description"] = param.description or entry.get("description", "")
+        listing[name] = entry
+    return listing
