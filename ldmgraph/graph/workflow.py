@@ -135,7 +135,6 @@ def scan_document(doc: Any) -> list[Problem]:
                 if isinstance(key, str) and not key.isascii() and not _is_unicode(key):
                     problems.append(_located(path, codes.INVALID_TEXT, f"the name {_escaped(key)} is not valid "
                                              "Unicode (it holds a lone surrogate); rename it"))
-                    continue
                 stack.append((item, depth + 1, path + (_part(key),) if len(path) < 4 else path))
     return problems
 
