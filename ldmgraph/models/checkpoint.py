@@ -45,8 +45,10 @@ from ldmgraph.models.files import (
     StateDict,
     UnexpectedKeysError,
     UnknownArchitectureError,
+    WeightMismatchError,
     read_state_dict,
 )
+from ldmgraph.models.header import inspect_model
 
 __all__ = [
     "CLIP_PREFIX", "OPENCLIP_PREFIX", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "UNET_PREFIX", "VAE_PREFIX",
@@ -90,19 +92,23 @@ def assign_weights(
     wanted = {k: v for k, v in weights.items() if not any(p.search(k) for p in patterns)}
     if dtype is not None:
         wanted = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in wanted.items()}
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - set(wanted))
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(wanted))
     if missing:
         raise MissingKeysError(path, component, missing)
-    unexpected = sorted(set(wanted) - expected)
+    unexpected = sorted(set(wanted) - set(expected))
     if unexpected:
         raise UnexpectedKeysError(path, component, unexpected)
+    mismatched = [(k, list(v.shape), list(expected[k].shape)) for k, v in wanted.items()
+                  if v.shape != expected[k].shape]
+    if mismatched:  # named here in a few lines, not by load_state_dict's one line per tensor
+        raise WeightMismatchError(path, component, mismatched)
     try:
         module.load_state_dict(wanted, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatches
+    except RuntimeError as exc:
         raise UnknownArchitectureError(
-            path, f"{component}: weights do not fit the detected architecture: {exc}"
-        ) from exc
+            path, f"{component}: weights do not fit the detected architecture: {str(exc)[:300]}"
+        ) from None
     _rebuild_meta_buffers(module, path, component)
     return module.eval().requires_grad_(False)
 
@@ -209,6 +215,8 @@ def _load_checkpoint(
 ) -> Any:
     from ldmgraph.models.handles import Checkpoint
 
+    if not allow_pickle:
+        inspect_model(path)  # the header's checks: one typed error naming the file and the cause
     if path.is_dir():
         from ldmgraph.models.diffusers_folder import load_diffusers_folder
 
@@ -318,6 +326,8 @@ def _load_vae(
     scale_factor: float | None,
     allow_pickle: bool,
 ) -> Any:
+    if not allow_pickle:
+        inspect_model(path, need_unet=False)
     if path.is_dir():
         from ldmgraph.models.diffusers_folder import load_diffusers_vae
 
@@ -380,6 +390,8 @@ def load_text_encoder(
 def _load_text_encoder(
     path: Path, cache: Any, dtype: torch.dtype | None, device: str | torch.device, allow_pickle: bool
 ) -> Any:
+    if not allow_pickle:
+        inspect_model(path, need_unet=False)
     if path.is_dir():
         from ldmgraph.models.diffusers_folder import load_diffusers_text_encoder
 
