@@ -151,8 +151,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded = load_workflow_file(args.workflow)
-    compiled = validate_workflow(loaded.document, manager.registry, environment(args),
-                                 parse_overrides(args.overrides), args.outputs)
+    with _environment_for(loaded, args) as env:
+        compiled = validate_workflow(loaded.document, manager.registry, env,
+                                     parse_overrides(args.overrides), args.outputs)
     summary = {"ok": True, "kind": loaded.kind, "nodes": len(compiled.workflow.nodes),
                "outputs": compiled.outputs, "parameters": compiled.parameters,
                "warnings": [w.to_dict() for w in compiled.warnings]}
@@ -170,15 +171,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded: LoadedWorkflow = load_workflow_file(args.workflow)
-    executor = Executor(manager.registry, environment(args))
-    compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
-    if not args.json:
-        _print_warnings(compiled.warnings)
-    bar = _JsonEvents() if args.json and not args.no_progress else _ProgressBar(enabled=not args.no_progress)
-    try:
-        result = executor.execute(compiled, on_event=bar)
-    finally:
-        bar.close()
+    with _environment_for(loaded, args) as env:
+        executor = Executor(manager.registry, env)
+        compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
+        if not args.json:
+            _print_warnings(compiled.warnings)
+        bar = _JsonEvents() if args.json and not args.no_progress else _ProgressBar(enabled=not args.no_progress)
+        try:
+            result = executor.execute(compiled, on_event=bar)
+        finally:
+            bar.close()
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -243,6 +245,17 @@ def _manager(args: argparse.Namespace) -> PluginManager:
             if not status.ok:
                 print(f"ldmgraph: warning: plugin {status.name} failed to load: {status.error}", file=sys.stderr)
     return manager
+
+
+def _environment_for(loaded: LoadedWorkflow, args: argparse.Namespace) -> Any:
+    """The run's environment; for a PNG re-run, with the input files it carries (removed afterwards)."""
+    import contextlib
+
+    if loaded.kind != "ldmgraph-png":
+        return contextlib.nullcontext(environment(args))
+    from .nodes.carried_inputs import carried_environment
+
+    return carried_environment(args.workflow, environment(args))
 
 
 def _print_warnings(warnings: Sequence[Any]) -> None:

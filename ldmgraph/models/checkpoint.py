@@ -177,13 +177,15 @@ def load_checkpoint(
     prediction_type: str | None = None,
     allow_pickle: bool = False,
     text_encoder: bool = True,
+    progress: Any = None,
 ) -> Any:
     """Load a whole checkpoint (single file, bundled, or diffusers folder) into a `Checkpoint` of handles.
 
     `cache` (a `ModelCache`) shares the result with every caller asking for the same file and
     options. `dtype` None keeps the file's dtypes (no copy); a dtype converts the floating weights.
     `prediction_type` overrides the detected one (needed for SD 2.x 768-v files, see the module
-    docstring). `text_encoder=False` skips the text encoder.
+    docstring). `text_encoder=False` skips the text encoder. `progress(k, n)`, if given, is called
+    as the parts are read (header, U-Net, autoencoder, text encoder); not at all on a cache hit.
     """
     torch_dtype = _torch_dtype(dtype)
     key = (
@@ -199,7 +201,7 @@ def load_checkpoint(
         cache,
         key,
         lambda: _load_checkpoint(
-            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder
+            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder, progress
         ),
     )
 
@@ -212,9 +214,12 @@ def _load_checkpoint(
     prediction_type: str | None,
     allow_pickle: bool,
     with_text: bool,
+    progress: Any = None,
 ) -> Any:
     from ldmgraph.models.handles import Checkpoint
 
+    report = progress or (lambda k, n: None)
+    report(0, 4)
     if not allow_pickle:
         inspect_model(path)  # the header's checks: one typed error naming the file and the cause
     if path.is_dir():
@@ -230,9 +235,13 @@ def _load_checkpoint(
         )
     state = read_state_dict(path, allow_pickle=allow_pickle)
     info = detect(state, prediction_type=prediction_type)
+    report(1, 4)
     unet = unet_handle(state.sub(UNET_PREFIX), info, dtype)
+    report(2, 4)
     vae = vae_handle(state.sub(VAE_PREFIX), info, dtype) if info.vae else None
+    report(3, 4)
     text = _text_encoder(state, info, cache, dtype, device) if with_text and info.text_encoder else None
+    report(4, 4)
     return Checkpoint(unet=unet, vae=vae, text_encoder=text, info=info).to(device)
 
 

@@ -97,6 +97,7 @@ class LoadImage(Node):
 
     type_name = "LoadImage"
     category = "image"
+    input_file_inputs = ("image",)  # carried by saved PNGs (ldmgraph.nodes.carried_inputs)
 
     class Inputs(NodeInputs):
         image: str = InputField(STRING, description="file name inside the input folder")
@@ -170,6 +171,11 @@ class SaveImage(Node):
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, ensure_ascii=False))
         info.add_text(PNG_PARAMETERS_KEY, json.dumps(ctx.parameters, ensure_ascii=False))
+        from ldmgraph.nodes.carried_inputs import PNG_INPUTS_KEY, input_file_records
+
+        carried = input_file_records(ctx.workflow, ctx.registry, ctx.env)
+        if carried:
+            info.add_text(PNG_INPUTS_KEY, json.dumps(carried), zip=True)
         for image in _as_batch(inputs.images):
             ctx.check_cancelled()
             buffer = io.BytesIO()

@@ -72,6 +72,7 @@ class LoadMask(Node):
 
     type_name = "LoadMask"
     category = "image"
+    input_file_inputs = ("image",)  # carried by saved PNGs (ldmgraph.nodes.carried_inputs)
 
     class Inputs(NodeInputs):
         image: str = InputField(STRING, description="file name in the input folder")

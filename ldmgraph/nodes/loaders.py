@@ -82,7 +82,7 @@ class CheckpointLoader(Node):
 
         path = find_model(inputs.ckpt_name, ctx.model_dirs)
         prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
-        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction)
+        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress)
         return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
 
 
