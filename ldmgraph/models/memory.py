@@ -16,6 +16,7 @@ from typing import Any
 
 ATTENTION_BLOCK_CHANNELS = 18  # alive per token, in units of the block's channels (feed-forward peak)
 RESBLOCK_CHANNELS = 6
+DECODER_BELOW, DECODER_TOP = 2, 4  # full-resolution maps alive while decoding, per channel of each width
 
 
 def unet_bytes(unet: dict[str, Any], batch: int, height: int, width: int, itemsize: int = 4) -> int:
@@ -37,16 +38,27 @@ def unet_bytes(unet: dict[str, Any], batch: int, height: int, width: int, itemsi
     return batch * (skips + peak) * itemsize
 
 
+def _mid_attention_bytes(mult: list[int], height: int, width: int, itemsize: int) -> int:
+    """The autoencoder's middle block attends over every cell at its coarsest level; on the CPU the
+    fused kernel is not taken for its single-head [N, C] layout, so the N x N scores and their
+    softmax are held (measured: about 2 N^2 floats)."""
+    cells = -(-height // 2 ** (len(mult) - 1)) * -(-width // 2 ** (len(mult) - 1))
+    return 2 * cells * cells * itemsize
+
+
 def vae_decode_bytes(vae: dict[str, Any], batch: int, height: int, width: int, itemsize: int = 4) -> int:
-    """Peak bytes of decoding ``batch`` latents to ``height`` x ``width`` pixels."""
+    """Peak bytes of decoding ``batch`` latents to ``height`` x ``width`` pixels (one image at a time,
+    as `VAEHandle.decode` does, plus the decoded batch)."""
     dd = vae["ddconfig"]
     ch, mult = int(dd["ch"]), [int(m) for m in dd["ch_mult"]]
     below = mult[1] if len(mult) > 1 else mult[0]
-    return batch * height * width * ch * (2 * below + 4 * mult[0]) * itemsize
+    one = height * width * ch * (DECODER_BELOW * below + DECODER_TOP * mult[0]) * itemsize
+    return one + _mid_attention_bytes(mult, height, width, itemsize) + 2 * batch * height * width * 3 * 4
 
 
 def vae_encode_bytes(vae: dict[str, Any], batch: int, height: int, width: int, itemsize: int = 4) -> int:
-    """Peak bytes of encoding ``batch`` images of ``height`` x ``width`` pixels."""
+    """Peak bytes of encoding ``batch`` images of ``height`` x ``width`` pixels (the batch at once)."""
     dd = vae["ddconfig"]
     ch, mult = int(dd["ch"]), [int(m) for m in dd["ch_mult"]]
-    return batch * height * width * ch * RESBLOCK_CHANNELS * mult[0] * itemsize
+    linear = height * width * ch * RESBLOCK_CHANNELS * mult[0] * itemsize
+    return batch * (linear + _mid_attention_bytes(mult, height, width, itemsize))
