@@ -19,13 +19,19 @@ def convert(source: Path, target: Path | None = None) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from ldmgraph.models.files import read_state_dict
-
     target = target or converted_name(source)
     if target.exists() or target.resolve() == source.resolve():
         raise ModelError(target, "exists already; name another output file")
-    state = read_state_dict(source, allow_pickle=True)
-    tensors = {k: v.contiguous() for k, v in state.tensors.items() if isinstance(v, torch.Tensor)}
+    try:  # a file object: torch would take a name ending in .safetensors for a safetensors file
+        with source.open("rb") as handle:
+            obj = torch.load(handle, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged or code-carrying pickles
+        raise ModelError(source, f"cannot read it with torch.load(weights_only=True): {str(exc)[:300]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelError(source, f"holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {str(k): v.contiguous() for k, v in obj.items() if isinstance(v, torch.Tensor)}
     save_file(tensors, str(target))
     return target
 

@@ -270,7 +270,7 @@ def _conv(path: Path, tensors: dict[str, Tensor], key: str, out: int | None, inp
                              "[out, in, k, k] with no zero sizes")
     if t.dtype not in FLOAT_DTYPES:
         raise BadWeightError(path, f"{key} is stored as {t.dtype}; weights must be floating point")
-    if (out is not None and t.shape[0] != out) or (inp is not None and t.shape[1] != inp):
+    if (out is not None and t.shape[0] != out) or (inp is not None and t.shape[1] != inp) or t.shape[2:] != (3, 3):
         raise BadWeightError(path, f"{key} has shape {list(t.shape)} but the configuration says "
                              f"[{out if out is not None else '?'}, {inp if inp is not None else '?'}, 3, 3]")
     return t
