@@ -86,6 +86,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="override a declared workflow parameter (VALUE parsed as JSON, else text)")
     paths.add_argument("--output", dest="outputs", action="append", metavar="NODE_ID",
                        help="run only these output nodes (repeatable; default all output nodes)")
+    paths.add_argument("--memory-budget", metavar="SIZE", help="refuse workflows estimated to need more "
+                       "memory (e.g. 16G, 512M; 0 = no limit; default: the machine's available memory)")
+    paths.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
+                       help="largest input image in pixels, checked before decoding (default 64000000)")
 
     parser = _Parser(prog="ldmgraph", description="Latent-diffusion workflows as JSON graphs.")
     parser.add_argument("--version", action="version", version=f"ldmgraph {__version__}")
@@ -173,8 +177,17 @@ def environment(args: argparse.Namespace) -> Environment:
         beside = args.workflow.resolve().parent / "inputs"
         input_dir = beside if beside.is_dir() else Path("input")
     model_dirs = tuple(args.models_dir) or (Path("models"),)
+    budget = None
+    if args.memory_budget is not None:
+        from .graph.estimate import parse_bytes
+
+        try:
+            budget = parse_bytes(args.memory_budget)
+        except ValueError as exc:
+            raise SystemExit(f"ldmgraph: --memory-budget: {exc}") from None
     return Environment(input_dir=input_dir, output_dir=args.output_dir,
-                       model_dirs=(*model_dirs, BUNDLED_MODELS), device=args.device)
+                       model_dirs=(*model_dirs, BUNDLED_MODELS), device=args.device,
+                       memory_budget=budget, max_image_pixels=args.max_image_pixels)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -184,13 +197,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded = load_workflow_file(args.workflow)
-    compiled = validate_workflow(loaded.document, manager.registry, environment(args),
-                                 parse_overrides(args.overrides), args.outputs)
+    with _environment_for(loaded, args) as env:
+        compiled = validate_workflow(loaded.document, manager.registry, env,
+                                     parse_overrides(args.overrides), args.outputs)
     summary = {"ok": True, "kind": loaded.kind, "nodes": len(compiled.workflow.nodes),
-               "outputs": compiled.outputs, "parameters": compiled.parameters}
+               "outputs": compiled.outputs, "parameters": compiled.parameters,
+               "warnings": [w.to_dict() for w in compiled.warnings]}
     if args.json:
         _print_json(summary)
     else:
+        _print_warnings(compiled.warnings)
         print(f"{args.workflow}: ok ({summary['nodes']} nodes, outputs {', '.join(compiled.outputs)})")
     return EXIT_OK
 
@@ -201,18 +217,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded: LoadedWorkflow = load_workflow_file(args.workflow)
-    executor = Executor(manager.registry, environment(args))
-    compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
-    bar = _ProgressBar(enabled=not (args.json or args.no_progress))
+    with _environment_for(loaded, args) as env:
+        executor = Executor(manager.registry, env)
+        compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
+        if not args.json:
+            _print_warnings(compiled.warnings)
+        bar = _JsonEvents() if args.json and not args.no_progress else _ProgressBar(enabled=not args.no_progress)
 
-    def on_event(event: Event) -> None:
-        args.running = (event.node_id, event.node_type) if event.kind in ("start", "progress") else None
-        bar(event)
+        def on_event(event: Event) -> None:
+            args.running = (event.node_id, event.node_type) if event.kind in ("start", "progress") else None
+            bar(event)
 
-    try:
-        result = executor.execute(compiled, on_event=on_event)
-    finally:
-        bar.close()
+        try:
+            result = executor.execute(compiled, on_event=on_event)
+        finally:
+            bar.close()
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -326,36 +345,78 @@ def _manager(args: argparse.Namespace) -> PluginManager:
     return manager
 
 
+def _environment_for(loaded: LoadedWorkflow, args: argparse.Namespace) -> Any:
+    """The run's environment; for a PNG re-run, with the input files it carries (removed afterwards)."""
+    import contextlib
+
+    if loaded.kind != "ldmgraph-png":
+        return contextlib.nullcontext(environment(args))
+    from .nodes.carried_inputs import carried_environment
+
+    return carried_environment(args.workflow, environment(args))
+
+
+def _print_warnings(warnings: Sequence[Any]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, ensure_ascii=False, default=str)
     sys.stdout.write("\n")
 
 
 class _ProgressBar:
-    """tqdm bar over the nodes of a run, with the current node's k of n as postfix."""
+    """tqdm bar over the nodes of a run, and a nested bar for the steps inside the current node
+    (sampler steps, checkpoint parts) with their rate."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar: Any = None
+        self.inner: Any = None
 
     def __call__(self, event: Event) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
+        if self.bar is None:
             # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
             self.bar = tqdm(total=event.total, unit="node", file=sys.stderr, dynamic_ncols=True, disable=None)
+        if event.kind == "progress":
+            if self.inner is None or self.inner.total != event.n:
+                self._close_inner()
+                unit = "step" if "Sampler" in event.node_type else "part"
+                self.inner = tqdm(total=event.n, unit=unit, desc=f"  {event.node_id}", position=1, leave=False,
+                                  file=sys.stderr, dynamic_ncols=True, disable=None)
+            self.inner.update(event.k - self.inner.n)
+            return
+        self._close_inner()
         if event.kind in ("done", "cached"):
             self.bar.update(1)
-        label = f"{event.node_id} {event.node_type}"
-        if event.kind == "progress":
-            label += f" {event.k}/{event.n}"
-        self.bar.set_postfix_str(label, refresh=event.kind != "progress" or event.k == event.n)
+        self.bar.set_postfix_str(f"{event.node_id} {event.node_type}")
+
+    def _close_inner(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
 
     def close(self) -> None:
+        self._close_inner()
         if self.bar is not None:
             self.bar.close()
+
+
+class _JsonEvents:
+    """``run --json``: each progress event as one JSON object per line on stderr, as it happens
+    (stdout keeps the one result document)."""
+
+    def __call__(self, event: Event) -> None:
+        sys.stderr.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        pass
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

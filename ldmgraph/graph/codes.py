@@ -27,6 +27,13 @@ OUTPUT_NOT_WRITABLE = "output_not_writable"
 INVALID_TEXT = "invalid_text"
 TOO_DEEP = "too_deep"
 CHECK_FAILED = "check_failed"
+OVER_BUDGET = "over_budget"
+IMAGE_TOO_LARGE = "image_too_large"
+PICKLE_CHECKPOINT = "pickle_checkpoint"
+BAD_MODEL = "bad_model"
+DEVICE_UNAVAILABLE = "device_unavailable"
+INPUT_MISMATCH = "input_mismatch"
+MODEL_LIMITS = "model_limits"
 
 CODES: dict[str, str] = {
     BAD_DOCUMENT: "not a workflow: not JSON or a PNG with one, wrong shape, wrong format version, "
@@ -54,4 +61,14 @@ CODES: dict[str, str] = {
     INVALID_TEXT: "text that is not valid Unicode (a lone surrogate) in an id, name or value",
     TOO_DEEP: "values nested deeper than the format allows (metadata, literals)",
     CHECK_FAILED: "a node's own input check raised an error (a bug in that node, named)",
+    OVER_BUDGET: "the workflow's memory estimate exceeds the budget (`--memory-budget`); the node and "
+    "the figure are named",
+    IMAGE_TOO_LARGE: "an input image has more pixels than the limit (`--max-image-pixels`), read from "
+    "its header before decoding",
+    PICKLE_CHECKPOINT: "a model file is a pickle, refused; the message says how to convert it",
+    BAD_MODEL: "a model file is damaged, or its header, metadata or config is wrong (the file and "
+    "cause are named)",
+    DEVICE_UNAVAILABLE: "the device asked for (cuda, mps) is not on this machine",
+    INPUT_MISMATCH: "an input file named in a re-run PNG differs from the one it was made with",
+    MODEL_LIMITS: "warning: a prompt word or image size outside what the bundled models were trained on",
 }

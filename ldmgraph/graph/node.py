@@ -40,6 +40,7 @@ from .sockets import ENUM, InvalidTextError, Socket
 
 if TYPE_CHECKING:
     from .context import Environment, NodeContext
+    from .estimate import Estimate
     from .registry import Registry
 
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+].*)?$")
@@ -284,6 +285,16 @@ class Node:
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
         """Extra cache-key material beyond the inputs, e.g. a file's size and mtime (None = none)."""
+        return None
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        """What running this node will allocate, known before it runs (None: nothing worth counting).
+
+        ``inputs`` holds the literals and, for each linked input, what the upstream node's estimate
+        said about that output (a :class:`~ldmgraph.graph.estimate.Shape`, a model summary, ...;
+        None when unknown). Validation sums the figures and refuses a workflow over its budget.
+        """
         return None
 
 

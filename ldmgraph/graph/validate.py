@@ -15,6 +15,7 @@ from typing import Any
 from . import codes
 from .context import Environment
 from .errors import Problem, ValidationError
+from .estimate import estimate_workflow
 from .node import InputSpec, Node, NodeSpec
 from .registry import Registry
 from .sockets import ENUM
@@ -52,6 +53,7 @@ class CompiledWorkflow:
     parameters: dict[str, Any]  # every declared parameter's value (override or current literal)
     overrides: dict[str, Any]
     env_dependent: list[str] = field(default_factory=list)  # nodes with file checks or fingerprints
+    warnings: list[Problem] = field(default_factory=list)  # worth saying, not worth refusing (model limits)
 
     def to_networkx(self) -> Any:
         """The needed part of the workflow as a ``networkx.DiGraph`` (edge: source -> consumer)."""
@@ -98,7 +100,11 @@ def validate_workflow(
     needed = ancestors_and_self(graph, wanted)
     order = [node_id for node_id in order if node_id in needed]
     env_dependent = [n for n in order if _depends_on_env(compiled[n].cls)]
-    return CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent)
+    result = CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent)
+    over_budget, result.warnings = estimate_workflow(result, env)
+    if over_budget:
+        raise ValidationError(over_budget)
+    return result
 
 
 def recheck_environment(compiled: CompiledWorkflow, env: Environment) -> CompiledWorkflow:

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from ldmgraph.graph import InputField, Node, NodeContext, NodeInputs, NodeOutputs, OutputField, codes
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.errors import UnsafePathError
+from ldmgraph.graph.estimate import Estimate, Shape
 from ldmgraph.graph.files import (
     atomic_write_new,
     check_file_name_prefix,
@@ -106,12 +107,29 @@ def output_problems(folder: Path, prefix: Any, input_name: str) -> list[tuple[st
     return []
 
 
+def same_size_estimate(image: Any, temporaries: int = 1) -> Estimate | None:
+    """An image node whose output has ``image``'s shape (``temporaries`` arrays of it while working)."""
+    if not isinstance(image, Shape):
+        return None
+    return Estimate(keeps=image.nbytes, works=temporaries * image.nbytes, outputs={"image": image})
+
+
+def resized_estimate(image: Any, width: int, height: int) -> Estimate | None:
+    """Resizing ``image`` to ``width`` x ``height`` (one float plane in and out at a time)."""
+    if not isinstance(image, Shape):
+        return None
+    out = Shape(image.batch, image.channels, height, width)
+    return Estimate(keeps=out.nbytes, works=out.nbytes + 4 * (image.height * image.width + height * width),
+                    outputs={"image": out}, what=f"{image.batch} image(s) resized to {width}x{height}")
+
+
 # -- nodes ------------------------------------------------------------------------------------------
 class LoadImage(Node):
     """Load an image file from the input folder; the mask output is 1 - alpha (zeros without alpha)."""
 
     type_name = "LoadImage"
     category = "image"
+    input_file_inputs = ("image",)  # carried by saved PNGs (ldmgraph.nodes.carried_inputs)
 
     class Inputs(NodeInputs):
         image: str = InputField(STRING, description="file name inside the input folder")
@@ -122,18 +140,35 @@ class LoadImage(Node):
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
-        return _file_problems(env.input_dir, literals.get("image"), "image")
+        from ldmgraph.nodes.input_files import pixel_problems
+
+        name = literals.get("image")
+        if isinstance(name, str) and env.carried_inputs is not None and (env.carried_inputs / name).is_file():
+            return pixel_problems(name, env, "image")
+        return _file_problems(env.input_dir, name, "image") or pixel_problems(name, env, "image")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        from ldmgraph.nodes.input_files import input_path
+
         try:
-            stat = safe_join(env.input_dir, str(literals.get("image"))).stat()
+            stat = input_path(env, str(literals.get("image"))).stat()
         except (OSError, UnsafePathError):
             return None  # a linked name: the node is re-checked, and always run, when it is known
         return f"{stat.st_size}:{stat.st_mtime_ns}"
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        from ldmgraph.nodes.input_files import image_file_estimate
+
+        return image_file_estimate(inputs["image"], env, {"image": 3, "mask": 1})
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
-        with read_input_image(ctx.input_dir, inputs.image) as opened:
+        from ldmgraph.nodes.input_files import check_pixels_before_decoding, input_path
+
+        path = input_path(ctx.env, inputs.image)
+        with read_input_image(path.parent, path.name) as opened:
+            check_pixels_before_decoding(opened, ctx.env, inputs.image)
             picture = ImageOps.exif_transpose(opened)
             has_alpha = "A" in picture.getbands() or "transparency" in picture.info
             rgba = np.asarray(picture.convert("RGBA"), dtype=np.float32) / 255.0
@@ -167,6 +202,11 @@ class SaveImage(Node):
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, ensure_ascii=False))
         info.add_text(PNG_PARAMETERS_KEY, json.dumps(ctx.parameters, ensure_ascii=False))
+        from ldmgraph.nodes.carried_inputs import PNG_INPUTS_KEY, input_file_records
+
+        carried = input_file_records(ctx.workflow, ctx.registry, ctx.env)
+        if carried:
+            info.add_text(PNG_INPUTS_KEY, json.dumps(carried), zip=True)
         for image in _as_batch(inputs.images):
             ctx.check_cancelled()
             buffer = io.BytesIO()
@@ -198,6 +238,10 @@ class ImageScale(Node):
             images = center_crop_to_aspect(images, inputs.width, inputs.height)
         return self.Outputs(image=resize_images(images, inputs.width, inputs.height, inputs.upscale_method))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return resized_estimate(inputs.get("image"), inputs["width"], inputs["height"])
+
 
 class ImageScaleBy(Node):
     """Resize images by a factor."""
@@ -218,6 +262,14 @@ class ImageScaleBy(Node):
         width = min(MAX_SIZE, max(1, round(w * inputs.scale_by)))
         height = min(MAX_SIZE, max(1, round(h * inputs.scale_by)))
         return self.Outputs(image=resize_images(inputs.image, width, height, inputs.upscale_method))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        image, k = inputs.get("image"), inputs["scale_by"]
+        if not isinstance(image, Shape):
+            return None
+        return resized_estimate(image, min(MAX_SIZE, max(1, round(image.width * k))),
+                                min(MAX_SIZE, max(1, round(image.height * k))))
 
 
 class ImageCrop(Node):
@@ -243,6 +295,15 @@ class ImageCrop(Node):
         crop = inputs.image[:, y : y + inputs.height, x : x + inputs.width]
         return self.Outputs(image=np.ascontiguousarray(crop))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        image = inputs.get("image")
+        if not isinstance(image, Shape):
+            return None
+        width = min(inputs["width"], image.width - min(inputs["x"], image.width - 1))
+        height = min(inputs["height"], image.height - min(inputs["y"], image.height - 1))
+        return same_size_estimate(Shape(image.batch, image.channels, height, width))
+
 
 class ImageInvert(Node):
     """Invert the colours of images (1 - x)."""
@@ -258,6 +319,10 @@ class ImageInvert(Node):
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         return self.Outputs(image=(1.0 - inputs.image).astype(np.float32, copy=False))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return same_size_estimate(inputs.get("image"))
 
 
 BLEND_MODES = ("normal", "multiply", "screen", "overlay", "difference")
@@ -291,6 +356,10 @@ class ImageBlend(Node):
         blended = _blend(base, top, inputs.blend_mode)
         f = np.float32(inputs.blend_factor)
         return self.Outputs(image=((1 - f) * base + f * blended).astype(np.float32, copy=False))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return same_size_estimate(inputs.get("image1"), temporaries=3)
 
 
 def _blend(a: np.ndarray, b: np.ndarray, mode: str) -> np.ndarray:
