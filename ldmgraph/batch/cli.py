@@ -35,7 +35,10 @@ def register(subparsers: Any) -> None:
                         help="local: one executor in this process; ray: one actor per worker on a Ray cluster")
     parser.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); "
                         "default: $RAY_ADDRESS, else a local cluster started for this batch")
-    parser.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
+    parser.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per --threads CPUs)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads per worker (local default: torch's own; ray default 1, and "
+                        "each actor reserves N CPUs). CPU results depend on it: same N, same bytes")
     parser.add_argument("--shared-output", action="store_true",
                         help="Ray: workers write outputs straight into --output-dir (a folder every worker "
                         "sees at the same path) instead of sending them back to this process")
@@ -102,13 +105,13 @@ def _backend(args: argparse.Namespace, env: Any) -> Any:
     from .driver import LocalBackend, RayBackend
 
     if args.backend == "local":
-        return LocalBackend(env, args.plugin_dir)
+        return LocalBackend(env, args.plugin_dir, threads=args.threads)
     from .ray_pool import RayWorkerPool
 
     write_dir = env.output_dir if args.shared_output else None
     return RayBackend(RayWorkerPool(env, workers=args.workers, address=args.address,
                                     plugin_dirs=[str(Path(p).resolve()) for p in args.plugin_dir],
-                                    write_dir=write_dir))
+                                    write_dir=write_dir, threads=args.threads or 1))
 
 
 def _absolute(env: Any) -> Any:

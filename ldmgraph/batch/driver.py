@@ -46,8 +46,8 @@ class Backend(Protocol):
 class LocalBackend:
     """One executor in this process, rows in checkpoint groups: each model loads once."""
 
-    def __init__(self, env: Environment, plugin_dirs: Sequence[str] = ()) -> None:
-        self.runner = RowRunner(env, plugin_dirs, name="local")
+    def __init__(self, env: Environment, plugin_dirs: Sequence[str] = (), threads: int | None = None) -> None:
+        self.runner = RowRunner(env, plugin_dirs, name="local", threads=threads)
 
     def run(self, doc: Mapping[str, Any], rows: Sequence[PlannedRow]) -> Iterator[Outcome]:
         for row in group_by_model(rows):

@@ -81,12 +81,15 @@ def read_rows(path: Path | None, sweeps: Sequence[str], declared: Sequence[str],
     combos = list(itertools.product(*[[(name, v) for v in values] for name, values in sweep_lists]))
     for index, (values, cells) in enumerate(base, 1):
         for combo in combos:
-            where = f"row {index}" if path is not None else "sweep"
-            if combo and path is not None:
-                where += ", sweep " + " ".join(f"{n}={_short(v)}" for n, v in combo)
-            elif combo:
-                where += " " + " ".join(f"{n}={_short(v)}" for n, v in combo)
-            rows.append(Row(len(rows) + 1, {**values, **dict(combo)}, where, cells))
+            number = len(rows) + 1
+            sweep = "sweep " + " ".join(f"{n}={_short(v)}" for n, v in combo)
+            if not combo:
+                where = f"row {number}"
+            elif path is not None:
+                where = f"row {number} (file row {index}, {sweep})"
+            else:
+                where = f"row {number} ({sweep})"
+            rows.append(Row(number, {**values, **dict(combo)}, where, cells))
     return rows
 
 

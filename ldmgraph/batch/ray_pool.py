@@ -2,7 +2,9 @@
 
 ``RayWorkerPool(...).submit(doc, params) -> concurrent.futures.Future[RowOutput]`` is the whole
 interface: the batch command submits its rows, and any other front end (the HTTP server's queue)
-can submit its jobs the same way. One actor per worker, one per GPU where the cluster has GPUs.
+can submit its jobs the same way. One actor per worker: one per GPU where the cluster has GPUs, else one per ``threads`` CPUs; each
+reserves ``threads`` CPUs and runs torch with that many threads (the local backend with the same
+count gives the same bytes).
 
 Scheduling (a dispatcher thread in the driver):
 - each actor has at most ``depth`` runs in flight, so it never waits on the driver between rows;
@@ -83,6 +85,7 @@ class RayWorkerPool:
         address: str | None = None,
         plugin_dirs: Sequence[str] = (),
         write_dir: Path | None = None,
+        threads: int = 1,
         depth: int = DEFAULT_DEPTH,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         init_kwargs: Mapping[str, Any] | None = None,
@@ -97,11 +100,11 @@ class RayWorkerPool:
                 raise RayUnavailable(f"cannot start or reach the Ray cluster at {address or 'local'}: "
                                      f"{type(exc).__name__}: {exc}") from exc
         gpus = int(ray.cluster_resources().get("GPU", 0))
-        count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
+        options = {"num_gpus": 1, "num_cpus": threads} if gpus else {"num_cpus": threads}
         actor_class = ray.remote(**options, max_restarts=0, max_task_retries=0)(_BatchActor)
         self.depth, self.max_attempts = depth, max_attempts
-        self.slots = [_Slot(f"w{i}", actor_class.remote(env, list(plugin_dirs), write_dir, f"w{i}"))
+        self.slots = [_Slot(f"w{i}", actor_class.remote(env, list(plugin_dirs), write_dir, f"w{i}", threads))
                       for i in range(count)]
         self._pending: OrderedDict[str, deque[_Job]] = OrderedDict()
         self._inflight: dict[Any, tuple[_Job, _Slot]] = {}
@@ -276,10 +279,11 @@ class RayWorkerPool:
 class _BatchActor:
     """The Ray actor: one :class:`RowRunner` for its whole life."""
 
-    def __init__(self, env: Environment, plugin_dirs: list[str], write_dir: Path | None, name: str) -> None:
+    def __init__(self, env: Environment, plugin_dirs: list[str], write_dir: Path | None, name: str,
+                 threads: int) -> None:
         from .runner import RowRunner
 
-        self.runner = RowRunner(env, plugin_dirs, write_dir=write_dir, name=name)
+        self.runner = RowRunner(env, plugin_dirs, write_dir=write_dir, name=name, threads=threads)
 
     def ready(self) -> str:
         return self.runner.worker

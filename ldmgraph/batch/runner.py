@@ -60,13 +60,14 @@ class RowRunner:
     """A long-lived executor that runs one workflow row at a time (see the module docstring)."""
 
     def __init__(self, env: Environment, plugin_dirs: Sequence[str] = (), *, write_dir: Path | None = None,
-                 name: str = "local") -> None:
+                 name: str = "local", threads: int | None = None) -> None:
         from ldmgraph.plugins import PluginManager
 
         self.staging = Path(tempfile.mkdtemp(prefix="ldmgraph-batch-"))
         self.base_env = env
         self.executor = Executor(PluginManager(plugin_dirs=list(plugin_dirs)).registry, env)
         self.write_dir = write_dir
+        self.threads = threads
         self.worker = f"{name}@{socket.gethostname()}:{os.getpid()}"
         self._count = 0
 
@@ -80,6 +81,8 @@ class RowRunner:
             cancel: CancelToken | None = None) -> RowOutput:
         """Run the workflow with ``params`` as parameter overrides; raises on an invalid or failed run."""
         self._count += 1
+        if self.threads:
+            set_torch_threads(self.threads)
         folder = self.staging / f"run{self._count:07d}"
         folder.mkdir()
         started = time.perf_counter()
@@ -120,6 +123,18 @@ class RowRunner:
             else:
                 files.append((name, data))
         return files
+
+
+def set_torch_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads in torch (for this whole process).
+
+    CPU results depend on the thread count (matrix products split their sums by thread), so two
+    workers give the same bytes for the same row only with the same count.
+    """
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def always_run_outputs(compiled: CompiledWorkflow) -> CompiledWorkflow:
