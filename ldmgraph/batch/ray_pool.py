@@ -292,7 +292,11 @@ class _BatchActor:
         return self.runner.try_run(doc, params, prefix)
 
     def stats(self) -> dict[str, Any]:
-        return {"worker": self.runner.worker, "model_loads": self.runner.model_loads}
+        """The worker's name, its model loads, and the CPU seconds its process has used."""
+        import time
+
+        return {"worker": self.runner.worker, "model_loads": self.runner.model_loads,
+                "cpu_seconds": time.process_time()}
 
 
 def _import_ray() -> Any:
