@@ -207,21 +207,29 @@ class RayWorkerPool:
             slot.models.add(job.model_key)
 
     def _take(self, slot: _Slot, live: int) -> _Job | None:
-        """The next job for this actor: one of its models first, else of the least-held models."""
-        held = [key for key in self._pending if key in slot.models]
-        others = sorted((key for key in self._pending if key not in slot.models),
-                        key=lambda k: sum(k in s.models for s in self.slots if s.alive))
-        for key in held + others:
+        """The next job for this actor: one of its models first, else of the least-held models.
+
+        A job this actor failed goes to another one while there is another; jobs cancelled while
+        queued are dropped here.
+        """
+        while True:
+            held = [key for key in self._pending if key in slot.models]
+            others = sorted((key for key in self._pending if key not in slot.models),
+                            key=lambda k: sum(k in s.models for s in self.slots if s.alive))
+            job = self._pop_first(held + others, slot.name, live)
+            if job is None or job.errors or job.future.set_running_or_notify_cancel():
+                return job
+
+    def _pop_first(self, keys: list[str], name: str, live: int) -> _Job | None:
+        for key in keys:
             queue = self._pending[key]
             for index, job in enumerate(queue):
-                if slot.name in job.avoid and live > 1:
+                if name in job.avoid and live > 1:
                     continue
                 del queue[index]
                 if not queue:
                     del self._pending[key]
-                if job.errors or job.future.set_running_or_notify_cancel():
-                    return job
-                return self._take(slot, live)  # cancelled while queued: drop it, look again
+                return job
         return None
 
     def _finish(self, ref: Any) -> None:

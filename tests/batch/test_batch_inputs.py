@@ -119,3 +119,21 @@ def test_non_utf8_file_names_row_and_column(tmp_path: Path, capsys: pytest.Captu
     table.write_bytes(b"seed,prompt\n1,a red circle\n2,a caf\xe9 square\n")  # Latin-1, not UTF-8
     err = _refused(capsys, tmp_path, table)
     assert "row 2 (line 3), column 2 'prompt'" in err and "not UTF-8" in err
+
+
+def test_rows_sharing_a_checkpoint_are_grouped_in_order_of_first_use(tmp_path: Path) -> None:
+    from ldmgraph.batch import plan_rows, read_rows
+    from ldmgraph.batch.plan import group_by_model
+    from ldmgraph.cli import BUNDLED_MODELS
+    from ldmgraph.graph.context import Environment
+    from ldmgraph.plugins import PluginManager
+
+    doc = json.loads(TXT2IMG.read_text(encoding="utf-8"))
+    names = ["ldmgraph-shapes-inpaint.safetensors", "ldmgraph-shapes-txt2img.safetensors"] * 3
+    table = tmp_path / "p.csv"
+    table.write_text("ckpt_name\n" + "\n".join(names) + "\n", encoding="utf-8")
+    rows = read_rows(table, [], list(doc["parameters"]), {"ckpt_name"})
+    env = Environment(input_dir=tmp_path, output_dir=tmp_path, model_dirs=(BUNDLED_MODELS,))
+    ordered = group_by_model(plan_rows(doc, rows, PluginManager().registry, env))
+    assert [r.number for r in ordered] == [1, 3, 5, 2, 4, 6]
+    assert [r.params["ckpt_name"] for r in ordered] == sorted(names)
