@@ -96,7 +96,7 @@ def main() -> None:
     doc = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
     env = Environment(input_dir=ROOT, output_dir=Path(tempfile.mkdtemp()), model_dirs=(BUNDLED_MODELS,))
     warm = rows_for(doc, env, 1, args.steps, 10_000)
-    rows = rows_for(doc, env, args.rows, args.steps, 0)
+    batches = [rows_for(doc, env, args.rows, args.steps, 1000 * k) for k in range(2 * args.repeats + 1)]
 
     local = LocalBackend(env, threads=1)
     run_batch(doc, warm, local, Path(tempfile.mkdtemp()), progress=False)
@@ -105,18 +105,19 @@ def main() -> None:
     single = RayBackend(RayWorkerPool(env, workers=1))
     run_batch(doc, warm, single, Path(tempfile.mkdtemp()), progress=False)
     local_runs, single_runs = [], []
-    for _ in range(args.repeats):  # alternate, so both see the same background load
-        local_runs.append(timed(doc, rows, local, lambda: 0.0))
-        single_runs.append(timed(doc, rows, single, ray_processes_cpu))
+    for k in range(args.repeats):  # alternate, so both see the same background load; new seeds each
+        # time (the executors' caches would serve repeated rows), the same rows on both backends
+        local_runs.append(timed(doc, batches[k], local, lambda: 0.0))
+        single_runs.append(timed(doc, batches[k], single, ray_processes_cpu))
     single.close()
     double = RayBackend(RayWorkerPool(env, workers=2))
     run_batch(doc, rows_for(doc, env, 2, args.steps, 20_000), double, Path(tempfile.mkdtemp()), progress=False)
-    double_wall, _ = min(timed(doc, rows, double, lambda: 0.0) for _ in range(args.repeats))
+    double_wall, _ = min(timed(doc, batches[args.repeats + k], double, lambda: 0.0) for k in range(args.repeats))
     loads = [s["model_loads"] for s in double.pool.worker_stats()]
     double.close()
     ray.shutdown()
 
-    n = len(rows)
+    n = args.rows
     local_wall, local_cpu = min(local_runs)
     ray_wall, _ = min(single_runs)
     ray_cpu = min(cpu for _, cpu in single_runs)

@@ -74,6 +74,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         doc = load_workflow_file(args.workflow).document
         if not isinstance(doc, dict):
             raise BatchInputError([f"{args.workflow}: not a workflow document"])
+        if args.outputs:
+            doc = {**doc, "outputs": args.outputs}  # travels with the document to every worker
         registry = manager.registry
         declared = list((doc.get("parameters") or {}).keys())
         text_params = text_parameters(doc, lambda t, i: _socket_name(registry, t, i))
@@ -83,7 +85,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         constant = parse_overrides(args.overrides)
         for row in rows:
             row.values = {**constant, **row.values}
-        planned = plan_rows(doc, rows, registry, env, args.outputs, label=str(args.params or ""))
+        planned = plan_rows(doc, rows, registry, env, label=str(args.params or ""))
     except (BatchInputError, ValidationError) as exc:
         return _invalid(args, exc)
     backend = _backend(args, env)
