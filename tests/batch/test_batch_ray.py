@@ -71,7 +71,7 @@ def test_forty_rows_on_ray_equal_the_local_backend_with_one_load_per_worker(
 
 
 class _KillOneWorkerMidBatch(RayBackend):
-    """Kills the busiest actor after the third row comes back."""
+    """Kills the busiest actor after the second row comes back."""
 
     killed: str = ""
 
@@ -79,7 +79,7 @@ class _KillOneWorkerMidBatch(RayBackend):
         import ray
 
         for index, outcome in enumerate(super().run(doc, rows)):
-            if index == 2:
+            if index == 1:
                 victim = max(self.pool.slots, key=lambda slot: slot.inflight)
                 assert victim.inflight > 0
                 self.killed = victim.name
@@ -91,23 +91,24 @@ def test_a_worker_killed_mid_batch_costs_a_retry_not_a_row(ray_cluster: Any, tmp
     doc = json.loads(TXT2IMG.read_text(encoding="utf-8"))
     env = Environment(input_dir=tmp_path, output_dir=tmp_path / "out", model_dirs=(BUNDLED_MODELS,))
     declared = list(doc["parameters"])
-    rows = read_rows(prompt_csv(tmp_path / "p.csv", PROMPTS[:2], steps=2), ["seed=1,2,3,4,5,6"], declared,
+    rows = read_rows(prompt_csv(tmp_path / "p.csv", PROMPTS[:2], steps=2), ["seed=1,2,3,4"], declared,
                      {"prompt"})
     planned = plan_rows(doc, rows, PluginManager().registry, env)
-    backend = _KillOneWorkerMidBatch(RayWorkerPool(env, workers=2))
+    # Workers write straight into the (shared) output folder here; the 40-row test sends bytes back.
+    backend = _KillOneWorkerMidBatch(RayWorkerPool(env, workers=2, write_dir=env.output_dir))
     try:
         summary = run_batch(doc, planned, backend, env.output_dir, progress=False)
         stats = {s["name"]: s for s in backend.pool.worker_stats()}
     finally:
         backend.close()
-    assert summary.ok == 12 and summary.failed == 0
+    assert summary.ok == 8 and summary.failed == 0
     assert not stats[backend.killed]["alive"]
     records = manifest_lines(env.output_dir)
-    assert sorted(r["row"] for r in records) == list(range(1, 13))  # every row, each once
+    assert sorted(r["row"] for r in records) == list(range(1, 9))  # every row, each once
     retried = [r for r in records if r["attempts"] == 2]
     assert retried and summary.retried == len(retried)
     for record in retried:
         assert "died" in record["retried"][0] and record["worker"].startswith("w")
         assert not record["worker"].startswith(backend.killed + "@")
     pngs = sorted(p.name for p in env.output_dir.glob("*.png"))
-    assert pngs == [f"row{n:05d}_txt2img_00001_.png" for n in range(1, 13)]
+    assert pngs == [f"row{n:05d}_txt2img_00001_.png" for n in range(1, 9)]
