@@ -198,7 +198,7 @@ class RayWorkerPool:
         for slot in itertools.chain.from_iterable(itertools.repeat(live, self.depth)):
             if slot.inflight >= self.depth:
                 continue
-            job = self._take(slot, len(live))
+            job = self._take(slot)
             if job is None:
                 continue
             ref = slot.actor.run.remote(job.doc_ref, job.params, job.prefix)
@@ -206,7 +206,7 @@ class RayWorkerPool:
             slot.inflight += 1
             slot.models.add(job.model_key)
 
-    def _take(self, slot: _Slot, live: int) -> _Job | None:
+    def _take(self, slot: _Slot) -> _Job | None:
         """The next job for this actor: one of its models first, else of the least-held models.
 
         A job this actor failed goes to another one while there is another; jobs cancelled while
@@ -216,16 +216,16 @@ class RayWorkerPool:
             held = [key for key in self._pending if key in slot.models]
             others = sorted((key for key in self._pending if key not in slot.models),
                             key=lambda k: sum(k in s.models for s in self.slots if s.alive))
-            job = self._pop_first(held + others, slot.name, live)
+            job = self._pop_first(held + others, slot.name)
             if job is None or job.errors or job.future.set_running_or_notify_cancel():
                 return job
 
-    def _pop_first(self, keys: list[str], name: str, live: int) -> _Job | None:
+    def _pop_first(self, keys: list[str], name: str) -> _Job | None:
         for key in keys:
             queue = self._pending[key]
             for index, job in enumerate(queue):
-                if name in job.avoid and live > 1:
-                    continue
+                if name in job.avoid and any(s.alive and s.name not in job.avoid for s in self.slots):
+                    continue  # another live worker has not failed it yet
                 del queue[index]
                 if not queue:
                     del self._pending[key]
