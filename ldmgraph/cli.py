@@ -40,6 +40,7 @@ LAZY_SUBCOMMANDS: dict[str, tuple[str, str] | str] = {
     "train": ("ldmgraph.train.cli", "train the bundled models (autoencoder, ldm, superres, inpaint)"),
     "evaluate": ("ldmgraph.train.cli", "score the bundled models with the procedural judge"),
     "import": ("ldmgraph.interop.cli", "convert a ComfyUI workflow (API or UI JSON, or PNG) to ldmgraph/1"),
+    "batch": ("ldmgraph.batch.cli", "run a saved workflow once per row of a CSV/JSONL table, locally or on Ray"),
 }
 
 
@@ -178,16 +179,18 @@ def environment(args: argparse.Namespace) -> Environment:
         input_dir = beside if beside.is_dir() else Path("input")
     model_dirs = tuple(args.models_dir) or (Path("models"),)
     budget = None
-    if args.memory_budget is not None:
+    # subcommands of other layers (batch) may not offer the resource flags: their defaults apply
+    memory_budget = getattr(args, "memory_budget", None)
+    if memory_budget is not None:
         from .graph.estimate import parse_bytes
 
         try:
-            budget = parse_bytes(args.memory_budget)
+            budget = parse_bytes(memory_budget)
         except ValueError as exc:
             raise SystemExit(f"ldmgraph: --memory-budget: {exc}") from None
     return Environment(input_dir=input_dir, output_dir=args.output_dir,
                        model_dirs=(*model_dirs, BUNDLED_MODELS), device=args.device,
-                       memory_budget=budget, max_image_pixels=args.max_image_pixels)
+                       memory_budget=budget, max_image_pixels=getattr(args, "max_image_pixels", Environment.max_image_pixels))
 
 
 # -- commands -------------------------------------------------------------------------------------
