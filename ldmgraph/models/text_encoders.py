@@ -462,6 +462,7 @@ class LDMBertTransformer(nn.Module):
         ff_mult: int = 4,
         vocab_size: int = 30522,
         max_seq_len: int = 77,
+        lm_head: bool = True,
     ) -> None:
         super().__init__()
         self.depth, self.dim = depth, dim
@@ -476,7 +477,8 @@ class LDMBertTransformer(nn.Module):
         self.attn_layers: Any = nn.Module()
         self.attn_layers.layers = nn.ModuleList(layers)
         self.norm = nn.LayerNorm(dim)
-        self.to_logits = nn.Linear(dim, vocab_size)
+        # the released models carry a language-model head; one trained only as a conditioner has none
+        self.to_logits = nn.Linear(dim, vocab_size) if lm_head else None
 
     def forward(self, input_ids: Tensor, stop_after: int | None = None) -> Tensor:
         """Embeddings [B, T, dim] after `stop_after` attention+MLP blocks (all when None), then the final norm."""
@@ -542,6 +544,7 @@ def ldm_bert_config(weights: dict[str, Tensor]) -> dict[str, Any]:
         "ff_mult": int(ff.shape[0]) // dim,
         "vocab_size": int(token.shape[0]),
         "max_seq_len": int(weights["pos_emb.emb.weight"].shape[0]),
+        "lm_head": "to_logits.weight" in weights,
     }
 
 

@@ -54,8 +54,20 @@ def load_unet(folder: Path) -> tuple[UNetModel, dict[str, Any]]:
     """The EMA U-Net of a diffusion run folder and its run state."""
     state = json.loads((folder / "state.json").read_text())
     unet = UNetModel(**state["config"]["unet"])
-    load_ema_weights(folder, unet)
+    if state["config"].get("text_encoder") == "transformer":  # a JointModel run: its U-Net part
+        from .common import prefixed_tensors
+
+        unet.load_state_dict(prefixed_tensors(folder / "checkpoint.safetensors", "ema.unet."))
+    else:
+        load_ema_weights(folder, unet)
     return unet.eval(), state
+
+
+def text_transformer_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a run's jointly trained text transformer (empty for a frozen-MiniLM run)."""
+    from .common import prefixed_tensors
+
+    return prefixed_tensors(folder / "checkpoint.safetensors", "ema.text.")
 
 
 def bundled_metadata(kind: str, unet_state: dict[str, Any], ae_state: dict[str, Any],
@@ -69,7 +81,8 @@ def bundled_metadata(kind: str, unet_state: dict[str, Any], ae_state: dict[str, 
         "unet": cfg["unet"],
         "vae": {"ddconfig": ae_state["config"]["ddconfig"], "embed_dim": ae_state["config"]["embed_dim"]},
         "scale_factor": scale_factor,
-        "text_encoder": None if kind == "superres" else "minilm-l6-v2",
+        "text_encoder": None if kind == "superres" else
+        ("ldm-bert" if cfg.get("text_encoder") == "transformer" else "minilm-l6-v2"),
         "concat": concat,
         "concat_format": CONCAT_FORMAT.get(concat or "", None),
         "schedule": dict(SCHEDULE),
@@ -95,7 +108,16 @@ def export_bundled(kind: str, unet_folder: Path, ae_folder: Path, scale_factor: 
     ae, ae_state = load_autoencoder(ae_folder)
     tensors = {f"model.diffusion_model.{k}": v.to(dtype).contiguous() for k, v in unet.state_dict().items()}
     tensors.update({f"first_stage_model.{k}": v.to(dtype).contiguous() for k, v in ae.state_dict().items()})
+    # a jointly trained text transformer (paper layout, as the released LDM checkpoints key it)
+    tensors.update({f"cond_stage_model.transformer.{k}": v.to(dtype).contiguous()
+                    for k, v in text_transformer_tensors(unet_folder).items()})
     meta = bundled_metadata(kind, unet_state, ae_state, scale_factor, extra)
+    cfg = unet_state["config"]
+    if cfg.get("text_encoder", "minilm") != "minilm" or cfg.get("route", "crossattn") != "crossattn" \
+            or cfg.get("cross_attention", "all") != "all":
+        meta["conditioning"] = {k: cfg[k] for k in ("text_encoder", "route", "cross_attention", "context_length")}
+        if cfg.get("text_transformer"):
+            meta["text_transformer"] = cfg["text_transformer"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"ldmgraph": json.dumps(meta)})

@@ -80,12 +80,29 @@ class LDMConfig:
     scale_factor: float = 1.0
     init_from: str = ""  # start from these U-Net weights (see initial_weights); "" = random
     unet: dict[str, Any] = field(default_factory=dict)
+    # conditioning options of text-to-image (ldmgraph.train.conditioning); the defaults are the shipped model's
+    text_encoder: str = "minilm"
+    route: str = "crossattn"
+    cross_attention: str = "all"
+    context_length: int = 32
+    text_transformer: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from .conditioning import adapt_unet, conditioning_of, default_text_transformer
+
         if self.kind not in KINDS:
             raise ValueError(f"unknown training kind {self.kind!r}; expected one of {KINDS}")
+        cond = conditioning_of(self)
+        cond.check()
+        if not cond.is_default and self.kind != "ldm":
+            raise ValueError("the conditioning options (--text-encoder, --conditioning-route, --cross-attention, "
+                             "--context-length) are for 'ldmgraph train ldm' only")
+        if cond.text_encoder == "transformer" and not self.text_transformer:
+            self.text_transformer = default_text_transformer(self.context_length)
         if not self.unet:
             self.unet = default_unet(self.kind)
+            if not cond.is_default:
+                self.unet = adapt_unet(self.unet, cond, self.text_transformer)
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -160,11 +177,16 @@ def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, tor
         captions = pool[key][idx]
         dropped = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
         captions = torch.where(dropped, torch.zeros_like(captions), captions)  # entry 0 is ""
-        out["context"] = pool["contexts"][captions]
+        if "caption_ids" in pool or "pooled" in pool:  # other conditioning options
+            from .conditioning import batch_inputs
+
+            out.update(batch_inputs(cfg, pool, captions))
+        else:
+            out["context"] = pool["contexts"][captions]
     return out
 
 
-def diffusion_loss(unet: UNetModel, batch: dict[str, torch.Tensor], abar: torch.Tensor,
+def diffusion_loss(unet: torch.nn.Module, batch: dict[str, torch.Tensor], abar: torch.Tensor,
                    generator: torch.Generator, offset_noise: float = 0.0) -> torch.Tensor:
     """|| eps - eps_theta(z_t, t, c) ||^2, t uniform in 0..T-1.
 
@@ -183,6 +205,10 @@ def diffusion_loss(unet: UNetModel, batch: dict[str, torch.Tensor], abar: torch.
     a = abar[t].view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
     x = zt if batch["concat"] is None else torch.cat([zt, batch["concat"]], 1)
+    if "ids" in batch:  # a JointModel: the text transformer runs inside, in the same graph
+        return (unet(x, t, batch["ids"]) - eps).pow(2).mean()
+    if batch.get("y") is not None:
+        return (unet(x, t, context=batch["context"], y=batch["y"]) - eps).pow(2).mean()
     return (unet(x, t, context=batch["context"]) - eps).pow(2).mean()
 
 
@@ -190,10 +216,13 @@ def diffusion_loss(unet: UNetModel, batch: dict[str, torch.Tensor], abar: torch.
 def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = False,
               progress: bool = True, threads: int = 1, on_checkpoint: Any = None) -> Path:
     """Train (or resume) one latent diffusion model in run folder ``out``."""
+    from .conditioning import build_model, prepare_pool
+
     torch.set_num_threads(threads)
-    unet = build_unet(cfg)
+    unet = build_model(cfg)  # a UNetModel, or a JointModel when the text transformer trains too
+    pool = prepare_pool(cfg, pool)
     if cfg.init_from and not (resume and (out / "checkpoint.safetensors").exists()):
-        initial_weights(unet, Path(cfg.init_from))
+        initial_weights(getattr(unet, "unet", unet), Path(cfg.init_from))
     ema = EMA(unet, decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, earlier = 0, 0.0  # earlier: training seconds of the segments before a resume
