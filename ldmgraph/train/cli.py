@@ -38,6 +38,17 @@ def register(subparsers: Any) -> None:
     train.add_argument("--offset-noise", type=float, default=None,
                        help="diffusion models: std of a per-image, per-channel constant added to the noise "
                             "(0.1 used for the shipped txt2img and inpaint models; default 0)")
+    train.add_argument("--text-encoder", choices=("minilm", "transformer"), default="minilm",
+                       help="ldm: frozen MiniLM contexts (default) or a BERT-tokenised transformer trained "
+                            "from scratch with the U-Net (the paper's recipe)")
+    train.add_argument("--conditioning-route", choices=("crossattn", "vector", "both"), default="crossattn",
+                       help="ldm: the caption reaches the U-Net by cross-attention (default), as a pooled vector "
+                            "added to the timestep embedding (needs --cross-attention none), or both")
+    train.add_argument("--cross-attention", choices=("all", "lowest", "none"), default="all",
+                       help="ldm: U-Net levels with cross-attention: all (default), the lowest (4x4 middle "
+                            "block) only, none (vector route)")
+    train.add_argument("--context-length", type=int, default=32,
+                       help="ldm with --text-encoder transformer: caption tokens (default 32)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--no-progress", action="store_true")
@@ -70,10 +81,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"autoencoder run: {out}")
         return 0
 
+    from .conditioning import Conditioning
     from .ldm import LDMConfig, train_ldm
     from .pipeline import export_and_grid, prepare_inpaint_pool, prepare_pool, read_scale_factor
     from .pool import INPAINT_TASKS_VERSION, build_contexts, contexts_inpaint_version, load_pool
 
+    options = Conditioning(args.text_encoder, args.conditioning_route, args.cross_attention, args.context_length)
+    try:  # before any pool is built
+        options.check()
+        if args.kind != "ldm" and not options.is_default:
+            raise ValueError("--text-encoder, --conditioning-route, --cross-attention and --context-length are "
+                             "options of 'ldmgraph train ldm' only")
+    except ValueError as exc:
+        print(f"ldmgraph train {args.kind}: {exc}", file=sys.stderr)
+        return 2
     if not (args.ae / "checkpoint.safetensors").exists():
         print(f"ldmgraph train {args.kind}: no autoencoder checkpoint in {args.ae}; run "
               f"'ldmgraph train autoencoder --out {args.ae}' first or pass --ae", file=sys.stderr)
@@ -89,8 +110,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         prepare_pool(args.ae, args.pool, 0, args.pool_size, args.inpaint_size, threads=args.threads)
     elif args.kind == "inpaint" and not (args.pool / "inpaint.safetensors").exists():
         prepare_inpaint_pool(args.ae, args.pool, 0, args.inpaint_size, threads=args.threads)
-    cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes, scale_factor=read_scale_factor(args.pool),
-                    init_from=str(args.init_from or ""))
+    try:
+        cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes,
+                        scale_factor=read_scale_factor(args.pool), init_from=str(args.init_from or ""),
+                        text_encoder=args.text_encoder, route=args.conditioning_route,
+                        cross_attention=args.cross_attention, context_length=args.context_length)
+    except ValueError as exc:
+        print(f"ldmgraph train {args.kind}: {exc}", file=sys.stderr)
+        return 2
     for name in ("steps", "batch_size", "lr", "offset_noise"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
