@@ -216,6 +216,8 @@ def run_variant_to(name: str, target: int, args: argparse.Namespace, pool: dict[
                     offset_noise=0.1, **VARIANTS[name])
     state_path = folder / "state.json"
     done = json.loads(state_path.read_text())["step"] if state_path.exists() else 0
+    if done > target:  # trained past this point in an earlier session with other --eval-every: not scorable
+        return
     if done < target:
         wall, cpu = time.time(), time.process_time()
         train_ldm(cfg, pool, folder, resume=True, progress=False, threads=args.threads)
@@ -275,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             record = results["variants"].setdefault(name, {})
             run_variant_to(name, target, args, pool, scale, ae_dir, record)
             save_json(results_path, results)
+        write_docs(args, results, names)  # after each round, so an interrupted study still shows its figures
     results["last_session_wall_seconds"] = time.time() - started
     save_json(results_path, results)
     write_docs(args, results, names)
-    finals = {n: results["variants"][n]["scores"][str(args.steps)]["two_mean"] for n in names}
+    finals = {n: last_score(results["variants"][n])[1]["two_mean"] for n in names}
     best = max(finals, key=lambda n: finals[n])
     print(" ".join(f"{n}={v:.3f}" for n, v in finals.items()) + f" best={best}")
     return 0
@@ -298,10 +301,15 @@ def vars_of(args: argparse.Namespace) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
+def last_score(record: dict[str, Any]) -> tuple[int, dict[str, float]]:
+    """(step, scores) of a variant's latest scored step."""
+    step = max(int(k) for k in record["scores"])
+    return step, record["scores"][str(step)]
+
+
 def table(args: argparse.Namespace, results: dict[str, Any], names: list[str]) -> str:
     import torch
 
-    key = str(args.steps)
     cpu_minutes = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0)
                       for r in results["variants"].values()) / 60
     wall_minutes = sum(r.get("train_wall_seconds", 0) for r in results["variants"].values()) / 60
@@ -325,17 +333,21 @@ def table(args: argparse.Namespace, results: dict[str, Any], names: list[str]) -
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
-        r = results["variants"][n]
-        s = r["scores"][key]
-        speed = args.batch_size * r.get("timed_steps", 0) / max(r.get("train_cpu_seconds", 0), 1e-9)
-        lines.append(f"| {n} | {DESCRIPTIONS[n]} | {s['two_mean']:.3f} | {s['two_colour']:.2f} / {s['two_shape']:.2f} "
-                     f"/ {s['two_position']:.2f} | {s['one_mean']:.3f} | {speed:.1f} | {r['sample_step_cpu_ms']:.0f} | "
+        r = results["variants"].get(n, {})
+        if not r.get("scores"):
+            continue
+        step, s = last_score(r)
+        # training speed of the segments this study timed ("-": trained in an interrupted session)
+        timed = r.get("timed_steps", 0)
+        speed = f"{args.batch_size * timed / r['train_cpu_seconds']:.1f}" if timed else "-"
+        lines.append(f"| {n} | {DESCRIPTIONS[n]} ({step} steps) | {s['two_mean']:.3f} | {s['two_colour']:.2f} / {s['two_shape']:.2f} "
+                     f"/ {s['two_position']:.2f} | {s['one_mean']:.3f} | {speed} | {r['sample_step_cpu_ms']:.0f} | "
                      f"{r['params_trained'] / 1e6:.2f}M | {r['params_inference'] / 1e6:.2f}M |")
     lines += ["", "Two-object mean score against training steps:", "", "![score vs steps](score_vs_steps.png)", "",
               "| variant | " + " | ".join(f"step {k}" for k in milestones(args.steps, args.eval_every)) + " |",
               "|---|" + "---|" * len(milestones(args.steps, args.eval_every))]
     for n in names:
-        sc = results["variants"][n]["scores"]
+        sc = results["variants"].get(n, {}).get("scores", {})
         lines.append(f"| {n} | " + " | ".join(f"{sc[str(k)]['two_mean']:.3f}" if str(k) in sc else "-"
                                               for k in milestones(args.steps, args.eval_every)) + " |")
     return "\n".join(lines) + "\n"
@@ -348,7 +360,8 @@ def plot(results: dict[str, Any], names: list[str], path: Path, label: str) -> N
     width, height, left, right, top, bottom = 720, 440, 60, 190, 40, 50
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
-    series = {n: sorted((int(k), v["two_mean"]) for k, v in results["variants"][n]["scores"].items()) for n in names}
+    series = {n: sorted((int(k), v["two_mean"]) for k, v in results["variants"].get(n, {}).get("scores", {}).items())
+              for n in names}
     xmax = max((k for s in series.values() for k, _ in s), default=1)
     ymax = max(0.1, min(1.0, 1.1 * max((v for s in series.values() for _, v in s), default=1.0)))
 
