@@ -143,7 +143,17 @@ _OPTIONS: dict[str, dict[str, SamplerOption]] = {
     "uni_pc_bh2": {"order": ORDER_UNIPC},
 }
 SAMPLER_NAMES = tuple(_OPTIONS)
-SCHEDULE_NAMES = ("normal", "karras", "exponential", "simple", "sgm_uniform", "ddim_uniform", "beta")
+SCHEDULE_NAMES = (
+    "normal",
+    "karras",
+    "exponential",
+    "simple",
+    "sgm_uniform",
+    "ddim_uniform",
+    "beta",
+    "leading",
+    "trailing",
+)
 
 BUILTIN_SAMPLERS: dict[str, LazySampler] = {
     name: LazySampler(f"ldmgraph.diffusion.samplers:{name}", **options) for name, options in _OPTIONS.items()
