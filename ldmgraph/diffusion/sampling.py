@@ -111,16 +111,32 @@ def sampler_choice(
 # ---------------------------------------------------------------- GUIDER
 
 
+class _NearestTimestep:
+    """A noise schedule whose sigma -> t map gives the training step nearest in log-sigma (ComfyUI's
+    `model_sampling.timestep`: argmin over |log sigma - log sigma_t|, the lower step on a tie)."""
+
+    def __init__(self, schedule: Any) -> None:
+        self.schedule = schedule
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        log_sigmas = self.schedule.log_sigmas.to(sigma.device)
+        distances = (sigma.to(torch.float32).log().reshape(-1, 1) - log_sigmas.reshape(1, -1)).abs()
+        return distances.argmin(dim=1).to(torch.float32).view(sigma.shape)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.schedule, name)
+
+
 class _IntegerTimesteps:
-    """A model seen with its timestep rounded to the nearest integer (ComfyUI's convention:
-    `model_sampling.timestep` picks the training step nearest in log-sigma, which is the rounding
-    of the log-sigma interpolation the denoiser computes)."""
+    """A model seen through `_NearestTimestep`: the U-Net gets integer timesteps (ComfyUI's
+    convention); everything else is the model's own."""
 
     def __init__(self, model: DiffusionModel) -> None:
         self.model = model
+        self.noise_schedule = _NearestTimestep(model.noise_schedule)
 
-    def apply_model(self, x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return self.model.apply_model(x, t.round(), *args, **kwargs)
+    def apply_model(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.model.apply_model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
@@ -242,15 +258,23 @@ def sampling_sigmas(
     start_step: int | None = None,
     end_step: int | None = None,
     return_with_leftover_noise: bool = False,
+    discard_penultimate: bool = False,
 ) -> Tensor:
-    """The sigmas a run visits: for denoise < 1 the last steps + 1 of a schedule of steps / denoise
-    steps (img2img); then ComfyUI KSamplerAdvanced's start/end slicing (end < steps forces the
+    """The sigmas a KSampler-style run visits (ComfyUI's KSampler / KSamplerAdvanced rules): the
+    whole schedule of `steps` (which for ddim_uniform may hold more steps); for denoise < 1 the
+    last steps + 1 of a schedule of steps / denoise steps (img2img); `discard_penultimate` makes
+    the schedule one step longer and drops its next-to-last sigma (ComfyUI does that for dpm_2,
+    dpm_2_ancestral, uni_pc and uni_pc_bh2); then the start/end slicing (end < steps forces the
     last sigma to 0 unless return_with_leftover_noise)."""
     if steps < 1:
         raise DiffusionError(f"steps must be at least 1, got {steps}")
     total = steps if denoise >= 1.0 else int(steps / denoise)
+    total += int(discard_penultimate)
     sigmas = schedule_fn(total, model.noise_schedule).to(torch.float32)
-    sigmas = sigmas[-(steps + 1) :]
+    if discard_penultimate and len(sigmas) > 2:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    if denoise < 1.0:
+        sigmas = sigmas[-(steps + 1) :]
     if end_step is not None and end_step < len(sigmas) - 1:
         sigmas = sigmas[: end_step + 1].clone()
         if not return_with_leftover_noise:
@@ -258,6 +282,10 @@ def sampling_sigmas(
     if start_step is not None:
         sigmas = sigmas[start_step:] if start_step < len(sigmas) - 1 else sigmas[:0]
     return sigmas
+
+
+DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
+"""Samplers for which ComfyUI's KSampler computes one step more and drops the next-to-last sigma."""
 
 
 def sample(
@@ -299,6 +327,7 @@ def sample(
         start_step,
         end_step,
         return_with_leftover_noise,
+        discard_penultimate=convention == "comfyui" and sampler in DISCARD_PENULTIMATE,
     )
     choice = sampler_choice(sampler, sampler_options, registry)
     guider = Guider(model, positive, negative, cfg)

@@ -106,10 +106,11 @@ class _SamplerInputs(NodeInputs):
 def _parts(inputs: Any, ctx: NodeContext, sigmas_args: dict[str, Any], add_noise: bool = True) -> tuple:
     """The guider, sampler, sigmas and noise a convenience node stands for."""
     from ldmgraph.diffusion.noise import Noise
-    from ldmgraph.diffusion.sampling import Guider, resolve, sampler_choice, sampling_sigmas
+    from ldmgraph.diffusion.sampling import DISCARD_PENULTIMATE, Guider, resolve, sampler_choice, sampling_sigmas
 
     schedule = resolve("schedules", inputs.schedule, ctx.registry)
-    sigmas = sampling_sigmas(schedule, inputs.model, inputs.steps, **sigmas_args)
+    discard = inputs.convention == "comfyui" and inputs.sampler in DISCARD_PENULTIMATE
+    sigmas = sampling_sigmas(schedule, inputs.model, inputs.steps, discard_penultimate=discard, **sigmas_args)
     guider = Guider(inputs.model, inputs.positive, inputs.negative, inputs.cfg)
     sampler = sampler_choice(inputs.sampler, None, ctx.registry)
     noise = Noise(inputs.seed, add_noise, inputs.convention, inputs.start_noise)
@@ -248,8 +249,8 @@ def sampler_select_node(name: str, options: dict[str, Any]) -> type[Node]:
 
 
 class Scheduler(Node):
-    """Sigmas of a named schedule for a model (ComfyUI's BasicScheduler); denoise < 1 keeps the
-    last steps + 1 of a schedule of steps / denoise steps."""
+    """Sigmas of a named schedule for a model (ComfyUI's BasicScheduler): the last steps + 1 of a
+    schedule of steps / denoise steps (so always `steps` steps, even for ddim_uniform)."""
 
     type_name = "Scheduler"
     category = "sampling/custom/sigmas"
@@ -271,7 +272,8 @@ class Scheduler(Node):
         if inputs.denoise <= 0:
             return self.Outputs(sigmas=torch.zeros(0))
         schedule = resolve("schedules", inputs.schedule, ctx.registry)
-        return self.Outputs(sigmas=sampling_sigmas(schedule, inputs.model, inputs.steps, inputs.denoise))
+        sigmas = sampling_sigmas(schedule, inputs.model, inputs.steps, inputs.denoise)
+        return self.Outputs(sigmas=sigmas[-(inputs.steps + 1) :])
 
 
 class KarrasScheduler(Node):
