@@ -106,7 +106,13 @@ class _SamplerInputs(NodeInputs):
 def _parts(inputs: Any, ctx: NodeContext, sigmas_args: dict[str, Any], add_noise: bool = True) -> tuple:
     """The guider, sampler, sigmas and noise a convenience node stands for."""
     from ldmgraph.diffusion.noise import Noise
-    from ldmgraph.diffusion.sampling import DISCARD_PENULTIMATE, Guider, resolve, sampler_choice, sampling_sigmas
+    from ldmgraph.diffusion.sampling import (
+        DISCARD_PENULTIMATE,
+        Guider,
+        resolve,
+        sampler_choice,
+        sampling_sigmas,
+    )
 
     schedule = resolve("schedules", inputs.schedule, ctx.registry)
     discard = inputs.convention == "comfyui" and inputs.sampler in DISCARD_PENULTIMATE
