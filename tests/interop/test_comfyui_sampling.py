@@ -14,6 +14,16 @@ from comfy_graphs import TXT2IMG
 
 from ldmgraph.interop.comfyui import to_workflow
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (on a shared machine more threads only spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 T = 1000
 
 

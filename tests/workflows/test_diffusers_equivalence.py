@@ -20,6 +20,16 @@ import numpy as np
 import pytest
 import torch
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (on a shared machine more threads only spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 
 pytestmark = pytest.mark.reference

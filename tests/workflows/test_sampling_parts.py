@@ -6,7 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread (on a shared machine more threads only spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 CKPT = {"node": "ckpt", "output": "model"}
