@@ -305,6 +305,7 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         {"images": "images", "filename_prefix": "filename_prefix"},
         (),
         ("filename_prefix",),
+        extra={"quantize": "truncate"},  # ComfyUI writes clip(255 x) truncated to uint8
     ),
     "PreviewImage": NodeMapping("PreviewImage", {"images": "images"}, ()),
 }

@@ -186,3 +186,21 @@ def test_import_sets_comfyuis_convention_on_every_noise_source():
     graph["7"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 5}}
     nodes = to_workflow(graph)["nodes"]
     assert {nodes[k]["inputs"]["convention"] for k in ("5", "6", "7")} == {"comfyui"}
+
+
+def test_imported_save_image_truncates_like_comfyui(comfy_executor):
+    """ComfyUI writes clip(255 x) truncated to uint8; the imported SaveImage does the same."""
+    import copy
+
+    from comfy_graphs import API_TXT2IMG
+    from PIL import Image
+
+    workflow = to_workflow(copy.deepcopy(API_TXT2IMG))
+    assert workflow["nodes"]["9"]["inputs"]["quantize"] == "truncate"
+    result = comfy_executor.run(workflow, outputs=["8", "9"])
+    decoded = np.asarray(result.outputs["8"]["image"])[0]
+    (path,) = [f for f in result.files if f.name.startswith("comfy_txt2img_")]
+    with Image.open(path) as png:
+        written = np.asarray(png.convert("RGB"))
+    assert np.array_equal(written, np.clip(decoded * 255.0, 0, 255).astype(np.uint8))
+    assert not np.array_equal(written, np.clip(np.rint(decoded * 255.0), 0, 255).astype(np.uint8))
