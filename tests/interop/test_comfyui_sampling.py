@@ -112,15 +112,9 @@ def test_every_scheduler_name_gives_comfyuis_sigma_table(comfy_executor):
     assert len(ddim6) == 8 and timestep(float(ddim6[0])) == 997  # KSampler: 7 steps from t = 997
 
 
-def _ancestral_reference(model, cond, uncond, cfg: float, steps: int, seed: int, shape) -> torch.Tensor:
-    """KSampler(euler_ancestral, normal) as ComfyUI computes it: the batch's noise from one generator
-    seeded with the seed, times sqrt(1 + sigma^2) at the model's largest sigma; the model sees
-    x / sqrt(1 + sigma^2) at the integer timestep nearest in log-sigma, D = x - sigma * eps;
-    CFG uncond + cfg (cond - uncond); each step's noise from a second generator seeded with the seed."""
-    sigmas = comfy_schedule("normal", steps)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    x = noise * math.sqrt(1 + sigmas[0] ** 2)
-    step_noise = torch.Generator().manual_seed(seed)
+def _comfy_denoiser(model, cond, uncond, cfg: float):
+    """ComfyUI's CFG denoiser: the model sees x / sqrt(1 + sigma^2) at the integer timestep nearest
+    in log-sigma, D = x - sigma * eps, and D = uncond + cfg (cond - uncond)."""
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         t = torch.full((x.shape[0],), float(timestep(sigma)))
@@ -129,6 +123,18 @@ def _ancestral_reference(model, cond, uncond, cfg: float, steps: int, seed: int,
         d_uncond = x - sigma * model.apply_model(x_in, t, context=uncond.expand(x.shape[0], -1, -1))
         return d_uncond + cfg * (d_cond - d_uncond)
 
+    return denoise
+
+
+def _ancestral_reference(model, cond, uncond, cfg: float, steps: int, seed: int, shape) -> torch.Tensor:
+    """KSampler(euler_ancestral, normal) as ComfyUI computes it: the batch's noise from one generator
+    seeded with the seed, times sqrt(1 + sigma^2) at the model's largest sigma; each step's noise
+    from a second generator seeded with the seed."""
+    sigmas = comfy_schedule("normal", steps)
+    denoise = _comfy_denoiser(model, cond, uncond, cfg)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = noise * math.sqrt(1 + sigmas[0] ** 2)
+    step_noise = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
             denoised = denoise(x, s)
@@ -138,6 +144,56 @@ def _ancestral_reference(model, cond, uncond, cfg: float, steps: int, seed: int,
             if s_next > 0:
                 x = x + torch.randn(x.shape, generator=step_noise) * up
     return x
+
+
+def _dpmpp_2m_sde_reference(model, cond, uncond, cfg: float, steps: int, seed: int, shape) -> torch.Tensor:
+    """k-diffusion's DPM-Solver++(2M) SDE (midpoint, eta 1, s_noise 1) with its Brownian-tree noise
+    sampler as ComfyUI seeds it: one torchsde BrownianTree over the whole batch, entropy = seed,
+    on [smallest positive sigma, largest sigma]; a step's noise is (W(s_next) - W(s)) / sqrt|s_next - s|."""
+    import torchsde
+
+    sigmas = comfy_schedule("karras", steps)
+    denoise = _comfy_denoiser(model, cond, uncond, cfg)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * math.sqrt(1 + sigmas[0] ** 2)
+    low, high = min(s for s in sigmas if s > 0), max(sigmas)
+    tree = torchsde.BrownianTree(low, torch.zeros(shape), high, entropy=seed)
+    old, h_last = None, None
+    with torch.no_grad():
+        for s, s_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            denoised = denoise(x, s)
+            if s_next == 0:
+                x = denoised
+            else:
+                h = math.log(s / s_next)
+                x = s_next / s * math.exp(-h) * x - math.expm1(-2 * h) * denoised
+                if old is not None:
+                    x = x + 0.5 * -math.expm1(-2 * h) * (h / h_last) * (denoised - old)
+                dw = -tree(s_next, s) / math.sqrt(s - s_next)  # W(s_next) - W(s), normalised
+                x = x + dw * s_next * math.sqrt(-math.expm1(-2 * h))
+                h_last = h
+            old = denoised
+    return x
+
+
+def test_imported_dpmpp_2m_sde_matches_k_diffusion_with_brownian_noise(comfy_executor):
+    graph = _loader()
+    graph.update({
+        "10": {"class_type": "RandomNoise", "inputs": {"noise_seed": 77}},
+        "11": {"class_type": "CFGGuider",
+               "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "cfg": 2.0}},
+        "12": {"class_type": "SamplerDPMPP_2M_SDE",
+               "inputs": {"solver_type": "midpoint", "eta": 1.0, "s_noise": 1.0, "noise_device": "cpu"}},
+        "13": {"class_type": "BasicScheduler",
+               "inputs": {"model": ["1", 0], "scheduler": "karras", "steps": 4, "denoise": 1.0}},
+        "5": {"class_type": "SamplerCustomAdvanced",
+              "inputs": {"noise": ["10", 0], "guider": ["11", 0], "sampler": ["12", 0], "sigmas": ["13", 0],
+                         "latent_image": ["4", 0]}},
+    })
+    result = comfy_executor.run(to_workflow(graph), outputs=["1", "2", "3", "5"])
+    got = result.outputs["5"]["output"].samples
+    cond, uncond = result.outputs["2"]["conditioning"][0].context, result.outputs["3"]["conditioning"][0].context
+    expected = _dpmpp_2m_sde_reference(result.outputs["1"]["model"], cond, uncond, 2.0, 4, 77, tuple(got.shape))
+    assert (got - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
 @pytest.mark.parametrize("custom", [False, True], ids=["KSampler", "SamplerCustomAdvanced"])
