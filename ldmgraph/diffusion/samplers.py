@@ -27,21 +27,25 @@ noise, same per-step noise; tests/workflows/test_diffusers_equivalence.py, whole
 | dpmpp_2m_sde + karras        | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2,  |
 |                              |   use_karras_sigmas=True), per-step noise passed as variance_noise             |
 | dpmpp_sde + normal           | DPMSolverSDEScheduler(timestep_spacing="linspace"), its noise_sampler replaced |
-| ddim (eta 0 or 1) + ddim_uniform | DDIMScheduler(steps_offset=1, timestep_spacing="leading",                  |
-|                              |   set_alpha_to_one=True, clip_sample=False), start x = noise*sqrt(1+sigma0^2) |
-| ddpm + ddim_uniform          | DDPMScheduler(steps_offset=1, timestep_spacing="leading", clip_sample=False,   |
+| ddim (eta 0 or 1) + leading  | DDIMScheduler(steps_offset=1, timestep_spacing="leading", clip_sample=False,   |
+|                              |   set_alpha_to_one=True; False with final_alpha="first"), start_noise "vp"    |
+| ddpm + leading               | DDPMScheduler(steps_offset=1, timestep_spacing="leading", clip_sample=False,   |
 |                              |   variance_type="fixed_small")                                                 |
 | dpm_2 + normal               | KDPM2DiscreteScheduler(timestep_spacing="linspace")                            |
 | dpm_2_ancestral + normal     | KDPM2AncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
-| plms + ddim_uniform          | PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True)      |
+| plms + leading               | PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True;      |
+|                              |   False with final_alpha="first")                                              |
 | uni_pc_bh2 (order 2, 3) + sgm_uniform / karras | UniPCMultistepScheduler(solver_type="bh2", solver_order=2 / 3) |
 | uni_pc (order 2, 3)          | UniPCMultistepScheduler(solver_type="bh1", final_sigmas_type="sigma_min")      |
+
+Start noise ("start_noise" of the noise source, noise.py): diffusers' Euler, Heun and LMS with
+"linspace" spacing start at noise * sigma_max ("sigma"); its DDIM, PNDM, DDPM, DPM-Solver and UniPC
+at noise in VP space, noise * sqrt(1 + sigma0^2) here ("vp"); "auto" is ComfyUI's rule.
 
 Notes: DDIMScheduler and PNDMScheduler with SD's set_alpha_to_one=False stop at sigma(t=0) = 0.029
 instead of 0, so their last latent still holds that much noise: the option final_alpha="first"
 does the same (and returns that latent as the network saw it, x / sqrt(1 + sigma^2)); the default
-"one" ends at sigma 0 (the x0 prediction). diffusers' UniPC
-with bh1 returns NaN on a step to sigma 0 (it divides by B(h) = h = infinity); ours takes the x0
+"one" ends at sigma 0 (the x0 prediction). diffusers' UniPC with bh1 returns NaN on a step to sigma 0 (it divides by B(h) = h = infinity); ours takes the x0
 prediction there, as every order-1 step to sigma 0 does.
 """
 
