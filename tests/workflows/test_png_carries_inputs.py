@@ -29,7 +29,7 @@ def pixels(path: Path) -> np.ndarray:
 
 def test_an_inpainting_png_alone_in_an_empty_folder_re_creates_itself(make_executor, models_dir, tmp_path):
     doc = json.loads((WORKFLOWS / "inpaint.json").read_text())
-    first = make_executor(output_dir=tmp_path / "first").run(doc, overrides={"steps": 3, "seed": 7})
+    first = make_executor(output_dir=tmp_path / "first").run(doc, overrides={"steps": 2, "seed": 7})
     with Image.open(first.files[0]) as image:
         carried = json.loads(image.text[PNG_INPUTS_KEY])
     assert {r["name"] for r in carried} == {"shapes.png", "mask_centre.png"}
