@@ -13,13 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ldmgraph.graph import InputField, Node, NodeContext, NodeInputs, NodeOutputs, OutputField, codes
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.errors import UnsafePathError
 from ldmgraph.graph.estimate import Estimate, Shape
-from ldmgraph.graph.files import atomic_write_new, safe_join
+from ldmgraph.graph.files import (
+    atomic_write_new,
+    check_file_name_prefix,
+    input_file_problem,
+    output_folder_problem,
+    read_regular_file,
+    safe_join,
+)
 from ldmgraph.graph.loading import PNG_PARAMETERS_KEY, PNG_WORKFLOW_KEY
 from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, MASK, STRING
 from ldmgraph.plugins import hookimpl
@@ -64,14 +71,39 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
-def _file_problems(folder: Path, name: str, what: str) -> list[tuple[str, str, str]]:
+def _file_problems(folder: Path, name: Any, input_name: str) -> list[tuple[str | None, str, str]]:
+    problem = input_file_problem(folder, name)
+    return [] if problem is None else [(input_name, *problem)]
+
+
+def read_input_image(folder: Path, name: str) -> Image.Image:
+    """Open an image file of the input folder: a regular file, read with a bound, then decoded."""
+    path = safe_join(folder, name)
     try:
-        path = safe_join(folder, name)
+        data = read_regular_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no file {name!r} in the input folder {folder}") from None
+    try:
+        return Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{name!r} in the input folder {folder} is not an image Pillow can read ({exc})") from None
+
+
+def output_problems(folder: Path, prefix: Any, input_name: str) -> list[tuple[str | None, str, str]]:
+    """Validation of where an output node writes: a portable prefix that stays in ``folder``, and a
+    folder (with the prefix's subfolders) that is, or can be made, a writable folder."""
+    if not isinstance(prefix, str):
+        return []  # a linked prefix: checked when its value is known, before the node runs
+    problem = check_file_name_prefix(prefix)
+    if problem is not None:
+        return [(input_name, problem[0], f"{problem[1]}; use a prefix such as 'ldmgraph' or 'sub/name'")]
+    try:
+        target = safe_join(folder, prefix + "_")
     except UnsafePathError as exc:
-        return [("image", codes.UNSAFE_PATH, f"{exc}; name a file inside the {what} folder {folder}")]
-    if not path.is_file():
-        return [("image", codes.FILE_NOT_FOUND,
-                 f"file {name!r} not found in the {what} folder {folder}; put it there or pass --input-dir")]
+        return [(input_name, codes.UNSAFE_PATH, f"{exc}; use a prefix inside the output folder")]
+    reason = output_folder_problem(target.parent)
+    if reason is not None:
+        return [(None, codes.OUTPUT_NOT_WRITABLE, f"{reason}; pass a writable --output-dir")]
     return []
 
 
@@ -110,16 +142,19 @@ class LoadImage(Node):
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
         from ldmgraph.nodes.input_files import pixel_problems
 
-        if env.carried_inputs is not None and (env.carried_inputs / literals["image"]).is_file():
-            return pixel_problems(literals["image"], env, "image")
-        found = _file_problems(env.input_dir, literals["image"], "input")
-        return found or pixel_problems(literals["image"], env, "image")
+        name = literals.get("image")
+        if isinstance(name, str) and env.carried_inputs is not None and (env.carried_inputs / name).is_file():
+            return pixel_problems(name, env, "image")
+        return _file_problems(env.input_dir, name, "image") or pixel_problems(name, env, "image")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
         from ldmgraph.nodes.input_files import input_path
 
-        stat = input_path(env, literals["image"]).stat()
+        try:
+            stat = input_path(env, str(literals.get("image"))).stat()
+        except (OSError, UnsafePathError):
+            return None  # a linked name: the node is re-checked, and always run, when it is known
         return f"{stat.st_size}:{stat.st_mtime_ns}"
 
     @classmethod
@@ -132,7 +167,7 @@ class LoadImage(Node):
         from ldmgraph.nodes.input_files import check_pixels_before_decoding, input_path
 
         path = input_path(ctx.env, inputs.image)
-        with Image.open(path) as opened:
+        with read_input_image(path.parent, path.name) as opened:
             check_pixels_before_decoding(opened, ctx.env, inputs.image)
             picture = ImageOps.exif_transpose(opened)
             has_alpha = "A" in picture.getbands() or "transparency" in picture.info
@@ -161,11 +196,7 @@ class SaveImage(Node):
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
-        try:
-            safe_join(env.output_dir, literals["filename_prefix"] + "_")
-        except UnsafePathError as exc:
-            return [("filename_prefix", codes.UNSAFE_PATH, f"{exc}; use a prefix inside the output folder")]
-        return []
+        return output_problems(env.output_dir, literals.get("filename_prefix", ""), "filename_prefix")
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> None:
         info = PngImagePlugin.PngInfo()

@@ -8,17 +8,18 @@ Torch-free (numpy + Pillow), like the framework's image nodes in `image.py`. IMA
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs, codes
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
-from ldmgraph.graph.errors import UnsafePathError
+from ldmgraph.graph.errors import FileTooLargeError, NotAFileError, UnsafePathError
 from ldmgraph.graph.estimate import Estimate, Shape
-from ldmgraph.graph.files import atomic_write_new, safe_join
+from ldmgraph.graph.files import atomic_write_new, input_file_problem, read_regular_file, safe_join
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, MASK, STRING
 from ldmgraph.nodes.common import NodeInputError, check_mask_size
@@ -28,18 +29,9 @@ MASK_CHANNELS = ["alpha", "red", "green", "blue", "luminance"]
 
 
 def check_input_file(name: Any, env: Environment, input_name: str) -> list[tuple[str, str, str]]:
-    """Validation-time check that a file name stays in the input folder and exists."""
-    if not isinstance(name, str):
-        return []
-    try:
-        path = safe_join(env.input_dir, name)
-    except UnsafePathError as error:
-        return [
-            (input_name, codes.UNSAFE_PATH, f"{error}; name a file inside the input folder {env.input_dir}")
-        ]
-    if not path.is_file():
-        return [(input_name, codes.FILE_NOT_FOUND, f"no file {name!r} in the input folder {env.input_dir}")]
-    return []
+    """Validation-time check that a file name stays in the input folder and is a regular file."""
+    problem = input_file_problem(env.input_dir, name)
+    return [] if problem is None else [(input_name, *problem)]
 
 
 def open_image(folder: Path, name: str, node: str, env: Environment | None = None) -> Any:
@@ -51,13 +43,15 @@ def open_image(folder: Path, name: str, node: str, env: Environment | None = Non
 
     path = safe_join(folder, name)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
         image = Image.open(io.BytesIO(data))
         if env is not None:
             check_pixels_before_decoding(image, env, name)
         image.load()
     except FileNotFoundError:
         raise NodeInputError(f"{node}: no file {name!r} in the input folder {folder}") from None
+    except (NotAFileError, FileTooLargeError) as error:
+        raise NodeInputError(f"{node}: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise NodeInputError(f"{node}: {name!r} is not an image Pillow can read ({error})") from None
     return image
@@ -140,12 +134,15 @@ class PreviewImage(Node):
     def run(self, inputs: Inputs, ctx: NodeContext) -> None:
         from PIL import Image
 
-        folder = Path(tempfile.gettempdir()) / "ldmgraph-preview"
+        # a private folder per executor session (mkdtemp: a new name, mode 0700), never a fixed
+        # name in the shared temporary folder that another user could plant a link in
+        folder = ctx.resource(("PreviewImage", "folder"), lambda: Path(tempfile.mkdtemp(prefix="ldmgraph-preview-")))
+        stem = "preview_" + re.sub(r"[^A-Za-z0-9_-]", "_", ctx.node_id)[:100]
         for picture in inputs.images:
             buffer = io.BytesIO()
             pixels = (np.clip(picture, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
             Image.fromarray(pixels[..., :3] if pixels.shape[-1] > 1 else pixels[..., 0]).save(buffer, "PNG")
-            ctx.add_file(atomic_write_new(folder, f"preview_{ctx.node_id}", ".png", buffer.getvalue()))
+            ctx.add_file(atomic_write_new(folder, stem, ".png", buffer.getvalue()))
         return None
 
 
