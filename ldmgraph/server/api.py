@@ -28,7 +28,7 @@ from ldmgraph.graph.errors import ValidationError
 from ldmgraph.graph.files import atomic_write_bytes
 from ldmgraph.graph.validate import validate_workflow
 
-from .protocol import error_body, request_error, to_document
+from .protocol import error_body, plain_json, request_error, to_document
 from .state import ServerState
 from .store import Job
 from .workflows import NAME, summary
@@ -37,6 +37,7 @@ PROMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 SUBFOLDER = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
 JOB_STATUS = {"pending": "pending", "running": "in_progress", "success": "completed", "error": "failed",
               "interrupted": "cancelled", "cancelled": "cancelled"}
+NOT_PLAIN = "the request holds NaN or Infinity, which JSON does not allow"
 MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 
 
@@ -114,6 +115,8 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/prompt", summary="Queue a graph (ComfyUI's POST /prompt)")
     def post_prompt(body: PromptRequest) -> JSONResponse:
+        if not plain_json([body.prompt, body.extra_data]):
+            return error(400, "invalid_json", NOT_PLAIN)
         try:
             doc, kind = to_document(body.prompt, state.registry)
         except ValidationError as exc:
@@ -281,6 +284,8 @@ def build_router(state: ServerState) -> APIRouter:
         doc = state.workflows().get(name) if NAME.match(name) else None
         if doc is None:
             return error(404, "unknown_workflow", f"no saved workflow named {name[:100]!r}")
+        if not plain_json(body.parameters):
+            return error(400, "invalid_json", NOT_PLAIN)
         return enqueue({"workflow": name, "parameters": body.parameters}, doc, kind=f"workflow:{name}",
                        client_id=body.client_id, prompt_id=None, front=body.front, extra_data={},
                        outputs=None, overrides=body.parameters)

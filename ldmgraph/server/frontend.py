@@ -25,6 +25,7 @@ from ldmgraph.graph.errors import UnsafePathError
 from ldmgraph.graph.files import atomic_write_bytes, safe_join
 
 from .api import error
+from .protocol import plain_json
 from .state import ServerState
 from .workflows import to_ui
 
@@ -68,7 +69,7 @@ def build_router(state: ServerState) -> APIRouter:
     @router.post("/settings", summary="Replace several settings")
     async def post_settings(request: Request) -> Any:
         values = await _json(request)
-        if not isinstance(values, dict):
+        if not isinstance(values, dict) or not plain_json(values):
             return error(400, "invalid_settings", "settings are a JSON object")
         state.store.set_settings(values)
         return {}
@@ -81,18 +82,21 @@ def build_router(state: ServerState) -> APIRouter:
     async def post_setting(setting_id: str, request: Request) -> Any:
         if len(setting_id) > 200:
             return error(400, "invalid_setting", "setting ids are at most 200 characters")
-        state.store.set_settings({setting_id: await _json(request)})
+        value = await _json(request)
+        if not plain_json(value):
+            return error(400, "invalid_setting", "a setting's value must be plain JSON (no NaN or Infinity)")
+        state.store.set_settings({setting_id: value})
         return {}
 
     @router.get("/userdata", summary="List user data files in a folder")
     def list_userdata(dir: str = Query(..., max_length=400), recurse: bool = False,
                       full_info: bool = False, split: bool = False) -> Any:
         try:
-            folder = userdata_path(state, dir.strip("/"))
+            folder = userdata_path(state, dir.rstrip("/"))
         except UnsafePathError as exc:
             return error(400, "invalid_path", str(exc))
         entries = _listing(folder, recurse)
-        if dir.strip("/") == "workflows":
+        if dir.rstrip("/") == "workflows":
             for name in state.workflows():
                 entries.setdefault(f"{name}.json", {"size": 0, "modified": 0.0})
         ordered = sorted(entries.items())

@@ -15,6 +15,7 @@ What ComfyUI 0.3.x sends and expects (its ``server.py`` and ``execution.py``), r
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ldmgraph.graph import codes
@@ -101,6 +102,15 @@ def native_to_document(prompt: dict[str, Any], registry: Registry) -> dict[str, 
 def _is_link(value: Any) -> bool:
     return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str | int)
             and not isinstance(value[0], bool) and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def plain_json(value: Any) -> bool:
+    """True when ``value`` is strict JSON: no NaN or Infinity (Python's parser accepts them, JSON does not)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return True
 
 
 def _bad(message: str) -> ValidationError:
