@@ -29,7 +29,7 @@ from .protocol import plain_json
 from .state import ServerState
 from .workflows import to_ui
 
-SEGMENT = re.compile(r"^[^\x00-\x1f/\\:*?\"<>|.][^\x00-\x1f/\\:*?\"<>|]{0,199}$")
+SEGMENT = re.compile(r"^(?!\.\.?$)[^\x00-\x1f/\\:*?\"<>|]{1,200}$")  # no "." or "..", no control characters
 SAVED_PREFIX = "workflows/"
 
 
@@ -213,6 +213,15 @@ def build_root_router(state: ServerState) -> APIRouter:
     @router.get("/templates/index.json", include_in_schema=False)
     def get_templates() -> list[Any]:
         return []
+
+    @router.get("/templates/index_logo.json", include_in_schema=False)
+    def get_template_logos() -> dict[str, Any]:
+        return {}
+
+    @router.get("/user.css", include_in_schema=False)
+    def get_user_css() -> Response:
+        path = state.userdata_dir / "user.css"
+        return Response(path.read_bytes() if path.is_file() else b"", media_type="text/css")
 
     return router
 

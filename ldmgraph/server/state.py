@@ -22,6 +22,11 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_MODELS = PACKAGE_ROOT / "assets" / "models"
 REPO_WORKFLOWS = PACKAGE_ROOT.parent / "workflows"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# Editor settings on a new data folder: no ComfyUI release notices (they fetch from api.comfy.org and
+# are about ComfyUI, not this server) and no first-run template browser (there are no templates).
+DEFAULT_SETTINGS = {"Comfy.Notification.ShowVersionUpdates": False, "Comfy.TutorialCompleted": True}
+# User data files the editor reads at start-up, created empty on a new data folder.
+DEFAULT_USERDATA = {"user.css": b"", "comfy.templates.json": b"[]", "workflows/.index.json": b'{"favorites": []}'}
 
 
 @dataclass
@@ -75,7 +80,19 @@ class ServerState:
         state = cls(config, registry, store, hub, env, worker, input_dir, output_dir, userdata_dir)
         state_box.append(state)
         state.receive_workflow_inputs()
+        state.first_start()
         return state
+
+    def first_start(self) -> None:
+        """Default settings and user data files, once per data folder (the user may change them later)."""
+        if self.store.meta("initialised"):
+            return
+        self.store.set_settings(DEFAULT_SETTINGS)
+        for name, content in DEFAULT_USERDATA.items():
+            path = self.userdata_dir / name
+            if not path.exists():
+                path.write_bytes(content)
+        self.store.set_meta("initialised", True)
 
     # -- queue status -----------------------------------------------------------------------------
     def queue_remaining(self) -> int:
