@@ -78,5 +78,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(state)
     print(f"ldmgraph serve: http://{args.host}:{args.port}/ (data in {config.data_dir.resolve()})",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets")
+    from uvicorn.config import WS_PROTOCOLS
+
+    ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"  # uvicorn >= 0.35
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws=ws)
     return 0

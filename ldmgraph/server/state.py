@@ -61,6 +61,7 @@ class ServerState:
     output_dir: Path
     userdata_dir: Path
     _info_cache: tuple[Any, dict[str, Any]] | None = None
+    _status_pending: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -102,6 +103,22 @@ class ServerState:
         return {"status": {"exec_info": {"queue_remaining": self.queue_remaining()}}}
 
     def broadcast_status(self) -> None:
+        """Tell every client the queue length; bursts of changes (a job ends, the next starts) send one."""
+        loop = self.hub.loop
+        if loop is None or loop.is_closed():
+            return
+        with self._lock:
+            if self._status_pending:
+                return
+            self._status_pending = True
+        try:
+            loop.call_soon_threadsafe(self._send_status)
+        except RuntimeError:  # the loop closed while shutting down
+            pass
+
+    def _send_status(self) -> None:
+        with self._lock:
+            self._status_pending = False
         self.hub.publish("status", self.status_message())
 
     # -- files ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ldmgraph.graph.context import CancelToken, Environment
 from ldmgraph.graph.errors import Cancelled, ExecutionError, ValidationError
 from ldmgraph.graph.events import Event
 from ldmgraph.graph.executor import Executor, RunResult
+from ldmgraph.graph.validate import CompiledWorkflow, recheck_environment
 
 from .hub import Hub
 from .protocol import error_body
@@ -32,6 +34,7 @@ from .store import Job, Store
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PREVIEW_MAX_SIDE = 512
+PREPARED_LIMIT = 4096
 
 
 @dataclass
@@ -64,6 +67,15 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._supervisor: threading.Thread | None = None
         self._death: BaseException | None = None
+        # job id -> (registry version, compiled workflow) validated at submission, so the worker does
+        # not validate it again (only its files are re-checked); jobs from before a restart are not here
+        self.prepared: OrderedDict[str, tuple[int, CompiledWorkflow]] = OrderedDict()
+
+    def prepare(self, job_id: str, compiled: CompiledWorkflow) -> None:
+        """Remember a job's validated workflow until the worker takes it."""
+        self.prepared[job_id] = (self.executor.registry.version, compiled)
+        while len(self.prepared) > PREPARED_LIMIT:
+            self.prepared.popitem(last=False)
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -197,7 +209,7 @@ class JobRun:
         self.send("execution_start", {"timestamp": _ms()}, record=True)
         status, error = "success", None
         try:
-            compiled = worker.executor.validate(job.workflow, outputs=job.outputs_to_execute or None)
+            compiled = self._compiled()
             result = worker.executor.execute(compiled, on_event=self.on_event, cancel=token)
             self._attribute_cached(result)
             self.send("execution_success", {"timestamp": _ms()}, record=True)
@@ -224,6 +236,13 @@ class JobRun:
         worker.store.finish(job.id, status, outputs=self.outputs, messages=self.messages, timings=timings,
                             error=error)
         self.send("executing", {"node": None, "display_node": None})
+
+    def _compiled(self) -> CompiledWorkflow:
+        executor = self.worker.executor
+        hit = self.worker.prepared.pop(self.job.id, None)
+        if hit is not None and hit[0] == executor.registry.version:
+            return recheck_environment(hit[1], executor.env)
+        return executor.validate(self.job.workflow, outputs=self.job.outputs_to_execute or None)
 
     def _error(self, node_id: str | None, node_type: str | None, cause: BaseException) -> dict[str, Any]:
         return {"node_id": node_id, "node_type": node_type, "exception_message": str(cause),

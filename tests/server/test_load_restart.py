@@ -45,15 +45,18 @@ def test_200_jobs_from_4_clients_all_complete_once(server: ServerProcess) -> Non
         time.sleep(0.5)
     history = server.http.get("/history").json()
     files: Counter[tuple[str, str]] = Counter()
+    loads = 0
     for prompt_id in submitted:
         entry = history[prompt_id]  # none lost
         assert entry["status"]["status_str"] == "success"
         job = server.job(prompt_id)
         assert job["ldmgraph"]["runs"] == 1  # none run twice
+        loads += "1" in job["ldmgraph"]["timings"]["nodes"]  # node "1" is the CheckpointLoader
         images = entry["outputs"]["7"]["images"]
         assert len(images) == 1
         files[(images[0]["subfolder"], images[0]["filename"])] += 1
     assert len(files) == JOBS and set(files.values()) == {1}  # each job its own file
+    assert loads <= 1  # the executor and its caches outlive jobs: the checkpoint loads once at most
     for subfolder, filename in list(files)[:: JOBS // 10]:
         response = server.http.get("/view", params={"filename": filename, "subfolder": subfolder})
         assert Image.open(io.BytesIO(response.content)).size == (32, 32)
