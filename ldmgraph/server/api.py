@@ -312,8 +312,8 @@ def build_router(state: ServerState) -> APIRouter:
 
         sender = asyncio.ensure_future(pump())
         try:
-            while True:
-                await ws.receive_text()  # clients may send feature flags; nothing to do with them
+            while (await ws.receive())["type"] != "websocket.disconnect":
+                pass  # clients may send feature flags (text or binary); nothing to do with them
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:

@@ -52,11 +52,15 @@ class Hub:
 
     def publish(self, kind: str, data: dict[str, Any], sid: str | None = None) -> None:
         """Send ``{"type": kind, "data": data}`` to ``sid`` (everyone when None)."""
+        if not self.clients:
+            return
         text = json.dumps({"type": kind, "data": data}, default=str)
         self._call(self._deliver, text, sid, None)
 
     def preview(self, image_format: str, payload: bytes, meta: dict[str, Any], sid: str | None = None) -> None:
         """Send a preview image as ComfyUI's binary frame, or as JSON to clients that asked for it."""
+        if not self.clients:
+            return
         frame = struct.pack(">II", PREVIEW_IMAGE, IMAGE_FORMATS.get(image_format, 2)) + payload
         mime = "image/jpeg" if image_format == "JPEG" else "image/png"
         text = json.dumps({"type": "preview", "data": {

@@ -63,6 +63,7 @@ class ServerState:
     _info_cache: tuple[Any, dict[str, Any]] | None = None
     _status_pending: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _status_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, config: ServerConfig, registry: Registry) -> ServerState:
@@ -107,7 +108,7 @@ class ServerState:
         loop = self.hub.loop
         if loop is None or loop.is_closed():
             return
-        with self._lock:
+        with self._status_lock:
             if self._status_pending:
                 return
             self._status_pending = True
@@ -117,7 +118,7 @@ class ServerState:
             pass
 
     def _send_status(self) -> None:
-        with self._lock:
+        with self._status_lock:
             self._status_pending = False
         self.hub.publish("status", self.status_message())
 

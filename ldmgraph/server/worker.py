@@ -128,7 +128,7 @@ class Worker:
             self._spawn()
 
     def _record_death(self, job: Job, reason: str) -> None:
-        error = {"exception_type": "WorkerDied", "exception_message": f"the worker died running this job: {reason}",
+        error: dict[str, Any] = {"exception_type": "WorkerDied", "exception_message": f"the worker died running this job: {reason}",
                  "node_id": None, "node_type": None, "traceback": []}
         self.store.finish(job.id, "error", outputs={}, messages=[["execution_error", {"prompt_id": job.id, **error}]],
                           timings={}, error=error)
@@ -207,7 +207,8 @@ class JobRun:
         worker, job = self.worker, self.job
         worker.executor.env = replace(worker.base_env, output_dir=self.folder)
         self.send("execution_start", {"timestamp": _ms()}, record=True)
-        status, error = "success", None
+        status: str = "success"
+        error: dict[str, Any] | None = None
         try:
             compiled = self._compiled()
             result = worker.executor.execute(compiled, on_event=self.on_event, cancel=token)
@@ -315,7 +316,7 @@ class JobRun:
     def _attribute_cached(self, result: RunResult) -> None:
         """Files of output nodes served from the cache (written by an earlier job) go to those nodes."""
         root = self.worker.output_root.resolve()
-        leftover = [f for f in result.files if str(f) not in self.seen and str(f.resolve()).startswith(str(root))]
+        leftover = [f for f in result.files if str(f) not in self.seen and root in f.resolve().parents]
         owners = [n for n in result.cached if n in result.outputs]
         if not leftover or not owners:
             return
