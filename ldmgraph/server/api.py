@@ -439,7 +439,8 @@ def _apply_mask(state: ServerState, mask: Any, original_ref: str) -> Any:
 
     try:
         ref = json.loads(original_ref)
-        path = state.store.file(str(ref.get("type", "input")), str(ref.get("subfolder", "")), str(ref["filename"]))
+        name = ref.get("filename", ref.get("name"))  # the editor sends filename; an upload reply says name
+        path = state.store.file(str(ref.get("type", "input")), str(ref.get("subfolder", "")), str(name))
     except (ValueError, KeyError, AttributeError, TypeError):
         path = None
     if path is None or not path.is_file():

@@ -68,6 +68,7 @@ def test_restart_after_sigkill_keeps_queue_and_history(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = ServerProcess(data).start()
     try:
+        first.http.post("/api/settings/Comfy.Test.Kept", json="yes")
         done = first.submit(wait_graph(ticks=1, tick=0.0))
         first.wait_status(done["prompt_id"], {"success"})
         running = first.submit(wait_graph(ticks=400, tick=0.05))
@@ -86,6 +87,7 @@ def test_restart_after_sigkill_keeps_queue_and_history(tmp_path: Path) -> None:
         history = second.http.get("/history").json()
         assert history[done["prompt_id"]]["status"]["status_str"] == "success"
         assert running["prompt_id"] in history
+        assert second.http.get("/api/settings/Comfy.Test.Kept").json() == "yes"
         assert second.http.post(f"/api/jobs/{running['prompt_id']}/requeue").status_code == 200
         assert second.wait_status(running["prompt_id"], {"running"})["ldmgraph"]["runs"] == 2
         assert second.http.post("/interrupt").json() == {"interrupted": True}

@@ -281,3 +281,50 @@ def test_queue_front_and_status_endpoints(server: ServerProcess) -> None:
     assert server.http.post("/free", json={"unload_models": False, "free_memory": True}).status_code == 200
     openapi = server.http.get("/openapi.json").json()
     assert "/api/prompt" in openapi["paths"] and "/api/workflows/{name}/run" in openapi["paths"]
+
+
+def test_mask_upload_applies_its_alpha_to_the_original(server: ServerProcess) -> None:
+    original = Image.fromarray(np.full((16, 16, 3), (200, 100, 50), np.uint8))
+    buffer = io.BytesIO()
+    original.save(buffer, format="PNG")
+    ref = server.http.post("/upload/image", files={"image": ("o.png", buffer.getvalue(), "image/png")}).json()
+    mask = np.zeros((16, 16, 4), np.uint8)
+    mask[:, 8:, 3] = 255  # right half opaque: kept; left half transparent: to repaint
+    buffer = io.BytesIO()
+    Image.fromarray(mask, "RGBA").save(buffer, format="PNG")
+    original_ref = {"filename": ref["name"], "subfolder": ref["subfolder"], "type": ref["type"]}  # as the editor
+    reply = server.http.post("/upload/mask", data={"original_ref": json.dumps(original_ref)},
+                             files={"image": ("m.png", buffer.getvalue(), "image/png")})
+    assert reply.status_code == 200, reply.text
+    combined = np.asarray(Image.open(io.BytesIO(server.http.get("/view", params={
+        "filename": reply.json()["name"], "type": "input"}).content)))
+    assert combined.shape == (16, 16, 4)
+    assert (combined[..., :3] == (200, 100, 50)).all()
+    assert (combined[:, :8, 3] == 0).all() and (combined[:, 8:, 3] == 255).all()
+
+
+def test_settings_user_data_and_saved_workflows_in_the_editors_format(server: ServerProcess) -> None:
+    assert server.http.post("/api/settings/Comfy.Test.Value", json={"a": [1, 2]}).status_code == 200
+    assert server.http.get("/api/settings/Comfy.Test.Value").json() == {"a": [1, 2]}
+    assert server.http.get("/api/settings").json()["Comfy.Test.Value"] == {"a": [1, 2]}
+    body = b'{"nodes": [], "links": [], "version": 0.4}'
+    assert server.http.post("/api/userdata/workflows%2Fmine.json", content=body).status_code == 200
+    assert server.http.get("/api/userdata/workflows%2Fmine.json").content == body
+    listing = server.http.get("/api/userdata", params={"dir": "workflows", "recurse": "true"}).json()
+    assert "mine.json" in listing and "txt2img.json" in listing  # a user file and a saved workflow
+    moved = server.http.post("/api/userdata/workflows%2Fmine.json/move/workflows%2Fours.json")
+    assert moved.status_code == 200 and server.http.get("/api/userdata/workflows%2Fmine.json").status_code == 404
+    assert server.http.delete("/api/userdata/workflows%2Fours.json").status_code == 204
+
+    doc = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
+    ui = server.http.get("/api/userdata/workflows%2Ftxt2img.json").json()
+    by_title = {n["title"]: n for n in ui["nodes"]}
+    assert {n.get("title") or k for k, n in doc["nodes"].items()} == set(by_title)
+    linked = sum(isinstance(v, dict) for n in doc["nodes"].values() for v in n["inputs"].values())
+    assert len(ui["links"]) == linked
+    ids = {n["id"]: n for n in ui["nodes"]}
+    for _link, src, src_slot, dst, dst_slot, kind in ui["links"]:
+        assert ids[src]["outputs"][src_slot]["type"] == kind == ids[dst]["inputs"][dst_slot]["type"]
+        assert ids[src]["pos"][0] < ids[dst]["pos"][0]  # data flows left to right
+    sampler = by_title["sampler"]
+    assert sampler["widgets_values"][:3] == [42, "fixed", 25]  # seed, its "control after generate", steps
