@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import sys
+import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -118,6 +119,13 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/prompt", summary="Queue a graph (ComfyUI's POST /prompt)")
     async def post_prompt(body: PromptRequest) -> JSONResponse:  # on the event loop: ~1 ms, no thread hop
+        started = time.perf_counter()
+        response = submit(body)
+        # how long the server spent on it (JSON, validation, the queue's transaction), as browsers show it
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
+        return response
+
+    def submit(body: PromptRequest) -> JSONResponse:
         if not plain_json([body.prompt, body.extra_data]):
             return error(400, "invalid_json", NOT_PLAIN)
         try:
