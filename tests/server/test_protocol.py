@@ -265,6 +265,7 @@ def test_requeue_interrupted_job_runs_it_again(server: ServerProcess) -> None:
 
 def test_queue_front_and_status_endpoints(server: ServerProcess) -> None:
     blocker = server.submit(wait_graph(ticks=40, tick=0.05))
+    server.wait_status(blocker["prompt_id"], {"running"})
     back = server.submit(wait_graph(ticks=1, tick=0.0))
     front = server.submit(wait_graph(ticks=1, tick=0.0), front=True)
     pending = [item[1] for item in server.http.get("/queue").json()["queue_pending"]]
