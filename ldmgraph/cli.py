@@ -30,6 +30,7 @@ LAZY_SUBCOMMANDS: dict[str, str] = {
     "train": "ldmgraph.train.cli",
     "evaluate": "ldmgraph.train.cli",
     "import": "ldmgraph.interop.cli",
+    "convert": "ldmgraph.models.convert",
 }
 
 BUNDLED_MODELS = Path(__file__).resolve().parent / "assets" / "models"

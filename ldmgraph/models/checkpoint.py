@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmgraph.models import configs
 from ldmgraph.models.detection import (
     CheckpointInfo,
     bundled_metadata,
+    default_scale_factor,
     detect,
     detect_text_encoder,
     detect_unet_config,
@@ -47,6 +47,7 @@ from ldmgraph.models.files import (
     UnknownArchitectureError,
     read_state_dict,
 )
+from ldmgraph.models.vq import autoencoder_class
 
 __all__ = [
     "CLIP_PREFIX", "OPENCLIP_PREFIX", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "UNET_PREFIX", "VAE_PREFIX",
@@ -245,11 +246,10 @@ def unet_handle(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.d
 
 
 def vae_handle(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.dtype | None) -> Any:
-    from ldmgraph.models.autoencoder import AutoencoderKL
     from ldmgraph.models.handles import VAEHandle
 
     assert info.vae is not None
-    module = _build(AutoencoderKL, info.vae, info.path, "autoencoder")
+    module = _build(autoencoder_class(info.vae), info.vae, info.path, "autoencoder")
     assign_weights(module, weights, path=info.path, component="autoencoder", dtype=dtype, ignore=[r"^loss\."])
     return VAEHandle(module, scale_factor=info.scale_factor, info=info)
 
@@ -340,7 +340,7 @@ def _load_vae(
         elif scale is not None and scale.numel() == 1:
             scale_factor = float(scale)
         else:
-            scale_factor = configs.SD_SCALE_FACTOR
+            scale_factor = default_scale_factor(config)
     info = CheckpointInfo(
         path=str(path),
         layout="single-file",

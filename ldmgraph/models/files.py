@@ -83,13 +83,10 @@ class UnknownArchitectureError(ModelError):
 
 def convert_hint(path: Path) -> str:
     return (
-        "pickled checkpoints can run code when loaded and are refused. Convert it once to safetensors:\n"
-        '  python -c "import torch, safetensors.torch as st; '
-        f"sd = torch.load('{path.name}', map_location='cpu', weights_only=True); "
-        "sd = sd.get('state_dict', sd); "
-        "st.save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
-        f"'{path.stem}.safetensors')\"\n"
-        "or pass allow_pickle=True to load it with torch.load(weights_only=True)"
+        "pickled checkpoints can run code when loaded and are refused. Convert it once to safetensors "
+        f"(an allow-list reader: nothing in the file is executed):\n  ldmgraph convert {path.name} "
+        f"-o {path.stem}.safetensors\n"
+        "or, from Python, pass allow_pickle=True to load it with torch.load(weights_only=True)"
     )
 
 

@@ -1,0 +1,113 @@
+"""`ldmgraph convert`: a pickled checkpoint (`.ckpt`, `.pt`, `.pth`, `.bin`) -> `.safetensors`, safely.
+
+The pickle is read by `safe_unpickle` (allow-list; nothing it names is executed), its weights
+(`state_dict` of a Lightning checkpoint, or the dict itself) are written to safetensors with their
+dtypes and bits unchanged. The original YAML config (`--config`, else `config.yaml` beside the
+checkpoint, as the original repository's `models/ldm/<name>/` folders ship it) is stored in the
+file's metadata under `ldm_config`, so the converted file loads with its hyperparameters wherever
+it is moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def convert_checkpoint(source: str | Path, target: str | Path, *, config: str | Path | None = None) -> dict[str, Any]:
+    """Convert `source` to a safetensors file at `target` (written atomically); returns a summary dict."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ldmgraph.models.ldm_config import LDM_CONFIG_KEY, read_ldm_config
+    from ldmgraph.models.safe_unpickle import checkpoint_tensors, load_pickled_checkpoint
+
+    source, target = Path(source), Path(target)
+    config_path = Path(config) if config is not None else _beside(source)
+    metadata: dict[str, str] = {}
+    if config_path is not None:
+        text = config_path.read_text(encoding="utf-8")
+        read_ldm_config(text, config_path)  # refuse a config that does not describe a model, before writing
+        metadata[LDM_CONFIG_KEY] = text
+    tensors = checkpoint_tensors(load_pickled_checkpoint(source), source)
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.numel())
+        out[name] = tensor.contiguous() if key not in seen else tensor.clone()  # tied weights: own copies
+        seen.add(key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata=metadata or None)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {
+        "source": str(source),
+        "output": str(target),
+        "tensors": len(out),
+        "config": str(config_path) if config_path is not None else None,
+    }
+
+
+def _beside(source: Path) -> Path | None:
+    candidate = source.parent / "config.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def register(sub: Any) -> None:
+    """Add the `convert` subcommand to the CLI's subparsers."""
+    parser = sub.add_parser(
+        "convert",
+        help="convert a pickled checkpoint (.ckpt) to .safetensors without running its code",
+        description="Read a pickled PyTorch / Lightning checkpoint with an allow-list unpickler (tensor "
+        "data and containers only; training objects become inert stand-ins; any other global is refused "
+        "by name and nothing is executed) and write its weights as safetensors.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="the pickled checkpoint")
+    parser.add_argument("-o", "--output", type=Path, help="output file (default: the input with .safetensors)")
+    parser.add_argument("--config", type=Path, help="the original YAML config to store in the file "
+                        "(default: config.yaml beside the checkpoint, if there is one)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    parser.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from ldmgraph.graph.errors import LdmGraphError
+
+    target = args.output or args.checkpoint.with_suffix(".safetensors")
+    if not args.checkpoint.is_file():
+        return _fail(args, f"{args.checkpoint}: no such file")
+    if args.config is not None and not args.config.is_file():
+        return _fail(args, f"{args.config}: no such config file")
+    if target.resolve() == args.checkpoint.resolve():
+        return _fail(args, f"{target}: the output would overwrite the input; pass -o")
+    try:
+        summary = convert_checkpoint(args.checkpoint, target, config=args.config)
+    except (LdmGraphError, OSError, ValueError) as exc:
+        return _fail(args, str(exc))
+    if args.json:
+        print(json.dumps({"ok": True, **summary}))
+    else:
+        config = f" with the config {summary['config']}" if summary["config"] else ""
+        print(f"wrote {summary['output']}: {summary['tensors']} tensors{config}")
+    return 0
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    import json
+
+    if args.json:
+        print(json.dumps({"ok": False, "error": message}))
+    else:
+        print(f"ldmgraph convert: {message}", file=sys.stderr)
+    return 1
