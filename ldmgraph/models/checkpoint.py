@@ -47,6 +47,7 @@ from ldmgraph.models.files import (
     UnknownArchitectureError,
     read_state_dict,
 )
+from ldmgraph.models.paper import cond_stage_module, detect_paper
 from ldmgraph.models.vq import autoencoder_class
 
 __all__ = [
@@ -172,13 +173,15 @@ def load_checkpoint(
     prediction_type: str | None = None,
     allow_pickle: bool = False,
     text_encoder: bool = True,
+    config: str | Path | None = None,
 ) -> Any:
     """Load a whole checkpoint (single file, bundled, or diffusers folder) into a `Checkpoint` of handles.
 
     `cache` (a `ModelCache`) shares the result with every caller asking for the same file and
     options. `dtype` None keeps the file's dtypes (no copy); a dtype converts the floating weights.
     `prediction_type` overrides the detected one (needed for SD 2.x 768-v files, see the module
-    docstring). `text_encoder=False` skips the text encoder.
+    docstring). `text_encoder=False` skips the text encoder. `config` names the original YAML config
+    (the LDM paper's releases; default: `config.yaml` beside the file, or the one `convert` stored).
     """
     torch_dtype = _torch_dtype(dtype)
     key = (
@@ -189,12 +192,13 @@ def load_checkpoint(
         prediction_type,
         allow_pickle,
         text_encoder,
+        file_identity(config) if config is not None else None,
     )
     return _cached(
         cache,
         key,
         lambda: _load_checkpoint(
-            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder
+            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder, config
         ),
     )
 
@@ -207,6 +211,7 @@ def _load_checkpoint(
     prediction_type: str | None,
     allow_pickle: bool,
     with_text: bool,
+    config: str | Path | None = None,
 ) -> Any:
     from ldmgraph.models.handles import Checkpoint
 
@@ -222,8 +227,11 @@ def _load_checkpoint(
             text_encoder=with_text,
         )
     state = read_state_dict(path, allow_pickle=allow_pickle)
-    info = detect(state, prediction_type=prediction_type)
+    info = detect_paper(state, config=config, prediction_type=prediction_type) or detect(
+        state, prediction_type=prediction_type
+    )
     unet = unet_handle(state.sub(UNET_PREFIX), info, dtype)
+    unet.cond_stage_model = cond_stage_module(state, info, dtype)  # the paper's class / map conditioners
     vae = vae_handle(state.sub(VAE_PREFIX), info, dtype) if info.vae else None
     text = _text_encoder(state, info, cache, dtype, device) if with_text and info.text_encoder else None
     return Checkpoint(unet=unet, vae=vae, text_encoder=text, info=info).to(device)
