@@ -47,6 +47,12 @@ class CheckpointLoader(Node):
             choices=["auto", "eps", "v"],
             description="override what the U-Net predicts (SD 2.x 768 models are 'v'); auto reads the file",
         )
+        config: str = InputField(
+            STRING,
+            "",
+            description="original YAML config in the model folders (the LDM paper's releases; default: "
+            "config.yaml beside the checkpoint, else detected from the weights)",
+        )
 
     class Outputs(NodeOutputs):
         model: Any = OutputField(MODEL, description="the diffusion U-Net")
@@ -57,18 +63,23 @@ class CheckpointLoader(Node):
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
-        return [("ckpt_name", code, msg) for code, msg in check_model_name(literals.get("ckpt_name"), env)]
+        problems = [("ckpt_name", code, msg) for code, msg in check_model_name(literals.get("ckpt_name"), env)]
+        if literals.get("config"):
+            problems += [("config", code, msg) for code, msg in check_model_name(literals["config"], env)]
+        return problems
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
-        return model_fingerprint(literals.get("ckpt_name"), env)
+        parts = [model_fingerprint(literals.get(k), env) for k in ("ckpt_name", "config") if literals.get(k)]
+        return None if None in parts else "|".join(str(p) for p in parts)
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.models.checkpoint import load_checkpoint
 
         path = find_model(inputs.ckpt_name, ctx.model_dirs)
+        config = find_model(inputs.config, ctx.model_dirs) if inputs.config else None
         prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
-        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction)
+        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction, config=config)
         return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
 
 
