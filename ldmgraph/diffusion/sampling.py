@@ -115,6 +115,7 @@ def sample(
     callback: Callable[[dict[str, Any]], None] | None = None,
     registry: Any = None,
     sampler_options: dict[str, Any] | None = None,
+    start_from_noise: bool = False,
 ) -> Latent:
     """Denoise `latent` with a named sampler and schedule; returns a new Latent.
 
@@ -122,7 +123,9 @@ def sample(
     first sigma is the model's sigma_max) the start is latent + noise * sqrt(1 + sigma^2), the
     variance of x_T / sqrt(alpha_bar_T); otherwise latent + noise * sigma (img2img). denoise 0
     returns the input; the callback gets {i, sigma, x, denoised, total} per step and may raise
-    Cancelled.
+    Cancelled. `start_from_noise` starts from unit-variance x_t (noise * sqrt(1 + sigma^2)) at any
+    first sigma, as the original DDIM sampler and diffusers' pipelines do when the schedule's first
+    timestep is below T.
     """
     if denoise <= 0:
         return latent
@@ -140,7 +143,7 @@ def sample(
     noise = draw(generators, known.shape[1:]).to(target) if add_noise else torch.zeros_like(known)
     sigma_max = model.noise_schedule.sigma_max
     start = float(sigmas[0])
-    scale = (1 + start**2) ** 0.5 if start >= sigma_max * (1 - 1e-5) else start
+    scale = (1 + start**2) ** 0.5 if start_from_noise or start >= sigma_max * (1 - 1e-5) else start
     x = known + noise * scale
 
     guided: Callable[..., Tensor] = CFGDenoiser(Denoiser(model), positive, negative, cfg)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import ldm_bert_keys, write
+from model_helpers import ldm_bert_keys, to_ldm_bert, write
 
 from ldmgraph.models.checkpoint import load_text_encoder
 from ldmgraph.models.text_encoders import bert_tokenizer, minilm_folder
 
-P = "cond_stage_model.transformer."
 TEXTS = [
     "A painting of a squirrel eating a burger",
     "Café crème brûlée, naïve façade; ÜBER-déjà vu!!",
@@ -22,29 +21,6 @@ TEXTS = [
     "",
     " ".join(["long"] * 100),  # truncated to 77 with [SEP] last
 ]
-
-
-def to_ldm_bert(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """x-transformers names -> diffusers LDMBertModel names (layer 2i: attention, 2i+1: feed-forward)."""
-    out = {
-        "model.embed_tokens.weight": sd[P + "token_emb.weight"],
-        "model.embed_positions.weight": sd[P + "pos_emb.emb.weight"],
-        "model.layer_norm.weight": sd[P + "norm.weight"],
-        "model.layer_norm.bias": sd[P + "norm.bias"],
-        "to_logits.weight": sd[P + "to_logits.weight"],
-        "to_logits.bias": sd[P + "to_logits.bias"],
-    }
-    for i in range(depth):
-        a, f, d = f"{P}attn_layers.layers.{2 * i}.", f"{P}attn_layers.layers.{2 * i + 1}.", f"model.layers.{i}."
-        for ours, theirs in (("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj")):
-            out[f"{d}self_attn.{theirs}.weight"] = sd[f"{a}1.{ours}.weight"]
-        out[d + "self_attn.out_proj.weight"], out[d + "self_attn.out_proj.bias"] = sd[a + "1.to_out.weight"], sd[
-            a + "1.to_out.bias"]
-        out[d + "self_attn_layer_norm.weight"], out[d + "self_attn_layer_norm.bias"] = sd[a + "0.weight"], sd[a + "0.bias"]
-        out[d + "final_layer_norm.weight"], out[d + "final_layer_norm.bias"] = sd[f + "0.weight"], sd[f + "0.bias"]
-        out[d + "fc1.weight"], out[d + "fc1.bias"] = sd[f + "1.net.0.0.weight"], sd[f + "1.net.0.0.bias"]
-        out[d + "fc2.weight"], out[d + "fc2.bias"] = sd[f + "1.net.2.weight"], sd[f + "1.net.2.bias"]
-    return out
 
 
 @pytest.mark.reference
