@@ -365,3 +365,37 @@ def modules_from_config(cfg: LdmConfig) -> dict[str, nn.Module]:
     elif kind == "first-stage":
         out[COND_PREFIX] = first  # the original registers the first stage a second time under this name
     return out
+
+
+# --- layouts as tokens (layout2img-openimages256) ----------------------------------------------
+
+
+def layout_tokens(objects: list[tuple[int, float, float, float, float]], *, vocab: int = 8192,
+                  max_objects: int = 30, encode_crop: bool = True) -> list[int]:
+    """The layout model's token sequence for objects (class number, x, y, w, h in 0..1 of the image).
+
+    As the bounding-box conditional builder of the paper's layout-to-image data (taming-transformers'
+    `ObjectsBoundingBoxConditionalBuilder`): a coordinate is one token on a grid of
+    sqrt(vocab) x sqrt(vocab) sections (row * sections + column, each rounded from 0..1 to
+    0..sections-1); each object is (class, top-left, bottom-right); missing objects are padded with
+    the "none" token vocab - 1; the crop (the whole image) is appended as a top-left / bottom-right pair.
+    8192 tokens, 30 objects and a crop give the released model's 92 tokens.
+    """
+    sections = int(vocab**0.5)
+
+    def token(x: float, y: float) -> int:
+        return int(round(y * (sections - 1))) * sections + int(round(x * (sections - 1)))
+
+    if len(objects) > max_objects:
+        raise ValueError(f"a layout holds at most {max_objects} objects, got {len(objects)}")
+    out: list[int] = []
+    for number, x, y, w, h in objects:
+        if not (0 <= x <= 1 and 0 <= y <= 1 and 0 <= x + w <= 1 and 0 <= y + h <= 1 and w >= 0 and h >= 0):
+            raise ValueError(f"box {(x, y, w, h)} is not inside the image (x, y, w, h in 0..1)")
+        if not 0 <= number < vocab - 1:
+            raise ValueError(f"class number {number} is outside 0..{vocab - 2}")
+        out += [int(number), token(x, y), token(x + w, y + h)]
+    out += [vocab - 1] * (3 * (max_objects - len(objects)))
+    if encode_crop:
+        out += [token(0.0, 0.0), token(1.0, 1.0)]
+    return out

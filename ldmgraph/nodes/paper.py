@@ -18,7 +18,19 @@ from typing import Any
 
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.node import InputField, OutputField
-from ldmgraph.graph.sockets import CONDITIONING, ENUM, FLOAT, IMAGE, INT, LATENT, MASK, MODEL, VAE
+from ldmgraph.graph.sockets import (
+    CONDITIONING,
+    ENUM,
+    FLOAT,
+    IMAGE,
+    INT,
+    LATENT,
+    MASK,
+    MODEL,
+    STRING,
+    TEXT_ENCODER,
+    VAE,
+)
 from ldmgraph.nodes.common import (
     DEVICES,
     NodeInputError,
@@ -264,6 +276,51 @@ class LDSRUpscale(Node):
         return self.Outputs(image=image_to_numpy(inputs.vae.decode(out.samples)))
 
 
+class LayoutConditioning(Node):
+    """Condition the paper's layout-to-image model on boxes of object classes.
+
+    `layout` is JSON: a list of [class number, x, y, width, height] with coordinates in 0..1 of the
+    image (class numbers of the model's OpenImages categories). The boxes become the model's tokens
+    (see `ldmgraph.models.paper.layout_tokens`) and its transformer (loaded as the checkpoint's text
+    encoder) turns them into the cross-attention context.
+    """
+
+    type_name = "LayoutConditioning"
+    category = "conditioning"
+
+    class Inputs(NodeInputs):
+        text_encoder: Any = InputField(TEXT_ENCODER, description="the layout model's transformer (from its loader)")
+        layout: str = InputField(STRING, "[[0, 0.25, 0.25, 0.5, 0.5]]",
+                                 description="JSON list of [class number, x, y, width, height], coordinates 0..1")
+
+    class Outputs(NodeOutputs):
+        positive: Any = OutputField(CONDITIONING, description="the layout")
+        negative: Any = OutputField(CONDITIONING, description="an empty layout (all boxes 'none')")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        import json
+
+        import torch
+
+        from ldmgraph.diffusion import CondEntry
+        from ldmgraph.models.paper import layout_tokens
+
+        transformer = getattr(inputs.text_encoder, "transformer", None)
+        if getattr(inputs.text_encoder, "kind", None) != "ldm-bert" or transformer is None:
+            raise NodeInputError("LayoutConditioning: connect the text encoder of the layout-to-image model")
+        vocab, length = int(transformer.token_emb.weight.shape[0]), int(transformer.pos_emb.emb.weight.shape[0])
+        try:
+            objects = [tuple(o) for o in json.loads(inputs.layout)]
+            tokens = layout_tokens(objects, vocab=vocab, max_objects=(length - 2) // 3)  # type: ignore[arg-type]
+        except (ValueError, TypeError) as exc:
+            raise NodeInputError(f"LayoutConditioning: input 'layout': {exc}") from exc
+        empty = layout_tokens([], vocab=vocab, max_objects=(length - 2) // 3)
+        device = next(transformer.parameters()).device
+        with torch.no_grad():
+            context = transformer(torch.tensor([tokens, empty], device=device)).float().cpu()
+        return self.Outputs(positive=[CondEntry(context=context[:1])], negative=[CondEntry(context=context[1:])])
+
+
 DISCRETIZATIONS = {"uniform": "ddim_uniform", "trailing": "simple"}
 
 
@@ -314,4 +371,4 @@ class DDIMSampler(Node):
 def ldmgraph_nodes() -> list[type[Node]]:
     """Register the nodes of the paper's models."""
     return [ClassConditioning, UnconditionalConditioning, PaperInpaintConditioning, SegmentationConditioning,
-            LDSRUpscale, DDIMSampler]
+            LDSRUpscale, DDIMSampler, LayoutConditioning]

@@ -30,6 +30,7 @@ WORKFLOW_RELEASES = {
     "ldsr": ("bsr_sr", "bsr_sr"),
     "inpainting": ("inpainting_big", "inpainting_big"),
     "semantic": ("semantic_synthesis256", "semantic_synthesis256"),
+    "layout": ("layout2img-openimages256", "layout2img-openimages256"),
 }
 
 
@@ -115,6 +116,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "ldsr": {"steps": 2, "tile": 8, "overlap": 4},
     "inpainting": {"steps": 2},
     "semantic": {"steps": 2},
+    "layout": {"steps": 2, "width": 32, "height": 32},
 }
 SIZES = {"ldsr": (48, 48), "txt2img": (64, 64)}
 
@@ -139,3 +141,17 @@ def test_paper_workflow_runs_on_a_release_shaped_file(name: str, paper_models: P
         pixels = np.asarray(image.convert("RGB"))
     assert (pixels.shape[1], pixels.shape[0]) == SIZES.get(name, (32, 32))
     assert pixels.std() > 1.0, "a flat image"
+
+
+def test_layout_tokens_follow_the_bounding_box_builder() -> None:
+    """Closed form: 90 x 90 coordinate grid (int(sqrt(8192))), token = row * 90 + column, none = 8191,
+    the crop (whole image) last; 30 objects x 3 + 2 = the released model's 92 tokens."""
+    from ldmgraph.models.paper import layout_tokens
+
+    tokens = layout_tokens([(5, 0.1, 0.2, 0.3, 0.4), (600, 0.0, 0.0, 1.0, 1.0)])
+    assert len(tokens) == 92
+    assert tokens[:6] == [5, round(0.2 * 89) * 90 + round(0.1 * 89), round(0.6 * 89) * 90 + round(0.4 * 89),
+                          600, 0, 89 * 90 + 89]
+    assert tokens[6:90] == [8191] * 84 and tokens[90:] == [0, 8099]
+    with pytest.raises(ValueError, match="not inside"):
+        layout_tokens([(1, 0.8, 0.0, 0.5, 0.1)])
