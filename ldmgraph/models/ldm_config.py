@@ -83,9 +83,9 @@ def _cond_stage(node: Any, path: str | Path) -> dict[str, Any] | None:
     if node == "__is_first_stage__":
         return {"kind": "first-stage", "params": {}}
     name = _target(node).rsplit(".", 1)[-1]
-    if name not in _COND_KINDS:
-        raise _fail(path, f"conditioning model {_target(node)!r} is not supported: use one of {sorted(_COND_KINDS)}")
-    return {"kind": _COND_KINDS[name], "params": _params(node, path, "cond_stage_config")}
+    # other conditioning models (Stable Diffusion's CLIP, ...) are the general loader's business
+    kind = _COND_KINDS.get(name, f"other:{name}")
+    return {"kind": kind, "params": _params(node, path, "cond_stage_config")}
 
 
 def parse_ldm_config(data: Any, path: str | Path) -> LdmConfig:

@@ -202,7 +202,12 @@ def detect_paper(
         return None
     cfg = config_for(state.path, state.metadata, config)
     if cfg is not None and cfg.unet is not None:
-        return _info_from_config(state, cfg, prediction_type)
+        kind = cfg.cond_stage["kind"] if cfg.cond_stage else ""
+        if not kind.startswith("other:"):
+            return _info_from_config(state, cfg, prediction_type)
+        if config is not None:
+            raise ModelError(config, f"config: the conditioning model {kind[6:]!r} is not one of the paper's; "
+                             "leave the config out and the loader detects the model from its weights")
     if not state.has_prefix(UNET_PREFIX):
         return None
     unet = detect_paper_unet(state.sub(UNET_PREFIX), state.path)

@@ -87,3 +87,66 @@ def test_release_is_detected_from_its_key_shapes_alone(release: str) -> None:
     assert info.concat_kind == expected_concat
     assert info.metadata["cond_stage"] == (cfg.cond_stage["kind"] if cfg.cond_stage else None) or (
         release == "bsr_sr" and info.metadata["cond_stage"] == "identity")
+
+
+VQ = {"embed_dim": 3, "n_embed": 16, "ddconfig": {"double_z": False, "z_channels": 3, "resolution": 64,
+      "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": []}}
+
+
+def _paper_file(tmp_path: Path, unet: dict[str, Any]) -> Path:
+    """A U-Net of no released shape with a VQ first stage (so the paper's loader reads it)."""
+    from safetensors.torch import save_file
+
+    from ldmgraph.models.unet import UNetModel
+    from ldmgraph.models.vq import VQModel
+
+    torch.manual_seed(0)
+    tensors = {f"model.diffusion_model.{k}": v for k, v in UNetModel(**unet).state_dict().items()}
+    tensors.update({f"first_stage_model.{k}": v for k, v in VQModel(**VQ).state_dict().items()})
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_self_attention_unet_of_unknown_shape_asks_for_its_config(tmp_path: Path) -> None:
+    """Heads are not in the weights: a self-attention U-Net no release has is refused with the fix."""
+    from ldmgraph.models.checkpoint import load_checkpoint
+    from ldmgraph.models.files import ModelError
+
+    unet = {"in_channels": 6, "out_channels": 3, "model_channels": 32, "attention_resolutions": [2],
+            "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16}
+    path = _paper_file(tmp_path, unet)
+    with pytest.raises(ModelError, match="config"):
+        load_checkpoint(path)
+    config = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "linear_start": 0.0015, "linear_end": 0.0155, "cond_stage_config": {"target": "torch.nn.Identity"},
+        "unet_config": {"target": "x.UNetModel", "params": unet},
+        "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface", "params": VQ}}}}
+    (tmp_path / "given.yaml").write_text(yaml.safe_dump(config))
+    ckpt = load_checkpoint(path, config=tmp_path / "given.yaml")  # the loader's config input
+    assert ckpt.info.architecture == "ldm-paper:ldm" and ckpt.info.concat_kind == "lowres-image"
+    attention = [m for m in ckpt.unet.diffusion_model.modules() if type(m).__name__ == "AttentionBlock"]
+    assert attention and all(m.num_heads == m.qkv.in_channels // 16 for m in attention)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))  # beside the file, as the original repo ships it
+    assert load_checkpoint(path).info.schedule["linear_end"] == 0.0155
+
+
+def test_run_refuses_a_pickled_checkpoint_and_names_convert(tmp_path: Path, capsys: Any) -> None:
+    import json as _json
+
+    from ldmgraph.cli import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(1)}}, models / "old.ckpt")
+    workflow = {"format": "ldmgraph/1", "nodes": {
+        "ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": "old.ckpt"}},
+        "decode": {"type": "VAEDecode", "inputs": {"vae": {"node": "ckpt", "output": "vae"},
+                                                   "latent": {"node": "l", "output": "latent"}}},
+        "l": {"type": "EmptyLatent", "inputs": {}},
+        "save": {"type": "SaveImage", "inputs": {"images": {"node": "decode", "output": "image"}}}}}
+    (tmp_path / "w.json").write_text(_json.dumps(workflow))
+    code = main(["run", str(tmp_path / "w.json"), "--models-dir", str(models), "--output-dir", str(tmp_path / "o"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "ldmgraph convert old.ckpt -o old.safetensors" in err
