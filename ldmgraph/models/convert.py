@@ -24,7 +24,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, config: str | 
     from safetensors.torch import save_file
 
     from ldmgraph.models.ldm_config import LDM_CONFIG_KEY, read_ldm_config
-    from ldmgraph.models.safe_unpickle import checkpoint_tensors, load_pickled_checkpoint
+    from ldmgraph.models.safe_unpickle import load_pickled_weights
 
     source, target = Path(source), Path(target)
     config_path = Path(config) if config is not None else _beside(source)
@@ -33,7 +33,7 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, config: str | 
         text = config_path.read_text(encoding="utf-8")
         read_ldm_config(text, config_path)  # refuse a config that does not describe a model, before writing
         metadata[LDM_CONFIG_KEY] = text
-    tensors = checkpoint_tensors(load_pickled_checkpoint(source), source)
+    tensors = load_pickled_weights(source)
     seen: set[tuple[int, int]] = set()
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():

@@ -11,7 +11,8 @@ name, before anything is called.
 
 Only the zip format of `torch.save` (PyTorch >= 1.6: `<name>/data.pkl` plus one raw file per
 storage under `<name>/data/`) carries tensors; the storages are read from the zip as bytes, so a
-tensor comes back bit for bit as saved.
+tensor comes back bit for bit as saved, and only the storages of the kept weights (`state_dict`) are
+read: optimizer states and other training leftovers cost no memory.
 """
 
 from __future__ import annotations
@@ -91,14 +92,21 @@ def _stand_in(module: str, name: str) -> type[StandIn]:
 
 
 class _Storage:
-    """A storage read from the zip: its elements as a flat tensor of the dtype its type named."""
+    """A storage in the zip, read only when a kept tensor needs it (optimizer states are never read)."""
 
-    def __init__(self, data: bytearray, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if len(data) % itemsize:
-            raise pickle.UnpicklingError("a storage whose size is not a whole number of elements")
-        self.flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+    def __init__(self, read: Any, numel: int, dtype: torch.dtype) -> None:
+        self.read, self.numel, self.dtype = read, numel, dtype
+        self._flat: Tensor | None = None
+
+    @property
+    def flat(self) -> Tensor:
+        if self._flat is None:
+            data = bytearray(self.read())
+            itemsize = torch.empty(0, dtype=self.dtype).element_size()
+            if len(data) != self.numel * itemsize:
+                raise ValueError(f"a storage holds {len(data)} bytes, not {self.numel} elements")
+            self._flat = torch.frombuffer(data, dtype=self.dtype) if data else torch.empty(0, dtype=self.dtype)
+        return self._flat
 
 
 class _StorageType:
@@ -106,29 +114,40 @@ class _StorageType:
         self.dtype = _STORAGE_DTYPES[name]
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> Tensor:
-    """Our `torch._utils._rebuild_tensor_v2`: a strided view of the storage's bytes, then a copy."""
+class PendingTensor:
+    """A tensor of the pickle, checked against its storage but not read until `materialize()`."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def materialize(self) -> Tensor:
+        """The tensor: the storage's memory when it is the whole storage, else a copy of its part."""
+        if any(n == 0 for n in self.size):
+            return torch.empty(self.size, dtype=self.storage.dtype)
+        flat = self.storage.flat
+        view = flat.as_strided(self.size, self.stride, self.offset)
+        whole = self.offset == 0 and view.is_contiguous() and view.numel() == flat.numel()
+        return view if whole else view.clone()
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> PendingTensor:
+    """Our `torch._utils._rebuild_tensor_v2`: checks the view against its storage; reads nothing yet."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor without a storage")
     if not (isinstance(offset, int) and _int_tuple(size) and _int_tuple(stride)):
         raise pickle.UnpicklingError("a tensor with a malformed size, stride or offset")
     if len(size) != len(stride):
         raise pickle.UnpicklingError("a tensor whose size and stride differ in length")
-    flat = storage.flat
-    if any(n == 0 for n in size):
-        return torch.empty(tuple(size), dtype=storage.dtype)
-    needed = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
-    if offset < 0 or needed > flat.numel():
-        raise pickle.UnpicklingError("a tensor that reaches beyond its storage")
-    view = flat.as_strided(tuple(size), tuple(stride), offset)
-    # a tensor that is its whole storage is that memory (no second copy); parts of storages are copied
-    whole = offset == 0 and view.is_contiguous() and view.numel() == flat.numel()
-    return view if whole else view.clone()
+    if all(n > 0 for n in size):
+        needed = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+        if offset < 0 or needed > storage.numel:
+            raise pickle.UnpicklingError("a tensor that reaches beyond its storage")
+    return PendingTensor(storage, offset, tuple(size), tuple(stride))
 
 
-def _rebuild_parameter(data: Any, *rest: Any) -> Tensor:
+def _rebuild_parameter(data: Any, *rest: Any) -> PendingTensor:
     """Our `torch._utils._rebuild_parameter`: the tensor itself (no Parameter, no hooks)."""
-    if not isinstance(data, Tensor):
+    if not isinstance(data, PendingTensor):
         raise pickle.UnpicklingError("a parameter without tensor data")
     return data
 
@@ -177,13 +196,17 @@ class _Unpickler(pickle.Unpickler):
         storage_type, key = pid[1], pid[2]
         if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
             raise pickle.UnpicklingError("a storage of an unknown type")
+        numel = pid[4]
+        if not isinstance(numel, int) or numel < 0:
+            raise pickle.UnpicklingError("a storage of a malformed size")
         if key not in self.loaded:
-            self.loaded[key] = _Storage(bytearray(self.storages(key)), storage_type.dtype)
+            self.loaded[key] = _Storage(lambda: self.storages(key), numel, storage_type.dtype)
         return self.loaded[key]
 
 
-def load_pickled_checkpoint(path: str | Path) -> Any:
-    """Unpickle a `torch.save` file with the allow-list; tensors come back as plain CPU tensors.
+def load_pickled_weights(path: str | Path) -> dict[str, Tensor]:
+    """The weights of a `torch.save` file read with the allow-list: its `state_dict` (a Lightning
+    checkpoint) or the dict itself, as plain CPU tensors. Only those tensors' storages are read.
 
     Raises RefusedGlobalError (naming the global) for anything outside the allow-list and
     CorruptCheckpointError for files that are not torch's zip format.
@@ -207,7 +230,12 @@ def load_pickled_checkpoint(path: str | Path) -> Any:
             except KeyError as exc:
                 raise CorruptCheckpointError(path, f"storage {key!r} is missing from the archive") from exc
 
-        return _run(_Unpickler(io.BytesIO(archive.read(pkl[0])), path, storage), path)
+        obj = _run(_Unpickler(io.BytesIO(archive.read(pkl[0])), path, storage), path)
+        pending = _weights(obj, path)
+        try:
+            return {name: tensor.materialize() for name, tensor in pending.items()}
+        except (RuntimeError, ValueError) as exc:
+            raise CorruptCheckpointError(path, f"cannot read a tensor: {exc}") from exc
 
 
 def _refuse_plain_pickle(path: Path) -> None:
@@ -235,13 +263,13 @@ def _run(unpickler: _Unpickler, path: Path) -> Any:
         raise CorruptCheckpointError(path, f"cannot read the pickle: {type(exc).__name__}: {exc}") from exc
 
 
-def checkpoint_tensors(obj: Any, path: str | Path) -> dict[str, Tensor]:
-    """The weights of an unpickled checkpoint: its `state_dict` (Lightning) or the dict itself."""
+def _weights(obj: Any, path: str | Path) -> dict[str, PendingTensor]:
+    """The tensors of an unpickled checkpoint: its `state_dict` (Lightning) or the dict itself."""
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CorruptCheckpointError(path, f"holds a {type(obj).__name__}, not a dict of tensors")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, PendingTensor)}
     if not tensors:
         raise CorruptCheckpointError(path, "holds no tensors")
     return tensors

@@ -251,3 +251,25 @@ model:
         n_classes: 11
         embed_dim: 5
 """
+
+
+def test_only_the_weights_storages_are_read(tmp_path: Path, capsys: Any) -> None:
+    """An optimizer state's storage missing from the zip does not matter; a weight's does, by name."""
+    ckpt = tmp_path / "big.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(6.0)}, "optimizer_states": [{"exp_avg": torch.ones(1000)}]}, ckpt)
+    with zipfile.ZipFile(ckpt) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    sizes = {n: len(b) for n, b in entries.items() if "/data/" in n}
+    optimizer = max(sizes, key=lambda n: sizes[n])
+    weights = min(sizes, key=lambda n: sizes[n])
+    for dropped, ok in ((optimizer, True), (weights, False)):
+        broken = tmp_path / f"broken-{ok}.ckpt"
+        with zipfile.ZipFile(broken, "w") as z:
+            for name, data in entries.items():
+                if name != dropped:
+                    z.writestr(name, data)
+        code = main(["convert", str(broken), "-o", str(tmp_path / f"out-{ok}.safetensors")])
+        err = capsys.readouterr().err
+        assert (code == 0) == ok, err
+        if not ok:
+            assert "missing from the archive" in err
