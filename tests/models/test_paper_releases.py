@@ -150,3 +150,17 @@ def test_run_refuses_a_pickled_checkpoint_and_names_convert(tmp_path: Path, caps
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and "ldmgraph convert old.ckpt -o old.safetensors" in err
+
+
+@pytest.mark.parametrize("release", sorted(r for r in MANIFEST if "unet_config" not in MANIFEST[r]["config"]["model"]["params"]))
+def test_first_stage_is_detected_from_its_key_shapes_alone(release: str) -> None:
+    """KL f4..f32 and VQ f4 (with and without attention), f8, f16: the detected config builds every key."""
+    from ldmgraph.models.detection import detect_vae_config
+    from ldmgraph.models.vq import autoencoder_class
+
+    keys = MANIFEST[release]["keys"]
+    config = detect_vae_config({k: torch.empty(v, device="meta") for k, v in keys.items()}, release)
+    with torch.device("meta"):
+        model = autoencoder_class(config)(**config)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == keys
+    assert ("n_embed" in config) == release.startswith("vq")
