@@ -12,6 +12,7 @@ from typing import Any
 
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
+from ldmgraph.graph.estimate import Estimate
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import ENUM, MODEL, STRING, TEXT_ENCODER, VAE
 from ldmgraph.nodes.common import (
@@ -20,11 +21,13 @@ from ldmgraph.nodes.common import (
     find_model,
     model_cache,
     model_fingerprint,
+    model_summary,
 )
 from ldmgraph.plugins import hookimpl
 
 BUNDLED_TXT2IMG = "ldmgraph-shapes-txt2img.safetensors"
 MINILM = "minilm-l6-v2"
+MINILM_BYTES = 22_713_216 * 4  # all-MiniLM-L6-v2's parameters in float32
 
 
 class CheckpointLoader(Node):
@@ -63,10 +66,21 @@ class CheckpointLoader(Node):
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
-        problems = [("ckpt_name", code, msg) for code, msg in check_model_name(literals.get("ckpt_name"), env)]
+        found = check_model_name(literals.get("ckpt_name"), env, need_unet=True)
+        problems = [("ckpt_name", code, msg) for code, msg in found]
         if literals.get("config"):
-            problems += [("config", code, msg) for code, msg in check_model_name(literals["config"], env)]
+            problems += [("config", code, msg) for code, msg in check_config_name(literals["config"], env)]
         return problems
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        summary = model_summary(inputs["ckpt_name"], env, need_unet=True)
+        if summary is None:
+            return None
+        text = MINILM_BYTES if summary.text_encoder == MINILM else 0
+        outputs = {"model": summary, "text_encoder": summary if summary.text_encoder else None,
+                   "vae": summary if summary.vae else None}
+        return Estimate(keeps=summary.weight_bytes + text, outputs=outputs, what="the checkpoint's weights")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
@@ -79,7 +93,9 @@ class CheckpointLoader(Node):
         path = find_model(inputs.ckpt_name, ctx.model_dirs)
         config = find_model(inputs.config, ctx.model_dirs) if inputs.config else None
         prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
-        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction, config=config)
+        checkpoint = load_checkpoint(
+            path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress, config=config
+        )
         return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
 
 
@@ -98,6 +114,13 @@ class VAELoader(Node):
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
         return [("vae_name", code, msg) for code, msg in check_model_name(literals.get("vae_name"), env)]
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        summary = model_summary(inputs["vae_name"], env)
+        if summary is None or summary.vae is None:
+            return None
+        return Estimate(keeps=summary.weight_bytes, outputs={"vae": summary}, what="the autoencoder's weights")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
@@ -144,6 +167,20 @@ class TextEncoderLoader(Node):
         if encoder is None:
             raise NodeInputError(f"{inputs.name!r} has no text encoder; pick a checkpoint that has one")
         return self.Outputs(text_encoder=encoder)
+
+
+def check_config_name(name: Any, env: Environment) -> list[tuple[str, str]]:
+    """Validation of a config-file name: inside a model folder and present (a YAML file, not a model)."""
+    from ldmgraph.graph import codes
+    from ldmgraph.graph.errors import UnsafePathError
+
+    try:
+        find_model(str(name), env.model_dirs)
+    except UnsafePathError as error:
+        return [(codes.UNSAFE_PATH, f"{error}: name a file inside the model folders")]
+    except FileNotFoundError as error:
+        return [(codes.FILE_NOT_FOUND, str(error))]
+    return []
 
 
 @hookimpl

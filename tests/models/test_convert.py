@@ -107,8 +107,9 @@ def test_run_refuses_pickles_and_points_to_convert(tmp_path: Path) -> None:
 
     ckpt = tmp_path / "model.ckpt"
     lightning_checkpoint(ckpt)
-    with pytest.raises(PickleRefusedError, match="ldmgraph convert model.ckpt -o model.safetensors"):
+    with pytest.raises(PickleRefusedError) as error:
         read_state_dict(ckpt)
+    assert f"ldmgraph convert '{ckpt}'" in str(error.value) and "model.converted.safetensors" in str(error.value)
 
 
 # --- malicious pickles ------------------------------------------------------------------------------
@@ -203,7 +204,9 @@ def test_convert_reports_missing_and_non_checkpoint_files(tmp_path: Path, capsys
     good = tmp_path / "good.ckpt"
     good.write_bytes(buf.getvalue())
     assert main(["convert", str(good)]) == 0
-    assert (tmp_path / "good.safetensors").is_file()
+    assert (tmp_path / "good.converted.safetensors").is_file()
+    assert main(["convert", str(good)]) == 1  # never over an existing file
+    assert "exists already" in capsys.readouterr().err
 
 
 CONFIG = """\
