@@ -323,8 +323,8 @@ def table(args: argparse.Namespace, results: dict[str, Any], names: list[str]) -
         "",
         f"{args.steps} training steps per variant, batch {args.batch_size}, {args.pool_size} training images, seed "
         f"{args.seed}; scores from {args.samples} one-object and {args.samples} two-object held-out captions "
-        f"({args.sampler_steps} dpmpp_2m steps, cfg {args.cfg}). Machine: {platform.machine()} "
-        f"{platform.processor() or ''}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, "
+        f"({args.sampler_steps} dpmpp_2m steps, cfg {args.cfg}). Machine: {platform.machine()}"
+        f"{' ' + platform.processor() if platform.processor() else ''}, {os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, "
         f"{args.threads} thread(s); {cpu_minutes:.0f} CPU minutes in all (training {wall_minutes:.0f} wall "
         f"minutes); {time.strftime('%Y-%m-%d', time.gmtime())}.",
         "",
