@@ -57,6 +57,7 @@ BUILTIN_PLUGIN_MODULES: list[str] = [
     "ldmgraph.nodes.latent",
     "ldmgraph.nodes.sampling",
     "ldmgraph.nodes.image_ops",
+    "ldmgraph.nodes.paper",
 ]
 
 

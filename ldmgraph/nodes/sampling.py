@@ -90,6 +90,41 @@ def _run(ctx: NodeContext, guider: Any, sampler: Any, sigmas: Any, latent: Any, 
 # ---------------------------------------------------------------- convenience samplers
 
 
+class _SamplerInputs(NodeInputs):
+    model: Any = InputField(MODEL, description="the diffusion model")
+    positive: Any = InputField(CONDITIONING, description="what the image should show")
+    negative: Any = InputField(CONDITIONING, description="what to steer away from (used when cfg != 1)")
+    latent: Any = InputField(LATENT, description="starting latent: empty for txt2img, encoded for img2img")
+    seed: int = InputField(INT, 0, ge=0, le=MAX_SEED, description="noise seed (image k of a batch uses seed + k)")
+    steps: int = InputField(INT, 20, ge=1, le=10000, description="sampling steps")
+    cfg: float = InputField(FLOAT, 7.0, ge=0.0, le=100.0, description="classifier-free guidance scale")
+    sampler: str = InputField(ENUM, "euler", choices_from="samplers", description="solver (default options)")
+    schedule: str = InputField(ENUM, "normal", choices_from="schedules", description="sigma schedule")
+    convention: str = _convention_field()
+    start_noise: str = _start_noise_field()
+    device: str = _device_field()
+
+
+def _parts(inputs: Any, ctx: NodeContext, sigmas_args: dict[str, Any], add_noise: bool = True) -> tuple:
+    """The guider, sampler, sigmas and noise a convenience node stands for."""
+    from ldmgraph.diffusion.noise import Noise
+    from ldmgraph.diffusion.sampling import (
+        DISCARD_PENULTIMATE,
+        Guider,
+        resolve,
+        sampler_choice,
+        sampling_sigmas,
+    )
+
+    schedule = resolve("schedules", inputs.schedule, ctx.registry)
+    discard = inputs.convention == "comfyui" and inputs.sampler in DISCARD_PENULTIMATE
+    sigmas = sampling_sigmas(schedule, inputs.model, inputs.steps, discard_penultimate=discard, **sigmas_args)
+    guider = Guider(inputs.model, inputs.positive, inputs.negative, inputs.cfg)
+    sampler = sampler_choice(inputs.sampler, None, ctx.registry)
+    noise = Noise(inputs.seed, add_noise, inputs.convention, inputs.start_noise)
+    return guider, sampler, sigmas, noise
+
+
 BUNDLED_SIZE = 64
 """The bundled models were trained on 64x64 images only: other sizes give blank or hazy images."""
 
@@ -128,41 +163,6 @@ class _SamplerNode(Node):
         what = f"U-Net activations for {calls} latent(s) of {latent.channels}x{latent.height}x{latent.width}"
         return Estimate(keeps=latent.nbytes, works=works, outputs=outs,
                         warnings=tuple(warnings), what=what)
-
-
-class _SamplerInputs(NodeInputs):
-    model: Any = InputField(MODEL, description="the diffusion model")
-    positive: Any = InputField(CONDITIONING, description="what the image should show")
-    negative: Any = InputField(CONDITIONING, description="what to steer away from (used when cfg != 1)")
-    latent: Any = InputField(LATENT, description="starting latent: empty for txt2img, encoded for img2img")
-    seed: int = InputField(INT, 0, ge=0, le=MAX_SEED, description="noise seed (image k of a batch uses seed + k)")
-    steps: int = InputField(INT, 20, ge=1, le=10000, description="sampling steps")
-    cfg: float = InputField(FLOAT, 7.0, ge=0.0, le=100.0, description="classifier-free guidance scale")
-    sampler: str = InputField(ENUM, "euler", choices_from="samplers", description="solver (default options)")
-    schedule: str = InputField(ENUM, "normal", choices_from="schedules", description="sigma schedule")
-    convention: str = _convention_field()
-    start_noise: str = _start_noise_field()
-    device: str = _device_field()
-
-
-def _parts(inputs: Any, ctx: NodeContext, sigmas_args: dict[str, Any], add_noise: bool = True) -> tuple:
-    """The guider, sampler, sigmas and noise a convenience node stands for."""
-    from ldmgraph.diffusion.noise import Noise
-    from ldmgraph.diffusion.sampling import (
-        DISCARD_PENULTIMATE,
-        Guider,
-        resolve,
-        sampler_choice,
-        sampling_sigmas,
-    )
-
-    schedule = resolve("schedules", inputs.schedule, ctx.registry)
-    discard = inputs.convention == "comfyui" and inputs.sampler in DISCARD_PENULTIMATE
-    sigmas = sampling_sigmas(schedule, inputs.model, inputs.steps, discard_penultimate=discard, **sigmas_args)
-    guider = Guider(inputs.model, inputs.positive, inputs.negative, inputs.cfg)
-    sampler = sampler_choice(inputs.sampler, None, ctx.registry)
-    noise = Noise(inputs.seed, add_noise, inputs.convention, inputs.start_noise)
-    return guider, sampler, sigmas, noise
 
 
 class Sampler(_SamplerNode):
