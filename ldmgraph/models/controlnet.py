@@ -199,16 +199,14 @@ class ControlNetError(ValueError):
     """A ControlNet file that cannot be used: names the file and the cause."""
 
 
-class ControlNetHandle:
-    """The CONTROL_NET socket value: a loaded ControlNet and where it came from."""
+class ControlNetHandle(nn.Module):
+    """The CONTROL_NET socket value: a loaded ControlNet and the name of its file (shared, never
+    mutated; a module so that the model cache can size it and the executor place it)."""
 
     def __init__(self, control_model: ControlNet, name: str) -> None:
+        super().__init__()
         self.control_model = control_model
         self.name = name
-
-    def to(self, device: Any) -> ControlNetHandle:
-        self.control_model.to(device)
-        return self
 
     def check_model(self, unet: nn.Module) -> None:
         """Refuse a U-Net whose skips do not match this ControlNet's residuals (a ControlNet for
