@@ -56,6 +56,8 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--grid", type=Path, default=None, help="also save sample grids (PNG) here")
+    ev.add_argument("--only", choices=("control",), action="append", default=[],
+                    help="compute only these figures (control: the ControlNet's control_iou and colour)")
     ev.set_defaults(func=cmd_evaluate)
 
 
@@ -118,7 +120,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .export import assets_dir
 
     figures = evaluate(args.models or assets_dir(), samples=args.samples, steps=args.steps, cfg=args.cfg,
-                       seed=args.seed, grid=args.grid, log=lambda s: print(s, file=sys.stderr, flush=True))
+                       seed=args.seed, grid=args.grid, log=lambda s: print(s, file=sys.stderr, flush=True),
+                       only=tuple(args.only))
     print(figures.two_object_line())
     print(figures.line())
     return 0

@@ -268,6 +268,7 @@ def export_controlnet(run: Path, out: Path, dtype: torch.dtype = torch.float32) 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"ldmgraph": json.dumps(meta)})
+    os.chmod(tmp, 0o644)  # a shipped asset, readable like the others
     os.replace(tmp, out)
     return out
 
@@ -293,3 +294,63 @@ def cmd_train_controlnet(args: Any) -> int:
     if args.export is not None:
         print(f"exported: {export_controlnet(out, args.export)}")
     return 0
+
+
+def judge_mask(image: np.ndarray) -> np.ndarray:
+    """The judge's shape mask: the largest connected region of high-chroma pixels (bool [H, W])."""
+    from .data.judge import CHROMA_MIN, _regions
+
+    chroma = image.max(axis=-1) - image.min(axis=-1)
+    regions = sorted(_regions(chroma > CHROMA_MIN), key=len, reverse=True)
+    mask = np.zeros(image.shape[:2], bool)
+    if regions:
+        mask[regions[0][:, 0], regions[0][:, 1]] = True
+    return mask
+
+
+def control_figures(txt: Any, models: Path, samples: int, steps: int, cfg: float, seed: int,
+                    batch_size: int = 64, log: Any = print, grid: Path | None = None) -> tuple[float, float]:
+    """(control_iou, control_colour) of the bundled ControlNet on held-out scenes.
+
+    Each scene is one shape at a place and size drawn from a stream the training pool never used;
+    the ControlNet gets its silhouette (on both CFG sides, as ControlNetApplyAdvanced does) and the
+    text model its caption. control_iou: mean intersection over union of the judge's shape mask
+    (the largest high-chroma region) with the silhouette; control_colour: the share of images whose
+    largest shape the judge reads in the caption's colour. NaN when the file is not there.
+    """
+    from ldmgraph.diffusion import CondEntry, Latent, sample
+    from ldmgraph.models.controlnet import ControlNetApplied, load_controlnet
+
+    from .data.judge import read_image
+    from .sampling import DEFAULT_SAMPLER, DEFAULT_SCHEDULE, _contexts
+
+    path = models / BUNDLED_NAME
+    if not path.exists():
+        return float("nan"), float("nan")
+    handle = load_controlnet(path)
+    scenes = [control_scene(seed, "heldout", i, two_object_prob=0.0) for i in range(samples)]
+    images = []
+    for start in range(0, samples, batch_size):
+        chunk = scenes[start : start + batch_size]
+        cond, uncond = _contexts(txt, [s.caption for s in chunk])
+        hint = torch.from_numpy(np.stack([silhouette_image(s) for s in chunk])).permute(0, 3, 1, 2).contiguous()
+        control = (ControlNetApplied(handle, hint, 1.0, 0.0, 1.0),)
+        out = sample(txt.unet, Latent(samples=torch.zeros(len(chunk), 4, 16, 16)),
+                     [CondEntry(context=cond, control=control)], [CondEntry(context=uncond, control=control)],
+                     seed=seed + start, steps=steps, cfg=cfg, sampler=DEFAULT_SAMPLER, schedule=DEFAULT_SCHEDULE)
+        images.append(txt.vae.decode(out.samples).numpy())
+    pictures = np.concatenate(images)
+    ious, colours = [], []
+    for picture, scene in zip(pictures, scenes, strict=True):
+        mask, truth = judge_mask(picture), silhouette(scene) > 0.5
+        ious.append(float((mask & truth).sum() / max(int((mask | truth).sum()), 1)))
+        readings = read_image(picture)
+        colours.append(bool(readings) and readings[0].colour == scene.shapes[0].colour)
+    iou, colour = float(np.mean(ious)), float(np.mean(colours))
+    log(f"controlnet: control_iou {iou:.3f}, colour read {colour:.3f} on {samples} held-out silhouettes")
+    if grid is not None:
+        from .common import save_grid
+
+        save_grid(np.concatenate([np.stack([silhouette_image(s) for s in scenes[:8]]), pictures[:8]]),
+                  grid.with_name(grid.stem + "_controlnet" + grid.suffix))
+    return iou, colour
