@@ -4,6 +4,7 @@ the bundled text-to-image model and ControlNet (the real shipped files)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -16,6 +17,7 @@ from ldmgraph.train.export import assets_dir
 
 TXT2IMG = "ldmgraph-shapes-txt2img.safetensors"
 CONTROLNET = "ldmgraph-shapes-controlnet.safetensors"
+INPUTS = Path(__file__).resolve().parents[2] / "workflows" / "inputs"
 
 API_CONTROLNET = {
     "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TXT2IMG}},
@@ -37,8 +39,6 @@ API_CONTROLNET = {
 
 
 def test_comfyui_controlnet_graph_imports_and_runs_on_the_bundled_controlnet(tmp_path) -> None:
-    from conftest import INPUTS
-
     executor = Executor(load_registry(), Environment(input_dir=INPUTS, output_dir=tmp_path,
                                                      model_dirs=(assets_dir(),)))
     workflow = to_workflow(copy.deepcopy(API_CONTROLNET))
