@@ -28,6 +28,7 @@ from .graph.context import Environment
 from .graph.errors import ExecutionError, LdmGraphError, ValidationError
 from .graph.events import Event
 from .graph.loading import LoadedWorkflow, load_workflow_file
+from .graph.registry import HOOK_TABLES
 from .graph.workflow import workflow_json_schema
 from .plugins import PluginManager
 
@@ -273,6 +274,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     for name in sorted(registry.nodes):
         entry = registry.nodes[name].spec.describe(registry)
         entry["plugin"] = registry.owner("node type", name)
+        if getattr(registry.nodes[name], "route", None):
+            entry["route"] = registry.nodes[name].route  # type: ignore[attr-defined]  # a conditioner's node
         listing[name] = entry
     if args.json:
         _print_json(listing)
@@ -333,8 +336,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return EXIT_OK
     for s in statuses:
         state = "ok" if s.ok else "FAILED"
-        counts = f"{len(s.nodes)} nodes, {len(s.samplers)} samplers, {len(s.schedules)} schedules"
-        print(f"{state:6} {s.source:11} {s.name}  ({counts})")
+        counts = ", ".join(f"{len(s.entries(table))} {table}" for table in HOOK_TABLES)
+        print(f"{state:6} {s.source:11} {s.name}  ({counts}; {s.seconds:.2f} s)")
         if s.error:
             print(f"       error: {s.error}")
     return EXIT_OK

@@ -76,8 +76,13 @@ class DiffusionModelHandle(nn.Module):
         context: Tensor | None = None,
         concat: Tensor | None = None,
         y: Tensor | None = None,
+        control: Any = (),
     ) -> Tensor:
-        """eps or v for x_t at timesteps t ([B], float allowed); see `ldmgraph.diffusion.DiffusionModel`."""
+        """eps or v for x_t at timesteps t ([B], float allowed); see `ldmgraph.diffusion.DiffusionModel`.
+
+        `control` (the control route) holds residual sources (`ldmgraph.diffusion.values.Control`);
+        their residuals are summed (stacked ControlNets) and added to the U-Net's skips.
+        """
         model_in = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
         if model_in.shape[1] != self.in_channels:
             raise ValueError(
@@ -93,18 +98,27 @@ class DiffusionModelHandle(nn.Module):
         t = torch.as_tensor(t, device=device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        out = self.diffusion_model(
-            model_in.to(device=device, dtype=dtype),
-            t.to(device),
-            context=None if context is None else context.to(device=device, dtype=dtype),
-            # `y` (a class label or SDXL-style vector) only reaches class-conditional U-Nets: the
-            # pooled text vector that a CondEntry may carry is meaningless to SD1/SD2 and our models.
-            y=None if y is None or not self._takes_y else y.to(device=device, dtype=dtype),
-        )
+        model_in = model_in.to(device=device, dtype=dtype)
+        context = None if context is None else context.to(device=device, dtype=dtype)
+        # `y` (the vector route: a class label or SDXL-style vector) only reaches class-conditional U-Nets
+        y = None if y is None or not self._takes_y else (y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device))
+        extra = {} if not control else {"control": self._residuals(control, model_in, t.to(device), context, y)}
+        out = self.diffusion_model(model_in, t.to(device), context=context, y=y, **extra)
         return out.to(device=x.device, dtype=x.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.apply_model(*args, **kwargs)
+
+    def _residuals(self, control: Any, x: Tensor, t: Tensor, context: Tensor | None, y: Tensor | None) -> list[Tensor]:
+        """The sum of every control source's residuals (each checked against this U-Net first)."""
+        total: list[Tensor] | None = None
+        for source in control:
+            if hasattr(source, "check_model"):
+                source.check_model(self.diffusion_model)
+            parts = source.residuals(x, t, context, y)
+            total = list(parts) if total is None else [a + b.to(a) for a, b in zip(total, parts, strict=True)]
+        assert total is not None
+        return total
 
     @property
     def _takes_y(self) -> bool:

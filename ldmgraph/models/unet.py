@@ -344,11 +344,14 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict eps (or v) for latents `x` [B, C, h, w] at `timesteps` [B] (or a scalar).
 
         `context` [B, T, context_dim] feeds cross-attention; `y` is the class label / vector
-        when the model has `num_classes`.
+        when the model has `num_classes`. `control` holds ControlNet residuals, one per input
+        block then one for the middle block (`ldmgraph.models.controlnet`): the middle one is
+        added to the middle block's output and the others to the skips they match.
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(
@@ -373,6 +376,11 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(hs) + 1:
+                raise ValueError(f"UNetModel: control has {len(control)} residuals; this U-Net takes {len(hs) + 1}")
+            h = h + control[-1].to(h.dtype)
+            hs = [skip + residual.to(skip.dtype) for skip, residual in zip(hs, control[:-1], strict=True)]
         for module in self.output_blocks:
             skip = hs.pop()
             h = module(torch.cat([h, skip], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)

@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TRAIN_KINDS = ("autoencoder", "ldm", "superres", "inpaint")
+TRAIN_KINDS = ("autoencoder", "ldm", "superres", "inpaint", "controlnet")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``train`` and ``evaluate`` subcommands to the main parser."""
     train = subparsers.add_parser("train", help="train the autoencoder or a latent diffusion model",
                                   description="Train ldmgraph's models on the procedural shapes data set: "
-                                  "first the autoencoder, then ldm (text-to-image), superres, inpaint.")
+                                  "first the autoencoder, then ldm (text-to-image), superres, inpaint; "
+                                  "controlnet trains a ControlNet for the bundled text-to-image model.")
     train.add_argument("kind", choices=TRAIN_KINDS)
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 / 2000)")
     train.add_argument("--minutes", type=float, default=0.0, help="stop and save after this wall time (0: no limit)")
@@ -40,6 +41,8 @@ def register(subparsers: Any) -> None:
                             "(0.1 used for the shipped txt2img and inpaint models; default 0)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
+    train.add_argument("--base", type=Path, default=None, metavar="PATH",
+                       help="controlnet: the frozen text-to-image model (default: the bundled one)")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=cmd_train)
 
@@ -53,12 +56,18 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--grid", type=Path, default=None, help="also save sample grids (PNG) here")
+    ev.add_argument("--only", choices=("control",), action="append", default=[],
+                    help="compute only these figures (control: the ControlNet's control_iou and colour)")
     ev.set_defaults(func=cmd_evaluate)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out or Path("runs") / args.kind
+    if args.kind == "controlnet":
+        from .controlnet import cmd_train_controlnet
+
+        return cmd_train_controlnet(args)
     if args.kind == "autoencoder":
         from .autoencoder import AEConfig, train_autoencoder
 
@@ -111,7 +120,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .export import assets_dir
 
     figures = evaluate(args.models or assets_dir(), samples=args.samples, steps=args.steps, cfg=args.cfg,
-                       seed=args.seed, grid=args.grid, log=lambda s: print(s, file=sys.stderr, flush=True))
+                       seed=args.seed, grid=args.grid, log=lambda s: print(s, file=sys.stderr, flush=True),
+                       only=tuple(args.only))
     print(figures.two_object_line())
     print(figures.line())
     return 0

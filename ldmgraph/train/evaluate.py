@@ -11,6 +11,9 @@
   centre"; the judge must read that colour and shape inside the hole. The decoded image is
   composited with the original pixels outside the mask (as a workflow's composite node does);
   inpaint_outside_delta is the mean absolute change outside the mask in 0..255 units after that.
+- control_iou / control_colour: the bundled ControlNet on held-out silhouettes: IoU of the judge's
+  shape mask with the silhouette, and how often the caption's colour is still read
+  (``ldmgraph.train.controlnet.control_figures``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Figures:
     inpaint_colour: float = float("nan")
     inpaint_outside_delta: float = float("nan")
     inpaint_outside_delta_raw: float = float("nan")
+    control_iou: float = float("nan")
+    control_colour: float = float("nan")
 
     def two_object_line(self) -> str:
         return f"two_object color={self.two_color:.3f} shape={self.two_shape:.3f} position={self.two_position:.3f}"
@@ -54,7 +59,8 @@ class Figures:
         return (
             f"ae_psnr={self.ae_psnr:.2f} color={self.color:.3f} shape={self.shape:.3f} "
             f"position={self.position:.3f} sr_psnr_gain={self.sr_psnr_gain:.2f} "
-            f"inpaint_object={self.inpaint_object:.3f} inpaint_outside_delta={self.inpaint_outside_delta:.3f}"
+            f"inpaint_object={self.inpaint_object:.3f} inpaint_outside_delta={self.inpaint_outside_delta:.3f} "
+            f"control_iou={self.control_iou:.3f} control_colour={self.control_colour:.3f}"
         )
 
 
@@ -90,8 +96,10 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
 
 @restores_torch_threads
 def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0, seed: int = 1234,
-             batch_size: int = 64, grid: Path | None = None, log: Any = print) -> Figures:
-    """Score the bundled checkpoints in folder ``models``; see the module docstring."""
+             batch_size: int = 64, grid: Path | None = None, log: Any = print,
+             only: tuple[str, ...] = ()) -> Figures:
+    """Score the bundled checkpoints in folder ``models``; see the module docstring. ``only`` limits
+    the run to some figure groups ("control" alone: the ControlNet's figures)."""
     import torch
     from PIL import Image
 
@@ -106,6 +114,13 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     figures = Figures()
     txt = load_checkpoint(models / BUNDLED_NAMES["ldm"])
+    if "control" in only or not only:
+        from .controlnet import control_figures
+
+        figures.control_iou, figures.control_colour = control_figures(
+            txt, models, samples, steps, cfg, seed, batch_size, log, grid)
+        if only == ("control",):
+            return figures
 
     # autoencoder
     n_ae = min(1000, max(100, 4 * samples))
