@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
     train.add_argument("--init-from", type=Path, default=None, metavar="PATH",
                        help="start a diffusion model from these U-Net weights (a run folder or bundled file), "
                             "e.g. inpainting from the text-to-image model; extra input channels start at zero")
+    train.add_argument("--two-object-prob", type=float, default=0.4,
+                       help="share of two-shape scenes in a new pool (default 0.4)")
     train.add_argument("--inpaint-size", type=int, default=16000,
                        help="inpainting examples in a new pool (default 16000; each has its own hole)")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -93,13 +95,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         contexts.unlink()
         (args.pool / "inpaint.safetensors").unlink(missing_ok=True)
     if not contexts.exists():
-        build_contexts(args.pool, 0, args.pool_size, args.inpaint_size)
+        build_contexts(args.pool, 0, args.pool_size, args.inpaint_size, args.two_object_prob)
     if not (args.pool / "latents.safetensors").exists():
-        prepare_pool(args.ae, args.pool, 0, args.pool_size, args.inpaint_size, threads=args.threads)
+        prepare_pool(args.ae, args.pool, 0, args.pool_size, args.inpaint_size, threads=args.threads,
+                     two_object_prob=args.two_object_prob)
     elif args.kind == "inpaint" and not (args.pool / "inpaint.safetensors").exists():
         prepare_inpaint_pool(args.ae, args.pool, 0, args.inpaint_size, threads=args.threads)
-    cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes, scale_factor=read_scale_factor(args.pool),
-                    init_from=str(args.init_from or ""))
+    cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes,
+                    scale_factor=read_scale_factor(args.pool, args.init_from), init_from=str(args.init_from or ""))
     for name in ("steps", "batch_size", "lr", "offset_noise"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))

@@ -94,6 +94,23 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def two_object_figures(txt: Any, pairs: int = 128, steps: int = 20, cfg: float = 4.0, seed: int = 1234,
+                       batch_size: int = 64, grid: Path | None = None) -> dict[str, float]:
+    """Judge scores (colour, shape, position) of a text-to-image checkpoint on ``pairs`` two-object
+    captions of held-out combinations (:func:`two_object_prompts`); chunk i uses seed + i * batch_size."""
+    from . import sampling
+    from .common import save_grid
+
+    prompts = two_object_prompts(pairs)
+    images = np.concatenate([
+        sampling.txt2img(txt, [p for _, p in chunk], seed=seed + i * batch_size, steps=steps, cfg=cfg)
+        for i, chunk in enumerate(_chunks(prompts, batch_size))
+    ])
+    if grid is not None:
+        save_grid(images[:32], grid)
+    return _mean_scores(images, [c for c, _ in prompts])
+
+
 @restores_torch_threads
 def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0, seed: int = 1234,
              batch_size: int = 64, grid: Path | None = None, log: Any = print,
@@ -140,16 +157,11 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
         save_grid(images[:64], grid)
 
     # text-to-image, two objects
-    pairs = two_object_prompts(max(8, samples // 2))
-    images2 = np.concatenate([
-        sampling.txt2img(txt, [p for _, p in chunk], seed=seed + i * batch_size, steps=steps, cfg=cfg)
-        for i, chunk in enumerate(_chunks(pairs, batch_size))
-    ])
-    s2 = _mean_scores(images2, [c for c, _ in pairs])
+    n_pairs = max(8, samples // 2)
+    s2 = two_object_figures(txt, n_pairs, steps=steps, cfg=cfg, seed=seed, batch_size=batch_size,
+                            grid=None if grid is None else grid.with_name(grid.stem + "_two" + grid.suffix))
     figures.two_color, figures.two_shape, figures.two_position = s2["colour"], s2["shape"], s2["position"]
-    log(f"txt2img two objects ({len(pairs)} captions of held-out pairs): {s2}")
-    if grid is not None:
-        save_grid(images2[:32], grid.with_name(grid.stem + "_two" + grid.suffix))
+    log(f"txt2img two objects ({n_pairs} captions of held-out pairs): {s2}")
 
     # super-resolution
     sr_path = models / BUNDLED_NAMES["superres"]
