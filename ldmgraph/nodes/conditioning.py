@@ -55,6 +55,19 @@ class TextEncode(Conditioner):
         # class-conditional (ADM-style) U-Nets take, and neither SD 1.x/2.x nor the bundled models are.
         return inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip).context
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        encoder, text = inputs.get("text_encoder"), inputs.get("text")
+        if getattr(encoder, "layout", None) != "bundled" or not isinstance(text, str):
+            return None
+        unknown = unknown_words(text)
+        if not unknown:
+            return None
+        return Estimate(warnings=(("text", (
+            f"the bundled models know only their training captions' words (colours: {', '.join(COLOURS)}; "
+            f"shapes: {', '.join(SHAPES)}; positions: {', '.join(POSITIONS)}; sizes: {', '.join(SIZES)}); "
+            f"{', '.join(map(repr, unknown))} will be ignored")),))
+
 
 class ClassLabel(Conditioner):
     """Condition a class-conditional U-Net on a class index (the vector route: the U-Net's `y`,
@@ -71,19 +84,6 @@ class ClassLabel(Conditioner):
         import torch
 
         return torch.tensor([inputs.label], dtype=torch.long)
-
-    @classmethod
-    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
-        encoder, text = inputs.get("text_encoder"), inputs.get("text")
-        if getattr(encoder, "layout", None) != "bundled" or not isinstance(text, str):
-            return None
-        unknown = unknown_words(text)
-        if not unknown:
-            return None
-        return Estimate(warnings=(("text", (
-            f"the bundled models know only their training captions' words (colours: {', '.join(COLOURS)}; "
-            f"shapes: {', '.join(SHAPES)}; positions: {', '.join(POSITIONS)}; sizes: {', '.join(SIZES)}); "
-            f"{', '.join(map(repr, unknown))} will be ignored")),))
 
 
 def unknown_words(text: str) -> list[str]:
