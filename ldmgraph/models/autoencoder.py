@@ -194,11 +194,18 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution part: conv_in and the down levels (what tiled encodes cut into tiles)."""
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution part: mid block (global attention), norm and conv_out."""
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -246,7 +253,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        return self.tail(self.head(z))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution part: conv_in and the mid block (global attention)."""
+        return self.mid(self.conv_in(z))  # type: ignore[no-any-return]
+
+    def tail(self, h: torch.Tensor) -> torch.Tensor:
+        """The up levels to full resolution, norm and conv_out (what tiled decodes cut into tiles)."""
         for level in reversed(self.up):
             h = level(h)
         if self.give_pre_end:
@@ -331,7 +345,16 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image [B, C, H, W] in -1..1 -> posterior over latents [B, embed_dim, H / f, W / f]."""
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return self.posterior(self.moments(x))
+
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's mean and log-variance [B, 2 * embed_dim, H / f, W / f]."""
+        return self.quant_conv(self.encoder(x))
+
+    @staticmethod
+    def posterior(moments: torch.Tensor) -> DiagonalGaussianDistribution:
+        """The posterior given the encoder's moments."""
+        return DiagonalGaussianDistribution(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B, embed_dim, h, w] (unscaled) -> image [B, out_ch, h * f, w * f], about -1..1."""

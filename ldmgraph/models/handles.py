@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
+from ldmgraph.models.tiling import DEFAULT_OVERLAP_PIXELS, DEFAULT_TILE_PIXELS, run_tiled, should_tile
 
 TextEncoderHandle = TextEncoder
 """The TEXT_ENCODER socket value: `encode(texts, clip_skip=None) -> TextEncoding(context, pooled)`."""
@@ -150,8 +151,20 @@ class VAEHandle(nn.Module):
         return next(self.first_stage_model.parameters()).dtype
 
     @torch.no_grad()
-    def encode(self, pixels: Any, generator: torch.Generator | None = None) -> Tensor:
-        """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU)."""
+    def encode(
+        self,
+        pixels: Any,
+        generator: torch.Generator | None = None,
+        *,
+        tiled: str = "auto",
+        tile_pixels: int = DEFAULT_TILE_PIXELS,
+        overlap_pixels: int = DEFAULT_OVERLAP_PIXELS,
+    ) -> Tensor:
+        """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU).
+
+        `tiled` "auto" encodes images over `ldmgraph.models.tiling.AUTO_TILE_PIXELS` pixels in
+        overlapping tiles (bounded memory), "on" always, "off" never.
+        """
         image = _pixels_to_tensor(pixels)
         f = self.downscale
         h, w = image.shape[1] // f * f, image.shape[2] // f * f
@@ -160,16 +173,46 @@ class VAEHandle(nn.Module):
         top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
         image = image[:, top : top + h, left : left + w, : self.image_channels]
         x = image.permute(0, 3, 1, 2).to(device=self.device, dtype=self.dtype) * 2.0 - 1.0
-        posterior = self.first_stage_model.encode(x)
+        model = self.first_stage_model
+        if should_tile(tiled, h * w) and hasattr(model, "posterior"):
+            # the down levels run in tiles; the mid block (global attention) sees the whole latent
+            tile = max(tile_pixels // f, 1) * f
+            encoder = model.encoder
+            features = run_tiled(encoder.body, encoder, x, scale=1.0 / f, tile=tile, overlap=overlap_pixels, align=f)
+            posterior = model.posterior(model.quant_conv(encoder.head(features)))
+        else:
+            posterior = model.encode(x)
         z = posterior.mode() if generator is None else posterior.sample(generator)
         return (z * self.scale_factor).to(device="cpu", dtype=torch.float32)
 
     @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
-        """Scaled latent [B, C, h, w] -> image [B, h*f, w*f, 3] fp32 CPU tensor in 0..1."""
+    def decode(
+        self,
+        latent: Tensor,
+        *,
+        tiled: str = "auto",
+        tile_pixels: int = DEFAULT_TILE_PIXELS,
+        overlap_pixels: int = DEFAULT_OVERLAP_PIXELS,
+    ) -> Tensor:
+        """Scaled latent [B, C, h, w] -> image [B, h*f, w*f, 3] fp32 CPU tensor in 0..1.
+
+        `tiled` "auto" decodes outputs over `ldmgraph.models.tiling.AUTO_TILE_PIXELS` pixels in
+        overlapping tiles (bounded memory; see `ldmgraph.models.tiling`), "on" always, "off" never.
+        """
+        f = self.downscale
+        use_tiles = should_tile(tiled, latent.shape[-2] * latent.shape[-1] * f * f)
+        model = self.first_stage_model
         images = []
         for z in latent.split(1):
-            x = self.first_stage_model.decode(z.to(device=self.device, dtype=self.dtype) / self.scale_factor)
+            z = z.to(device=self.device, dtype=self.dtype) / self.scale_factor
+            if use_tiles and hasattr(model, "post_quant_conv"):
+                # the mid block (global attention) sees the whole latent; the up levels run in tiles
+                tile, overlap = max(tile_pixels // f, 1), max(overlap_pixels // f, 1)
+                decoder = model.decoder
+                features = decoder.head(model.post_quant_conv(z))
+                x = run_tiled(decoder.tail, decoder, features, scale=float(f), tile=tile, overlap=overlap)
+            else:
+                x = model.decode(z)
             images.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu())
         return torch.cat(images)
 
