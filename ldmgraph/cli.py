@@ -1,8 +1,11 @@
-"""The ``ldmgraph`` command line: run, validate, nodes, schema, plugins (+ subcommands of other layers).
+"""The ``ldmgraph`` command line: run, validate, params, nodes, schema, plugins (+ subcommands of
+other layers).
 
-Exit codes: 0 success, 2 invalid workflow, 1 failed or cancelled run. ``--json`` prints
-machine-readable output on stdout. Start-up stays light: torch is only imported by nodes that
-need it, when they run; ``validate``, ``nodes``, ``schema`` and ``plugins`` never import it.
+Exit codes: 0 success, 2 invalid workflow or a usage error (nothing ran), 1 failed run, 130 / 143
+interrupted by SIGINT / SIGTERM (the node that was running is named; temporary files are removed).
+``--json`` prints machine-readable output on stdout. Start-up stays light: torch is only imported
+by nodes that need it, when they run; ``validate``, ``params``, ``nodes``, ``schema`` and
+``plugins`` never import it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .graph.context import Environment
 from .graph.errors import ExecutionError, LdmGraphError, ValidationError
 from .graph.events import Event
@@ -24,13 +32,37 @@ from .graph.workflow import workflow_json_schema
 from .plugins import PluginManager
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 128 + 2, 128 + 15
 
-# Subcommands of other layers, imported only when used: name -> module with register(subparsers).
-LAZY_SUBCOMMANDS: dict[str, str] = {
-    "train": "ldmgraph.train.cli",
-    "evaluate": "ldmgraph.train.cli",
-    "import": "ldmgraph.interop.cli",
+# Subcommands of other layers, imported only when used: name -> (module with register(subparsers),
+# one-line help for the command list). A bare module name is accepted too (generic help).
+LAZY_SUBCOMMANDS: dict[str, tuple[str, str] | str] = {
+    "train": ("ldmgraph.train.cli", "train the bundled models (autoencoder, ldm, superres, inpaint)"),
+    "evaluate": ("ldmgraph.train.cli", "score the bundled models with the procedural judge"),
+    "import": ("ldmgraph.interop.cli", "convert a ComfyUI workflow (API or UI JSON, or PNG) to ldmgraph/1"),
+    "batch": ("ldmgraph.batch.cli", "run a saved workflow once per row of a CSV/JSONL table, locally or on Ray"),
 }
+
+
+def _lazy_entry(name: str) -> tuple[str, str]:
+    entry = LAZY_SUBCOMMANDS[name]
+    if isinstance(entry, str):
+        return entry, f"the {name} command (see `ldmgraph {name} --help`)"
+    return entry
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so that the same
+    clean-up runs (temporary files removed, the run cancelled)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors that say they are usage errors (exit 2, as argparse's own)."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_INVALID, f"{self.prog}: usage error: {message}\n")
+
 
 BUNDLED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
 
@@ -38,12 +70,12 @@ BUNDLED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
 # -- argument parsing ---------------------------------------------------------------------------------
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``command`` (if a lazy one) has its module imported and registered."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--plugin-dir", action="append", default=[], metavar="DIR",
                         help="extra plugin folder (repeatable; also $LDMGRAPH_PLUGIN_DIR)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
-    paths = argparse.ArgumentParser(add_help=False)
+    paths = _Parser(add_help=False)
     paths.add_argument("--input-dir", type=Path, help="folder of input files (default: inputs/ beside the "
                        "workflow file if it exists, else ./input)")
     paths.add_argument("--output-dir", type=Path, default=Path("output"), help="output folder (default ./output)")
@@ -51,38 +83,56 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="checkpoint folder (repeatable; default ./models, then the bundled models)")
     paths.add_argument("--device", help="device override for the model layer (cpu, cuda, cuda:1, mps)")
     paths.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                       type=_name_value,
                        help="override a declared workflow parameter (VALUE parsed as JSON, else text)")
     paths.add_argument("--output", dest="outputs", action="append", metavar="NODE_ID",
                        help="run only these output nodes (repeatable; default all output nodes)")
+    paths.add_argument("--memory-budget", metavar="SIZE", help="refuse workflows estimated to need more "
+                       "memory (e.g. 16G, 512M; 0 = no limit; default: the machine's available memory)")
+    paths.add_argument("--max-image-pixels", type=int, default=64_000_000, metavar="N",
+                       help="largest input image in pixels, checked before decoding (default 64000000)")
 
-    parser = argparse.ArgumentParser(prog="ldmgraph", description="Latent-diffusion workflows as JSON graphs.")
+    parser = _Parser(prog="ldmgraph", description="Latent-diffusion workflows as JSON graphs.")
+    parser.add_argument("--version", action="version", version=f"ldmgraph {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    run = sub.add_parser("run", parents=[common, paths], help="run a workflow (JSON, or a PNG with one)")
+    def add(name: str, func: Any, help_text: str, parents: list[argparse.ArgumentParser]) -> Any:
+        command_parser = sub.add_parser(name, parents=parents, help=help_text, description=help_text)
+        command_parser.set_defaults(func=func)
+        return command_parser
+
+    run = add("run", cmd_run, "run a workflow (JSON, a PNG saved by ldmgraph, or a ComfyUI file)", [common, paths])
     run.add_argument("workflow", type=Path)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.set_defaults(func=cmd_run)
-
-    validate = sub.add_parser("validate", parents=[common, paths], help="check a workflow without running it")
+    validate = add("validate", cmd_validate, "check a workflow without running it (every problem at once)",
+                   [common, paths])
     validate.add_argument("workflow", type=Path)
-    validate.set_defaults(func=cmd_validate)
-
-    nodes = sub.add_parser("nodes", parents=[common], help="list node types, their inputs and outputs")
-    nodes.set_defaults(func=cmd_nodes)
-    schema = sub.add_parser("schema", parents=[common], help="print the workflow file's JSON Schema")
-    schema.set_defaults(func=cmd_schema)
-    plugins = sub.add_parser("plugins", parents=[common], help="list plugins and whether they loaded")
-    plugins.set_defaults(func=cmd_plugins)
+    params = add("params", cmd_params, "list a workflow's parameters: type, value, bounds, choices, help",
+                 [common])
+    params.add_argument("workflow", type=Path)
+    add("nodes", cmd_nodes, "list node types: inputs with type, default, bounds, choices and help; outputs",
+        [common])
+    add("schema", cmd_schema, "print the workflow file's JSON Schema", [common])
+    add("plugins", cmd_plugins, "list plugins, where they came from, and whether they loaded", [common])
 
     _add_lazy_subcommands(sub, command)
     return parser
 
 
+def _name_value(text: str) -> str:
+    """argparse type of ``--set``: refuse what is not NAME=VALUE as a usage error."""
+    name, sep, _ = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expects NAME=VALUE, got {text!r} (e.g. --set steps=20)")
+    return text
+
+
 def _add_lazy_subcommands(sub: Any, command: str | None) -> None:
-    """Import the module of the requested lazy subcommand only; list the others as stubs."""
+    """Import the module of the requested lazy subcommand only; list the others with their help."""
     done: set[str] = set()
-    for name, module_name in LAZY_SUBCOMMANDS.items():
+    for name in LAZY_SUBCOMMANDS:
+        module_name, _ = _lazy_entry(name)
         if module_name in done or _find_spec(module_name) is None:
             continue
         if command == name:
@@ -93,9 +143,10 @@ def _add_lazy_subcommands(sub: Any, command: str | None) -> None:
                       f"{type(exc).__name__}: {exc}", file=sys.stderr)
             done.add(module_name)
     registered = set(sub.choices)
-    for name, module_name in LAZY_SUBCOMMANDS.items():
+    for name in LAZY_SUBCOMMANDS:
+        module_name, help_text = _lazy_entry(name)
         if name not in registered and _find_spec(module_name) is not None:
-            stub = sub.add_parser(name, help=f"(from {module_name})", add_help=False)
+            stub = sub.add_parser(name, help=help_text, add_help=False)
             stub.set_defaults(func=None)
 
 
@@ -112,7 +163,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         name, sep, text = item.partition("=")
         if not sep or not name:
-            raise SystemExit(f"ldmgraph: --set expects NAME=VALUE, got {item!r}")
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
         try:
             out[name] = json.loads(text)
         except ValueError:
@@ -127,8 +178,19 @@ def environment(args: argparse.Namespace) -> Environment:
         beside = args.workflow.resolve().parent / "inputs"
         input_dir = beside if beside.is_dir() else Path("input")
     model_dirs = tuple(args.models_dir) or (Path("models"),)
+    budget = None
+    # subcommands of other layers (batch) may not offer the resource flags: their defaults apply
+    memory_budget = getattr(args, "memory_budget", None)
+    if memory_budget is not None:
+        from .graph.estimate import parse_bytes
+
+        try:
+            budget = parse_bytes(memory_budget)
+        except ValueError as exc:
+            raise SystemExit(f"ldmgraph: --memory-budget: {exc}") from None
     return Environment(input_dir=input_dir, output_dir=args.output_dir,
-                       model_dirs=(*model_dirs, BUNDLED_MODELS), device=args.device)
+                       model_dirs=(*model_dirs, BUNDLED_MODELS), device=args.device,
+                       memory_budget=budget, max_image_pixels=getattr(args, "max_image_pixels", Environment.max_image_pixels))
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -138,13 +200,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded = load_workflow_file(args.workflow)
-    compiled = validate_workflow(loaded.document, manager.registry, environment(args),
-                                 parse_overrides(args.overrides), args.outputs)
+    with _environment_for(loaded, args) as env:
+        compiled = validate_workflow(loaded.document, manager.registry, env,
+                                     parse_overrides(args.overrides), args.outputs)
     summary = {"ok": True, "kind": loaded.kind, "nodes": len(compiled.workflow.nodes),
-               "outputs": compiled.outputs, "parameters": compiled.parameters}
+               "outputs": compiled.outputs, "parameters": compiled.parameters,
+               "warnings": [w.to_dict() for w in compiled.warnings]}
     if args.json:
         _print_json(summary)
     else:
+        _print_warnings(compiled.warnings)
         print(f"{args.workflow}: ok ({summary['nodes']} nodes, outputs {', '.join(compiled.outputs)})")
     return EXIT_OK
 
@@ -155,13 +220,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded: LoadedWorkflow = load_workflow_file(args.workflow)
-    executor = Executor(manager.registry, environment(args))
-    compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
-    bar = _ProgressBar(enabled=not (args.json or args.no_progress))
-    try:
-        result = executor.execute(compiled, on_event=bar)
-    finally:
-        bar.close()
+    with _environment_for(loaded, args) as env:
+        executor = Executor(manager.registry, env)
+        compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
+        if not args.json:
+            _print_warnings(compiled.warnings)
+        bar = _JsonEvents() if args.json and not args.no_progress else _ProgressBar(enabled=not args.no_progress)
+
+        def on_event(event: Event) -> None:
+            args.running = (event.node_id, event.node_type) if event.kind in ("start", "progress") else None
+            bar(event)
+
+        try:
+            result = executor.execute(compiled, on_event=on_event)
+        finally:
+            bar.close()
     if args.json:
         _print_json(result.to_dict())
     else:
@@ -169,6 +242,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         print(f"done: {len(result.executed)} node(s) executed, {len(result.cached)} cached, "
               f"{result.seconds:.2f} s", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    """``ldmgraph params``: the parameters a workflow declares, for ``--set NAME=VALUE``."""
+    from .graph.validate import describe_parameters
+    from .graph.workflow import parse_workflow
+
+    registry = _manager(args).registry
+    workflow = parse_workflow(load_workflow_file(args.workflow).document)
+    listing = describe_parameters(workflow, registry)
+    if args.json:
+        _print_json(listing)
+        return EXIT_OK
+    if not listing:
+        print(f"{args.workflow}: declares no parameters")
+    for name, entry in listing.items():
+        print(f"{name}: {_input_line(entry)}")
+        print(f"    sets {', '.join(entry['targets'])}")
     return EXIT_OK
 
 
@@ -190,11 +282,39 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"{category}:")
         for name in by_category[category]:
             entry = listing[name]
-            ins = ", ".join(f"{k}: {v['type']}" for k, v in entry["inputs"].items())
-            outs = ", ".join(f"{k}: {v['type']}" for k, v in entry["outputs"].items())
             first_line = (entry["description"].splitlines() or [""])[0]
-            print(f"  {name} ({ins}) -> ({outs})  {first_line}")
+            print(f"  {name}  {first_line}")
+            for input_name, spec in entry["inputs"].items():
+                print(f"      {input_name}: {_input_line(spec)}")
+            outs = ", ".join(f"{k}: {v['type']}" for k, v in entry["outputs"].items())
+            print(f"      -> {outs or '(output node)'}")
     return EXIT_OK
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return ""
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def _input_line(spec: dict[str, Any]) -> str:
+    """``INT = 20, 1..10000, one of ...  help`` from an input's (or a parameter's) description."""
+    text = spec["type"]
+    if spec.get("required"):
+        text += " (required)"
+    elif "default" in spec:
+        text += f" = {json.dumps(spec['default'], ensure_ascii=False, default=str)}"
+    if "value" in spec:
+        text += f" = {json.dumps(spec['value'], ensure_ascii=False, default=str)}"
+    if spec.get("ge") is not None or spec.get("le") is not None:
+        text += f", range {_number(spec.get('ge'))}..{_number(spec.get('le'))}"
+    if spec.get("multiple_of"):
+        text += f", multiple of {_number(spec['multiple_of'])}"
+    if spec.get("choices") is not None:
+        text += f", one of {', '.join(spec['choices'])}"
+    if spec.get("description"):
+        text += f"  {spec['description']}"
+    return text
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -228,36 +348,78 @@ def _manager(args: argparse.Namespace) -> PluginManager:
     return manager
 
 
+def _environment_for(loaded: LoadedWorkflow, args: argparse.Namespace) -> Any:
+    """The run's environment; for a PNG re-run, with the input files it carries (removed afterwards)."""
+    import contextlib
+
+    if loaded.kind != "ldmgraph-png":
+        return contextlib.nullcontext(environment(args))
+    from .nodes.carried_inputs import carried_environment
+
+    return carried_environment(args.workflow, environment(args))
+
+
+def _print_warnings(warnings: Sequence[Any]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def _print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, ensure_ascii=False, default=str)
     sys.stdout.write("\n")
 
 
 class _ProgressBar:
-    """tqdm bar over the nodes of a run, with the current node's k of n as postfix."""
+    """tqdm bar over the nodes of a run, and a nested bar for the steps inside the current node
+    (sampler steps, checkpoint parts) with their rate."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar: Any = None
+        self.inner: Any = None
 
     def __call__(self, event: Event) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
+        if self.bar is None:
             # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
             self.bar = tqdm(total=event.total, unit="node", file=sys.stderr, dynamic_ncols=True, disable=None)
+        if event.kind == "progress":
+            if self.inner is None or self.inner.total != event.n:
+                self._close_inner()
+                unit = "step" if "Sampler" in event.node_type else "part"
+                self.inner = tqdm(total=event.n, unit=unit, desc=f"  {event.node_id}", position=1, leave=False,
+                                  file=sys.stderr, dynamic_ncols=True, disable=None)
+            self.inner.update(event.k - self.inner.n)
+            return
+        self._close_inner()
         if event.kind in ("done", "cached"):
             self.bar.update(1)
-        label = f"{event.node_id} {event.node_type}"
-        if event.kind == "progress":
-            label += f" {event.k}/{event.n}"
-        self.bar.set_postfix_str(label, refresh=event.kind != "progress" or event.k == event.n)
+        self.bar.set_postfix_str(f"{event.node_id} {event.node_type}")
+
+    def _close_inner(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
 
     def close(self) -> None:
+        self._close_inner()
         if self.bar is not None:
             self.bar.close()
+
+
+class _JsonEvents:
+    """``run --json``: each progress event as one JSON object per line on stderr, as it happens
+    (stdout keeps the one result document)."""
+
+    def __call__(self, event: Event) -> None:
+        sys.stderr.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        pass
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -274,8 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.func is None:
         print(f"ldmgraph: the {args.command!r} command is not available", file=sys.stderr)
         return EXIT_FAILED
+    args.running = None
     try:
-        return int(args.func(args))
+        with _sigterm_as_interrupt():
+            return int(args.func(args))
     except ValidationError as exc:
         if getattr(args, "json", False):
             _print_json(exc.to_dict())
@@ -286,12 +450,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExecutionError as exc:
         _report_failure(args, exc.to_dict(), str(exc))
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        _report_failure(args, {"error": "Cancelled", "message": "interrupted"}, "interrupted")
+    except KeyboardInterrupt as exc:
+        return _report_interrupt(args, exc)
+    except BrokenPipeError:  # `ldmgraph nodes | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     except LdmGraphError as exc:
         _report_failure(args, {"error": type(exc).__name__, "message": str(exc)}, str(exc))
         return EXIT_FAILED
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Handle SIGTERM like SIGINT while a command runs: raise in the main thread, so that
+    ``finally`` blocks remove temporary files and the run stops where it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report_interrupt(args: argparse.Namespace, exc: KeyboardInterrupt) -> int:
+    name, code = ("SIGTERM", EXIT_SIGTERM) if isinstance(exc, Terminated) else ("SIGINT", EXIT_SIGINT)
+    running = getattr(args, "running", None)
+    where = f" while node {running[0]!r} ({running[1]}) was running" if running else ""
+    message = f"interrupted by {name}{where}; the run was cancelled and no partial file was left"
+    payload: dict[str, Any] = {"error": "Interrupted", "signal": name, "message": message}
+    if running:
+        payload.update(node_id=running[0], node_type=running[1])
+    _report_failure(args, payload, message)
+    return code
 
 
 def _report_failure(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:

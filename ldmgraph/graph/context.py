@@ -32,6 +32,9 @@ class Environment:
     output_dir: Path = field(default_factory=lambda: Path("output"))
     model_dirs: tuple[Path, ...] = ()
     device: str | None = None
+    memory_budget: int | None = None  # bytes a run may allocate; None: the machine's available memory, 0: no limit
+    max_image_pixels: int = 64_000_000  # largest input image (width x height) decoded, checked from its header
+    carried_inputs: Path | None = None  # input files carried by a PNG being re-run, searched before input_dir
 
 
 class CancelToken:

@@ -88,3 +88,16 @@ class PluginError(LdmGraphError):
 
 class UnsafePathError(LdmGraphError, ValueError):
     """A file name from a workflow tried to leave its folder (absolute path, ``..``, a link out)."""
+
+
+class NotAFileError(LdmGraphError, ValueError):
+    """A path names a folder, device, FIFO or socket where a regular file is expected."""
+
+
+class FileTooLargeError(LdmGraphError, ValueError):
+    """A file is larger than the bound for its kind (read no further than the bound)."""
+
+
+
+class InputCheckError(LdmGraphError, ValueError):
+    """A node's input, known only at run time (a linked file name), failed the node's own checks."""

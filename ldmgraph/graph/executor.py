@@ -24,7 +24,7 @@ from typing import Any
 
 from .cache import ByteLRU, CacheEntry
 from .context import CancelToken, Environment, NodeContext, RunState
-from .errors import Cancelled, ExecutionError
+from .errors import Cancelled, ExecutionError, InputCheckError
 from .events import Event, EventCallback
 from .node import Node, NodeOutputs
 from .registry import Registry
@@ -227,6 +227,13 @@ class Executor:
                 needed.update(source for _, source, _ in compiled.nodes[node_id].links)
         return [node_id for node_id in compiled.order if node_id in needed], hits
 
+    def _check_deferred(self, node: Any, inputs: dict[str, Any]) -> None:
+        """Validate linked scalar inputs whose values became known only now (a file name from a
+        node that computes it) as validation checks literals, before the node runs."""
+        problems = _deferred_problems(node, inputs, self.env, self.registry)
+        if problems:
+            raise InputCheckError("; ".join(problems))
+
     def _run_node(
         self,
         node: Any,
@@ -254,6 +261,8 @@ class Executor:
                 _, code, message = spec.check_literal(inputs[spec.name], self.registry)
                 if code is not None:
                     raise ValueError(f"input {spec.name!r}: {message}")
+            if node.deferred:
+                self._check_deferred(node, inputs)
             result = instance.run(node.cls.Inputs.model_construct(**inputs), ctx)
             outs = _outputs_dict(node, result)
         except Cancelled as exc:
@@ -268,6 +277,19 @@ class Executor:
         if on_event:
             on_event(Event("done", node_id, type_name, index, total, seconds=time.perf_counter() - started))
         return outs, ctx.files
+
+
+def _deferred_problems(node: Any, inputs: dict[str, Any], env: Environment, registry: Registry) -> list[str]:
+    problems = []
+    for name in node.deferred:
+        _, code, message = node.spec.inputs[name].check_literal(inputs[name], registry)
+        if code is not None:
+            problems.append(f"input {name!r}: [{code}] {message}")
+    if not problems:
+        values = {**node.known, **{name: inputs[name] for name in node.deferred}}
+        for name, code, message in node.cls.check_inputs(values, env):
+            problems.append(f"input {name!r}: [{code}] {message}" if name else f"[{code}] {message}")
+    return problems
 
 
 def _memo_key(doc: Any, overrides: Mapping[str, Any] | None, outputs: list[str] | None) -> bytes | None:

@@ -10,14 +10,15 @@ is a :class:`ValidationError` with code ``bad_document``.
 from __future__ import annotations
 
 import importlib
-import io
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import codes
-from .errors import LdmGraphError, Problem, ValidationError
+from .errors import FileTooLargeError, LdmGraphError, NotAFileError, Problem, ValidationError
+from .files import MAX_INPUT_FILE_BYTES, read_regular_file
 from .workflow import FORMAT, MAX_DOCUMENT_BYTES, decode_json
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -40,9 +41,12 @@ def load_workflow_file(path: str | os.PathLike[str]) -> LoadedWorkflow:
     """Read a workflow file of any accepted kind (see the module docstring)."""
     file = Path(path)
     try:
-        if file.stat().st_size > MAX_DOCUMENT_BYTES:
-            raise _bad(f"{file} is larger than {MAX_DOCUMENT_BYTES} bytes")
-        data = file.read_bytes()
+        data = read_regular_file(file, MAX_INPUT_FILE_BYTES)
+    except NotAFileError as exc:
+        raise ValidationError([Problem(None, None, codes.NOT_A_FILE,
+                                       f"cannot read the workflow: {exc}; name a workflow file")]) from None
+    except FileTooLargeError as exc:
+        raise _bad(f"cannot read the workflow: {exc}") from None
     except OSError as exc:
         raise ValidationError([Problem(None, None, codes.FILE_NOT_FOUND,
                                        f"cannot read workflow file {file}: {exc.strerror or exc}")]) from None
@@ -100,13 +104,9 @@ def convert_comfyui(doc: dict[str, Any], source: str) -> Any:
 
 
 def _from_png(data: bytes, source: str) -> LoadedWorkflow:
-    from PIL import Image  # Pillow is light, but only PNG inputs need it
-
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            text = dict(getattr(image, "text", {}) or {})
-    except Exception as exc:  # noqa: BLE001 - any decoding failure of a user file
+        text = png_text_chunks(data)
+    except ValueError as exc:
         raise _bad(f"{source}: cannot read the PNG: {exc}") from None
     if PNG_WORKFLOW_KEY in text:
         doc = decode_json(text[PNG_WORKFLOW_KEY], f"{source} ({PNG_WORKFLOW_KEY})")
@@ -117,6 +117,59 @@ def _from_png(data: bytes, source: str) -> LoadedWorkflow:
             doc = decode_json(text[key], f"{source} ({key})")
             return LoadedWorkflow(convert_comfyui(doc, source), kind, source)
     raise _bad(f"{source} is a PNG without an embedded workflow (no '{PNG_WORKFLOW_KEY}' or 'prompt' text chunk)")
+
+
+def png_text_chunks(data: bytes) -> dict[str, str]:
+    """The text chunks (tEXt, zTXt, iTXt) of a PNG, read without decoding any pixels.
+
+    PNG specification (ISO/IEC 15948), sections 5.3 (chunk layout: length, type, data, CRC) and
+    11.3.4 (textual chunks). Compressed text is inflated no further than the document bound, so a
+    small file cannot expand into gigabytes. Raises ``ValueError`` for a malformed file.
+    """
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    text: dict[str, str] = {}
+    pos = len(PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        if len(body) != length:
+            raise ValueError("the file is truncated")
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            key, value = _text_chunk(kind, body)
+            text.setdefault(key, value)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    return text
+
+
+def _text_chunk(kind: bytes, body: bytes) -> tuple[str, str]:
+    key, sep, rest = body.partition(b"\x00")
+    if not sep:
+        raise ValueError(f"a {kind.decode()} chunk has no keyword")
+    if kind == b"tEXt":
+        return key.decode("latin-1"), rest.decode("latin-1")
+    if kind == b"zTXt":
+        return key.decode("latin-1"), _inflate(rest[1:]).decode("latin-1")
+    compressed = rest[:1] == b"\x01"
+    _language, _, rest = rest[2:].partition(b"\x00")
+    _translated, _, value = rest.partition(b"\x00")
+    try:
+        return key.decode("latin-1"), (_inflate(value) if compressed else value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("an iTXt chunk is not UTF-8") from None
+
+
+def _inflate(data: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, MAX_DOCUMENT_BYTES + 1)
+    except zlib.error as exc:
+        raise ValueError(f"a compressed text chunk is corrupt ({exc})") from None
+    if len(out) > MAX_DOCUMENT_BYTES:
+        raise ValueError(f"a compressed text chunk inflates to more than {MAX_DOCUMENT_BYTES} bytes")
+    return out
 
 
 def _bad(message: str) -> ValidationError:

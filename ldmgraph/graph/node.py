@@ -36,10 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticUndefined
 
 from . import codes
-from .sockets import ENUM, Socket
+from .sockets import ENUM, InvalidTextError, Socket
 
 if TYPE_CHECKING:
     from .context import Environment, NodeContext
+    from .estimate import Estimate
     from .registry import Registry
 
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+].*)?$")
@@ -152,6 +153,8 @@ class InputSpec:
             return None, None, ""
         try:
             value = self.socket.coerce(value)
+        except InvalidTextError as exc:
+            return value, codes.INVALID_TEXT, f"{exc}; fix or remove that character"
         except TypeError as exc:
             return value, codes.WRONG_TYPE, f"{exc}; give a {self.socket.name} literal"
         choices = self.allowed_choices(registry)
@@ -172,7 +175,7 @@ class InputSpec:
         if self.multiple_of:
             ratio = value / self.multiple_of
             if not math.isclose(ratio, round(ratio), rel_tol=0, abs_tol=1e-9):
-                return codes.OUT_OF_BOUNDS, f"{value} is not a multiple of {self.multiple_of}"
+                return codes.OUT_OF_BOUNDS, f"{_short_number(value)} is not a multiple of {self.multiple_of}"
         return None, ""
 
     def describe(self, registry: Registry | None) -> dict[str, Any]:
@@ -255,7 +258,10 @@ class Node:
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
         """Extra validation before anything runs, e.g. that a named file exists.
 
-        Returns ``(input name or None, problem code, message)`` triples. Only literal inputs are given.
+        Returns ``(input name or None, problem code, message)`` triples. ``literals`` holds the
+        literal inputs and the linked scalar inputs whose values validation knows (from constant
+        nodes); a linked input whose value only the run knows is absent at validation, and this is
+        called again with it just before the node runs, so look inputs up with ``.get``.
         """
         return []
 
@@ -268,8 +274,27 @@ class Node:
         return cls.deterministic
 
     @classmethod
+    def constant_outputs(cls, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """The outputs, when they are known from the inputs before running (None = not known).
+
+        Constant nodes (String, Int, ...) return their value, so that validation checks what
+        they feed (a file name, a bound) as it checks a literal.
+        """
+        return None
+
+    @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
         """Extra cache-key material beyond the inputs, e.g. a file's size and mtime (None = none)."""
+        return None
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        """What running this node will allocate, known before it runs (None: nothing worth counting).
+
+        ``inputs`` holds the literals and, for each linked input, what the upstream node's estimate
+        said about that output (a :class:`~ldmgraph.graph.estimate.Shape`, a model summary, ...;
+        None when unknown). Validation sums the figures and refuses a workflow over its budget.
+        """
         return None
 
 
@@ -325,6 +350,9 @@ def _marker(metadata: list[Any], where: str) -> _SocketMarker:
 
 
 def _short_number(value: float) -> str:
+    """A number for a message; never ``str`` of a huge int (Python refuses past 4,300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"{'-' if value < 0 else ''}an integer of about {int(value.bit_length() * 0.30103):,} digits"
     text = str(value)
     return text if len(text) <= 24 else f"{text[:10]}...({len(text)} digits)"
 

@@ -16,6 +16,10 @@ import math
 from typing import Any, ClassVar
 
 
+class InvalidTextError(TypeError):
+    """A text literal that is not valid Unicode (a lone surrogate): no file or terminal takes it."""
+
+
 class Socket:
     """Base of every socket type. ``name`` is what workflow tools and ``ldmgraph nodes`` show."""
 
@@ -109,7 +113,7 @@ class FLOAT(Socket):
         try:
             result = float(value)
         except OverflowError as exc:
-            raise TypeError(f"number {value} is too large for a float") from exc
+            raise TypeError(f"{_describe(value)} is too large for a float") from exc
         if not math.isfinite(result):
             raise TypeError(f"expected a finite number, got {value}")
         return result
@@ -126,6 +130,12 @@ class STRING(Socket):
     def coerce(cls, value: Any) -> str:
         if not isinstance(value, str):
             raise TypeError(f"expected a string, got {_describe(value)}")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidTextError(f"the text {_describe(value)} is not valid Unicode (a lone surrogate "
+                                       f"at position {exc.start})") from None
         return value
 
 
@@ -165,7 +175,13 @@ BUILTIN_SOCKETS: tuple[type[Socket], ...] = (
 
 def _describe(value: Any) -> str:
     """Short description of a value for error messages (never a huge repr)."""
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"int of about {int(value.bit_length() * 0.30103):,} digits"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a repr of arbitrary API data may fail
+        text = "<unprintable>"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{type(value).__name__} {text}"

@@ -15,6 +15,7 @@ from typing import Any
 from . import codes
 from .context import Environment
 from .errors import Problem, ValidationError
+from .estimate import estimate_workflow
 from .node import InputSpec, Node, NodeSpec
 from .registry import Registry
 from .sockets import ENUM
@@ -31,9 +32,14 @@ class CompiledNode:
     spec: NodeSpec
     literals: dict[str, Any]  # canonical literal values, defaults included
     links: list[tuple[str, str, str]]  # (input name, source node id, source output name)
-    static_key: bytes  # hash of type, version, literals and the node's fingerprint
+    static_key: bytes = b""  # hash of type, version, literals and the node's fingerprint
     deterministic: bool = True
     enum_checks: list[InputSpec] = field(default_factory=list)  # ENUM inputs fed by a STRING link
+    # literals plus the values of links from constant nodes (String, Int, ...): what check_inputs
+    # and fingerprint see at validation
+    known: dict[str, Any] = field(default_factory=dict)
+    # linked scalar inputs whose values are only known at run time: check_inputs runs again then
+    deferred: tuple[str, ...] = ()
 
 
 @dataclass
@@ -47,6 +53,7 @@ class CompiledWorkflow:
     parameters: dict[str, Any]  # every declared parameter's value (override or current literal)
     overrides: dict[str, Any]
     env_dependent: list[str] = field(default_factory=list)  # nodes with file checks or fingerprints
+    warnings: list[Problem] = field(default_factory=list)  # worth saying, not worth refusing (model limits)
 
     def to_networkx(self) -> Any:
         """The needed part of the workflow as a ``networkx.DiGraph`` (edge: source -> consumer)."""
@@ -83,13 +90,21 @@ def validate_workflow(
     order, on_cycles = topological_order(graph)
     if on_cycles:
         checker.report_cycles(graph.subgraph(on_cycles))
+    constants: dict[str, dict[str, Any]] = {}
+    for node_id in order:
+        if node_id in compiled and not checker.check_environment(compiled[node_id], constants):
+            del compiled[node_id]
     wanted = checker.check_outputs(outputs if outputs is not None else workflow.outputs)
     if checker.problems:
         raise ValidationError(checker.problems)
     needed = ancestors_and_self(graph, wanted)
     order = [node_id for node_id in order if node_id in needed]
     env_dependent = [n for n in order if _depends_on_env(compiled[n].cls)]
-    return CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent)
+    result = CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent)
+    over_budget, result.warnings = estimate_workflow(result, env)
+    if over_budget:
+        raise ValidationError(over_budget)
+    return result
 
 
 def recheck_environment(compiled: CompiledWorkflow, env: Environment) -> CompiledWorkflow:
@@ -102,8 +117,8 @@ def recheck_environment(compiled: CompiledWorkflow, env: Environment) -> Compile
     for node_id in compiled.env_dependent:
         node = nodes[node_id]
         try:
-            found = node.cls.check_inputs(node.literals, env)
-            key = _static_key(node.cls, node.literals, env) if not found else node.static_key
+            found = node.cls.check_inputs(node.known, env)
+            key = _static_key(node.cls, node.literals, node.known, env) if not found else node.static_key
         except Exception as exc:  # noqa: BLE001 - as in check_node
             found = [(None, codes.CHECK_FAILED, f"could not check its inputs: {type(exc).__name__}: {exc}")]
         problems += [Problem(node_id, name, code, message) for name, code, message in found]
@@ -176,7 +191,7 @@ class _Checker:
             return entry.inputs.get(input_name, spec.default)
         value, code, message = spec.check_literal(overrides[name], self.registry)
         if code is not None:
-            self.add(node_id, input_name, codes.BAD_PARAMETER, f"value of parameter {name!r}: {message}")
+            self.add(node_id, input_name, code, f"value of parameter {name!r}: {message}")
             return _INVALID
         return value
 
@@ -223,19 +238,55 @@ class _Checker:
             if code is not None:
                 self.add(node_id, name, code, message)
             literals[name] = canonical
-        if len(self.problems) == before:
-            try:
-                for input_name, code, message in cls.check_inputs(literals, self.env):
-                    self.add(node_id, input_name, code, message)
-                if len(self.problems) == before:
-                    key = _static_key(cls, literals, self.env)
-                    deterministic = cls.is_deterministic(literals)
-            except Exception as exc:  # noqa: BLE001 - a plugin's check must not crash validation
-                self.add(node_id, None, codes.CHECK_FAILED,
-                         f"{spec.type_name} could not check its inputs: {type(exc).__name__}: {exc}")
         if len(self.problems) != before:
             return None
-        return CompiledNode(node_id, cls, spec, literals, links, key, deterministic, enum_checks)
+        return CompiledNode(node_id, cls, spec, literals, links, enum_checks=enum_checks)
+
+    def check_environment(self, node: CompiledNode, constants: dict[str, dict[str, Any]]) -> bool:
+        """The node's own checks (files, names) on its literals and on the values of links from
+        constant nodes, then its cache-key material; called in topological order so that
+        ``constants`` holds the outputs of every constant node upstream. False if problems."""
+        before = len(self.problems)
+        node.known, deferred = self._known_inputs(node, constants)
+        cls = node.cls
+        try:
+            if len(self.problems) == before:
+                for input_name, code, message in cls.check_inputs(node.known, self.env):
+                    self.add(node.node_id, input_name, code, message)
+            if len(self.problems) == before:
+                node.static_key = _static_key(cls, node.literals, node.known, self.env)
+                node.deterministic = cls.is_deterministic(node.literals)
+                if deferred and _depends_on_env(cls):
+                    node.deferred = tuple(deferred)
+                    node.deterministic = False  # a file named at run time may change between runs
+                if not deferred:
+                    outputs = cls.constant_outputs(node.known)
+                    if outputs is not None:
+                        constants[node.node_id] = outputs
+        except Exception as exc:  # noqa: BLE001 - a plugin's check must not crash validation
+            self.add(node.node_id, None, codes.CHECK_FAILED,
+                     f"{cls.type_name} could not check its inputs: {type(exc).__name__}: {_text(exc)}")
+        return len(self.problems) == before
+
+    def _known_inputs(
+        self, node: CompiledNode, constants: dict[str, dict[str, Any]]
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Literals plus linked scalar values from constant nodes (checked like literals), and the
+        names of linked scalar inputs whose values only the run will know."""
+        known = dict(node.literals)
+        deferred: list[str] = []
+        for input_name, source, output in node.links:
+            ispec = node.spec.inputs[input_name]
+            if not ispec.socket.literal:
+                continue
+            if source not in constants or output not in constants[source]:
+                deferred.append(input_name)
+                continue
+            value, code, message = ispec.check_literal(constants[source][output], self.registry)
+            if code is not None:
+                self.add(node.node_id, input_name, code, f"the value from node {source!r}: {message}")
+            known[input_name] = value
+        return known, deferred
 
     def _source_socket(self, link: Link) -> type:
         cls = self.registry.node(self.workflow.nodes[link.node].type)
@@ -304,7 +355,15 @@ class _Checker:
 _INVALID = object()
 
 
-def _static_key(cls: type[Node], literals: dict[str, Any], env: Environment) -> bytes:
+def _text(exc: BaseException) -> str:
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 - str() of a plugin's exception may fail
+        text = "<unprintable>"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:500]
+
+
+def _static_key(cls: type[Node], literals: dict[str, Any], known: dict[str, Any], env: Environment) -> bytes:
     """Hash of what a node's result depends on besides its upstream values.
 
     ``literals`` is in the declaration order of the node's inputs and holds canonical values
@@ -313,7 +372,8 @@ def _static_key(cls: type[Node], literals: dict[str, Any], env: Environment) -> 
     """
     payload = repr((cls.type_name, cls.version, tuple(literals.items())))
     digest = hashlib.blake2b(payload.encode("utf-8", "surrogatepass"), digest_size=16)
-    extra = cls.fingerprint(literals, env) if cls.fingerprint.__func__ is not _BASE_FINGERPRINT else None  # type: ignore[attr-defined]
+    custom = cls.fingerprint.__func__ is not _BASE_FINGERPRINT  # type: ignore[attr-defined]
+    extra = cls.fingerprint(known, env) if custom else None
     if extra is not None:
         digest.update(b"\x00" + extra.encode("utf-8", "surrogatepass"))
     return digest.digest()
@@ -321,3 +381,23 @@ def _static_key(cls: type[Node], literals: dict[str, Any], env: Environment) -> 
 
 _BASE_FINGERPRINT = Node.fingerprint.__func__  # type: ignore[attr-defined]
 _BASE_CHECK_INPUTS = Node.check_inputs.__func__  # type: ignore[attr-defined]
+
+
+def describe_parameters(workflow: Workflow, registry: Registry) -> dict[str, dict[str, Any]]:
+    """What ``ldmgraph params`` lists: each declared parameter's type, current value, bounds,
+    choices and help (from the input it targets first), and every input it sets."""
+    listing: dict[str, dict[str, Any]] = {}
+    for name, param in workflow.parameters.items():
+        entry: dict[str, Any] = {"type": "?", "targets": [f"{t.node}.{t.input}" for t in param.targets]}
+        target = param.targets[0]
+        node = workflow.nodes.get(target.node)
+        cls = registry.node(node.type) if node is not None else None
+        spec = cls.spec.inputs.get(target.input) if cls is not None else None
+        if node is not None and spec is not None:
+            described = spec.describe(registry)
+            given = node.inputs.get(target.input, spec.default)
+            entry.update({k: v for k, v in described.items() if k not in ("required", "default")})
+            entry["value"] = None if isinstance(given, Link) else given
+        entry["description"] = param.description or entry.get("description", "")
+        listing[name] = entry
+    return listing

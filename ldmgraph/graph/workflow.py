@@ -18,6 +18,9 @@ from .errors import Problem, ValidationError
 
 FORMAT = "ldmgraph/1"
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 64  # containers inside containers, counted from the document itself
+MAX_INT_BITS = 13_000  # about 3,900 digits: Python refuses to print ints of more than 4,300
+MAX_SCAN_PROBLEMS = 20
 
 
 class Link(BaseModel):
@@ -88,6 +91,9 @@ def parse_workflow(doc: Any) -> Workflow:
     if doc.get("format") != FORMAT:
         raise _bad(f'"format" must be "{FORMAT}" (got {_short(doc.get("format"))}); is this a ComfyUI file? '
                    "`ldmgraph run` converts those automatically")
+    problems = scan_document(doc)
+    if problems:
+        raise ValidationError(problems)
     try:
         return Workflow.model_validate(doc)
     except PydanticValidationError as exc:
@@ -101,6 +107,69 @@ def parse_workflow(doc: Any) -> Workflow:
         raise ValidationError(problems) from None
     except (RecursionError, ValueError, TypeError) as exc:
         raise _bad(f"the document cannot be read: {type(exc).__name__}") from None
+
+
+def scan_document(doc: Any) -> list[Problem]:
+    """What no part of a document may hold, found in one iterative pass (no recursion):
+    text that is not valid Unicode (a lone surrogate, which no file or terminal can take),
+    nesting deeper than ``MAX_DEPTH`` and integers too long to print."""
+    problems: list[Problem] = []
+    stack: list[tuple[Any, int, tuple[str, ...]]] = [(doc, 0, ())]
+    while stack and len(problems) < MAX_SCAN_PROBLEMS:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _is_unicode(value):
+                problems.append(_located(path, codes.INVALID_TEXT, f"the text {_escaped(value)} is not valid "
+                                         "Unicode (it holds a lone surrogate); fix or remove that character"))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if value.bit_length() > MAX_INT_BITS:
+                problems.append(_located(path, codes.BAD_DOCUMENT, f"an integer of about {_digits(value)} "
+                                         "digits is too long for any input; give a shorter number"))
+        elif isinstance(value, dict | list | tuple):
+            if depth >= MAX_DEPTH:
+                problems.append(_located(path, codes.TOO_DEEP, f"values are nested more than {MAX_DEPTH} "
+                                         "levels deep; flatten them"))
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and not key.isascii() and not _is_unicode(key):
+                    problems.append(_located(path, codes.INVALID_TEXT, f"the name {_escaped(key)} is not valid "
+                                             "Unicode (it holds a lone surrogate); rename it"))
+                stack.append((item, depth + 1, path + (_part(key),) if len(path) < 4 else path))
+    return problems
+
+
+def _part(key: Any) -> str:
+    if isinstance(key, str) and key.isascii() and len(key) <= 40:
+        return key
+    return _escaped(key)[1:-1]
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(value: Any) -> str:
+    """A quoted form of a key or text that any terminal or JSON encoder can print."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return "'" + text.encode("utf-8", "backslashreplace").decode("utf-8") + "'"
+
+
+def _digits(value: int) -> str:
+    return f"{int(value.bit_length() * 0.30103):,}"
+
+
+def _located(path: tuple[str, ...], code: str, message: str) -> Problem:
+    node_id = path[1] if len(path) > 1 and path[0] == "nodes" else None
+    input_name = path[3] if len(path) > 3 and path[2] == "inputs" else None
+    where = "" if node_id is not None else f"at {'.'.join(path) or 'top level'}: "
+    return Problem(node_id, input_name, code, where + message)
 
 
 def decode_json(text: str | bytes, source: str = "workflow") -> Any:

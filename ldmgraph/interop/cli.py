@@ -14,17 +14,27 @@ from typing import Any
 
 
 def read_comfyui_file(path: Path) -> dict[str, Any]:
-    """The graph in a ComfyUI file: JSON as it is, or a PNG's `prompt` (else `workflow`) text chunk."""
-    if path.suffix.lower() == ".png":
-        from PIL import Image
+    """The graph in a ComfyUI file: JSON as it is, or a PNG's `prompt` (else `workflow`) text chunk.
 
-        with Image.open(path) as image:
-            chunks = dict(getattr(image, "text", {}) or image.info)
+    Only a regular file is read, and no further than a bound (a FIFO or `/dev/zero` is a
+    ``ValueError``); a PNG's text chunks are read without decoding its pixels.
+    """
+    from ldmgraph.graph.files import read_regular_file
+    from ldmgraph.graph.loading import PNG_SIGNATURE, png_text_chunks
+    from ldmgraph.graph.workflow import decode_json
+
+    data = read_regular_file(path)
+    if data.startswith(PNG_SIGNATURE):
+        chunks = png_text_chunks(data)
         for key in ("prompt", "workflow"):
             if isinstance(chunks.get(key), str):
-                return json.loads(chunks[key])
+                return decode_json(chunks[key], f"{path} ({key})")
         raise ValueError(f"{path}: the PNG has no ComfyUI 'prompt' or 'workflow' text chunk")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is neither UTF-8 JSON nor a PNG") from None
+    return decode_json(text, str(path))
 
 
 def _handle(args: argparse.Namespace) -> int:

@@ -45,8 +45,10 @@ from ldmgraph.models.files import (
     StateDict,
     UnexpectedKeysError,
     UnknownArchitectureError,
+    WeightMismatchError,
     read_state_dict,
 )
+from ldmgraph.models.header import inspect_model
 
 __all__ = [
     "CLIP_PREFIX", "OPENCLIP_PREFIX", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "UNET_PREFIX", "VAE_PREFIX",
@@ -90,19 +92,23 @@ def assign_weights(
     wanted = {k: v for k, v in weights.items() if not any(p.search(k) for p in patterns)}
     if dtype is not None:
         wanted = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in wanted.items()}
-    expected = set(module.state_dict().keys())
-    missing = sorted(expected - set(wanted))
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(wanted))
     if missing:
         raise MissingKeysError(path, component, missing)
-    unexpected = sorted(set(wanted) - expected)
+    unexpected = sorted(set(wanted) - set(expected))
     if unexpected:
         raise UnexpectedKeysError(path, component, unexpected)
+    mismatched = [(k, list(v.shape), list(expected[k].shape)) for k, v in wanted.items()
+                  if v.shape != expected[k].shape]
+    if mismatched:  # named here in a few lines, not by load_state_dict's one line per tensor
+        raise WeightMismatchError(path, component, mismatched)
     try:
         module.load_state_dict(wanted, strict=True, assign=True)
-    except RuntimeError as exc:  # shape mismatches
+    except RuntimeError as exc:
         raise UnknownArchitectureError(
-            path, f"{component}: weights do not fit the detected architecture: {exc}"
-        ) from exc
+            path, f"{component}: weights do not fit the detected architecture: {str(exc)[:300]}"
+        ) from None
     _rebuild_meta_buffers(module, path, component)
     return module.eval().requires_grad_(False)
 
@@ -171,13 +177,15 @@ def load_checkpoint(
     prediction_type: str | None = None,
     allow_pickle: bool = False,
     text_encoder: bool = True,
+    progress: Any = None,
 ) -> Any:
     """Load a whole checkpoint (single file, bundled, or diffusers folder) into a `Checkpoint` of handles.
 
     `cache` (a `ModelCache`) shares the result with every caller asking for the same file and
     options. `dtype` None keeps the file's dtypes (no copy); a dtype converts the floating weights.
     `prediction_type` overrides the detected one (needed for SD 2.x 768-v files, see the module
-    docstring). `text_encoder=False` skips the text encoder.
+    docstring). `text_encoder=False` skips the text encoder. `progress(k, n)`, if given, is called
+    as the parts are read (header, U-Net, autoencoder, text encoder); not at all on a cache hit.
     """
     torch_dtype = _torch_dtype(dtype)
     key = (
@@ -193,7 +201,7 @@ def load_checkpoint(
         cache,
         key,
         lambda: _load_checkpoint(
-            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder
+            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder, progress
         ),
     )
 
@@ -206,9 +214,14 @@ def _load_checkpoint(
     prediction_type: str | None,
     allow_pickle: bool,
     with_text: bool,
+    progress: Any = None,
 ) -> Any:
     from ldmgraph.models.handles import Checkpoint
 
+    report = progress or (lambda k, n: None)
+    report(0, 4)
+    if not allow_pickle:
+        inspect_model(path)  # the header's checks: one typed error naming the file and the cause
     if path.is_dir():
         from ldmgraph.models.diffusers_folder import load_diffusers_folder
 
@@ -222,9 +235,13 @@ def _load_checkpoint(
         )
     state = read_state_dict(path, allow_pickle=allow_pickle)
     info = detect(state, prediction_type=prediction_type)
+    report(1, 4)
     unet = unet_handle(state.sub(UNET_PREFIX), info, dtype)
+    report(2, 4)
     vae = vae_handle(state.sub(VAE_PREFIX), info, dtype) if info.vae else None
+    report(3, 4)
     text = _text_encoder(state, info, cache, dtype, device) if with_text and info.text_encoder else None
+    report(4, 4)
     return Checkpoint(unet=unet, vae=vae, text_encoder=text, info=info).to(device)
 
 
@@ -318,6 +335,8 @@ def _load_vae(
     scale_factor: float | None,
     allow_pickle: bool,
 ) -> Any:
+    if not allow_pickle:
+        inspect_model(path, need_unet=False)
     if path.is_dir():
         from ldmgraph.models.diffusers_folder import load_diffusers_vae
 
@@ -380,6 +399,8 @@ def load_text_encoder(
 def _load_text_encoder(
     path: Path, cache: Any, dtype: torch.dtype | None, device: str | torch.device, allow_pickle: bool
 ) -> Any:
+    if not allow_pickle:
+        inspect_model(path, need_unet=False)
     if path.is_dir():
         from ldmgraph.models.diffusers_folder import load_diffusers_text_encoder
 

@@ -15,7 +15,19 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ldmgraph.graph.errors import LdmGraphError
+from ldmgraph.models.errors import (  # noqa: F401 - re-exported: the model layer's errors live there
+    BadMetadataError,
+    BadWeightError,
+    CorruptCheckpointError,
+    MissingKeysError,
+    ModelError,
+    ModelFileNotFoundError,
+    PickleRefusedError,
+    UnexpectedKeysError,
+    UnknownArchitectureError,
+    WeightMismatchError,
+    convert_hint,
+)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -26,71 +38,6 @@ OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2 OpenCLIP
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
-
-
-# --- errors -----------------------------------------------------------------------------------
-
-
-class ModelError(LdmGraphError):
-    """A model file cannot be used; `path` names it and the message says how to fix it."""
-
-    def __init__(self, path: str | Path, message: str) -> None:
-        self.path = str(path)
-        super().__init__(f"{self.path}: {message}")
-
-
-class ModelFileNotFoundError(ModelError, FileNotFoundError):
-    """The file or folder does not exist."""
-
-
-class CorruptCheckpointError(ModelError):
-    """The file is truncated, damaged or not in the format its name says."""
-
-
-class PickleRefusedError(ModelError):
-    """A pickled checkpoint was given without `allow_pickle=True`."""
-
-
-class MissingKeysError(ModelError):
-    """The detected architecture needs weights the file does not have."""
-
-    def __init__(self, path: str | Path, component: str, keys: list[str]) -> None:
-        self.component, self.keys = component, list(keys)
-        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-        super().__init__(
-            path,
-            f"{component}: {len(keys)} weight(s) missing ({shown}); the file is incomplete or of another "
-            "architecture: re-export it, or pass the matching config",
-        )
-
-
-class UnexpectedKeysError(ModelError):
-    """The file has weights that the detected architecture does not use."""
-
-    def __init__(self, path: str | Path, component: str, keys: list[str]) -> None:
-        self.component, self.keys = component, list(keys)
-        shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-        super().__init__(
-            path,
-            f"{component}: {len(keys)} unexpected weight(s) ({shown}); the detected architecture does "
-            "not match the file: report it with the key list",
-        )
-
-
-class UnknownArchitectureError(ModelError):
-    """The keys match no architecture that ldmgraph knows."""
-
-
-def convert_hint(path: Path) -> str:
-    return (
-        "pickled checkpoints can run code when loaded and are refused. Convert it once to safetensors:\n"
-        '  python -c "import torch, safetensors.torch as st; '
-        f"sd = torch.load('{path.name}', map_location='cpu', weights_only=True); "
-        "sd = sd.get('state_dict', sd); "
-        "st.save_file({k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}, "
-        f"'{path.stem}.safetensors')\"\n"
-        "or pass allow_pickle=True to load it with torch.load(weights_only=True)"
-    )
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ imports torchvision).
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import hashlib
 import html
@@ -23,6 +24,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -104,16 +106,26 @@ def _cache_root() -> Path:
     return Path(base)
 
 
+@lru_cache(maxsize=1)
+def _private_fallback() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="ldmgraph-cache-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def clip_tokenizer_folder() -> Path:
     """A folder with vocab.json/merges.txt derived from the installed vocabulary (made once, then reused).
 
     The folder name carries a hash of the source file, so a different vocabulary never reuses stale
     files; it is written to a temporary sibling and renamed, so a crash leaves no half-written folder.
-    Falls back to a temporary directory when the cache folder is not writable.
+    Falls back to a private temporary folder of this process (``mkdtemp``: a new name, mode 0700,
+    removed at exit) when the cache folder is not writable; never a fixed name in the shared
+    temporary folder, where another user could plant a link or files.
     """
     bpe = clip_bpe_path()
     digest = hashlib.sha256(bpe.read_bytes()).hexdigest()[:16]
-    for root in (_cache_root(), Path(tempfile.gettempdir()) / "ldmgraph-cache"):
+    for use_cache in (True, False):
+        root = _cache_root() if use_cache else _private_fallback()
         target = root / f"clip-bpe-{digest}"
         if (target / "merges.txt").is_file():
             return target

@@ -45,13 +45,19 @@ class TimestepEmbedSequential(nn.Sequential):
     to attention blocks (original `TimestepEmbedSequential`; its children are keys `.0`, `.1`, ...)."""
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer | AttentionBlock):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -84,8 +90,13 @@ class Upsample(nn.Module):
         if use_conv:
             self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """``size``: the skip connection's height and width, which an odd size makes other than 2x
+        (then nearest-neighbour resizing to it, as diffusers' ``upsample_size``)."""
+        if size is not None and tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
@@ -348,5 +359,6 @@ class UNetModel(nn.Module):
             hs.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
-            h = module(torch.cat([h, hs.pop()], dim=1), emb, context)
+            skip = hs.pop()
+            h = module(torch.cat([h, skip], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
         return self.out(h).type(x.dtype)

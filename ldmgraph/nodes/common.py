@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from ldmgraph.graph import codes
 from ldmgraph.graph.errors import LdmGraphError, UnsafePathError
-from ldmgraph.graph.files import safe_join
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -43,7 +42,13 @@ def available_models(model_dirs: tuple[Path, ...] | list[Path]) -> list[str]:
         folder = Path(folder)
         if not folder.is_dir():
             continue
-        for root, dirs, files in os.walk(folder):
+        seen: set[str] = set()
+        for root, dirs, files in os.walk(folder, followlinks=True):  # models may be links to another disk
+            real = os.path.realpath(root)
+            if real in seen:  # a link loop
+                dirs.clear()
+                continue
+            seen.add(real)
             rel = Path(root).relative_to(folder)
             if "model_index.json" in files:
                 names.append(rel.as_posix())
@@ -61,7 +66,7 @@ def find_model(name: str, model_dirs: tuple[Path, ...] | list[Path]) -> Path:
     """
     for folder in model_dirs:
         for candidate in (name, f"{name}.safetensors"):
-            path = safe_join(folder, candidate)
+            path = model_join(folder, candidate)
             if path.is_file() or (path / "model_index.json").is_file():
                 return path
     found = available_models(model_dirs)
@@ -73,17 +78,57 @@ def find_model(name: str, model_dirs: tuple[Path, ...] | list[Path]) -> Path:
     )
 
 
-def check_model_name(name: Any, env: Environment) -> list[tuple[str, str, str]]:
-    """Validation-time check of a model-name literal: one (code, message) pair per problem."""
+def model_join(folder: str | os.PathLike[str], name: str) -> Path:
+    """A model name inside its folder: absolute names and `..` are refused, symbolic links followed.
+
+    Unlike input and output files, model folders are the user's own, and models linked in from
+    another disk are a common set-up, so a link leading out of the folder is not refused here.
+    """
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UnsafePathError(f"invalid model name {name!r}")
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise UnsafePathError(f"model name {name!r} must be relative to its model folder")
+    if ".." in name.replace("\\", "/").split("/"):
+        raise UnsafePathError(f"model name {name!r} may not contain '..'")
+    return Path(folder) / name
+
+
+def check_model_name(name: Any, env: Environment, *, need_unet: bool = False) -> list[tuple[str, str]]:
+    """Validation-time check of a model-name literal: one (code, message) pair per problem.
+
+    The file's header is read (no weights): a pickle, a damaged file or a broken configuration is
+    reported here, before anything runs, with the same message the loader would give.
+    """
+    from ldmgraph.models.errors import ModelError, PickleRefusedError
+    from ldmgraph.models.header import inspect_model
+
     if not isinstance(name, str):
         return []
     try:
-        find_model(name, env.model_dirs)
+        path = find_model(name, env.model_dirs)
     except UnsafePathError as error:
         return [(codes.UNSAFE_PATH, f"{error}: name a file inside the model folders")]
     except FileNotFoundError as error:
         return [(codes.FILE_NOT_FOUND, str(error))]
+    try:
+        inspect_model(path, need_unet=need_unet)
+    except PickleRefusedError as error:
+        return [(codes.PICKLE_CHECKPOINT, str(error))]
+    except ModelError as error:
+        return [(codes.BAD_MODEL, f"{type(error).__name__}: {error}")]
+    except OSError as error:
+        return [(codes.BAD_MODEL, f"cannot read {path}: {error.strerror or error}")]
     return []
+
+
+def model_summary(name: Any, env: Environment, *, need_unet: bool = False) -> Any:
+    """The header summary (`ldmgraph.models.header.ModelSummary`) of a named model, or None."""
+    from ldmgraph.models.header import inspect_model
+
+    try:
+        return inspect_model(find_model(str(name), env.model_dirs), need_unet=need_unet)
+    except (OSError, LdmGraphError):
+        return None
 
 
 def model_fingerprint(name: Any, env: Environment) -> str | None:
@@ -104,6 +149,52 @@ def model_cache(ctx: NodeContext) -> Any:
 
 
 # --- devices ----------------------------------------------------------------------------------
+
+
+def device_problem(choice: str | None) -> str | None:
+    """Why a device cannot be used on this machine, decided without importing torch (None: usable).
+
+    CUDA needs a torch build with CUDA (its `torch/version.py` names a CUDA version) and an NVIDIA
+    driver with a device; MPS needs an Apple-silicon Mac.
+    """
+    if not choice or choice == "auto":
+        return None
+    kind = choice.split(":")[0]
+    if kind == "cpu":
+        return None
+    if kind == "cuda":
+        if not _torch_built_with_cuda():
+            return f"device {choice!r} was asked for but the installed torch has no CUDA support; use 'auto' or 'cpu'"
+        if not (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+                or os.name == "nt"):
+            return f"device {choice!r} was asked for but this machine has no NVIDIA GPU; use 'auto' or 'cpu'"
+        return None
+    if kind == "mps":
+        import platform
+        import sys
+
+        if sys.platform != "darwin" or platform.machine() != "arm64":
+            return f"device {choice!r} was asked for but MPS needs an Apple-silicon Mac; use 'auto' or 'cpu'"
+        return None
+    return f"unknown device {choice!r}; use auto, cpu, cuda, cuda:N or mps"
+
+
+def _torch_built_with_cuda() -> bool:
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    version = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    try:
+        match = re.search(r"^cuda[^=]*=\s*(.+)$", version.read_text(encoding="utf-8"), re.MULTILINE)
+    except OSError:
+        return True  # cannot tell: leave it to the run
+    return bool(match) and match.group(1).strip() not in ("None", "''", '""')
 
 
 def pick_device(choice: str, ctx: NodeContext) -> str:

@@ -18,10 +18,12 @@ from dataclasses import replace
 from typing import Any
 
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph.context import Environment
+from ldmgraph.graph.estimate import Estimate, Shape
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import BOOLEAN, CONDITIONING, ENUM, IMAGE, INT, LATENT, MASK, VAE
 from ldmgraph.nodes.common import check_mask_size, image_to_torch, mask_to_torch
-from ldmgraph.nodes.latent import encode_pixels
+from ldmgraph.nodes.latent import encode_estimate, encode_pixels
 
 
 class SuperResolutionConditioning(Node):
@@ -84,6 +86,19 @@ class SuperResolutionConditioning(Node):
             samples = torch.zeros(batch, vae.latent_channels, h, w)
         return self.Outputs(positive=positive, negative=negative, latent=Latent(samples=samples))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        from ldmgraph.models.memory import vae_encode_bytes
+
+        image, vae, k = inputs.get("image"), inputs.get("vae"), inputs["scale_by"]
+        if not isinstance(image, Shape) or getattr(vae, "vae", None) is None:
+            return None
+        f, height, width = vae.downscale, image.height * k, image.width * k
+        latent = Shape(image.batch, int(vae.vae["embed_dim"]), height // f, width // f)
+        concat = Shape(image.batch, 3, height // f, width // f)
+        works = vae_encode_bytes(vae.vae, image.batch, height, width) if inputs["start"] == "bicubic" else 0
+        return Estimate(keeps=latent.nbytes + 2 * concat.nbytes, works=works, outputs={"latent": latent})
+
 
 class InpaintConditioning(Node):
     """Condition an inpainting model: mask + masked-image latent concatenated to the latent.
@@ -143,3 +158,12 @@ class InpaintConditioning(Node):
         return self.Outputs(
             positive=positive, negative=negative, latent=Latent(samples=latent, noise_mask=noise_mask)
         )
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        found = encode_estimate(inputs.get("vae"), inputs.get("image"))
+        if found is None:
+            return None
+        image = inputs["image"]
+        return Estimate(keeps=3 * found.keeps + image.nbytes, works=found.works, outputs=found.outputs,
+                        what=found.what)

@@ -12,10 +12,20 @@ from dataclasses import replace
 from typing import Any
 
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph.context import Environment
+from ldmgraph.graph.estimate import Estimate
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import CONDITIONING, FLOAT, INT, STRING, TEXT_ENCODER, VAE
 from ldmgraph.nodes.common import SD_DOWNSCALE, NodeInputError
 from ldmgraph.plugins import hookimpl
+
+# The words of the bundled models' training captions (ldmgraph.train.data.vocab and scenes' phrases,
+# e.g. "a small red circle on the left and a blue square at the top"); a test keeps them in step.
+COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "right", "top", "bottom", "centre")
+SIZES = ("small", "large")
+FUNCTION_WORDS = ("a", "an", "and", "on", "at", "in", "the")
 
 
 class TextEncode(Node):
@@ -48,6 +58,28 @@ class TextEncode(Node):
         # The pooled vector is left out: it is the U-Net's `y`, which only class-conditional
         # (ADM-style) U-Nets take, and neither SD 1.x/2.x nor the bundled models are.
         return self.Outputs(conditioning=[CondEntry(context=encoding.context)])
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        encoder, text = inputs.get("text_encoder"), inputs.get("text")
+        if getattr(encoder, "layout", None) != "bundled" or not isinstance(text, str):
+            return None
+        unknown = unknown_words(text)
+        if not unknown:
+            return None
+        return Estimate(warnings=(("text", (
+            f"the bundled models know only their training captions' words (colours: {', '.join(COLOURS)}; "
+            f"shapes: {', '.join(SHAPES)}; positions: {', '.join(POSITIONS)}; sizes: {', '.join(SIZES)}); "
+            f"{', '.join(map(repr, unknown))} will be ignored")),))
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of a prompt that the bundled models' captions never use (in order, once each)."""
+    import re
+
+    known = {*COLOURS, *SHAPES, *POSITIONS, *SIZES, *FUNCTION_WORDS}
+    words = re.findall(r"[a-z]+", text.lower())
+    return list(dict.fromkeys(w for w in words if w not in known))
 
 
 class ConditioningCombine(Node):

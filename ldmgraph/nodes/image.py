@@ -13,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from ldmgraph.graph import InputField, Node, NodeContext, NodeInputs, NodeOutputs, OutputField, codes
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.errors import UnsafePathError
-from ldmgraph.graph.files import atomic_write_new, safe_join
+from ldmgraph.graph.estimate import Estimate, Shape
+from ldmgraph.graph.files import (
+    atomic_write_new,
+    check_file_name_prefix,
+    input_file_problem,
+    output_folder_problem,
+    read_regular_file,
+    safe_join,
+)
 from ldmgraph.graph.loading import PNG_PARAMETERS_KEY, PNG_WORKFLOW_KEY
 from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, MASK, STRING
 from ldmgraph.plugins import hookimpl
@@ -63,15 +71,56 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
-def _file_problems(folder: Path, name: str, what: str) -> list[tuple[str, str, str]]:
+def _file_problems(folder: Path, name: Any, input_name: str) -> list[tuple[str | None, str, str]]:
+    problem = input_file_problem(folder, name)
+    return [] if problem is None else [(input_name, *problem)]
+
+
+def read_input_image(folder: Path, name: str) -> Image.Image:
+    """Open an image file of the input folder: a regular file, read with a bound, then decoded."""
+    path = safe_join(folder, name)
     try:
-        path = safe_join(folder, name)
+        data = read_regular_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no file {name!r} in the input folder {folder}") from None
+    try:
+        return Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"{name!r} in the input folder {folder} is not an image Pillow can read ({exc})") from None
+
+
+def output_problems(folder: Path, prefix: Any, input_name: str) -> list[tuple[str | None, str, str]]:
+    """Validation of where an output node writes: a portable prefix that stays in ``folder``, and a
+    folder (with the prefix's subfolders) that is, or can be made, a writable folder."""
+    if not isinstance(prefix, str):
+        return []  # a linked prefix: checked when its value is known, before the node runs
+    problem = check_file_name_prefix(prefix)
+    if problem is not None:
+        return [(input_name, problem[0], f"{problem[1]}; use a prefix such as 'ldmgraph' or 'sub/name'")]
+    try:
+        target = safe_join(folder, prefix + "_")
     except UnsafePathError as exc:
-        return [("image", codes.UNSAFE_PATH, f"{exc}; name a file inside the {what} folder {folder}")]
-    if not path.is_file():
-        return [("image", codes.FILE_NOT_FOUND,
-                 f"file {name!r} not found in the {what} folder {folder}; put it there or pass --input-dir")]
+        return [(input_name, codes.UNSAFE_PATH, f"{exc}; use a prefix inside the output folder")]
+    reason = output_folder_problem(target.parent)
+    if reason is not None:
+        return [(None, codes.OUTPUT_NOT_WRITABLE, f"{reason}; pass a writable --output-dir")]
     return []
+
+
+def same_size_estimate(image: Any, temporaries: int = 1) -> Estimate | None:
+    """An image node whose output has ``image``'s shape (``temporaries`` arrays of it while working)."""
+    if not isinstance(image, Shape):
+        return None
+    return Estimate(keeps=image.nbytes, works=temporaries * image.nbytes, outputs={"image": image})
+
+
+def resized_estimate(image: Any, width: int, height: int) -> Estimate | None:
+    """Resizing ``image`` to ``width`` x ``height`` (one float plane in and out at a time)."""
+    if not isinstance(image, Shape):
+        return None
+    out = Shape(image.batch, image.channels, height, width)
+    return Estimate(keeps=out.nbytes, works=out.nbytes + 4 * (image.height * image.width + height * width),
+                    outputs={"image": out}, what=f"{image.batch} image(s) resized to {width}x{height}")
 
 
 # -- nodes ------------------------------------------------------------------------------------------
@@ -80,6 +129,7 @@ class LoadImage(Node):
 
     type_name = "LoadImage"
     category = "image"
+    input_file_inputs = ("image",)  # carried by saved PNGs (ldmgraph.nodes.carried_inputs)
 
     class Inputs(NodeInputs):
         image: str = InputField(STRING, description="file name inside the input folder")
@@ -90,16 +140,35 @@ class LoadImage(Node):
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
-        return _file_problems(env.input_dir, literals["image"], "input")
+        from ldmgraph.nodes.input_files import pixel_problems
+
+        name = literals.get("image")
+        if isinstance(name, str) and env.carried_inputs is not None and (env.carried_inputs / name).is_file():
+            return pixel_problems(name, env, "image")
+        return _file_problems(env.input_dir, name, "image") or pixel_problems(name, env, "image")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
-        stat = safe_join(env.input_dir, literals["image"]).stat()
+        from ldmgraph.nodes.input_files import input_path
+
+        try:
+            stat = input_path(env, str(literals.get("image"))).stat()
+        except (OSError, UnsafePathError):
+            return None  # a linked name: the node is re-checked, and always run, when it is known
         return f"{stat.st_size}:{stat.st_mtime_ns}"
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        from ldmgraph.nodes.input_files import image_file_estimate
+
+        return image_file_estimate(inputs["image"], env, {"image": 3, "mask": 1})
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
-        path = safe_join(ctx.input_dir, inputs.image)
-        with Image.open(path) as opened:
+        from ldmgraph.nodes.input_files import check_pixels_before_decoding, input_path
+
+        path = input_path(ctx.env, inputs.image)
+        with read_input_image(path.parent, path.name) as opened:
+            check_pixels_before_decoding(opened, ctx.env, inputs.image)
             picture = ImageOps.exif_transpose(opened)
             has_alpha = "A" in picture.getbands() or "transparency" in picture.info
             rgba = np.asarray(picture.convert("RGBA"), dtype=np.float32) / 255.0
@@ -127,16 +196,17 @@ class SaveImage(Node):
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
-        try:
-            safe_join(env.output_dir, literals["filename_prefix"] + "_")
-        except UnsafePathError as exc:
-            return [("filename_prefix", codes.UNSAFE_PATH, f"{exc}; use a prefix inside the output folder")]
-        return []
+        return output_problems(env.output_dir, literals.get("filename_prefix", ""), "filename_prefix")
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> None:
         info = PngImagePlugin.PngInfo()
         info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, ensure_ascii=False))
         info.add_text(PNG_PARAMETERS_KEY, json.dumps(ctx.parameters, ensure_ascii=False))
+        from ldmgraph.nodes.carried_inputs import PNG_INPUTS_KEY, input_file_records
+
+        carried = input_file_records(ctx.workflow, ctx.registry, ctx.env)
+        if carried:
+            info.add_text(PNG_INPUTS_KEY, json.dumps(carried), zip=True)
         for image in _as_batch(inputs.images):
             ctx.check_cancelled()
             buffer = io.BytesIO()
@@ -168,6 +238,10 @@ class ImageScale(Node):
             images = center_crop_to_aspect(images, inputs.width, inputs.height)
         return self.Outputs(image=resize_images(images, inputs.width, inputs.height, inputs.upscale_method))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return resized_estimate(inputs.get("image"), inputs["width"], inputs["height"])
+
 
 class ImageScaleBy(Node):
     """Resize images by a factor."""
@@ -188,6 +262,14 @@ class ImageScaleBy(Node):
         width = min(MAX_SIZE, max(1, round(w * inputs.scale_by)))
         height = min(MAX_SIZE, max(1, round(h * inputs.scale_by)))
         return self.Outputs(image=resize_images(inputs.image, width, height, inputs.upscale_method))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        image, k = inputs.get("image"), inputs["scale_by"]
+        if not isinstance(image, Shape):
+            return None
+        return resized_estimate(image, min(MAX_SIZE, max(1, round(image.width * k))),
+                                min(MAX_SIZE, max(1, round(image.height * k))))
 
 
 class ImageCrop(Node):
@@ -213,6 +295,15 @@ class ImageCrop(Node):
         crop = inputs.image[:, y : y + inputs.height, x : x + inputs.width]
         return self.Outputs(image=np.ascontiguousarray(crop))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        image = inputs.get("image")
+        if not isinstance(image, Shape):
+            return None
+        width = min(inputs["width"], image.width - min(inputs["x"], image.width - 1))
+        height = min(inputs["height"], image.height - min(inputs["y"], image.height - 1))
+        return same_size_estimate(Shape(image.batch, image.channels, height, width))
+
 
 class ImageInvert(Node):
     """Invert the colours of images (1 - x)."""
@@ -228,6 +319,10 @@ class ImageInvert(Node):
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         return self.Outputs(image=(1.0 - inputs.image).astype(np.float32, copy=False))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return same_size_estimate(inputs.get("image"))
 
 
 BLEND_MODES = ("normal", "multiply", "screen", "overlay", "difference")
@@ -261,6 +356,10 @@ class ImageBlend(Node):
         blended = _blend(base, top, inputs.blend_mode)
         f = np.float32(inputs.blend_factor)
         return self.Outputs(image=((1 - f) * base + f * blended).astype(np.float32, copy=False))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return same_size_estimate(inputs.get("image1"), temporaries=3)
 
 
 def _blend(a: np.ndarray, b: np.ndarray, mode: str) -> np.ndarray:

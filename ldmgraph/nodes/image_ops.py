@@ -8,16 +8,18 @@ Torch-free (numpy + Pillow), like the framework's image nodes in `image.py`. IMA
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs, codes
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
-from ldmgraph.graph.errors import UnsafePathError
-from ldmgraph.graph.files import atomic_write_new, safe_join
+from ldmgraph.graph.errors import FileTooLargeError, NotAFileError, UnsafePathError
+from ldmgraph.graph.estimate import Estimate, Shape
+from ldmgraph.graph.files import atomic_write_new, input_file_problem, read_regular_file, safe_join
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, MASK, STRING
 from ldmgraph.nodes.common import NodeInputError, check_mask_size
@@ -27,31 +29,29 @@ MASK_CHANNELS = ["alpha", "red", "green", "blue", "luminance"]
 
 
 def check_input_file(name: Any, env: Environment, input_name: str) -> list[tuple[str, str, str]]:
-    """Validation-time check that a file name stays in the input folder and exists."""
-    if not isinstance(name, str):
-        return []
-    try:
-        path = safe_join(env.input_dir, name)
-    except UnsafePathError as error:
-        return [
-            (input_name, codes.UNSAFE_PATH, f"{error}; name a file inside the input folder {env.input_dir}")
-        ]
-    if not path.is_file():
-        return [(input_name, codes.FILE_NOT_FOUND, f"no file {name!r} in the input folder {env.input_dir}")]
-    return []
+    """Validation-time check that a file name stays in the input folder and is a regular file."""
+    problem = input_file_problem(env.input_dir, name)
+    return [] if problem is None else [(input_name, *problem)]
 
 
-def open_image(folder: Path, name: str, node: str) -> Any:
-    """Open an image file from the input folder, refusing names that escape it and files that are not images."""
+def open_image(folder: Path, name: str, node: str, env: Environment | None = None) -> Any:
+    """Open an image file from the input folder, refusing names that escape it and files that are not
+    images, and (given the run's environment) images over its pixel limit before decoding them."""
     from PIL import Image, UnidentifiedImageError
+
+    from ldmgraph.nodes.input_files import check_pixels_before_decoding
 
     path = safe_join(folder, name)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
         image = Image.open(io.BytesIO(data))
+        if env is not None:
+            check_pixels_before_decoding(image, env, name)
         image.load()
     except FileNotFoundError:
         raise NodeInputError(f"{node}: no file {name!r} in the input folder {folder}") from None
+    except (NotAFileError, FileTooLargeError) as error:
+        raise NodeInputError(f"{node}: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise NodeInputError(f"{node}: {name!r} is not an image Pillow can read ({error})") from None
     return image
@@ -66,6 +66,7 @@ class LoadMask(Node):
 
     type_name = "LoadMask"
     category = "image"
+    input_file_inputs = ("image",)  # carried by saved PNGs (ldmgraph.nodes.carried_inputs)
 
     class Inputs(NodeInputs):
         image: str = InputField(STRING, description="file name in the input folder")
@@ -77,19 +78,35 @@ class LoadMask(Node):
         mask: Any = OutputField(MASK, description="[1, H, W], 1 = repaint")
 
     @classmethod
-    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
-        return check_input_file(literals.get("image"), env, "image")
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
+        from ldmgraph.nodes.input_files import pixel_problems
+
+        name = literals.get("image")
+        if env.carried_inputs is not None and isinstance(name, str) and (env.carried_inputs / name).is_file():
+            return pixel_problems(name, env, "image")
+        return check_input_file(name, env, "image") or pixel_problems(name, env, "image")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        from ldmgraph.nodes.input_files import input_path
+
         try:
-            stat = safe_join(env.input_dir, str(literals.get("image"))).stat()
+            stat = input_path(env, str(literals.get("image"))).stat()
         except (OSError, UnsafePathError):
             return None
         return f"{stat.st_size}:{stat.st_mtime_ns}"
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        from ldmgraph.nodes.input_files import image_file_estimate
+
+        return image_file_estimate(inputs["image"], env, {"mask": 1})
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
-        image = open_image(ctx.input_dir, inputs.image, "LoadMask")
+        from ldmgraph.nodes.input_files import input_path
+
+        path = input_path(ctx.env, inputs.image)
+        image = open_image(path.parent, path.name, "LoadMask", ctx.env)
         if inputs.channel == "alpha":
             alpha = image.convert("RGBA").getchannel("A")
             mask = 1.0 - np.asarray(alpha, dtype=np.float32) / 255.0
@@ -117,12 +134,15 @@ class PreviewImage(Node):
     def run(self, inputs: Inputs, ctx: NodeContext) -> None:
         from PIL import Image
 
-        folder = Path(tempfile.gettempdir()) / "ldmgraph-preview"
+        # a private folder per executor session (mkdtemp: a new name, mode 0700), never a fixed
+        # name in the shared temporary folder that another user could plant a link in
+        folder = ctx.resource(("PreviewImage", "folder"), lambda: Path(tempfile.mkdtemp(prefix="ldmgraph-preview-")))
+        stem = "preview_" + re.sub(r"[^A-Za-z0-9_-]", "_", ctx.node_id)[:100]
         for picture in inputs.images:
             buffer = io.BytesIO()
             pixels = (np.clip(picture, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
             Image.fromarray(pixels[..., :3] if pixels.shape[-1] > 1 else pixels[..., 0]).save(buffer, "PNG")
-            ctx.add_file(atomic_write_new(folder, f"preview_{ctx.node_id}", ".png", buffer.getvalue()))
+            ctx.add_file(atomic_write_new(folder, stem, ".png", buffer.getvalue()))
         return None
 
 
@@ -171,6 +191,17 @@ class ImagePadForOutpaint(Node):
         mask[:, t : t + height, left : left + width] = inner
         return self.Outputs(image=out, mask=mask)
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        image = inputs.get("image")
+        if not isinstance(image, Shape):
+            return None
+        height = image.height + inputs["top"] + inputs["bottom"]
+        width = image.width + inputs["left"] + inputs["right"]
+        out, mask = Shape(image.batch, image.channels, height, width), Shape(image.batch, 1, height, width)
+        return Estimate(keeps=out.nbytes + mask.nbytes, works=3 * 8 * image.height * image.width,
+                        outputs={"image": out, "mask": mask}, what=f"padding {image.batch} image(s) to {width}x{height}")
+
 
 class ImageCompositeMasked(Node):
     """Paste `source` onto `destination` at (x, y), through `mask` if given (e.g. keep unmasked pixels).
@@ -218,6 +249,15 @@ class ImageCompositeMasked(Node):
             region * (1 - alpha) + src_part * alpha
         )
         return self.Outputs(image=out)
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        dest, src = inputs.get("destination"), inputs.get("source")
+        if not isinstance(dest, Shape):
+            return None
+        batch = max(dest.batch, src.batch) if isinstance(src, Shape) else dest.batch
+        out = Shape(batch, dest.channels, dest.height, dest.width)
+        return Estimate(keeps=out.nbytes, works=3 * out.nbytes, outputs={"image": out})
 
 
 def box_downscale(images: np.ndarray, factor: int) -> np.ndarray:

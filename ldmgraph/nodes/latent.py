@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph.context import Environment
+from ldmgraph.graph.estimate import Estimate, Shape
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import ENUM, FLOAT, IMAGE, INT, LATENT, MASK, VAE
 from ldmgraph.nodes.common import (
@@ -71,6 +73,30 @@ def resize_latent(samples: torch.Tensor, height: int, width: int, method: str, c
     return F.interpolate(samples, size=(height, width), mode=method, align_corners=align)
 
 
+def vae_factor(vae: Any) -> tuple[int, int]:
+    """(downscale factor, latent channels) from a VAE's summary at validation (SD's 8 and 4 without)."""
+    if vae is None or getattr(vae, "vae", None) is None:
+        return 8, 4
+    return vae.downscale, int(vae.vae["embed_dim"])
+
+
+def latent_estimate(latent: Shape, works: int = 0, what: str = "", **outputs: Any) -> Estimate:
+    """A node that outputs a latent of ``latent``'s shape (and maybe other values)."""
+    return Estimate(keeps=latent.nbytes, works=works, outputs={"latent": latent, **outputs}, what=what)
+
+
+def encode_estimate(vae: Any, image: Any) -> Estimate | None:
+    """Encoding an image of a known shape with a known autoencoder."""
+    from ldmgraph.models.memory import vae_encode_bytes
+
+    if not isinstance(image, Shape) or getattr(vae, "vae", None) is None:
+        return None
+    f, channels = vae_factor(vae)
+    latent = Shape(image.batch, channels, image.height // f, image.width // f)
+    works = vae_encode_bytes(vae.vae, image.batch, image.height, image.width)
+    return latent_estimate(latent, works, f"encoding {image.batch} image(s) of {image.width}x{image.height}")
+
+
 def _with(latent: Any, **changes: Any) -> Any:
     from dataclasses import replace
 
@@ -104,6 +130,11 @@ class EmptyLatent(Node):
         w, h = latent_size(inputs.width, inputs.height, f, "EmptyLatent")
         return self.Outputs(latent=Latent(samples=torch.zeros(inputs.batch_size, channels, h, w)))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate:
+        f, channels = vae_factor(inputs.get("vae"))
+        return latent_estimate(Shape(inputs["batch_size"], channels, inputs["height"] // f, inputs["width"] // f))
+
 
 class VAEEncode(Node):
     """Encode an image into a latent (img2img starts here)."""
@@ -122,6 +153,10 @@ class VAEEncode(Node):
         from ldmgraph.diffusion import Latent
 
         return self.Outputs(latent=Latent(samples=encode_pixels(inputs.vae, inputs.image)))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return encode_estimate(inputs.get("vae"), inputs.get("image"))
 
 
 class VAEDecode(Node):
@@ -143,6 +178,19 @@ class VAEDecode(Node):
         with torch.no_grad():
             pixels = inputs.vae.decode(inputs.latent.samples)
         return self.Outputs(image=image_to_numpy(pixels))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        from ldmgraph.models.memory import vae_decode_bytes
+
+        vae, latent = inputs.get("vae"), inputs.get("latent")
+        if not isinstance(latent, Shape) or getattr(vae, "vae", None) is None:
+            return None
+        f = vae.downscale
+        image = Shape(latent.batch, 3, latent.height * f, latent.width * f)
+        works = vae_decode_bytes(vae.vae, latent.batch, image.height, image.width) + 2 * image.nbytes
+        return Estimate(keeps=image.nbytes, works=works, outputs={"image": image},
+                        what=f"decoding {latent.batch} image(s) of {image.width}x{image.height}")
 
 
 class VAEEncodeForInpaint(Node):
@@ -180,6 +228,10 @@ class VAEEncodeForInpaint(Node):
         noise_mask = F.interpolate(mask, size=samples.shape[-2:], mode="bilinear")
         return self.Outputs(latent=Latent(samples=samples, noise_mask=noise_mask))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return encode_estimate(inputs.get("vae"), inputs.get("image"))
+
 
 class SetLatentNoiseMask(Node):
     """Attach a mask to a latent: the sampler repaints only where the mask is 1."""
@@ -201,6 +253,11 @@ class SetLatentNoiseMask(Node):
         mask = mask_to_torch(inputs.mask)
         mask = F.interpolate(mask, size=samples.shape[-2:], mode="bilinear")
         return self.Outputs(latent=_with(inputs.latent, noise_mask=mask))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        latent = inputs.get("latent")
+        return latent_estimate(latent) if isinstance(latent, Shape) else None
 
 
 class LatentUpscale(Node):
@@ -240,6 +297,17 @@ class LatentUpscale(Node):
         w, h = latent_size(max(width, f), max(height, f), f, "LatentUpscale")
         return self.Outputs(latent=_resized(inputs.latent, h, w, inputs.method, inputs.crop))
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        latent = inputs.get("latent")
+        if not isinstance(latent, Shape):
+            return None
+        f, _ = vae_factor(inputs.get("vae"))
+        width, height = inputs["width"], inputs["height"]
+        w = width // f if width else round(latent.width * height / max(1, latent.height * f))
+        h = height // f if height else round(latent.height * width / max(1, latent.width * f))
+        return latent_estimate(Shape(latent.batch, latent.channels, max(1, h), max(1, w)))
+
 
 class LatentUpscaleBy(Node):
     """Resize a latent by a factor (e.g. 2 for a hires-fix pass at twice the size)."""
@@ -260,6 +328,14 @@ class LatentUpscaleBy(Node):
         h = max(1, round(samples.shape[-2] * inputs.scale_by))
         w = max(1, round(samples.shape[-1] * inputs.scale_by))
         return self.Outputs(latent=_resized(inputs.latent, h, w, inputs.method, "disabled"))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        latent, k = inputs.get("latent"), inputs["scale_by"]
+        if not isinstance(latent, Shape):
+            return None
+        h, w = max(1, round(latent.height * k)), max(1, round(latent.width * k))
+        return latent_estimate(Shape(latent.batch, latent.channels, h, w))
 
 
 def _resized(latent: Any, h: int, w: int, method: str, crop: str) -> Any:
@@ -299,6 +375,15 @@ class LatentFromBatch(Node):
             )
         )
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        latent = inputs.get("latent")
+        if not isinstance(latent, Shape):
+            return None
+        start = min(inputs["batch_index"], latent.batch - 1)
+        batch = max(1, min(start + inputs["length"], latent.batch) - start)
+        return latent_estimate(Shape(batch, latent.channels, latent.height, latent.width))
+
 
 class RepeatLatentBatch(Node):
     """Repeat a batch `amount` times; copies get new seed offsets, so each is a different image."""
@@ -324,6 +409,14 @@ class RepeatLatentBatch(Node):
             mask = mask.repeat(inputs.amount, *([1] * (mask.dim() - 1)))
         samples = latent.samples.repeat(inputs.amount, 1, 1, 1)
         return self.Outputs(latent=_with(latent, samples=samples, noise_mask=mask, batch_index=repeated))
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        latent = inputs.get("latent")
+        if not isinstance(latent, Shape):
+            return None
+        shape = Shape(latent.batch * inputs["amount"], latent.channels, latent.height, latent.width)
+        return latent_estimate(shape, what=f"a batch of {shape.batch} latents")
 
 
 @hookimpl

@@ -12,6 +12,7 @@ from typing import Any
 
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
+from ldmgraph.graph.estimate import Estimate
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import ENUM, MODEL, STRING, TEXT_ENCODER, VAE
 from ldmgraph.nodes.common import (
@@ -20,11 +21,13 @@ from ldmgraph.nodes.common import (
     find_model,
     model_cache,
     model_fingerprint,
+    model_summary,
 )
 from ldmgraph.plugins import hookimpl
 
 BUNDLED_TXT2IMG = "ldmgraph-shapes-txt2img.safetensors"
 MINILM = "minilm-l6-v2"
+MINILM_BYTES = 22_713_216 * 4  # all-MiniLM-L6-v2's parameters in float32
 
 
 class CheckpointLoader(Node):
@@ -57,7 +60,18 @@ class CheckpointLoader(Node):
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
-        return [("ckpt_name", code, msg) for code, msg in check_model_name(literals.get("ckpt_name"), env)]
+        found = check_model_name(literals.get("ckpt_name"), env, need_unet=True)
+        return [("ckpt_name", code, msg) for code, msg in found]
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        summary = model_summary(inputs["ckpt_name"], env, need_unet=True)
+        if summary is None:
+            return None
+        text = MINILM_BYTES if summary.text_encoder == MINILM else 0
+        outputs = {"model": summary, "text_encoder": summary if summary.text_encoder else None,
+                   "vae": summary if summary.vae else None}
+        return Estimate(keeps=summary.weight_bytes + text, outputs=outputs, what="the checkpoint's weights")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
@@ -68,7 +82,7 @@ class CheckpointLoader(Node):
 
         path = find_model(inputs.ckpt_name, ctx.model_dirs)
         prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
-        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction)
+        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress)
         return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
 
 
@@ -87,6 +101,13 @@ class VAELoader(Node):
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
         return [("vae_name", code, msg) for code, msg in check_model_name(literals.get("vae_name"), env)]
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        summary = model_summary(inputs["vae_name"], env)
+        if summary is None or summary.vae is None:
+            return None
+        return Estimate(keeps=summary.weight_bytes, outputs={"vae": summary}, what="the autoencoder's weights")
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:

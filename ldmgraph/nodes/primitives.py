@@ -30,6 +30,10 @@ class IntValue(Node):
     class Outputs(NodeOutputs):
         value: int = OutputField(INT)
 
+    @classmethod
+    def constant_outputs(cls, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        return {"value": inputs["value"]} if "value" in inputs else None
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         return self.Outputs(value=inputs.value)
 
@@ -45,6 +49,10 @@ class FloatValue(Node):
 
     class Outputs(NodeOutputs):
         value: float = OutputField(FLOAT)
+
+    @classmethod
+    def constant_outputs(cls, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        return {"value": inputs["value"]} if "value" in inputs else None
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         return self.Outputs(value=inputs.value)
@@ -62,6 +70,10 @@ class StringValue(Node):
     class Outputs(NodeOutputs):
         value: str = OutputField(STRING)
 
+    @classmethod
+    def constant_outputs(cls, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        return {"value": inputs["value"]} if "value" in inputs else None
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         return self.Outputs(value=inputs.value)
 
@@ -77,6 +89,10 @@ class BooleanValue(Node):
 
     class Outputs(NodeOutputs):
         value: bool = OutputField(BOOLEAN)
+
+    @classmethod
+    def constant_outputs(cls, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        return {"value": inputs["value"]} if "value" in inputs else None
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         return self.Outputs(value=inputs.value)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs, codes
+from ldmgraph.graph.context import Environment
+from ldmgraph.graph.estimate import Estimate, Shape
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import BOOLEAN, CONDITIONING, ENUM, FLOAT, INT, LATENT, MODEL
-from ldmgraph.nodes.common import DEVICES, pick_device
+from ldmgraph.nodes.common import DEVICES, device_problem, pick_device
 from ldmgraph.plugins import hookimpl
 
 MAX_SEED = 2**64 - 1
@@ -35,6 +37,44 @@ class _SamplerInputs(NodeInputs):
     device: str = InputField(
         ENUM, "auto", choices=list(DEVICES), description="where to compute; auto: CUDA > MPS > CPU"
     )
+
+
+BUNDLED_SIZE = 64
+"""The bundled models were trained on 64x64 images only: other sizes give blank or hazy images."""
+
+
+class _SamplerNode(Node):
+    """What both sampler nodes check before running: the device, and the memory sampling needs."""
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
+        choice = literals.get("device")
+        name = "device" if choice not in (None, "auto") else None
+        problem = device_problem(choice if name else env.device)
+        if problem:
+            return [(name, codes.DEVICE_UNAVAILABLE, problem + ("" if name else " (from --device)"))]
+        return []
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        from ldmgraph.models.memory import unet_bytes
+
+        latent, model = inputs.get("latent"), inputs.get("model")
+        if not isinstance(latent, Shape):
+            return None
+        if getattr(model, "unet", None) is None:
+            return Estimate(keeps=latent.nbytes, outputs={"latent": latent})
+        calls = latent.batch * (1 if inputs["cfg"] == 1 else 2)
+        works = unet_bytes(model.unet, calls, latent.height, latent.width, model.dtype_bytes) + 8 * latent.nbytes
+        warnings = []
+        f = model.downscale
+        if model.layout == "bundled" and (latent.height * f, latent.width * f) != (BUNDLED_SIZE, BUNDLED_SIZE):
+            warnings.append(("latent", (
+                f"the bundled model {model.path.rsplit('/', 1)[-1]} was trained on {BUNDLED_SIZE}x{BUNDLED_SIZE} "
+                f"images only; at {latent.width * f}x{latent.height * f} expect a blank or hazy result")))
+        what = f"U-Net activations for {calls} latent(s) of {latent.channels}x{latent.height}x{latent.width}"
+        return Estimate(keeps=latent.nbytes, works=works, outputs={"latent": latent},
+                        warnings=tuple(warnings), what=what)
 
 
 def _run_sampler(inputs: Any, ctx: NodeContext, total: int, **options: Any) -> Any:
@@ -61,7 +101,7 @@ def _run_sampler(inputs: Any, ctx: NodeContext, total: int, **options: Any) -> A
     )
 
 
-class Sampler(Node):
+class Sampler(_SamplerNode):
     """Sample a latent: txt2img from an empty latent, img2img from an encoded one with denoise < 1."""
 
     type_name = "Sampler"
@@ -84,7 +124,7 @@ class Sampler(Node):
         return self.Outputs(latent=latent)
 
 
-class SamplerAdvanced(Node):
+class SamplerAdvanced(_SamplerNode):
     """Sample part of a schedule: steps `start_step` .. `end_step` of `steps`, for multi-pass graphs.
 
     `add_noise` off continues from a latent that still holds noise (from a previous pass with

@@ -75,7 +75,8 @@ def test_parameters_override_and_bad_overrides(registry) -> None:
     assert compiled.resolved_document()["nodes"]["c"]["inputs"]["value"] == 5
     assert validate_workflow(doc, registry).parameters == {"n": 1}
     assert set(problems(doc, registry, overrides={"m": 5})) == {(None, None, codes.BAD_PARAMETER)}
-    assert set(problems(doc, registry, overrides={"n": 5000})) == {("c", "value", codes.BAD_PARAMETER)}
+    # an out-of-range value is out_of_bounds, as the same literal in the file would be
+    assert set(problems(doc, registry, overrides={"n": 5000})) == {("c", "value", codes.OUT_OF_BOUNDS)}
     broken = workflow(doc["nodes"], parameters={"n": {"targets": [{"node": "zz", "input": "value"},
                                                                  {"node": "c", "input": "nope"}]}})
     assert set(problems(broken, registry)) == {("zz", "value", codes.BAD_PARAMETER),

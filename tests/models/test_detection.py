@@ -256,7 +256,7 @@ def test_pickle_refused_with_conversion_hint_then_opt_in(tmp_path: Path) -> None
     with pytest.raises(PickleRefusedError) as err:
         load_checkpoint(ckpt_path)
     message = str(err.value)
-    assert "old.ckpt" in message and "weights_only=True" in message and "old.safetensors" in message
+    assert "old.ckpt" in message and "weights_only=True" in message and "old.converted.safetensors" in message
     assert "allow_pickle=True" in message
     ckpt = load_checkpoint(ckpt_path, allow_pickle=True)
     assert ckpt.info.architecture == "ldm" and ckpt.unet is not None

@@ -1,0 +1,143 @@
+"""Memory estimates at validation: what each node will allocate, summed against a budget.
+
+Nodes that allocate declare ``Node.estimate(inputs, env) -> Estimate``; a linked input receives
+what the upstream node's estimate said about that output (a :class:`Shape` for images, masks and
+latents; the model layer's summary for models), so sizes propagate through the graph: a
+``RepeatLatentBatch`` of 64 after a batch of 8 makes a batch of 512 for every node below it.
+
+The run's peak is taken as the sum of the values the nodes keep (outputs stay in the executor's
+cache while the run lasts) plus the largest working memory of any one node. A workflow whose
+estimate exceeds the budget is refused with ``over_budget``, naming the node that needs the most.
+Nodes also return warnings here (a prompt outside a model's vocabulary): they do not stop a run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import codes
+from .errors import Problem
+
+if TYPE_CHECKING:
+    from .context import Environment
+    from .validate import CompiledWorkflow
+
+GIB = 2**30
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The size of an image, mask or latent batch: IMAGE is [batch, height, width, channels],
+    MASK [batch, height, width] (channels 1), LATENT [batch, channels, height, width]."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+    itemsize: int = FLOAT32
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return self.batch * self.channels * self.height * self.width
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the array."""
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a node allocates: ``keeps`` bytes of outputs (held while the run lasts) and ``works``
+    bytes of temporary memory at its peak; ``outputs`` describes its outputs for the nodes
+    downstream; ``warnings`` are ``(input name or None, message)`` pairs; ``what`` says in a few
+    words where the figure comes from (shown in the ``over_budget`` message)."""
+
+    keeps: int = 0
+    works: int = 0
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    warnings: tuple[tuple[str | None, str], ...] = ()
+    what: str = ""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation on this machine (Linux MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": GIB, "gb": 10**9, "gib": GIB, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"16G"``, ``"512MiB"``, ``"2.5gb"``, ``"1000000"`` -> bytes (K/M/G/T alone are powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 16G, 512M or 0 (no limit)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def human(n: float) -> str:
+    """Bytes in a short readable form (``1.5 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def estimate_workflow(compiled: CompiledWorkflow, env: Environment) -> tuple[list[Problem], list[Problem]]:
+    """Walk the nodes a run needs in order: ``(problems, warnings)``; the problem is ``over_budget``."""
+    facts: dict[tuple[str, str], Any] = {}
+    warnings: list[Problem] = []
+    kept, largest, worst = 0, 0, (0, "", "")
+    for node_id in compiled.order:
+        node = compiled.nodes[node_id]
+        inputs = dict(node.literals)
+        for name, source, output in node.links:
+            inputs[name] = facts.get((source, output))
+        try:
+            found = node.cls.estimate(inputs, env)
+        except Exception as exc:  # noqa: BLE001 - a plugin's estimate must not crash validation
+            warnings.append(Problem(node_id, None, codes.CHECK_FAILED,
+                                    f"could not estimate its memory: {type(exc).__name__}: {exc}"))
+            continue
+        if found is None:
+            continue
+        for name, value in found.outputs.items():
+            facts[(node_id, name)] = value
+        warnings += [Problem(node_id, name, codes.MODEL_LIMITS, message) for name, message in found.warnings]
+        kept += max(0, found.keeps)
+        largest = max(largest, max(0, found.works))
+        if found.keeps + found.works > worst[0]:
+            worst = (found.keeps + found.works, node_id, found.what)
+    total = kept + largest
+    budget = env.memory_budget if env.memory_budget is not None else available_memory()
+    if not budget or total <= budget:
+        return [], warnings
+    node_id, what = worst[1], worst[2]
+    node_type = compiled.nodes[node_id].spec.type_name
+    source = "--memory-budget" if env.memory_budget is not None else "this machine's available memory"
+    detail = f" ({what})" if what else ""
+    message = (f"the workflow needs about {human(total)}, more than the budget of {human(budget)} ({source}); "
+               f"node {node_id!r} ({node_type}) alone needs about {human(worst[0])}{detail}: make images "
+               "smaller, batches or repeats fewer, or raise --memory-budget")
+    return [Problem(node_id, None, codes.OVER_BUDGET, message)], warnings
+
