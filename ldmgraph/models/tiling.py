@@ -33,6 +33,11 @@ from ldmgraph.models.attention import GroupNorm32
 AUTO_TILE_PIXELS = 1024 * 1024
 DEFAULT_TILE_PIXELS = 512  # tile side in image pixels
 DEFAULT_OVERLAP_PIXELS = 64  # overlap between neighbouring tiles in image pixels
+# Passes that gather whole-image GroupNorm statistics before the output pass. Each pass normalises
+# with the previous pass's statistics, so they converge layer by layer. Measured on the bundled
+# autoencoder (256 px, 128 px tiles, mean |tiled - untiled| x 255): 2 passes 2.9, 3 passes 0.53,
+# 4 passes 0.25, 5 passes 0.17; larger overlaps changed little. 4 is the default.
+STAT_PASSES = 4
 
 
 def spans(size: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int]]:
@@ -155,7 +160,7 @@ def run_tiled(
     tile: int,
     overlap: int,
     align: int = 1,
-    stat_passes: int = 2,
+    stat_passes: int = STAT_PASSES,
 ) -> Tensor:
     """Apply `fn` (x [B, C, H, W] -> [B, C', H * scale, W * scale]) tile by tile.
 
@@ -205,8 +210,42 @@ def run_tiled(
     return out / weight_sum.clamp_min(1e-8)
 
 
+def tile_and_overlap(tile_pixels: int | None, overlap_pixels: int | None) -> tuple[int, int]:
+    """The tile side and overlap in image pixels, None meaning this module's current defaults."""
+    tile = DEFAULT_TILE_PIXELS if tile_pixels is None else int(tile_pixels)
+    overlap = DEFAULT_OVERLAP_PIXELS if overlap_pixels is None else int(overlap_pixels)
+    if tile < 1 or overlap < 0:
+        raise ValueError(f"tile_pixels must be >= 1 and overlap_pixels >= 0, got {tile} and {overlap}")
+    return tile, overlap
+
+
 def should_tile(mode: str, pixels: int) -> bool:
     """Whether to tile: mode "on"/"off", or "auto" above :data:`AUTO_TILE_PIXELS` output pixels."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"tiling mode must be auto, on or off, got {mode!r}")
     return mode == "on" or (mode == "auto" and pixels > AUTO_TILE_PIXELS)
+
+
+def border_positions(size: int, tile: int, overlap: int, scale: float) -> list[int]:
+    """Output positions (along one axis) where tiles start or stop inside the image.
+
+    `size`, `tile` and `overlap` are in input pixels, as given to :func:`run_tiled`; these are the
+    places where a seam would show.
+    """
+    spans_ = spans(size, tile, overlap)
+    edges = {round(start * scale) for start, _ in spans_[1:]} | {round(stop * scale) - 1 for _, stop in spans_[:-1]}
+    return sorted(edges)
+
+
+def seam_score(tiled: Tensor, full: Tensor, rows: list[int], cols: list[int]) -> float:
+    """Mean |gradient| of `tiled` across tile borders over the same for `full`, [B, H, W, C] images.
+
+    1.0 means the borders carry no more edge than the untiled image has there; a seam shows as > 1.
+    Gradients are differences to the next pixel across each border row/column.
+    """
+    def across(img: Tensor) -> Tensor:
+        parts = [(img[:, r + 1] - img[:, r]).abs().flatten() for r in rows if r + 1 < img.shape[1]]
+        parts += [(img[:, :, c + 1] - img[:, :, c]).abs().flatten() for c in cols if c + 1 < img.shape[2]]
+        return torch.cat(parts)
+
+    return float(across(tiled).mean() / across(full).mean().clamp_min(1e-12))
