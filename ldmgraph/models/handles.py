@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ldmgraph.models import tiling
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
-from ldmgraph.models.tiling import DEFAULT_OVERLAP_PIXELS, DEFAULT_TILE_PIXELS, run_tiled, should_tile
 
 TextEncoderHandle = TextEncoder
 """The TEXT_ENCODER socket value: `encode(texts, clip_skip=None) -> TextEncoding(context, pooled)`."""
@@ -68,7 +68,10 @@ class DiffusionModelHandle(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.diffusion_model.parameters()).dtype
+        """The compute dtype: the output layer's (the time embedding may be kept in float32)."""
+        out = getattr(self.diffusion_model, "out", None)
+        params = (out if isinstance(out, nn.Module) else self.diffusion_model).parameters()
+        return next(params).dtype
 
     def apply_model(
         self,
@@ -157,8 +160,8 @@ class VAEHandle(nn.Module):
         generator: torch.Generator | None = None,
         *,
         tiled: str = "auto",
-        tile_pixels: int = DEFAULT_TILE_PIXELS,
-        overlap_pixels: int = DEFAULT_OVERLAP_PIXELS,
+        tile_pixels: int | None = None,
+        overlap_pixels: int | None = None,
     ) -> Tensor:
         """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU).
 
@@ -174,11 +177,12 @@ class VAEHandle(nn.Module):
         image = image[:, top : top + h, left : left + w, : self.image_channels]
         x = image.permute(0, 3, 1, 2).to(device=self.device, dtype=self.dtype) * 2.0 - 1.0
         model = self.first_stage_model
-        if should_tile(tiled, h * w) and hasattr(model, "posterior"):
+        tile_pixels, overlap_pixels = tiling.tile_and_overlap(tile_pixels, overlap_pixels)
+        if tiling.should_tile(tiled, h * w) and hasattr(model, "posterior"):
             # the down levels run in tiles; the mid block (global attention) sees the whole latent
             tile = max(tile_pixels // f, 1) * f
             encoder = model.encoder
-            features = run_tiled(encoder.body, encoder, x, scale=1.0 / f, tile=tile, overlap=overlap_pixels, align=f)
+            features = tiling.run_tiled(encoder.body, encoder, x, scale=1.0 / f, tile=tile, overlap=overlap_pixels, align=f)
             posterior = model.posterior(model.quant_conv(encoder.head(features)))
         else:
             posterior = model.encode(x)
@@ -191,8 +195,8 @@ class VAEHandle(nn.Module):
         latent: Tensor,
         *,
         tiled: str = "auto",
-        tile_pixels: int = DEFAULT_TILE_PIXELS,
-        overlap_pixels: int = DEFAULT_OVERLAP_PIXELS,
+        tile_pixels: int | None = None,
+        overlap_pixels: int | None = None,
     ) -> Tensor:
         """Scaled latent [B, C, h, w] -> image [B, h*f, w*f, 3] fp32 CPU tensor in 0..1.
 
@@ -200,7 +204,8 @@ class VAEHandle(nn.Module):
         overlapping tiles (bounded memory; see `ldmgraph.models.tiling`), "on" always, "off" never.
         """
         f = self.downscale
-        use_tiles = should_tile(tiled, latent.shape[-2] * latent.shape[-1] * f * f)
+        tile_pixels, overlap_pixels = tiling.tile_and_overlap(tile_pixels, overlap_pixels)
+        use_tiles = tiling.should_tile(tiled, latent.shape[-2] * latent.shape[-1] * f * f)
         model = self.first_stage_model
         images = []
         for z in latent.split(1):
@@ -210,7 +215,7 @@ class VAEHandle(nn.Module):
                 tile, overlap = max(tile_pixels // f, 1), max(overlap_pixels // f, 1)
                 decoder = model.decoder
                 features = decoder.head(model.post_quant_conv(z))
-                x = run_tiled(decoder.tail, decoder, features, scale=float(f), tile=tile, overlap=overlap)
+                x = tiling.run_tiled(decoder.tail, decoder, features, scale=float(f), tile=tile, overlap=overlap)
             else:
                 x = model.decode(z)
             images.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu())
