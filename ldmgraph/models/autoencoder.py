@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmgraph.models.attention import GroupNorm32
+from ldmgraph.models.memory import ATTENTION_CHUNK_BYTES
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -64,6 +65,19 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+# Most bytes of attention scores held at once (ATTENTION_CHUNK_BYTES): big latents (a 2048 px SD
+# image has 65,536 latent pixels, whose full score matrix is 16 GiB) attend in chunks of queries.
+
+
+def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA over query chunks: each query's softmax is over all keys, so the result is the same."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    chunk = max(1, ATTENTION_CHUNK_BYTES // (4 * n_k * q.shape[0] * q.shape[1]))
+    if n_q <= chunk:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(chunk, dim=-2)], dim=-2)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over the pixels, with 1x1 convolutions `q`, `k`, `v`, `proj_out`."""
 
@@ -80,7 +94,7 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
         # [B, C, H, W] -> [B, 1, HW, C] views; one head of width C, scale 1/sqrt(C)
         q, k, v = (conv(hn).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = _chunked_attention(q, k, v)
         # contiguous channels-first again: the convolutions after this block are slow on channels-last strides
         return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(b, c, h, w).contiguous())
 

@@ -142,3 +142,21 @@ def test_vae_nodes_take_a_tiled_input_and_refuse_other_modes(tmp_path):
     executor = Executor(load_registry(), Environment(output_dir=tmp_path, model_dirs=(Path(__file__).parents[2] / "ldmgraph/assets/models",)))
     with pytest.raises(ValidationError, match="tiled"):
         executor.validate(_decode_workflow("sometimes"), outputs=["decode"])
+
+
+def test_big_latents_attend_in_chunks_with_the_same_result(monkeypatch):
+    """The mid block's attention over many latent pixels runs in query chunks (bounded memory)."""
+    import torch.nn.functional as F
+
+    from ldmgraph.models import autoencoder
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 1000, 32) for _ in range(3))
+    reference = F.scaled_dot_product_attention(q, k, v)
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(autoencoder, "ATTENTION_CHUNK_BYTES", 4 * 1000 * 300)
+    monkeypatch.setattr(autoencoder.F, "scaled_dot_product_attention", lambda *a: calls.append(1) or real(*a))
+    out = autoencoder._chunked_attention(q, k, v)
+    assert len(calls) == 4  # 300 queries per chunk
+    torch.testing.assert_close(out, reference)
