@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ldmgraph.models.checkpoint import load_checkpoint
-from ldmgraph.models.tiling import border_positions, seam_score
+from ldmgraph.models.vae_tiling import border_positions, seam_score
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "ldmgraph/assets/models/ldmgraph-shapes-txt2img.safetensors"
@@ -85,7 +85,7 @@ def main() -> None:
           f"mean |tiled - full| = {mean_abs * 255:.3f}/255, seam score {seams:.3f}", flush=True)
     if args.random_too:
         sys.path.insert(0, str(ROOT / "tests/models"))
-        from test_tiling import _sd_shaped_vae
+        from test_vae_tiling import _sd_shaped_vae
 
         r_mean, r_seams = agreement(_sd_shaped_vae(), args.size, args.tile, args.overlap)
         print(f"random SD-shaped autoencoder (untrained, chaotic): {r_mean * 255:.3f}/255, seams {r_seams:.3f}")

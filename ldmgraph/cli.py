@@ -41,6 +41,8 @@ LAZY_SUBCOMMANDS: dict[str, tuple[str, str] | str] = {
     "evaluate": ("ldmgraph.train.cli", "score the bundled models with the procedural judge"),
     "import": ("ldmgraph.interop.cli", "convert a ComfyUI workflow (API or UI JSON, or PNG) to ldmgraph/1"),
     "batch": ("ldmgraph.batch.cli", "run a saved workflow once per row of a CSV/JSONL table, locally or on Ray"),
+    "serve": ("ldmgraph.server.cli", "serve ComfyUI's HTTP/websocket API on a persistent queue, and its editor"),
+    "convert": ("ldmgraph.models.convert", "convert a pickled checkpoint (.ckpt) to .safetensors, running none of its code"),
 }
 
 

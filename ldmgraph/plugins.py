@@ -57,6 +57,7 @@ BUILTIN_PLUGIN_MODULES: list[str] = [
     "ldmgraph.nodes.latent",
     "ldmgraph.nodes.sampling",
     "ldmgraph.nodes.image_ops",
+    "ldmgraph.nodes.paper",
 ]
 
 
@@ -78,6 +79,12 @@ class HookSpecs:
     @hookspec
     def ldmgraph_conditioners(self) -> dict[str, Callable[..., Any] | str]:  # type: ignore[empty-body]
         """Text/image conditioners by name."""
+
+    @hookspec
+    def ldmgraph_derived_nodes(self, registry: Registry) -> list[type[Node]]:  # type: ignore[empty-body]
+        """Node classes made from what is registered (e.g. one options node per sampler), asked
+        again after every plugin registers; return only the ones not yet in ``registry.nodes``.
+        A node's ``derived_from = (kind, name)`` credits it to the plugin that registered that name."""
 
 
 class PluginManager:
@@ -117,6 +124,7 @@ class PluginManager:
         try:
             self._pm.register(plugin, name=name)
             self._collect(plugin, status)
+            self._derive()
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
             self.registry.restore(snapshot)  # all or nothing: no half-registered plugin
             status.nodes.clear()
@@ -182,6 +190,17 @@ class PluginManager:
             for key, value in entries.items():
                 self.registry.add_callable(table, key, value, status.name)
                 getattr(status, table).append(key)
+
+    def _derive(self) -> None:
+        """Add the derived nodes that the registry's current contents call for."""
+        for impl in self._pm.hook.ldmgraph_derived_nodes.get_hookimpls():
+            for cls in impl.function(registry=self.registry) or []:
+                kind, name = getattr(cls, "derived_from", ("", ""))
+                owner = self.registry.owner(kind, name) or impl.plugin_name
+                self.registry.add_node(cls, owner)
+                for status in self.registry.plugins:
+                    if status.name == owner and cls.type_name not in status.nodes:
+                        status.nodes.append(cls.type_name)
 
     @staticmethod
     def _fail(status: PluginStatus, exc: BaseException) -> None:

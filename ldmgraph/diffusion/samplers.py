@@ -1,14 +1,18 @@
-"""Samplers: plain functions `(model, x, sigmas, extra_args, callback, generator, ...) -> x`.
+"""Samplers: plain functions `(model, x, sigmas, extra_args, callback, noise_sampler, **options) -> x`.
 
-`model(x, sigma, **extra_args)` is a denoiser returning x0 (see denoiser.py; sigma is a CPU
-tensor `[B]`). x lives in the variance-exploding parameterisation x = x0 + sigma * eps, starts
-at x = noise * sigmas[0] (or noise * sqrt(1 + sigmas[0]^2) from pure noise) and ends at
-sigmas[-1] = 0. Stochastic samplers draw their per-step noise from `noise_sampler(sigma,
-sigma_next)` (floats); by default it draws from `generator` on the CPU. After each network
+One contract for built-in and plugin samplers. `model(x, sigma, **extra_args)` is a denoiser
+returning x0 (see denoiser.py; sigma is a CPU tensor `[B]`). x lives in the variance-exploding
+parameterisation x = x0 + sigma * eps, starts at the noised latent (sampling.py chooses the start
+noise scale) and ends at sigmas[-1] (0 for a full run). Stochastic samplers draw their per-step
+noise from `noise_sampler(sigma, sigma_next)` (floats), which the caller builds from the run's
+noise source and convention (noise.py); without one they draw unseeded noise. After each network
 evaluation `callback({"i", "sigma", "x", "denoised"})` runs; it may raise `Cancelled` to stop.
+A sampler's own options (eta, s_noise, order, ...) are keyword arguments declared with types,
+bounds and defaults in registry.py (`SamplerOption`), which is what the graph shows and checks.
 
 Agreement with diffusers (tests/diffusion/test_reference.py, same network, same starting
-noise, same per-step noise; "T" = num_train_timesteps, SD's scaled_linear betas):
+noise, same per-step noise; tests/workflows/test_diffusers_equivalence.py, whole workflows against
+`StableDiffusionPipeline`; "T" = num_train_timesteps, SD's scaled_linear betas):
 
 | ldmgraph sampler + schedule  | diffusers scheduler and settings                                              |
 |------------------------------|-------------------------------------------------------------------------------|
@@ -23,19 +27,25 @@ noise, same per-step noise; "T" = num_train_timesteps, SD's scaled_linear betas)
 | dpmpp_2m_sde + karras        | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2,  |
 |                              |   use_karras_sigmas=True), per-step noise passed as variance_noise             |
 | dpmpp_sde + normal           | DPMSolverSDEScheduler(timestep_spacing="linspace"), its noise_sampler replaced |
-| ddim (eta 0 or 1) + ddim_uniform | DDIMScheduler(steps_offset=1, timestep_spacing="leading",                  |
-|                              |   set_alpha_to_one=True, clip_sample=False), start x = noise*sqrt(1+sigma0^2) |
-| ddpm + ddim_uniform          | DDPMScheduler(steps_offset=1, timestep_spacing="leading", clip_sample=False,   |
+| ddim (eta 0 or 1) + leading  | DDIMScheduler(steps_offset=1, timestep_spacing="leading", clip_sample=False,   |
+|                              |   set_alpha_to_one=True; False with final_alpha="first"), start_noise "vp"    |
+| ddpm + leading               | DDPMScheduler(steps_offset=1, timestep_spacing="leading", clip_sample=False,   |
 |                              |   variance_type="fixed_small")                                                 |
 | dpm_2 + normal               | KDPM2DiscreteScheduler(timestep_spacing="linspace")                            |
 | dpm_2_ancestral + normal     | KDPM2AncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
-| plms + ddim_uniform          | PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True)      |
+| plms + leading               | PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True;      |
+|                              |   False with final_alpha="first")                                              |
 | uni_pc_bh2 (order 2, 3) + sgm_uniform / karras | UniPCMultistepScheduler(solver_type="bh2", solver_order=2 / 3) |
 | uni_pc (order 2, 3)          | UniPCMultistepScheduler(solver_type="bh1", final_sigmas_type="sigma_min")      |
 
-Notes: DDIMScheduler with SD's set_alpha_to_one=False stops at sigma(t=0) = 0.029 instead of 0,
-so its last latent still holds that much noise; ours ends at sigma 0 (its x0). diffusers' UniPC
-with bh1 returns NaN on a step to sigma 0 (it divides by B(h) = h = infinity); ours takes the x0
+Start noise ("start_noise" of the noise source, noise.py): diffusers' Euler, Heun and LMS with
+"linspace" spacing start at noise * sigma_max ("sigma"); its DDIM, PNDM, DDPM, DPM-Solver and UniPC
+at noise in VP space, noise * sqrt(1 + sigma0^2) here ("vp"); "auto" is ComfyUI's rule.
+
+Notes: DDIMScheduler and PNDMScheduler with SD's set_alpha_to_one=False stop at sigma(t=0) = 0.029
+instead of 0, so their last latent still holds that much noise: the option final_alpha="first"
+does the same (and returns that latent as the network saw it, x / sqrt(1 + sigma^2)); the default
+"one" ends at sigma 0 (the x0 prediction). diffusers' UniPC with bh1 returns NaN on a step to sigma 0 (it divides by B(h) = h = infinity); ours takes the x0
 prediction there, as every order-1 step to sigma 0 does.
 """
 
@@ -62,7 +72,8 @@ Callback = Callable[[dict[str, Any]], None] | None
 
 
 def default_noise_sampler(x: Tensor, generator: torch.Generator | None = None) -> NoiseSampler:
-    """Gaussian noise shaped like x, drawn on the CPU (stable across devices) and moved to x's device."""
+    """Gaussian noise shaped like x, drawn on the CPU (stable across devices) and moved to x's
+    device; unseeded unless a generator is given (runs through the graph always pass their own)."""
 
     def draw(sigma: float, sigma_next: float) -> Tensor:
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32, device="cpu")
@@ -95,6 +106,22 @@ def _euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) ->
     return torch.lerp(x, denoised, 1.0 - sigma_next / sigma)
 
 
+def _final_levels(model: Denoise, sigmas: Tensor, final_alpha: str) -> list[float]:
+    """The noise levels, with a last 0 replaced by sigma(t=0) when final_alpha is "first"
+    (the model's smallest training sigma, read from its noise schedule)."""
+    levels = _levels(sigmas)
+    if final_alpha == "first" and len(levels) > 1 and levels[-1] == 0:
+        levels[-1] = float(model.noise_schedule.sigma_min)
+    return levels
+
+
+def _final_output(x: Tensor, levels: list[float], sigmas: Tensor, final_alpha: str) -> Tensor:
+    """With final_alpha "first", the last latent as the network sees it, x * sqrt(alpha_bar(0))."""
+    if final_alpha == "first" and len(levels) > 1 and float(sigmas[-1]) == 0:
+        return x / math.sqrt(1 + levels[-1] ** 2)
+    return x
+
+
 def _report(callback: Callback, i: int, sigma: float, x: Tensor, denoised: Tensor) -> None:
     if callback is not None:
         callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised})
@@ -110,7 +137,7 @@ def euler(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2, no churn)."""
     extra, levels = extra_args or {}, _levels(sigmas)
@@ -129,7 +156,7 @@ def heun(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Algorithm 1); Euler for the step to sigma 0."""
     extra, levels = extra_args or {}, _levels(sigmas)
@@ -154,7 +181,7 @@ def dpm_2(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver-2 (Lu et al. 2022, Algorithm 1) in k-diffusion's form: midpoint at the
     geometric mean of sigma and sigma_next."""
@@ -197,7 +224,7 @@ def lms(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
     order: int = 4,
 ) -> Tensor:
     """Linear multistep (Adams-Bashforth in sigma) over the last `order` derivatives (k-diffusion)."""
@@ -219,7 +246,7 @@ def dpmpp_2m(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) in lambda = -log(sigma); first order at the
     first step and at the step to sigma 0."""
@@ -249,14 +276,15 @@ def ddim(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
-    eta: float = 0.0,
     noise_sampler: NoiseSampler | None = None,
+    eta: float = 0.0,
+    final_alpha: str = "one",
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) written for x / sqrt(alpha_bar); eta 0 is deterministic
-    (and equals Euler in sigma), eta 1 is DDPM-like ancestral sampling."""
-    extra, levels = extra_args or {}, _levels(sigmas)
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    (and equals Euler in sigma), eta 1 is DDPM-like ancestral sampling. final_alpha "first" ends
+    at alpha_bar(t=0) instead of 1 (diffusers' set_alpha_to_one=False)."""
+    extra, levels = extra_args or {}, _final_levels(model, sigmas, final_alpha)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         denoised = model(x, _at(x, sigma), **extra)
@@ -267,7 +295,7 @@ def ddim(
         x = torch.lerp(x, denoised, 1.0 - direction / sigma)  # x0 + direction * eps
         if eta and sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * (std / math.sqrt(alpha_bar_next))
-    return x
+    return _final_output(x, levels, sigmas, final_alpha)
 
 
 @torch.no_grad()
@@ -277,12 +305,14 @@ def plms(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
+    final_alpha: str = "one",
 ) -> Tensor:
     """Pseudo linear multistep (Liu et al. 2022, PNDM, eq. 12 with the 4th-order Adams-Bashforth
     combination of eps); the first step uses the pseudo improved-Euler warm-up of the original
-    LDM PLMS sampler, each step a DDIM (eta 0) transfer with the combined eps."""
-    extra, levels = extra_args or {}, _levels(sigmas)
+    LDM PLMS sampler, each step a DDIM (eta 0) transfer with the combined eps. final_alpha as for
+    ddim."""
+    extra, levels = extra_args or {}, _final_levels(model, sigmas, final_alpha)
     history: list[Tensor] = []
     weights = {
         1: [1.0],
@@ -306,7 +336,7 @@ def plms(
         _report(callback, i, sigma, x, x - sigma * eps_used)
         x = x + eps_used * (sigma_next - sigma)
         history = [eps, *history][:3]
-    return x
+    return _final_output(x, levels, sigmas, final_alpha)
 
 
 # ---------------------------------------------------------------- ancestral and SDE samplers
@@ -319,14 +349,13 @@ def euler_ancestral(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Ancestral Euler: an Euler step to sigma_down, then fresh noise of std sigma_up (k-diffusion)."""
     extra, levels = extra_args or {}, _levels(sigmas)
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         denoised = model(x, _at(x, sigma), **extra)
@@ -345,14 +374,13 @@ def dpm_2_ancestral(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Ancestral DPM-Solver-2: the dpm_2 step to sigma_down, then noise of std sigma_up (k-diffusion)."""
     extra, levels = extra_args or {}, _levels(sigmas)
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         denoised = model(x, _at(x, sigma), **extra)
@@ -371,13 +399,12 @@ def ddpm(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
     noise_sampler: NoiseSampler | None = None,
 ) -> Tensor:
     """Ancestral DDPM: sample the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eqs. 6-7),
     written for x / sqrt(alpha_bar) with alpha_bar = 1 / (1 + sigma^2)."""
     extra, levels = extra_args or {}, _levels(sigmas)
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
         denoised = model(x, _at(x, sigma), **extra)
@@ -401,14 +428,15 @@ def dpmpp_2m_sde(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise_sampler: NoiseSampler | None = None,
+    solver_type: str = "midpoint",
 ) -> Tensor:
-    """SDE-DPM-Solver++(2M) with the midpoint correction (Lu et al. 2022b, Appendix; k-diffusion)."""
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022b, Appendix; k-diffusion), with the midpoint or Heun
+    second-order correction."""
     extra, levels = extra_args or {}, _levels(sigmas)
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
     old_denoised: Tensor | None = None
     h_last = 0.0
     for i in range(len(levels) - 1):
@@ -423,7 +451,11 @@ def dpmpp_2m_sde(
         decay = -math.expm1(-h - eta_h)
         x = torch.add(x * (sigma_next / sigma * math.exp(-eta_h)), denoised, alpha=decay)
         if old_denoised is not None:
-            x = x + (denoised - old_denoised) * (0.5 * decay * h / h_last)
+            if solver_type == "heun":
+                weight = 1 - decay / (h + eta_h)
+            else:
+                weight = 0.5 * decay
+            x = x + (denoised - old_denoised) * (weight * h / h_last)
         if eta:
             x = x + noise_sampler(sigma, sigma_next) * (
                 sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise
@@ -439,10 +471,9 @@ def dpmpp_sde(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise_sampler: NoiseSampler | None = None,
     r: float = 0.5,
 ) -> Tensor:
     """DPM-Solver++ (stochastic, 2 stages at ratio r = 1/2; k-diffusion's DPM-Solver++(2S) SDE).
@@ -450,7 +481,7 @@ def dpmpp_sde(
     k-diffusion and diffusers feed it Brownian-tree noise (torchsde); our default noise sampler
     draws independent Gaussians per sub-step, and any Brownian sampler can be passed instead."""
     extra, levels = extra_args or {}, _levels(sigmas)
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
     fac = 1 / (2 * r)
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
@@ -543,7 +574,7 @@ def uni_pc(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
     order: int = 3,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023): multistep predictor UniP with the corrector UniC after every step,
@@ -558,7 +589,7 @@ def uni_pc_bh2(
     sigmas: Tensor,
     extra_args: dict | None = None,
     callback: Callback = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: NoiseSampler | None = None,
     order: int = 3,
 ) -> Tensor:
     """UniPC with B(h) = e^h - 1 ("bh2"), which the UniPC authors recommend for guided sampling."""

@@ -1,7 +1,11 @@
-"""Sigma schedules for sampling: `fn(n, noise_schedule) -> n + 1 sigmas, decreasing, ending in 0`.
+"""Sigma schedules for sampling: `fn(n, noise_schedule) -> decreasing sigmas ending in 0`.
 
-The names and definitions are the ones ComfyUI users know (see docs/REFERENCE.md); each is
-registered by name through the `ldmgraph_schedules` hook (ldmgraph/diffusion/registry.py).
+Each ComfyUI-named schedule (normal, karras, exponential, simple, sgm_uniform, ddim_uniform,
+beta) gives ComfyUI's sigmas for the same model and step count (its `comfy/samplers.py`
+schedulers, restated in each docstring); `leading` and `trailing` are diffusers' timestep
+spacings for its DDIM-family schedulers. Each is registered by name through the
+`ldmgraph_schedules` hook (ldmgraph/diffusion/registry.py). Most return n + 1 sigmas; ComfyUI's
+ddim_uniform and beta may return a different count, as ComfyUI's do.
 """
 
 from __future__ import annotations
@@ -30,17 +34,27 @@ def sgm_uniform(n: int, noise_schedule: NoiseSchedule) -> Tensor:
     return _append_zero(noise_schedule.t_to_sigma(torch.linspace(t_max, 0, n + 1)[:-1]))
 
 
-def karras(n: int, noise_schedule: NoiseSchedule, rho: float = 7.0) -> Tensor:
-    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho), rho = 7."""
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022, eq. 5: n sigmas evenly spaced in sigma^(1/rho) from sigma_max to
+    sigma_min, then 0."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
-    min_inv, max_inv = noise_schedule.sigma_min ** (1 / rho), noise_schedule.sigma_max ** (1 / rho)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _append_zero((max_inv + ramp * (min_inv - max_inv)) ** rho)
 
 
+def karras(n: int, noise_schedule: NoiseSchedule, rho: float = 7.0) -> Tensor:
+    """Karras sigmas between the model's smallest and largest training sigma, rho = 7."""
+    return karras_sigmas(n, noise_schedule.sigma_min, noise_schedule.sigma_max, rho)
+
+
+def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """n sigmas evenly spaced in log-sigma from sigma_max to sigma_min, then 0."""
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n).exp())
+
+
 def exponential(n: int, noise_schedule: NoiseSchedule) -> Tensor:
-    """Sigmas evenly spaced in log-sigma from sigma_max to sigma_min."""
-    log_sigmas = torch.linspace(math.log(noise_schedule.sigma_max), math.log(noise_schedule.sigma_min), n)
-    return _append_zero(log_sigmas.exp())
+    """Exponential sigmas between the model's smallest and largest training sigma."""
+    return exponential_sigmas(n, noise_schedule.sigma_min, noise_schedule.sigma_max)
 
 
 def simple(n: int, noise_schedule: NoiseSchedule) -> Tensor:
@@ -51,10 +65,28 @@ def simple(n: int, noise_schedule: NoiseSchedule) -> Tensor:
 
 
 def ddim_uniform(n: int, noise_schedule: NoiseSchedule) -> Tensor:
-    """Timesteps 1 + k * (T // n), high to low: DDIM's "uniform" discretisation (Song et al. 2021,
-    original code) = diffusers' "leading" spacing with steps_offset=1."""
+    """ComfyUI's ddim_uniform: every timestep 1 + k * max(T // n, 1) below T, high to low, then 0.
+    With T = 1000 that is one more than n steps when T // n does not divide 999 (n = 6: seven
+    steps from t = 997); when sigma(t=1) is 0 (zero-terminal-SNR schedules) the last one is
+    dropped by ComfyUI's step count instead."""
     stride = max(noise_schedule.timesteps // n, 1)
-    timesteps = torch.arange(1, noise_schedule.timesteps, stride)[:n].flip(0)
+    timesteps = torch.arange(1, noise_schedule.timesteps, stride).flip(0)
+    return _append_zero(noise_schedule.sigmas[timesteps])
+
+
+def leading(n: int, noise_schedule: NoiseSchedule, steps_offset: int = 1) -> Tensor:
+    """diffusers' "leading" timestep spacing: timesteps k * (T // n) + steps_offset, k = n-1..0
+    (DDIM's "uniform" discretisation, Song et al. 2021; with steps_offset = 1, SD's scheduler
+    configuration), then 0."""
+    stride = max(noise_schedule.timesteps // n, 1)
+    timesteps = (torch.arange(n) * stride + steps_offset).clamp(max=noise_schedule.timesteps - 1).flip(0)
+    return _append_zero(noise_schedule.sigmas[timesteps])
+
+
+def trailing(n: int, noise_schedule: NoiseSchedule) -> Tensor:
+    """diffusers' "trailing" timestep spacing: round(T - k * T / n) - 1, k = 0..n-1, then 0."""
+    T = noise_schedule.timesteps
+    timesteps = (torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1).long()[:n]
     return _append_zero(noise_schedule.sigmas[timesteps])
 
 

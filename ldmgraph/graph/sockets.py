@@ -80,6 +80,30 @@ class TEXT_ENCODER(Socket):
     name = "TEXT_ENCODER"
 
 
+class SIGMAS(Socket):
+    """Noise levels to sample over: a 1-D float32 tensor, decreasing (a schedule, split or joined)."""
+
+    name = "SIGMAS"
+
+
+class SAMPLER(Socket):
+    """A sampler with its options: ``ldmgraph.diffusion.sampling.SamplerChoice``."""
+
+    name = "SAMPLER"
+
+
+class GUIDER(Socket):
+    """A model with its conditionings and guidance: ``ldmgraph.diffusion.sampling.Guider``."""
+
+    name = "GUIDER"
+
+
+class NOISE(Socket):
+    """A noise source (seed, on/off, convention): ``ldmgraph.diffusion.noise.Noise``."""
+
+    name = "NOISE"
+
+
 class INT(Socket):
     """Python int (never bool), within the 64-bit range (signed minimum, unsigned maximum, as
     seeds need); a node may narrow it with ``ge`` / ``le``."""
@@ -169,7 +193,8 @@ class ENUM(STRING):
 
 
 BUILTIN_SOCKETS: tuple[type[Socket], ...] = (
-    IMAGE, MASK, LATENT, CONDITIONING, MODEL, VAE, TEXT_ENCODER, INT, FLOAT, STRING, BOOLEAN, ENUM,
+    IMAGE, MASK, LATENT, CONDITIONING, MODEL, VAE, TEXT_ENCODER, SIGMAS, SAMPLER, GUIDER, NOISE,
+    INT, FLOAT, STRING, BOOLEAN, ENUM,
 )
 
 

@@ -29,6 +29,11 @@ def _image_filter(value: Any) -> Any:
     return "nearest" if value == "nearest-exact" else value
 
 
+COMFYUI_CONVENTION: dict[str, Any] = {"convention": "comfyui"}
+"""Set on every imported node that draws noise: ComfyUI's batch and ancestral noise and its
+integer timesteps (see ldmgraph/diffusion/noise.py), so an imported graph gives ComfyUI's images."""
+
+
 @dataclass(frozen=True)
 class NodeMapping:
     """How one ComfyUI class becomes one ldmgraph node."""
@@ -82,6 +87,7 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         ("latent",),
         ("seed", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
         seed_widgets=frozenset({"seed"}),
+        extra=dict(COMFYUI_CONVENTION),
     ),
     "KSamplerAdvanced": NodeMapping(
         "SamplerAdvanced",
@@ -114,6 +120,93 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         ),
         seed_widgets=frozenset({"noise_seed"}),
         convert={"add_noise": _enable_flag, "return_with_leftover_noise": _enable_flag},
+        extra=dict(COMFYUI_CONVENTION),
+    ),
+    # custom sampling (comfy_extras/nodes_custom_sampler.py): SIGMAS, SAMPLER, GUIDER, NOISE
+    "KSamplerSelect": NodeMapping("SamplerSelect", {"sampler_name": "sampler"}, ("sampler",), ("sampler_name",)),
+    "SamplerEulerAncestral": NodeMapping(
+        "SamplerSelect.euler_ancestral", {"eta": "eta", "s_noise": "s_noise"}, ("sampler",), ("eta", "s_noise")
+    ),
+    "SamplerDPMPP_2M_SDE": NodeMapping(
+        "SamplerSelect.dpmpp_2m_sde",
+        {"solver_type": "solver_type", "eta": "eta", "s_noise": "s_noise"},
+        ("sampler",),
+        ("solver_type", "eta", "s_noise", "noise_device"),
+    ),
+    "BasicScheduler": NodeMapping(
+        "Scheduler",
+        {"model": "model", "scheduler": "schedule", "steps": "steps", "denoise": "denoise"},
+        ("sigmas",),
+        ("scheduler", "steps", "denoise"),
+    ),
+    "KarrasScheduler": NodeMapping(
+        "KarrasScheduler",
+        {"steps": "steps", "sigma_max": "sigma_max", "sigma_min": "sigma_min", "rho": "rho"},
+        ("sigmas",),
+        ("steps", "sigma_max", "sigma_min", "rho"),
+    ),
+    "ExponentialScheduler": NodeMapping(
+        "ExponentialScheduler",
+        {"steps": "steps", "sigma_max": "sigma_max", "sigma_min": "sigma_min"},
+        ("sigmas",),
+        ("steps", "sigma_max", "sigma_min"),
+    ),
+    "SplitSigmas": NodeMapping(
+        "SplitSigmas", {"sigmas": "sigmas", "step": "step"}, ("high_sigmas", "low_sigmas"), ("step",)
+    ),
+    "FlipSigmas": NodeMapping("FlipSigmas", {"sigmas": "sigmas"}, ("sigmas",)),
+    "CFGGuider": NodeMapping(
+        "CFGGuider",
+        {"model": "model", "positive": "positive", "negative": "negative", "cfg": "cfg"},
+        ("guider",),
+        ("cfg",),
+    ),
+    "BasicGuider": NodeMapping("BasicGuider", {"model": "model", "conditioning": "conditioning"}, ("guider",)),
+    "DualCFGGuider": NodeMapping(
+        "DualCFGGuider",
+        {
+            "model": "model",
+            "cond1": "cond1",
+            "cond2": "cond2",
+            "negative": "negative",
+            "cfg_conds": "cfg_conds",
+            "cfg_cond2_negative": "cfg_cond2_negative",
+        },
+        ("guider",),
+        ("cfg_conds", "cfg_cond2_negative"),
+    ),
+    "RandomNoise": NodeMapping(
+        "RandomNoise",
+        {"noise_seed": "noise_seed"},
+        ("noise",),
+        ("noise_seed",),
+        seed_widgets=frozenset({"noise_seed"}),
+        extra=dict(COMFYUI_CONVENTION),
+    ),
+    "DisableNoise": NodeMapping("DisableNoise", {}, ("noise",), extra=dict(COMFYUI_CONVENTION)),
+    "SamplerCustom": NodeMapping(
+        "SamplerCustom",
+        {
+            "model": "model",
+            "add_noise": "add_noise",
+            "noise_seed": "noise_seed",
+            "cfg": "cfg",
+            "positive": "positive",
+            "negative": "negative",
+            "sampler": "sampler",
+            "sigmas": "sigmas",
+            "latent_image": "latent",
+        },
+        ("output", "denoised_output"),
+        ("add_noise", "noise_seed", "cfg"),
+        seed_widgets=frozenset({"noise_seed"}),
+        convert={"add_noise": _enable_flag},
+        extra=dict(COMFYUI_CONVENTION),
+    ),
+    "SamplerCustomAdvanced": NodeMapping(
+        "SamplerCustomAdvanced",
+        {"noise": "noise", "guider": "guider", "sampler": "sampler", "sigmas": "sigmas", "latent_image": "latent"},
+        ("output", "denoised_output"),
     ),
     "VAEEncode": NodeMapping("VAEEncode", {"pixels": "image", "vae": "vae"}, ("latent",)),
     "VAEDecode": NodeMapping("VAEDecode", {"samples": "latent", "vae": "vae"}, ("image",)),
@@ -212,6 +305,7 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         {"images": "images", "filename_prefix": "filename_prefix"},
         (),
         ("filename_prefix",),
+        extra={"quantize": "truncate"},  # ComfyUI writes clip(255 x) truncated to uint8
     ),
     "PreviewImage": NodeMapping("PreviewImage", {"images": "images"}, ()),
 }

@@ -29,7 +29,7 @@ class GroupNorm32(nn.GroupNorm):
     because the variance of large activations overflows fp16.
     """
 
-    # set by `ldmgraph.models.tiling.tile_norms` while an image is processed in tiles
+    # set by `ldmgraph.models.vae_tiling.tile_norms` while an image is processed in tiles
     tile_state: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -152,13 +152,22 @@ class _Level(nn.Module):
         return h
 
 
-class _Mid(nn.Module):
-    """The bottleneck: `block_1`, `attn_1`, `block_2`."""
+def _attn(channels: int, norm_groups: int, attn_type: str) -> nn.Module:
+    """The original `make_attn`: "vanilla" self-attention, or "none" (an identity without weights)."""
+    if attn_type == "vanilla":
+        return AttnBlock(channels, norm_groups)
+    if attn_type == "none":
+        return nn.Identity()
+    raise ValueError(f"autoencoder: attn_type {attn_type!r} is not supported: use 'vanilla' or 'none'")
 
-    def __init__(self, channels: int, dropout: float, norm_groups: int) -> None:
+
+class _Mid(nn.Module):
+    """The bottleneck: `block_1`, `attn_1` (no weights when attn_type is "none"), `block_2`."""
+
+    def __init__(self, channels: int, dropout: float, norm_groups: int, attn_type: str = "vanilla") -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout, norm_groups=norm_groups)
-        self.attn_1 = AttnBlock(channels, norm_groups)
+        self.attn_1 = _attn(channels, norm_groups, attn_type)
         self.block_2 = ResnetBlock(channels, channels, dropout, norm_groups=norm_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +191,7 @@ class Encoder(nn.Module):
         dropout: float = 0.0,
         resamp_with_conv: bool = True,
         norm_groups: int = 32,
+        attn_type: str = "vanilla",
         **ignored: Any,
     ) -> None:
         super().__init__()
@@ -198,12 +208,12 @@ class Encoder(nn.Module):
                 level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, norm_groups))
+                    level.attn.append(_attn(block_in, norm_groups, attn_type))
             if i_level != len(ch_mult) - 1:
                 level.set_resample("downsample", Downsample(block_in, resamp_with_conv))
                 curr_res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, dropout, norm_groups)
+        self.mid = _Mid(block_in, dropout, norm_groups, attn_type)
         self.norm_out = _norm(block_in, norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
@@ -240,6 +250,7 @@ class Decoder(nn.Module):
         give_pre_end: bool = False,
         tanh_out: bool = False,
         norm_groups: int = 32,
+        attn_type: str = "vanilla",
         **ignored: Any,
     ) -> None:
         super().__init__()
@@ -248,7 +259,7 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[-1]
         curr_res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout, norm_groups)
+        self.mid = _Mid(block_in, dropout, norm_groups, attn_type)
         levels: list[_Level] = []
         for i_level in reversed(range(len(ch_mult))):
             level = _Level()
@@ -257,7 +268,7 @@ class Decoder(nn.Module):
                 level.block.append(ResnetBlock(block_in, block_out, dropout, norm_groups=norm_groups))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, norm_groups))
+                    level.attn.append(_attn(block_in, norm_groups, attn_type))
             if i_level != 0:
                 level.set_resample("upsample", Upsample(block_in, resamp_with_conv))
                 curr_res *= 2

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmgraph.models import configs
 from ldmgraph.models.detection import (
     CheckpointInfo,
     bundled_metadata,
+    default_scale_factor,
     detect,
     detect_text_encoder,
     detect_unet_config,
@@ -49,6 +49,8 @@ from ldmgraph.models.files import (
     read_state_dict,
 )
 from ldmgraph.models.header import inspect_model
+from ldmgraph.models.paper import cond_stage_module, detect_paper
+from ldmgraph.models.vq import autoencoder_class
 
 __all__ = [
     "CLIP_PREFIX", "OPENCLIP_PREFIX", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "UNET_PREFIX", "VAE_PREFIX",
@@ -178,6 +180,7 @@ def load_checkpoint(
     allow_pickle: bool = False,
     text_encoder: bool = True,
     progress: Any = None,
+    config: str | Path | None = None,
 ) -> Any:
     """Load a whole checkpoint (single file, bundled, or diffusers folder) into a `Checkpoint` of handles.
 
@@ -186,6 +189,8 @@ def load_checkpoint(
     `prediction_type` overrides the detected one (needed for SD 2.x 768-v files, see the module
     docstring). `text_encoder=False` skips the text encoder. `progress(k, n)`, if given, is called
     as the parts are read (header, U-Net, autoencoder, text encoder); not at all on a cache hit.
+    `config` names the original YAML config (the LDM paper's releases; default: `config.yaml` beside
+    the file, or the one `ldmgraph convert` stored).
     """
     torch_dtype = _torch_dtype(dtype)
     key = (
@@ -196,12 +201,13 @@ def load_checkpoint(
         prediction_type,
         allow_pickle,
         text_encoder,
+        file_identity(config) if config is not None else None,
     )
     return _cached(
         cache,
         key,
         lambda: _load_checkpoint(
-            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder, progress
+            Path(path), cache, torch_dtype, device, prediction_type, allow_pickle, text_encoder, progress, config
         ),
     )
 
@@ -215,6 +221,7 @@ def _load_checkpoint(
     allow_pickle: bool,
     with_text: bool,
     progress: Any = None,
+    config: str | Path | None = None,
 ) -> Any:
     from ldmgraph.models.handles import Checkpoint
 
@@ -234,9 +241,12 @@ def _load_checkpoint(
             text_encoder=with_text,
         )
     state = read_state_dict(path, allow_pickle=allow_pickle)
-    info = detect(state, prediction_type=prediction_type)
+    info = detect_paper(state, config=config, prediction_type=prediction_type) or detect(
+        state, prediction_type=prediction_type
+    )
     report(1, 4)
     unet = unet_handle(state.sub(UNET_PREFIX), info, dtype)
+    unet.cond_stage_model = cond_stage_module(state, info, dtype)  # the paper's class / map conditioners
     report(2, 4)
     vae = vae_handle(state.sub(VAE_PREFIX), info, dtype) if info.vae else None
     report(3, 4)
@@ -264,11 +274,10 @@ def unet_handle(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.d
 
 
 def vae_handle(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.dtype | None) -> Any:
-    from ldmgraph.models.autoencoder import AutoencoderKL
     from ldmgraph.models.handles import VAEHandle
 
     assert info.vae is not None
-    module = _build(AutoencoderKL, info.vae, info.path, "autoencoder")
+    module = _build(autoencoder_class(info.vae), info.vae, info.path, "autoencoder")
     assign_weights(module, weights, path=info.path, component="autoencoder", dtype=dtype, ignore=[r"^loss\."])
     return VAEHandle(module, scale_factor=info.scale_factor, info=info)
 
@@ -361,7 +370,7 @@ def _load_vae(
         elif scale is not None and scale.numel() == 1:
             scale_factor = float(scale)
         else:
-            scale_factor = configs.SD_SCALE_FACTOR
+            scale_factor = default_scale_factor(config)
     info = CheckpointInfo(
         path=str(path),
         layout="single-file",

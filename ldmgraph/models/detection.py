@@ -33,6 +33,7 @@ from ldmgraph.models.files import (
     StateDict,
     UnknownArchitectureError,
 )
+from ldmgraph.models.vq import detect_vq_config
 
 # --- detection --------------------------------------------------------------------------------
 
@@ -142,9 +143,11 @@ def _largest_group_count(channels: int) -> int:
 def detect_vae_config(vae: Mapping[str, Tensor], path: str | Path) -> dict[str, Any]:
     """AutoencoderKL kwargs (`ddconfig`, `embed_dim`) from autoencoder weights (prefix removed)."""
     keys = set(vae)
-    if _has(keys, "quantize.") or _has(keys, "quantize_"):
+    vq = "quantize.embedding.weight" in keys  # the paper's VQ autoencoders (codebook lookup at decode)
+    if not vq and (_has(keys, "quantize.") or _has(keys, "quantize_")):
         raise UnknownArchitectureError(
-            path, "the autoencoder is a VQ model (quantize.* keys); only KL autoencoders are supported"
+            path, "the autoencoder is a VQ model of an unknown layout (quantize.* keys without "
+            "quantize.embedding.weight)"
         )
     try:
         conv_in = vae["encoder.conv_in.weight"]
@@ -180,7 +183,8 @@ def detect_vae_config(vae: Mapping[str, Tensor], path: str | Path) -> dict[str, 
     }
     if ch % 32:
         ddconfig["norm_groups"] = _largest_group_count(ch)
-    return {"ddconfig": ddconfig, "embed_dim": int(quant.shape[0]) // 2}
+    config = {"ddconfig": ddconfig, "embed_dim": int(quant.shape[0]) // 2}
+    return detect_vq_config(vae, config) if vq else config
 
 
 def detect_text_encoder(state: StateDict) -> dict[str, Any] | None:
@@ -331,10 +335,33 @@ def detect(state: StateDict, *, prediction_type: str | None = None) -> Checkpoin
         prediction_type=pred,
         prediction_type_source=source,
         concat_kind=concat,
-        scale_factor=float(scale) if scale is not None and scale.numel() == 1 else configs.SD_SCALE_FACTOR,
-        schedule=configs.sd_schedule(),
+        scale_factor=float(scale) if scale is not None and scale.numel() == 1 else default_scale_factor(vae),
+        schedule=schedule_from_buffers(state) or configs.sd_schedule(),
         dtype=dtype,
     )
+
+
+def default_scale_factor(vae: dict[str, Any] | None) -> float:
+    """The latent scale when the file stores none: 1 for the paper's VQ models (their configs leave
+    `scale_factor` at its default), SD's 0.18215 for KL autoencoders."""
+    return 1.0 if vae is not None and "n_embed" in vae else configs.SD_SCALE_FACTOR
+
+
+def schedule_from_buffers(state: StateDict) -> dict[str, Any] | None:
+    """The training schedule from the `betas` buffer that original LatentDiffusion checkpoints keep.
+
+    The original "linear" schedule is betas = linspace(sqrt(start), sqrt(end), T)^2, so start and
+    end are the first and last betas; a file whose betas are not of that form gets None.
+    """
+    betas = state.tensors.get("betas")
+    if betas is None or betas.dim() != 1 or betas.numel() < 2:
+        return None
+    b = betas.double()
+    start, end, steps = float(b[0]), float(b[-1]), int(b.numel())
+    linear = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+    if not torch.allclose(linear, b, rtol=1e-5, atol=1e-9):
+        return None
+    return {"beta_schedule": "linear", "linear_start": start, "linear_end": end, "timesteps": steps}
 
 
 def architecture_name(unet: dict[str, Any], text: dict[str, Any] | None, concat: str | None) -> str:

@@ -98,8 +98,9 @@ def convert_hint(path: Path) -> str:
     """How to turn a refused pickle into safetensors: a command that writes a new file beside it."""
     return (
         "pickled checkpoints can run code when loaded and are refused. Convert it once to safetensors "
-        f"(writes {converted_name(path).name}, the input is left as it is):\n"
-        f"  python -m ldmgraph.models.convert '{path}'\n"
+        f"(an allow-list reader runs none of its code; writes {converted_name(path).name}, the input is left "
+        "as it is):\n"
+        f"  ldmgraph convert '{path}'   (or: python -m ldmgraph.models.convert '{path}')\n"
         "then load the converted file (from Python, allow_pickle=True loads it with "
         "torch.load(weights_only=True))"
     )

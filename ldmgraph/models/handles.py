@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ldmgraph.models import tiling
+from ldmgraph.models import vae_tiling as tiling
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
 
 TextEncoderHandle = TextEncoder
@@ -165,7 +165,7 @@ class VAEHandle(nn.Module):
     ) -> Tensor:
         """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU).
 
-        `tiled` "auto" encodes images over `ldmgraph.models.tiling.AUTO_TILE_PIXELS` pixels in
+        `tiled` "auto" encodes images over `ldmgraph.models.vae_tiling.AUTO_TILE_PIXELS` pixels in
         overlapping tiles (bounded memory), "on" always, "off" never.
         """
         image = _pixels_to_tensor(pixels)
@@ -200,8 +200,8 @@ class VAEHandle(nn.Module):
     ) -> Tensor:
         """Scaled latent [B, C, h, w] -> image [B, h*f, w*f, 3] fp32 CPU tensor in 0..1.
 
-        `tiled` "auto" decodes outputs over `ldmgraph.models.tiling.AUTO_TILE_PIXELS` pixels in
-        overlapping tiles (bounded memory; see `ldmgraph.models.tiling`), "on" always, "off" never.
+        `tiled` "auto" decodes outputs over `ldmgraph.models.vae_tiling.AUTO_TILE_PIXELS` pixels in
+        overlapping tiles (bounded memory; see `ldmgraph.models.vae_tiling`), "on" always, "off" never.
         """
         f = self.downscale
         tile_pixels, overlap_pixels = tiling.tile_and_overlap(tile_pixels, overlap_pixels)

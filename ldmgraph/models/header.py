@@ -401,7 +401,7 @@ def _diffusers(path: Path, need_unet: bool) -> ModelSummary:
         weight_bytes += _component_weights(unet_dir)
     elif need_unet:
         raise ModelFileNotFoundError(path / "unet", "the diffusers folder has no 'unet/' component")
-    vae_dir = path / "vae" if (path / "vae").is_dir() else (path if unet is None else None)
+    vae_dir = path / "vae" if (path / "vae").is_dir() else (path if unet is None and _is_vae_folder(path) else None)
     if vae_dir is not None and (vae_dir / "config.json").is_file():
         cfg_path = vae_dir / "config.json"
         cfg = _read_config(cfg_path)
@@ -412,6 +412,15 @@ def _diffusers(path: Path, need_unet: bool) -> ModelSummary:
         weight_bytes += _component_weights(vae_dir)
     text = "clip" if (path / "text_encoder").is_dir() else None
     return ModelSummary(str(path), "diffusers", "diffusers", unet, vae, text, weight_bytes)
+
+
+def _is_vae_folder(folder: Path) -> bool:
+    """A component folder holding an autoencoder (not a text encoder's or a scheduler's config)."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and (cfg.get("_class_name") == "AutoencoderKL" or "latent_channels" in cfg)
 
 
 def _component_weights(folder: Path) -> int:

@@ -118,11 +118,20 @@ class ResBlock(nn.Module):
         use_scale_shift_norm: bool = False,
         use_checkpoint: bool = False,
         norm_groups: int = 32,
+        up: bool = False,
+        down: bool = False,
     ) -> None:
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
+        # resblock_updown: the block also resamples (nearest x2 or 2x2 average pooling, no weights),
+        # h after in_layers' activation and x before the skip, as the original ResBlock's h_upd / x_upd
+        self.resample: nn.Module | None = None
+        if up:
+            self.resample = Upsample(channels, use_conv=False)
+        elif down:
+            self.resample = Downsample(channels, use_conv=False)
         self.in_layers = nn.Sequential(
             GroupNorm32(norm_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
@@ -148,7 +157,11 @@ class ResBlock(nn.Module):
         return self._forward(x, emb)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
+        if self.resample is not None:
+            h = self.in_layers[2](self.resample(self.in_layers[:2](x)))
+            x = self.resample(x)
+        else:
+            h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
@@ -223,8 +236,6 @@ class UNetModel(nn.Module):
         super().__init__()
         if dims != 2:
             raise ValueError(f"UNetModel: only 2-D U-Nets are supported (dims={dims})")
-        if resblock_updown:
-            raise NotImplementedError("UNetModel: resblock_updown=True is not supported; use conv_resample")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("UNetModel: set num_heads or num_head_channels (both are -1)")
         if use_spatial_transformer is None:
@@ -282,8 +293,11 @@ class UNetModel(nn.Module):
                 use_linear_in_transformer, use_checkpoint, norm_groups,
             )
 
-        def res_block(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, time_embed_dim, dropout, ch_out, False, use_scale_shift_norm, use_checkpoint, norm_groups)
+        def res_block(ch_in: int, ch_out: int, up: bool = False, down: bool = False) -> ResBlock:
+            return ResBlock(
+                ch_in, time_embed_dim, dropout, ch_out, False, use_scale_shift_norm, use_checkpoint, norm_groups,
+                up=up, down=down,
+            )
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
@@ -299,7 +313,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != levels - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample)))
+                down: nn.Module = res_block(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample)
+                self.input_blocks.append(TimestepEmbedSequential(down))
                 input_block_chans.append(ch)
                 ds *= 2
 
@@ -313,7 +328,7 @@ class UNetModel(nn.Module):
                 if ds in attention_resolutions:
                     layers.append(attention(ch, level))
                 if level and i == self.num_res_blocks[level]:
-                    layers.append(Upsample(ch, conv_resample))
+                    layers.append(res_block(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 

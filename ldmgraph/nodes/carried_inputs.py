@@ -28,12 +28,23 @@ from ldmgraph.graph.errors import LdmGraphError, Problem, UnsafePathError, Valid
 from ldmgraph.graph.files import safe_join
 
 PNG_INPUTS_KEY = "ldmgraph:inputs"
-EMBED_LIMIT = 1 << 20
+EMBED_LIMIT = 512 << 10
 """Input files up to this many bytes are embedded in saved PNGs; larger ones are named by hash."""
+EMBED_TOTAL = 900_000
+"""Base64 characters embedded in one PNG at most: Pillow refuses text chunks over 1 MiB
+(`PngImagePlugin.MAX_TEXT_CHUNK`) when reading, and the PNG must stay readable."""
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def input_file_records(workflow: dict[str, Any], registry: Any, env: Environment) -> list[dict[str, Any]]:
@@ -48,13 +59,18 @@ def input_file_records(workflow: dict[str, Any], registry: Any, env: Environment
             if not isinstance(name, str) or name in records:
                 continue
             try:
-                data = input_path(env, name).read_bytes()
+                path = input_path(env, name)
+                records[name] = {"name": name, "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
             except (OSError, UnsafePathError):
                 continue  # a node this run did not need; nothing to carry
-            record: dict[str, Any] = {"name": name, "bytes": len(data), "sha256": _sha256(data)}
-            if len(data) <= EMBED_LIMIT:
+    embedded = 0
+    for record in sorted(records.values(), key=lambda r: r["bytes"]):  # the small ones first
+        size = 4 * -(-record["bytes"] // 3)
+        if record["bytes"] <= EMBED_LIMIT and embedded + size <= EMBED_TOTAL:
+            data = input_path(env, record["name"]).read_bytes()
+            if _sha256(data) == record["sha256"]:
                 record["data"] = base64.b64encode(data).decode("ascii")
-            records[name] = record
+                embedded += size
     return list(records.values())
 
 

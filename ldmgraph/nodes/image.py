@@ -66,9 +66,14 @@ def center_crop_to_aspect(images: np.ndarray, width: int, height: int) -> np.nda
     return images[:, y : y + new_h]
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """One ``[H, W, C]`` float image in 0..1 to uint8 (rounded, clipped)."""
-    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+QUANTIZE = ("round", "truncate")
+
+
+def to_uint8(image: np.ndarray, quantize: str = "round") -> np.ndarray:
+    """One ``[H, W, C]`` float image in 0..1 to uint8: 255 x rounded (ours) or truncated
+    (ComfyUI's SaveImage, ``clip(255 x).astype(uint8)``), clipped to 0..255."""
+    scaled = image * 255.0
+    return np.clip(np.rint(scaled) if quantize == "round" else scaled, 0, 255).astype(np.uint8)
 
 
 def _file_problems(folder: Path, name: Any, input_name: str) -> list[tuple[str | None, str, str]]:
@@ -193,6 +198,8 @@ class SaveImage(Node):
         images: np.ndarray = InputField(IMAGE, description="images to save (one file per batch item)")
         filename_prefix: str = InputField(STRING, "ldmgraph",
                                           description="file name prefix, may include a subfolder")
+        quantize: str = InputField(ENUM, "round", choices=QUANTIZE,
+                                   description="8-bit conversion: round (ldmgraph) or truncate (ComfyUI's)")
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
@@ -210,7 +217,7 @@ class SaveImage(Node):
         for image in _as_batch(inputs.images):
             ctx.check_cancelled()
             buffer = io.BytesIO()
-            Image.fromarray(to_uint8(image)).save(buffer, format="PNG", pnginfo=info, compress_level=4)
+            Image.fromarray(to_uint8(image, inputs.quantize)).save(buffer, format="PNG", pnginfo=info, compress_level=4)
             ctx.add_file(atomic_write_new(ctx.output_dir, inputs.filename_prefix, ".png", buffer.getvalue()))
         return None
 

@@ -91,7 +91,7 @@ def latent_estimate(latent: Shape, works: int = 0, what: str = "", **outputs: An
 
 def tiled_size(mode: str, height: int, width: int) -> tuple[int, int]:
     """The pixel size that one piece of a (maybe tiled) VAE pass works on, for memory estimates."""
-    from ldmgraph.models.tiling import DEFAULT_OVERLAP_PIXELS, DEFAULT_TILE_PIXELS, should_tile
+    from ldmgraph.models.vae_tiling import DEFAULT_OVERLAP_PIXELS, DEFAULT_TILE_PIXELS, should_tile
 
     if not should_tile(mode, height * width):
         return height, width
@@ -217,18 +217,23 @@ class VAEDecode(Node):
 class VAEEncodeForInpaint(Node):
     """Encode an image for inpainting with a normal model: the hole is greyed out and becomes the noise mask.
 
-    The mask is first grown by `grow_mask_by` pixels (a dilation) so the repaint blends into its
-    surroundings; the sampler then repaints only inside it (use denoise 1).
+    As ComfyUI does: only the original hole (the mask rounded) is greyed; the noise mask is that
+    hole grown by a `grow_mask_by` x `grow_mask_by` max filter (padding ceil((k - 1) / 2), cropped
+    to the image), so the repaint blends into its surroundings; the sampler then repaints only
+    inside it (use denoise 1).
     """
 
     type_name = "VAEEncodeForInpaint"
     category = "latent"
+    version = "1.1.0"
 
     class Inputs(NodeInputs):
         vae: Any = InputField(VAE, description="the autoencoder")
         image: Any = InputField(IMAGE, description="image to repaint")
         mask: Any = InputField(MASK, description="1 where to repaint; the image's size")
-        grow_mask_by: int = InputField(INT, 6, ge=0, le=64, description="dilate the mask by this many pixels")
+        grow_mask_by: int = InputField(
+            INT, 6, ge=0, le=64, description="grow the noise mask with a k x k max filter (k pixels wide)"
+        )
 
     class Outputs(NodeOutputs):
         latent: Any = OutputField(LATENT, description="latent of the greyed image, with the noise mask")
@@ -239,14 +244,16 @@ class VAEEncodeForInpaint(Node):
         from ldmgraph.diffusion import Latent
 
         check_mask_size(inputs.mask, inputs.image, "VAEEncodeForInpaint")
-        mask = mask_to_torch(inputs.mask, inputs.image.shape[0])
+        hole = mask_to_torch(inputs.mask, inputs.image.shape[0]).round()
+        grown = hole
         if inputs.grow_mask_by:
             k = inputs.grow_mask_by
-            mask = F.max_pool2d(mask, kernel_size=2 * k + 1, stride=1, padding=k)
-        keep = (1.0 - mask.round()).permute(0, 2, 3, 1)
+            grown = F.max_pool2d(hole, kernel_size=k, stride=1, padding=(k - 1 + 1) // 2)
+            grown = grown[..., : hole.shape[-2], : hole.shape[-1]]
+        keep = (1.0 - hole).permute(0, 2, 3, 1)
         pixels = image_to_torch(inputs.image) * keep + 0.5 * (1.0 - keep)
         samples = encode_pixels(inputs.vae, pixels)
-        noise_mask = F.interpolate(mask, size=samples.shape[-2:], mode="bilinear")
+        noise_mask = F.interpolate(grown, size=samples.shape[-2:], mode="bilinear")
         return self.Outputs(latent=Latent(samples=samples, noise_mask=noise_mask))
 
     @classmethod

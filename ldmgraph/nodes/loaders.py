@@ -59,6 +59,12 @@ class CheckpointLoader(Node):
             choices=["auto", "eps", "v"],
             description="override what the U-Net predicts (SD 2.x 768 models are 'v'); auto reads the file",
         )
+        config: str = InputField(
+            STRING,
+            "",
+            description="original YAML config in the model folders (the LDM paper's releases; default: "
+            "config.yaml beside the checkpoint, else detected from the weights)",
+        )
         dtype: str = InputField(ENUM, "file", choices=DTYPES, description=DTYPE_HELP)
 
     class Outputs(NodeOutputs):
@@ -71,7 +77,10 @@ class CheckpointLoader(Node):
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str, str, str]]:
         found = check_model_name(literals.get("ckpt_name"), env, need_unet=True)
-        return [("ckpt_name", code, msg) for code, msg in found]
+        problems = [("ckpt_name", code, msg) for code, msg in found]
+        if literals.get("config"):
+            problems += [("config", code, msg) for code, msg in check_config_name(literals["config"], env)]
+        return problems
 
     @classmethod
     def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
@@ -85,15 +94,19 @@ class CheckpointLoader(Node):
 
     @classmethod
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
-        return model_fingerprint(literals.get("ckpt_name"), env)
+        parts = [model_fingerprint(literals.get(k), env) for k in ("ckpt_name", "config") if literals.get(k)]
+        return None if None in parts else "|".join(str(p) for p in parts)
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.models.checkpoint import load_checkpoint
 
         path = find_model(inputs.ckpt_name, ctx.model_dirs)
+        config = find_model(inputs.config, ctx.model_dirs) if inputs.config else None
         prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
-        checkpoint = load_checkpoint(path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress,
-                                     dtype=_dtype(inputs.dtype))
+        checkpoint = load_checkpoint(
+            path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress, config=config,
+            dtype=_dtype(inputs.dtype),
+        )
         return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
 
 
@@ -167,6 +180,20 @@ class TextEncoderLoader(Node):
         if encoder is None:
             raise NodeInputError(f"{inputs.name!r} has no text encoder; pick a checkpoint that has one")
         return self.Outputs(text_encoder=encoder)
+
+
+def check_config_name(name: Any, env: Environment) -> list[tuple[str, str]]:
+    """Validation of a config-file name: inside a model folder and present (a YAML file, not a model)."""
+    from ldmgraph.graph import codes
+    from ldmgraph.graph.errors import UnsafePathError
+
+    try:
+        find_model(str(name), env.model_dirs)
+    except UnsafePathError as error:
+        return [(codes.UNSAFE_PATH, f"{error}: name a file inside the model folders")]
+    except FileNotFoundError as error:
+        return [(codes.FILE_NOT_FOUND, str(error))]
+    return []
 
 
 @hookimpl

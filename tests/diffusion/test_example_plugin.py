@@ -106,3 +106,57 @@ def test_midpoint_is_a_choice_of_the_sampler_node_in_ldmgraph_nodes_json():
     for node_type in ("Sampler", "SamplerAdvanced"):
         assert "midpoint" in listing[node_type]["inputs"]["sampler"]["choices"]
     assert "euler" in listing["Sampler"]["inputs"]["sampler"]["choices"]
+
+
+def _plugin_with_nodes(monkeypatch):
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    module = importlib.import_module("ldmgraph_example_sampler")
+    manager = PluginManager(
+        builtins=["ldmgraph.diffusion.registry", "ldmgraph.nodes.sampling"], entry_points_group=None, use_env=False
+    )
+    status = manager.register(module, "example_sampler")
+    assert status.ok, status.error
+    return manager.registry, status
+
+
+def _select_midpoint(alpha):
+    return {"format": "ldmgraph/1", "nodes": {"pick": {"type": "SamplerSelect.midpoint", "inputs": {"alpha": alpha}}}}
+
+
+def test_plugin_option_is_a_node_input_checked_by_validation(monkeypatch):
+    from ldmgraph.graph.errors import ValidationError
+    from ldmgraph.graph.validate import validate_workflow
+
+    registry, status = _plugin_with_nodes(monkeypatch)
+    assert "SamplerSelect.midpoint" in status.nodes  # credited to the plugin that declared the option
+    described = registry.node("SamplerSelect.midpoint").spec.describe(registry)["inputs"]["alpha"]
+    assert (described["type"], described["default"], described["ge"], described["le"]) == ("FLOAT", 0.5, 0.1, 1.0)
+    validate_workflow(_select_midpoint(2 / 3), registry, outputs=["pick"])
+    with pytest.raises(ValidationError) as caught:
+        validate_workflow(_select_midpoint(2.0), registry, outputs=["pick"])
+    problem = caught.value.problems[0]
+    assert (problem.node_id, problem.input, problem.code) == ("pick", "alpha", "out_of_bounds")
+    assert "1.0" in problem.message
+
+
+def test_plugin_option_reaches_the_sampler(monkeypatch):
+    """alpha 1 is Heun's method: the same numbers as the built-in heun on the same sigmas."""
+    from ldmgraph.diffusion.sampling import sampler_choice
+
+    registry, _ = _plugin_with_nodes(monkeypatch)
+    denoiser = lambda x, sigma: 0.7 * x / (1 + sigma.view(-1, 1, 1, 1) ** 2) ** 0.5  # noqa: E731
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 14.6
+    sigmas = torch.tensor([14.6, 5.0, 1.0, 0.3, 0.0])
+    midpoint = sampler_choice("midpoint", {"alpha": 1.0}, registry)
+    heun = sampler_choice("heun", None, registry)
+    assert torch.allclose(midpoint(denoiser, x, sigmas), heun(denoiser, x, sigmas), atol=1e-5)
+    assert not torch.allclose(sampler_choice("midpoint", None, registry)(denoiser, x, sigmas), heun(denoiser, x, sigmas))
+
+
+@needs_install
+def test_plugin_option_shows_in_ldmgraph_nodes_json():
+    cmd = [sys.executable, "-c", "import sys; from ldmgraph.cli import main; sys.exit(main())", "nodes", "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    alpha = json.loads(result.stdout)["SamplerSelect.midpoint"]["inputs"]["alpha"]
+    assert (alpha["type"], alpha["default"], alpha["ge"], alpha["le"]) == ("FLOAT", 0.5, 0.1, 1.0)

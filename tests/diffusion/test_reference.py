@@ -115,7 +115,7 @@ def test_ddim_matches_diffusers_ddim(eta, tiny_unet, noise, context, ours):
     steps = 10
     scheduler = DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=True, steps_offset=1)
     scheduler.set_timesteps(steps)
-    sigmas = S.ddim_uniform(steps, SCHEDULE)
+    sigmas = S.leading(steps, SCHEDULE)
     noises = [
         torch.randn(noise.shape, generator=torch.Generator().manual_seed(100 + i)) for i in range(steps)
     ]
@@ -133,13 +133,13 @@ def test_ddpm_matches_diffusers_ddpm(tiny_unet, noise, context, ours):
     steps = 10
     scheduler = DDPMScheduler(**SD, clip_sample=False, steps_offset=1, variance_type="fixed_small")
     scheduler.set_timesteps(steps)
-    sigmas = S.ddim_uniform(steps, SCHEDULE)
+    sigmas = S.leading(steps, SCHEDULE)
     assert torch.equal(scheduler.timesteps, torch.arange(901, 0, -100))
     shared = torch.Generator().manual_seed(5)
     expected = _diffusers_loop(scheduler, tiny_unet, noise, context, lambda i: {"generator": shared})
     x = noise * (1 + sigmas[0] ** 2).sqrt()
     generator = torch.Generator().manual_seed(5)
-    got = ours(K.ddpm, x, sigmas, generator=generator)
+    got = ours(K.ddpm, x, sigmas, noise_sampler=K.default_noise_sampler(x, generator))
     assert (got - expected).abs().max() < TOL
 
 
@@ -153,7 +153,7 @@ def test_euler_ancestral_matches_with_same_noise(tiny_unet, noise, context, ours
     x = noise * scheduler.init_noise_sigma
     shared = torch.Generator().manual_seed(11)
     expected = _diffusers_loop(scheduler, tiny_unet, x, context, lambda i: {"generator": shared})
-    got = ours(K.euler_ancestral, x, sigmas, generator=torch.Generator().manual_seed(11))
+    got = ours(K.euler_ancestral, x, sigmas, noise_sampler=K.default_noise_sampler(x, torch.Generator().manual_seed(11)))
     assert (got - expected).abs().max() < TOL
 
 
@@ -190,7 +190,7 @@ def test_dpmpp_sde_matches_with_same_noise(tiny_unet, noise, context, ours, monk
     sigmas = S.normal(steps, SCHEDULE)
     x = noise * scheduler.init_noise_sigma
     expected = _diffusers_loop(scheduler, tiny_unet, x, context)
-    got = ours(K.dpmpp_sde, x, sigmas, generator=torch.Generator().manual_seed(21))
+    got = ours(K.dpmpp_sde, x, sigmas, noise_sampler=K.default_noise_sampler(x, torch.Generator().manual_seed(21)))
     assert (got - expected).abs().max() < TOL
 
 
@@ -208,7 +208,7 @@ def test_dpm_2_samplers_match_kdpm2(name, cls, tiny_unet, noise, context, ours):
     shared = torch.Generator().manual_seed(31)
     kwargs = {"generator": shared} if "Ancestral" in cls else {}
     expected = _diffusers_loop(scheduler, tiny_unet, x, context, lambda i: kwargs)
-    got = ours(getattr(K, name), x, sigmas, generator=torch.Generator().manual_seed(31))
+    got = ours(getattr(K, name), x, sigmas, noise_sampler=K.default_noise_sampler(x, torch.Generator().manual_seed(31)))
     assert (got - expected).abs().max() < TOL
 
 
@@ -218,7 +218,7 @@ def test_plms_matches_pndm_with_skipped_prk_steps(tiny_unet, noise, context, our
     steps = 10
     scheduler = PNDMScheduler(**SD, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True)
     scheduler.set_timesteps(steps)
-    sigmas = S.ddim_uniform(steps, SCHEDULE)
+    sigmas = S.leading(steps, SCHEDULE)
     expected = _diffusers_loop(scheduler, tiny_unet, noise, context)  # VP space: x_T = noise
     got = ours(K.plms, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas)
     assert (got - expected).abs().max() < TOL

@@ -248,3 +248,26 @@ def ldm_bert_keys(dim: int = 64, depth: int = 2, inner: int = 128, seed: int = 5
     out[p + "norm.weight"], out[p + "norm.bias"] = 1 + rnd(dim, scale=0.1), rnd(dim, scale=0.1)
     out[p + "to_logits.weight"], out[p + "to_logits.bias"] = rnd(30522, dim), rnd(30522)
     return out
+
+
+def to_ldm_bert(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """x-transformers names -> diffusers LDMBertModel names (layer 2i: attention, 2i+1: feed-forward)."""
+    out = {
+        "model.embed_tokens.weight": sd["cond_stage_model.transformer." + "token_emb.weight"],
+        "model.embed_positions.weight": sd["cond_stage_model.transformer." + "pos_emb.emb.weight"],
+        "model.layer_norm.weight": sd["cond_stage_model.transformer." + "norm.weight"],
+        "model.layer_norm.bias": sd["cond_stage_model.transformer." + "norm.bias"],
+        "to_logits.weight": sd["cond_stage_model.transformer." + "to_logits.weight"],
+        "to_logits.bias": sd["cond_stage_model.transformer." + "to_logits.bias"],
+    }
+    for i in range(depth):
+        a, f, d = f"cond_stage_model.transformer.attn_layers.layers.{2 * i}.", f"cond_stage_model.transformer.attn_layers.layers.{2 * i + 1}.", f"model.layers.{i}."
+        for ours, theirs in (("to_q", "q_proj"), ("to_k", "k_proj"), ("to_v", "v_proj")):
+            out[f"{d}self_attn.{theirs}.weight"] = sd[f"{a}1.{ours}.weight"]
+        out[d + "self_attn.out_proj.weight"], out[d + "self_attn.out_proj.bias"] = sd[a + "1.to_out.weight"], sd[
+            a + "1.to_out.bias"]
+        out[d + "self_attn_layer_norm.weight"], out[d + "self_attn_layer_norm.bias"] = sd[a + "0.weight"], sd[a + "0.bias"]
+        out[d + "final_layer_norm.weight"], out[d + "final_layer_norm.bias"] = sd[f + "0.weight"], sd[f + "0.bias"]
+        out[d + "fc1.weight"], out[d + "fc1.bias"] = sd[f + "1.net.0.0.weight"], sd[f + "1.net.0.0.bias"]
+        out[d + "fc2.weight"], out[d + "fc2.bias"] = sd[f + "1.net.2.weight"], sd[f + "1.net.2.bias"]
+    return out

@@ -2,7 +2,8 @@
 
 Usage: python memory_probe.py WORKFLOW.json OVERRIDES_JSON INPUT_DIR MODEL_DIR OUTPUT_DIR.
 Prints one JSON line: {"estimate": bytes, "growth": bytes} where growth is the peak resident set
-size after the run minus the one after the imports (ru_maxrss never decreases).
+size after the run minus the one after the imports. The peak is this process's own high-water mark
+(VmHWM): `ru_maxrss` would start at the parent's peak, which a child keeps across fork and exec.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def peak_rss() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -41,9 +53,9 @@ def main() -> None:
         if found is not None:
             facts.update({(node_id, k): v for k, v in found.outputs.items()})
             kept, works = kept + found.keeps, max(works, found.works)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss()
     executor.execute(compiled)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = peak_rss()
     print(json.dumps({"estimate": kept + works, "growth": after - before}))
 
 

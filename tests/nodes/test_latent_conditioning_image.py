@@ -180,6 +180,29 @@ def test_vae_encode_for_inpaint_grows_the_mask_and_refuses_a_wrong_size_mask():
         )
 
 
+@pytest.mark.parametrize("grow", [0, 1, 4, 6])
+def test_vae_encode_for_inpaint_grows_the_mask_as_comfyui_and_greys_only_the_hole(grow):
+    """ComfyUI's rule, restated: noise mask = clamp(conv2d(round(mask), ones(k, k), padding =
+    ceil((k - 1) / 2)), 0, 1) cropped to the image (then resized to the latent, bilinear);
+    pixels greyed where round(mask) is 1 only."""
+    import math
+
+    image = np.ones((1, 32, 32, 3), np.float32)
+    mask = np.zeros((1, 32, 32), np.float32)
+    mask[:, 12:16, 17:19] = 0.7  # rounds to 1
+    mask[:, 3, 3] = 0.4  # rounds to 0: neither greyed nor grown
+    out = run(VAEEncodeForInpaint, vae=PoolVAE(), image=image, mask=mask, grow_mask_by=grow).latent
+    hole = torch.from_numpy(mask).round().unsqueeze(1)
+    expected = hole
+    if grow:
+        conv = F.conv2d(hole, torch.ones(1, 1, grow, grow), padding=math.ceil((grow - 1) / 2))
+        expected = conv.clamp(0, 1)[..., :32, :32]
+    expected = F.interpolate(expected, size=(8, 8), mode="bilinear")
+    assert torch.allclose(out.noise_mask, expected, atol=1e-6)
+    greyed = torch.where(hole[:, 0].bool(), 0.5, 1.0)
+    assert torch.allclose(out.samples[:, 0], F.avg_pool2d(greyed.unsqueeze(1), 4)[:, 0], atol=1e-6)
+
+
 def test_superres_conditioning_concats_the_lowres_image_at_latent_size():
     lowres = np.random.default_rng(0).random((1, 16, 16, 3), dtype=np.float32)
     out = run(SuperResolutionConditioning, image=lowres, vae=PoolVAE(), scale_by=4, start="bicubic")

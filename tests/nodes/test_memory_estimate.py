@@ -121,6 +121,7 @@ def assert_within_factor_2(small: dict, large: dict) -> None:
     estimated = large["estimate"] - small["estimate"]
     measured = large["growth"] - small["growth"]
     assert measured > 100 * 2**20, (small, large)  # a difference well above the noise
+    print(f"estimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert 0.5 <= estimated / measured <= 2.0, (estimated, measured)
 
 
@@ -142,7 +143,7 @@ def test_estimate_follows_measured_peak_memory_on_a_tiny_sd(tmp_path):
     doc = txt2img()
     doc["nodes"]["ckpt"]["inputs"]["ckpt_name"] = "tiny-sd1.safetensors"
     small = probe(doc, {"steps": 1, "width": 32, "height": 32}, tmp_path, models, "sd-small")
-    large = probe(doc, {"steps": 1, "width": 128, "height": 128, "batch_size": 2}, tmp_path, models, "sd-large")
+    large = probe(doc, {"steps": 1, "width": 128, "height": 128}, tmp_path, models, "sd-large")
     assert_within_factor_2(small, large)
 
 

@@ -1,11 +1,12 @@
-"""The explicit midpoint method (2nd-order Runge-Kutta) on the probability-flow ODE.
+"""Explicit two-stage Runge-Kutta (the midpoint rule by default) on the probability-flow ODE.
 
 dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 4 with the denoiser D). One
-step from sigma to sigma_next evaluates the slope at x, moves half the step to
-sigma_mid = (sigma + sigma_next) / 2, and uses the slope there for the full step (the midpoint
-rule, e.g. Hairer, Norsett & Wanner, "Solving ODEs I", II.1). The step to sigma = 0 is Euler's,
-because the slope is undefined at sigma = 0. Written to ldmgraph's sampler contract
-(docs/INTERFACES.md): the same signature as the built-in samplers.
+step of size h = sigma_next - sigma evaluates the slope k1 at x, takes a second slope k2 at
+sigma + alpha h along k1, and moves by h ((1 - 1/(2 alpha)) k1 + 1/(2 alpha) k2): the
+second-order family of Hairer, Norsett & Wanner, "Solving ODEs I", II.1 (alpha 1/2 = midpoint,
+2/3 = Ralston, 1 = Heun). The step to sigma = 0 is Euler's, because the slope is undefined there.
+Written to ldmgraph's sampler contract (ldmgraph/diffusion/samplers.py): the same signature as
+the built-in samplers, with its one option `alpha` declared in the plugin's entry.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def sample_midpoint(
     sigmas: Tensor,
     extra_args: dict[str, Any] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
-    generator: torch.Generator | None = None,
+    noise_sampler: Callable[[float, float], Tensor] | None = None,
+    alpha: float = 0.5,
 ) -> Tensor:
-    """Explicit midpoint rule over `sigmas` (two denoiser calls per step, one for the last)."""
+    """Two-stage explicit Runge-Kutta over `sigmas` (two denoiser calls per step, one for the last)."""
     extra = extra_args or {}
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -35,11 +37,13 @@ def sample_midpoint(
         if callback is not None:
             callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised})
         slope = (x - denoised) / sigma
+        h = sigma_next - sigma
         if sigma_next == 0:
-            x = x + slope * (sigma_next - sigma)
+            x = x + slope * h
             continue
-        sigma_mid = (sigma + sigma_next) / 2
-        x_mid = x + slope * (sigma_mid - sigma)
+        sigma_mid = sigma + alpha * h
+        x_mid = x + slope * (alpha * h)
         slope_mid = (x_mid - model(x_mid, sigma_mid * s_in, **extra)) / sigma_mid
-        x = x + slope_mid * (sigma_next - sigma)
+        weight = 1 / (2 * alpha)
+        x = x + (slope * (1 - weight) + slope_mid * weight) * h
     return x

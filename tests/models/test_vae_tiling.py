@@ -17,7 +17,7 @@ from ldmgraph.graph.executor import Executor
 from ldmgraph.models.autoencoder import AutoencoderKL
 from ldmgraph.models.checkpoint import load_checkpoint
 from ldmgraph.models.handles import VAEHandle
-from ldmgraph.models.tiling import border_positions, seam_score
+from ldmgraph.models.vae_tiling import border_positions, seam_score
 from ldmgraph.nodes.latent import VAEDecode, VAEEncode
 
 BUNDLED = "ldmgraph/assets/models/ldmgraph-shapes-txt2img.safetensors"
@@ -115,7 +115,7 @@ def test_vae_decode_node_tiles_when_asked_through_the_executor(monkeypatch, tmp_
     """Through a workflow: tiled "on" with small default tiles differs slightly from "off"; "auto"
     below the threshold is the untiled decode exactly."""
     from ldmgraph.graph.context import Environment
-    from ldmgraph.models import tiling
+    from ldmgraph.models import vae_tiling as tiling
     from ldmgraph.plugins import load_registry
 
     monkeypatch.setattr(tiling, "DEFAULT_TILE_PIXELS", 32)

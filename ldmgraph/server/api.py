@@ -1,0 +1,466 @@
+"""ComfyUI's HTTP protocol (0.3.x) and ldmgraph's additions: jobs by id and saved workflows.
+
+Every route here is served both at its ComfyUI path and under ``/api``. Shapes restated from
+ComfyUI's ``server.py``: ``POST /prompt`` answers ``{prompt_id, number, node_errors}``; a queue
+item is ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``; a history entry is
+``{prompt, outputs: {node_id: {images: [{filename, subfolder, type}]}}, status: {status_str,
+completed, messages}, meta}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import sys
+import time
+import uuid
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from ldmgraph.graph.errors import ValidationError
+from ldmgraph.graph.files import atomic_write_bytes
+from ldmgraph.graph.validate import validate_workflow
+
+from .protocol import error_body, plain_json, request_error, to_document
+from .state import ServerState
+from .store import Job
+from .workflows import NAME, summary
+
+PROMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
+SUBFOLDER = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
+JOB_STATUS = {"pending": "pending", "running": "in_progress", "success": "completed", "error": "failed",
+              "interrupted": "cancelled", "cancelled": "cancelled"}
+NOT_PLAIN = "the request holds NaN or Infinity, which JSON does not allow"
+MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+# -- request bodies (their JSON Schema is the OpenAPI document) -------------------------------------
+class PromptRequest(BaseModel):
+    """A job: a graph (API format, UI format or ldmgraph/1) and who to tell about it."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: Any = Field(description="{node_id: {class_type, inputs}} (ComfyUI API format) or an ldmgraph/1 "
+                                    "document")
+    client_id: str | None = Field(None, max_length=200, description="websocket clientId to send progress to")
+    prompt_id: str | None = Field(None, description="job id (default: a new UUID)")
+    number: float | None = Field(None, description="queue position (ComfyUI's number)")
+    front: bool = Field(False, description="queue before every pending job")
+    extra_data: dict[str, Any] = Field(default_factory=dict, description="stored with the job (ComfyUI's)")
+    partial_execution_targets: list[str] | None = Field(None, description="run only these output nodes")
+
+
+class QueueRequest(BaseModel):
+    clear: bool = False
+    delete: list[str] = Field(default_factory=list)
+
+
+class InterruptRequest(BaseModel):
+    prompt_id: str | None = None
+
+
+class FreeRequest(BaseModel):
+    unload_models: bool = False
+    free_memory: bool = False
+
+
+class RunRequest(BaseModel):
+    """Run a saved workflow with parameter values (names and types in GET /api/workflows)."""
+
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    client_id: str | None = Field(None, max_length=200)
+    front: bool = False
+
+
+class CancelRequest(BaseModel):
+    job_ids: list[str] = Field(default_factory=list)
+
+
+def error(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse(request_error(kind, message), status_code=status)
+
+
+def build_router(state: ServerState) -> APIRouter:
+    """All protocol routes, bound to one server state."""
+    router = APIRouter()
+    store, worker = state.store, state.worker
+
+    # -- queueing ---------------------------------------------------------------------------------
+    def enqueue(prompt: Any, doc: dict[str, Any], *, kind: str, client_id: str | None, prompt_id: str | None,
+                front: bool, extra_data: dict[str, Any], outputs: list[str] | None,
+                overrides: dict[str, Any] | None = None, number: float | None = None) -> JSONResponse:
+        try:
+            compiled = validate_workflow(doc, state.registry, state.env, overrides, outputs)
+        except ValidationError as exc:
+            return JSONResponse(error_body(exc, prompt), status_code=400)
+        job_id = prompt_id or str(uuid.uuid4())
+        if not PROMPT_ID.match(job_id):
+            return error(400, "invalid_prompt_id", "prompt_id must be 1-100 letters, digits, '_', '.', ':' or '-'")
+        if store.job(job_id) is not None:
+            return error(400, "duplicate_prompt_id", f"a job with prompt_id {job_id!r} already exists")
+        resolved = compiled.resolved_document() if overrides else doc
+        worker.prepare(job_id, compiled)  # before the job is visible to the worker
+        try:
+            position = store.add_job(job_id, prompt=prompt, workflow=resolved, extra_data=extra_data,
+                                     outputs=list(compiled.outputs), client_id=client_id, source=kind, front=front,
+                                     number=int(number) if number is not None and abs(number) < 2**62 else None)
+        except KeyError:
+            return error(400, "duplicate_prompt_id", f"a job with prompt_id {job_id!r} already exists")
+        worker.wake.set()
+        state.broadcast_status()
+        return JSONResponse({"prompt_id": job_id, "number": position, "node_errors": {}})
+
+    @router.post("/prompt", summary="Queue a graph (ComfyUI's POST /prompt)")
+    async def post_prompt(body: PromptRequest) -> JSONResponse:  # on the event loop: ~1 ms, no thread hop
+        started = time.perf_counter()
+        response = submit(body)
+        # how long the server spent on it (JSON, validation, the queue's transaction), as browsers show it
+        response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
+        return response
+
+    def submit(body: PromptRequest) -> JSONResponse:
+        if not plain_json([body.prompt, body.extra_data]):
+            return error(400, "invalid_json", NOT_PLAIN)
+        try:
+            doc, kind = to_document(body.prompt, state.registry)
+        except ValidationError as exc:
+            return JSONResponse(error_body(exc, body.prompt), status_code=400)
+        return enqueue(body.prompt, doc, kind=kind, client_id=body.client_id, prompt_id=body.prompt_id,
+                       front=body.front, extra_data=body.extra_data, outputs=body.partial_execution_targets,
+                       number=body.number)
+
+    @router.get("/prompt", summary="Queue length")
+    async def get_prompt() -> dict[str, Any]:
+        return {"exec_info": {"queue_remaining": state.queue_remaining()}}
+
+    @router.get("/queue", summary="Running and pending jobs as ComfyUI's 5-lists")
+    def get_queue() -> dict[str, Any]:
+        return {"queue_running": [j.queue_item() for j in store.jobs(("running",))],
+                "queue_pending": [j.queue_item() for j in store.jobs(("pending",))]}
+
+    @router.post("/queue", summary="Delete pending jobs, or clear the queue")
+    def post_queue(body: QueueRequest) -> dict[str, Any]:
+        removed = store.cancel_pending(None if body.clear else body.delete)
+        state.broadcast_status()
+        return {"deleted": removed}
+
+    @router.post("/interrupt", summary="Stop the running job (only if it is prompt_id, when given)")
+    def post_interrupt(body: InterruptRequest | None = None) -> dict[str, Any]:
+        return {"interrupted": worker.interrupt(body.prompt_id if body else None)}
+
+    @router.post("/free", summary="Drop cached outputs and/or loaded models")
+    def post_free(body: FreeRequest) -> dict[str, Any]:
+        worker.request_free(body.unload_models, body.free_memory)
+        return {}
+
+    # -- history ----------------------------------------------------------------------------------
+    @router.get("/history", summary="Finished jobs, oldest first")
+    def get_history(max_items: int | None = Query(None, ge=0, le=100000),
+                    offset: int = Query(0, ge=0, le=2**31)) -> dict[str, Any]:
+        return {j.id: history_item(j) for j in store.history(max_items, offset)}
+
+    @router.get("/history/{prompt_id}", summary="One finished job ({} if unknown, as ComfyUI)")
+    def get_history_one(prompt_id: str) -> dict[str, Any]:
+        job = store.job(prompt_id)
+        return {job.id: history_item(job)} if job is not None and job.status in ("success", "error",
+                                                                                 "interrupted") else {}
+
+    @router.post("/history", summary="Delete history entries, or clear the history")
+    def post_history(body: QueueRequest) -> dict[str, Any]:
+        return {"deleted": store.delete_history(None if body.clear else body.delete)}
+
+    # -- the catalogue ----------------------------------------------------------------------------
+    @router.get("/object_info", summary="Every node type in ComfyUI's format")
+    def get_object_info() -> dict[str, Any]:
+        return state.object_info()
+
+    @router.get("/object_info/{node_class}", summary="One node type in ComfyUI's format")
+    def get_object_info_one(node_class: str) -> Any:
+        info = state.object_info()
+        if node_class not in info:
+            return error(404, "unknown_node_type", f"no node type named {node_class[:100]!r}")
+        return {node_class: info[node_class]}
+
+    @router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+    def get_embeddings() -> list[str]:
+        return []
+
+    @router.get("/models", summary="Model folder kinds")
+    def get_models() -> list[str]:
+        return ["checkpoints"]
+
+    @router.get("/models/{folder}", summary="Model files of a kind")
+    def get_models_folder(folder: str) -> Any:
+        if folder != "checkpoints":
+            return error(404, "unknown_folder", f"no model folder {folder[:60]!r}; known: checkpoints")
+        from ldmgraph.nodes.common import available_models
+
+        return available_models(state.env.model_dirs)
+
+    @router.get("/system_stats", summary="Versions, memory, device, and the worker's health")
+    def get_system_stats() -> dict[str, Any]:
+        return system_stats(state)
+
+    # -- files ------------------------------------------------------------------------------------
+    @router.get("/view", summary="A file the server wrote or received (never a client-chosen path)")
+    def get_view(filename: str = Query(..., max_length=255), type: str = Query("output", max_length=16),
+                 subfolder: str = Query("", max_length=255)) -> Any:
+        path = store.file(type, subfolder, filename)
+        if path is None or not path.is_file():
+            return error(404, "not_found", "no such file: /view serves only files this server wrote or received")
+        return FileResponse(path, media_type=MEDIA.get(path.suffix.lower(), "application/octet-stream"))
+
+    @router.post("/upload/image", summary="Upload an image (it must decode; the server names it)")
+    def upload_image(image: UploadFile = File(...), type: str = Form("input"), subfolder: str = Form(""),
+                     overwrite: str = Form("false")) -> Any:
+        return receive_image(state, image, type, subfolder, None)
+
+    @router.post("/upload/mask", summary="Upload a mask; with original_ref, its alpha is applied to that image")
+    def upload_mask(image: UploadFile = File(...), type: str = Form("input"), subfolder: str = Form(""),
+                    original_ref: str = Form("")) -> Any:
+        return receive_image(state, image, type, subfolder, original_ref or None)
+
+    # -- jobs by id (beyond ComfyUI; also what the editor's queue panel reads) -------------------
+    @router.get("/jobs", summary="Jobs by status, as the editor's queue panel reads them")
+    def get_jobs(status: str = Query("pending,in_progress,completed,failed,cancelled", max_length=200),
+                 limit: int = Query(200, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**31)) -> dict[str, Any]:
+        wanted = {s.strip() for s in status.split(",")}
+        ours = tuple(k for k, v in JOB_STATUS.items() if v in wanted)
+        if not ours:
+            return {"jobs": [], "pagination": {"offset": offset, "limit": limit, "total": 0, "has_more": False}}
+        finished = not ({"pending", "in_progress"} & wanted)
+        jobs = store.jobs(ours, newest_first=finished, limit=limit, offset=offset)
+        total = store.count(ours)
+        return {"jobs": [job_summary(j) for j in jobs],
+                "pagination": {"offset": offset, "limit": limit, "total": total,
+                               "has_more": offset + len(jobs) < total}}
+
+    @router.get("/jobs/{job_id}", summary="One job: status, timings, files, error")
+    def get_job(job_id: str) -> Any:
+        job = store.job(job_id)
+        if job is None:
+            return error(404, "unknown_job", f"no job with id {job_id[:100]!r}")
+        return job_detail(job)
+
+    @router.post("/jobs/{job_id}/requeue", summary="Queue an interrupted or failed job again")
+    def requeue_job(job_id: str) -> Any:
+        number = store.requeue(job_id)
+        if number is None:
+            job = store.job(job_id)
+            if job is None:
+                return error(404, "unknown_job", f"no job with id {job_id[:100]!r}")
+            return error(409, "not_requeueable", f"job {job_id!r} is {job.status}; only interrupted, failed or "
+                                                  "cancelled jobs can be queued again")
+        worker.wake.set()
+        state.broadcast_status()
+        return {"prompt_id": job_id, "number": number, "node_errors": {}}
+
+    @router.post("/jobs/{job_id}/cancel", summary="Cancel a job: remove it if pending, interrupt it if running")
+    def cancel_job(job_id: str) -> Any:
+        if store.job(job_id) is None:
+            return error(404, "unknown_job", f"no job with id {job_id[:100]!r}")
+        return cancel([job_id])
+
+    @router.post("/jobs/cancel", summary="Cancel several jobs")
+    def cancel_jobs(body: CancelRequest) -> Any:
+        return cancel(body.job_ids)
+
+    def cancel(ids: list[str]) -> dict[str, Any]:
+        removed = store.cancel_pending(ids)
+        interrupted = [i for i in ids if i not in removed and worker.interrupt(i)]
+        state.broadcast_status()
+        return {"cancelled": removed, "interrupted": interrupted}
+
+    # -- saved workflows --------------------------------------------------------------------------
+    @router.get("/workflows", summary="Saved workflows with a JSON Schema of their parameters")
+    def get_workflows() -> list[dict[str, Any]]:
+        return [summary(name, doc, state.registry) for name, doc in state.workflows().items()]
+
+    @router.get("/workflows/{name}", summary="One saved workflow (ldmgraph/1)")
+    def get_workflow(name: str) -> Any:
+        doc = state.workflows().get(name) if NAME.match(name) else None
+        if doc is None:
+            return error(404, "unknown_workflow", f"no saved workflow named {name[:100]!r}")
+        return doc
+
+    @router.post("/workflows/{name}/run", summary="Queue a saved workflow with parameter values")
+    def run_workflow(name: str, body: RunRequest) -> Any:
+        doc = state.workflows().get(name) if NAME.match(name) else None
+        if doc is None:
+            return error(404, "unknown_workflow", f"no saved workflow named {name[:100]!r}")
+        if not plain_json(body.parameters):
+            return error(400, "invalid_json", NOT_PLAIN)
+        return enqueue({"workflow": name, "parameters": body.parameters}, doc, kind=f"workflow:{name}",
+                       client_id=body.client_id, prompt_id=None, front=body.front, extra_data={},
+                       outputs=None, overrides=body.parameters)
+
+    # -- websocket --------------------------------------------------------------------------------
+    @router.websocket("/ws")
+    async def websocket(ws: WebSocket, clientId: str | None = None, previews: str | None = None) -> None:  # noqa: N803
+        sid = clientId if clientId and len(clientId) <= 200 else uuid.uuid4().hex
+        await ws.accept()
+        client = state.hub.add(sid, json_previews=previews == "json")
+        await ws.send_text(json.dumps({"type": "status", "data": {**state.status_message(), "sid": sid}}))
+        import asyncio
+
+        async def pump() -> None:
+            while True:
+                item = await client.queue.get()
+                if isinstance(item, bytes):
+                    await ws.send_bytes(item)
+                else:
+                    await ws.send_text(item)
+
+        sender = asyncio.ensure_future(pump())
+        try:
+            while (await ws.receive())["type"] != "websocket.disconnect":
+                pass  # clients may send feature flags (text or binary); nothing to do with them
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            sender.cancel()
+            state.hub.remove(client)
+
+    return router
+
+
+# -- shapes -----------------------------------------------------------------------------------------
+def history_item(job: Job) -> dict[str, Any]:
+    ok = job.status == "success"
+    return {"prompt": job.queue_item(), "outputs": job.outputs,
+            "status": {"status_str": "success" if ok else "error", "completed": ok, "messages": job.messages},
+            "meta": {n: {"node_id": n, "display_node": n, "parent_node": None, "real_node_id": n}
+                     for n in job.outputs}}
+
+
+def _images(job: Job) -> list[dict[str, Any]]:
+    return [{**image, "nodeId": node} for node, out in job.outputs.items() for image in out.get("images", [])]
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    """A job as the editor's queue panel reads it (``/api/jobs``)."""
+    images = _images(job)
+    preview = ({"filename": images[-1]["filename"], "subfolder": images[-1]["subfolder"], "type": "output",
+                "nodeId": images[-1]["nodeId"], "mediaType": "images"} if images else None)
+    item: dict[str, Any] = {
+        "id": job.id, "status": JOB_STATUS[job.status], "create_time": int(job.created * 1000),
+        "execution_start_time": int(job.started * 1000) if job.started else None,
+        "execution_end_time": int(job.finished * 1000) if job.finished and job.started else None,
+        "preview_output": preview, "outputs_count": len(images), "previewable_outputs_count": len(images),
+        "workflow_id": None, "priority": job.number,
+    }
+    if job.status in ("error", "interrupted") and job.error:
+        err = job.error
+        item["execution_error"] = {
+            "prompt_id": job.id, "node_id": str(err.get("node_id") or ""), "node_type": str(err.get("node_type") or ""),
+            "exception_message": str(err.get("exception_message", "")),
+            "exception_type": str(err.get("exception_type", "")),
+            "traceback": [str(t) for t in err.get("traceback") or []]}
+    return item
+
+
+def job_detail(job: Job) -> dict[str, Any]:
+    """One job, with its outputs, timings and files (``GET /api/jobs/{id}``)."""
+    ok = job.status == "success"
+    workflow = (job.extra_data.get("extra_pnginfo") or {}).get("workflow") if isinstance(
+        job.extra_data.get("extra_pnginfo"), dict) else None
+    files = [{**i, "url": f"/api/view?filename={i['filename']}&subfolder={i['subfolder']}&type=output"}
+             for i in _images(job)]
+    return {**job_summary(job), "outputs": job.outputs, "update_time": int((job.finished or job.created) * 1000),
+            "workflow": {"prompt": job.prompt, "extra_data": {"extra_pnginfo": {"workflow": workflow}}},
+            "execution_status": {"status_str": "success" if ok else "error", "completed": ok,
+                                 "messages": job.messages},
+            "ldmgraph": {"status": job.status, "number": job.number, "source": job.source, "runs": job.runs,
+                         "created": job.created, "started": job.started, "finished": job.finished,
+                         "timings": job.timings, "files": files, "error": job.error,
+                         "requeueable": job.status in ("interrupted", "error", "cancelled")}}
+
+
+def system_stats(state: ServerState) -> dict[str, Any]:
+    def package(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    avail = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    health = state.worker.health
+    return {
+        "system": {"os": platform.system().lower(), "python_version": sys.version, "embedded_python": False,
+                   "comfyui_version": f"ldmgraph {package('ldmgraph')}", "ldmgraph_version": package("ldmgraph"),
+                   "pytorch_version": package("torch"), "argv": sys.argv, "ram_total": pages * page,
+                   "ram_free": avail * page},
+        "devices": [{"name": state.env.device or "cpu", "type": "cpu", "index": 0, "vram_total": 0, "vram_free": 0,
+                     "torch_vram_total": 0, "torch_vram_free": 0}],
+        "worker": {"alive": health.alive, "restarts": health.restarts, "last_death": health.last_death,
+                   "jobs_done": health.jobs_done, "current": health.current,
+                   "queue_remaining": state.queue_remaining()},
+    }
+
+
+# -- uploads ----------------------------------------------------------------------------------------
+def receive_image(state: ServerState, upload: UploadFile, kind: str, subfolder: str,
+                  original_ref: str | None) -> Any:
+    """Decode an uploaded image (refusing anything that is not one), re-encode it as PNG, name it by content."""
+    from PIL import Image, UnidentifiedImageError
+
+    if kind not in ("input", "temp"):
+        return error(400, "invalid_type", "uploads go to type 'input' (or 'temp')")
+    if not SUBFOLDER.match(subfolder or ""):
+        return error(400, "invalid_subfolder", "subfolder may hold only letters, digits, '_' and '-'")
+    data = upload.file.read()
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            if opened.width * opened.height > state.config.max_image_pixels:
+                return error(413, "image_too_large", f"images may have at most {state.config.max_image_pixels} pixels")
+            opened.load()
+            image = opened.convert("RGBA") if "A" in opened.getbands() or "transparency" in opened.info \
+                else opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return error(400, "not_an_image", "the upload is not an image Pillow can decode (PNG, JPEG, WebP, ...)")
+    if original_ref is not None:
+        image = _apply_mask(state, image, original_ref)
+        if isinstance(image, JSONResponse):
+            return image
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    payload = buffer.getvalue()
+    name = f"{hashlib.sha256(payload).hexdigest()[:24]}.png"
+    folder = (state.input_dir if kind == "input" else state.config.data_dir.resolve() / "temp") / subfolder
+    path = atomic_write_bytes(folder / name, payload)
+    state.store.add_file(kind, subfolder, name, path)
+    return {"name": name, "subfolder": subfolder, "type": kind}
+
+
+def _apply_mask(state: ServerState, mask: Any, original_ref: str) -> Any:
+    """ComfyUI's mask upload: the original image with the mask's alpha channel."""
+    from PIL import Image
+
+    try:
+        ref = json.loads(original_ref)
+        name = ref.get("filename", ref.get("name"))  # the editor sends filename; an upload reply says name
+        path = state.store.file(str(ref.get("type", "input")), str(ref.get("subfolder", "")), str(name))
+    except (ValueError, KeyError, AttributeError, TypeError):
+        path = None
+    if path is None or not path.is_file():
+        return error(400, "unknown_original", "original_ref must name an image this server received or wrote")
+    with Image.open(path) as original:
+        rgba = original.convert("RGBA")
+    alpha = mask.getchannel("A") if "A" in mask.getbands() else mask.convert("L")
+    rgba.putalpha(alpha.resize(rgba.size))
+    return rgba
+
+
+def not_found_json(_request: Request, _exc: Exception) -> Response:
+    return error(404, "not_found", "no such route")
+
+

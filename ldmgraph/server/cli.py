@@ -1,0 +1,89 @@
+"""``ldmgraph serve``: the HTTP and websocket server (needs ``pip install "ldmgraph[server]"``)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+from typing import Any
+
+from .state import LOOPBACK_HOSTS, REPO_WORKFLOWS
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    serve = subparsers.add_parser(
+        "serve", help="serve ComfyUI's HTTP/websocket API on a persistent queue (and the editor, if installed)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; any other "
+                       "address needs --token)")
+    serve.add_argument("--port", type=int, default=8188, help="port (default 8188, as ComfyUI)")
+    serve.add_argument("--data-dir", type=Path, default=Path("ldmgraph-data"),
+                       help="queue database, inputs, outputs, settings (default ./ldmgraph-data)")
+    serve.add_argument("--token", help="require this token (Authorization: Bearer, or ?token=) on every request")
+    serve.add_argument("--workflows-dir", type=Path, help="saved workflows to offer (default ./workflows if it "
+                       "exists, else the repository's workflows/)")
+    serve.add_argument("--models-dir", type=Path, action="append", default=[], metavar="DIR",
+                       help="checkpoint folder (repeatable; the bundled models are always searched last)")
+    serve.add_argument("--plugin-dir", action="append", default=[], metavar="DIR", help="extra plugin folder")
+    serve.add_argument("--device", help="device override for the model layer (cpu, cuda, mps)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32 MiB)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser requests from this origin (repeatable; default none)")
+    serve.add_argument("--no-editor", action="store_true", help="do not serve the editor at /")
+    serve.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    serve.set_defaults(func=cmd_serve)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Build the server state and run uvicorn until interrupted."""
+    if not is_loopback(args.host) and not args.token:
+        print(f"ldmgraph serve: binding {args.host} (not loopback) needs --token, so that only clients "
+              "holding the token can queue jobs", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as exc:
+        print(f'ldmgraph serve: the server needs its extra: pip install "ldmgraph[server]" ({exc})', file=sys.stderr)
+        return 1
+    from ldmgraph.plugins import PluginManager
+
+    from .state import ServerConfig, ServerState
+
+    workflows = args.workflows_dir
+    if workflows is None:
+        workflows = Path("workflows") if Path("workflows").is_dir() else REPO_WORKFLOWS
+    config = ServerConfig(
+        data_dir=args.data_dir, host=args.host, port=args.port, token=args.token, workflows_dir=workflows,
+        model_dirs=tuple(args.models_dir), plugin_dirs=tuple(args.plugin_dir), device=args.device,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024), cors_origins=tuple(args.cors_origin),
+        frontend=not args.no_editor)
+    manager = PluginManager(plugin_dirs=args.plugin_dir)
+    for status in manager.statuses:
+        if not status.ok:
+            print(f"ldmgraph: warning: plugin {status.name} failed to load: {status.error}", file=sys.stderr)
+    state = ServerState.build(config, manager.registry)
+    app = create_app(state)
+    print(f"ldmgraph serve: http://{args.host}:{args.port}/ (data in {config.data_dir.resolve()})",
+          file=sys.stderr, flush=True)
+    from uvicorn.config import WS_PROTOCOLS
+
+    # The worker thread runs Python between torch calls; a shorter interpreter switch interval lets the
+    # event loop answer requests without waiting up to the default 5 ms for the worker's turn to end.
+    sys.setswitchinterval(0.001)
+
+    ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"  # uvicorn >= 0.35
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws=ws)
+    return 0
