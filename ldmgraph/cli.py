@@ -108,6 +108,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run = add("run", cmd_run, "run a workflow (JSON, a PNG saved by ldmgraph, or a ComfyUI file)", [common, paths])
     run.add_argument("workflow", type=Path)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_precision_argument(run)
     validate = add("validate", cmd_validate, "check a workflow without running it (every problem at once)",
                    [common, paths])
     validate.add_argument("workflow", type=Path)
@@ -121,6 +122,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     _add_lazy_subcommands(sub, command)
     return parser
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the loaders' weight precision for this run (``auto`` resolved for this machine)."""
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights' precision, written into every loader's dtype input (auto: bf16 on "
+                        "CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32; default: the workflow's)")
+
+
+def set_precision(document: Any, args: argparse.Namespace) -> None:
+    """Resolve ``--precision`` to a concrete dtype and write it into the document's loader nodes."""
+    if getattr(args, "precision", None) is None:
+        return
+    from .models.precision import apply_precision, resolve_precision
+
+    apply_precision(document, resolve_precision(args.precision, getattr(args, "device", None)))
 
 
 def _name_value(text: str) -> str:
@@ -223,6 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded: LoadedWorkflow = load_workflow_file(args.workflow)
+    set_precision(loaded.document, args)
     with _environment_for(loaded, args) as env:
         executor = Executor(manager.registry, env)
         compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
