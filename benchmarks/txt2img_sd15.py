@@ -67,7 +67,7 @@ def write_checkpoint(path: Path, unet_channels: int = 320) -> None:
     save_single_file(path, unet=unet, vae=vae, extra=text)
 
 
-def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320) -> dict[str, float]:
+def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype: str = "file") -> dict[str, float]:
     """ldmgraph's txt2img graph, timed from the executor's events."""
     from ldmgraph.graph.context import Environment
     from ldmgraph.graph.executor import Executor
@@ -79,7 +79,7 @@ def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320) -> dic
     workflow = {
         "format": "ldmgraph/1",
         "nodes": {
-            "ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": ckpt.name}},
+            "ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": ckpt.name, "dtype": dtype}},
             "pos": {
                 "type": "TextEncode",
                 "inputs": {"text_encoder": link("ckpt", "text_encoder"), "text": PROMPT},

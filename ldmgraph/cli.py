@@ -28,6 +28,7 @@ from .graph.context import Environment
 from .graph.errors import ExecutionError, LdmGraphError, ValidationError
 from .graph.events import Event
 from .graph.loading import LoadedWorkflow, load_workflow_file
+from .graph.registry import HOOK_TABLES
 from .graph.workflow import workflow_json_schema
 from .plugins import PluginManager
 
@@ -107,6 +108,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run = add("run", cmd_run, "run a workflow (JSON, a PNG saved by ldmgraph, or a ComfyUI file)", [common, paths])
     run.add_argument("workflow", type=Path)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_precision_argument(run)
     validate = add("validate", cmd_validate, "check a workflow without running it (every problem at once)",
                    [common, paths])
     validate.add_argument("workflow", type=Path)
@@ -120,6 +122,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     _add_lazy_subcommands(sub, command)
     return parser
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the loaders' weight precision for this run (``auto`` resolved for this machine)."""
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights' precision, written into every loader's dtype input (auto: bf16 on "
+                        "CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32; default: the workflow's)")
+
+
+def set_precision(document: Any, args: argparse.Namespace) -> None:
+    """Resolve ``--precision`` to a concrete dtype and write it into the document's loader nodes."""
+    if getattr(args, "precision", None) is None:
+        return
+    from .models.precision import apply_precision, resolve_precision
+
+    apply_precision(document, resolve_precision(args.precision, getattr(args, "device", None)))
 
 
 def _name_value(text: str) -> str:
@@ -222,6 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     manager = _manager(args)
     loaded: LoadedWorkflow = load_workflow_file(args.workflow)
+    set_precision(loaded.document, args)
     with _environment_for(loaded, args) as env:
         executor = Executor(manager.registry, env)
         compiled = executor.validate(loaded.document, parse_overrides(args.overrides), args.outputs)
@@ -273,6 +292,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     for name in sorted(registry.nodes):
         entry = registry.nodes[name].spec.describe(registry)
         entry["plugin"] = registry.owner("node type", name)
+        if getattr(registry.nodes[name], "route", None):
+            entry["route"] = registry.nodes[name].route  # type: ignore[attr-defined]  # a conditioner's node
         listing[name] = entry
     if args.json:
         _print_json(listing)
@@ -333,8 +354,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return EXIT_OK
     for s in statuses:
         state = "ok" if s.ok else "FAILED"
-        counts = f"{len(s.nodes)} nodes, {len(s.samplers)} samplers, {len(s.schedules)} schedules"
-        print(f"{state:6} {s.source:11} {s.name}  ({counts})")
+        counts = ", ".join(f"{len(s.entries(table))} {table}" for table in HOOK_TABLES)
+        print(f"{state:6} {s.source:11} {s.name}  ({counts}; {s.seconds:.2f} s)")
         if s.error:
             print(f"       error: {s.error}")
     return EXIT_OK

@@ -1,12 +1,16 @@
 """Plugins: pluggy hook specifications and the plugin manager that fills a :class:`Registry`.
 
-Built-in nodes, samplers, schedules and conditioners register through the same hooks as
-third-party plugins. Sources, in order: the built-in modules in :data:`BUILTIN_PLUGIN_MODULES`
-(a missing one is skipped silently, so layers can be added before their code lands), the
-entry-point group ``ldmgraph``, then an optional plugin folder (``--plugin-dir`` or the
-environment variable ``LDMGRAPH_PLUGIN_DIR``: each ``*.py`` file or package folder in it is one
-plugin). A plugin that fails to import or register is recorded with its error and the rest still
-load. Two plugins registering the same name is an error that names both.
+Built-in nodes, samplers, schedules and conditioners register through the same hooks, and load
+through the same entry-point group ``ldmgraph``, as third-party plugins: ldmgraph's own
+pyproject.toml lists its modules there. Sources, in order: ldmgraph's own entry points (a built-in
+module that fails to import is an error: the installation is broken), the other packages' entry
+points, then an optional plugin folder (``--plugin-dir`` or the environment variable
+``LDMGRAPH_PLUGIN_DIR``: each ``*.py`` file or package folder in it is one plugin). A third-party
+plugin that fails to import or register is recorded with its error and the rest still load; so is
+one that implements a hook name that does not exist (a misspelling) or registers a name that is
+built in. Two plugins registering the same name is an error that names both. An import that takes
+longer than SLOW_IMPORT_SECONDS is reported by name while it runs; ``ldmgraph plugins`` shows how
+long each plugin took.
 
 Writing a plugin::
 
@@ -19,6 +23,10 @@ Writing a plugin::
     @hookimpl
     def ldmgraph_samplers():
         return {"my_sampler": "my_package.sampling:sample_my"}   # lazy: imported on first use
+
+    @hookimpl
+    def ldmgraph_conditioners():
+        return [MyConditioner]   # ldmgraph.conditioners.Conditioner subclasses; each gets its node
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
@@ -38,7 +48,7 @@ import pluggy
 
 from .graph.errors import PluginError
 from .graph.node import Node
-from .graph.registry import PluginStatus, Registry
+from .graph.registry import HOOK_TABLES, PluginStatus, Registry
 
 PROJECT = "ldmgraph"
 ENTRY_POINT_GROUP = "ldmgraph"
@@ -47,18 +57,8 @@ PLUGIN_DIR_ENV = "LDMGRAPH_PLUGIN_DIR"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-# Built-in plugin modules, registered by dotted name. Append yours; missing modules are skipped.
-BUILTIN_PLUGIN_MODULES: list[str] = [
-    "ldmgraph.nodes.image",
-    "ldmgraph.nodes.primitives",
-    "ldmgraph.diffusion.registry",
-    "ldmgraph.nodes.loaders",
-    "ldmgraph.nodes.conditioning",
-    "ldmgraph.nodes.latent",
-    "ldmgraph.nodes.sampling",
-    "ldmgraph.nodes.image_ops",
-    "ldmgraph.nodes.paper",
-]
+SLOW_IMPORT_SECONDS = 3.0  # a plugin import still running after this long is reported by name
+HOOK_PREFIX = "ldmgraph_"
 
 
 class HookSpecs:
@@ -77,8 +77,9 @@ class HookSpecs:
         """Sigma schedules by name: ``fn(n, noise_schedule) -> n + 1 sigmas ending in 0``."""
 
     @hookspec
-    def ldmgraph_conditioners(self) -> dict[str, Callable[..., Any] | str]:  # type: ignore[empty-body]
-        """Text/image conditioners by name."""
+    def ldmgraph_conditioners(self) -> list[type[Any]] | dict[str, type[Any]]:  # type: ignore[empty-body]
+        """Conditioners (``ldmgraph.conditioners.Conditioner`` subclasses), a list or a dict by
+        type name; each one's node is registered with it."""
 
     @hookspec
     def ldmgraph_derived_nodes(self, registry: Registry) -> list[type[Node]]:  # type: ignore[empty-body]
@@ -97,14 +98,25 @@ class PluginManager:
         entry_points_group: str | None = ENTRY_POINT_GROUP,
         plugin_dirs: Iterable[str | os.PathLike[str]] = (),
         use_env: bool = True,
+        on_slow: Callable[[str, float], None] | None = None,
     ) -> None:
         self.registry = Registry()
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(HookSpecs)
-        for name in BUILTIN_PLUGIN_MODULES if builtins is None else builtins:
+        self._on_slow = on_slow or _report_slow
+        own, others = _entry_points(entry_points_group or ENTRY_POINT_GROUP)
+        if builtins is None:
+            if not own:
+                raise PluginError(
+                    "ldmgraph's built-in plugins are not registered (no 'ldmgraph' entry points of the "
+                    "ldmgraph distribution): reinstall ldmgraph, e.g. pip install -e ."
+                )
+            builtins = [ep.value for ep in own]
+        for name in builtins:
             self._load_builtin(name)
         if entry_points_group:
-            self._load_entry_points(entry_points_group)
+            for ep in others:
+                self._import_and_register(f"{ep.name} ({ep.value})", "entry-point", ep.load)
         dirs = [Path(d) for d in plugin_dirs]
         if use_env and os.environ.get(PLUGIN_DIR_ENV):
             dirs += [Path(p) for p in os.environ[PLUGIN_DIR_ENV].split(os.pathsep) if p]
@@ -120,33 +132,35 @@ class PluginManager:
         """Register an already-imported plugin object (module or instance with hook functions)."""
         status = PluginStatus(name=name, source=source, ok=True)
         self.registry.plugins.append(status)
+        if source == "builtin":
+            self.registry.builtins.add(name)
         snapshot = self.registry.snapshot()
+        started = time.perf_counter()
         try:
+            _check_hook_names(plugin, name)
             self._pm.register(plugin, name=name)
             self._collect(plugin, status)
             self._derive()
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
             self.registry.restore(snapshot)  # all or nothing: no half-registered plugin
-            status.nodes.clear()
-            for table in ("samplers", "schedules", "conditioners"):
-                getattr(status, table).clear()
+            for table in HOOK_TABLES:
+                status.entries(table).clear()
             self._fail(status, exc)
             if self._pm.is_registered(plugin):
                 self._pm.unregister(plugin)
+            if source == "builtin":
+                raise PluginError(f"built-in plugin module {name} failed to register: {status.error}") from exc
+        status.seconds += time.perf_counter() - started
         return status
 
     # -- sources --------------------------------------------------------------------------------
     def _load_builtin(self, dotted: str) -> None:
+        """Import one of ldmgraph's own plugin modules; failing to is an error (a broken install)."""
         try:
-            if importlib.util.find_spec(dotted) is None:
-                return
-        except (ImportError, ValueError):
-            return  # the parent package does not exist yet
-        self._import_and_register(dotted, "builtin", lambda: importlib.import_module(dotted))
-
-    def _load_entry_points(self, group: str) -> None:
-        for ep in sorted(entry_points(group=group), key=lambda e: e.name):
-            self._import_and_register(f"{ep.name} ({ep.value})", "entry-point", ep.load)
+            plugin = self._timed(dotted, lambda: importlib.import_module(dotted))[0]
+        except Exception as exc:
+            raise PluginError(f"built-in plugin module {dotted} cannot be imported: {type(exc).__name__}: {exc}") from exc
+        self.register(plugin, dotted, "builtin")
 
     def _load_folder(self, folder: Path) -> None:
         if not folder.is_dir():
@@ -160,36 +174,65 @@ class PluginManager:
             if path.suffix == ".py" or (path.is_dir() and (path / "__init__.py").is_file()):
                 self._import_and_register(str(path), "plugin-dir", lambda p=path: _import_path(p))
 
-    def _import_and_register(self, name: str, source: str, load: Callable[[], Any]) -> None:
+    def _timed(self, name: str, load: Callable[[], Any]) -> tuple[Any, float]:
+        """Run ``load``, reporting ``name`` through ``on_slow`` if it is still running after
+        SLOW_IMPORT_SECONDS; returns its result and the seconds it took."""
+        started = time.perf_counter()
+        timer = threading.Timer(SLOW_IMPORT_SECONDS, self._on_slow, (name, SLOW_IMPORT_SECONDS))
+        timer.daemon = True
+        timer.start()
         try:
-            plugin = load()
+            return load(), time.perf_counter() - started
+        finally:
+            timer.cancel()
+
+    def _import_and_register(self, name: str, source: str, load: Callable[[], Any]) -> None:
+        started = time.perf_counter()
+        try:
+            plugin, seconds = self._timed(name, load)
         except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt-free plugins only
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            status = PluginStatus(name=name, source=source, ok=False)
+            status = PluginStatus(name=name, source=source, ok=False, seconds=time.perf_counter() - started)
             self._fail(status, exc)
             self.registry.plugins.append(status)
             return
-        self.register(plugin, name, source)
+        self.register(plugin, name, source).seconds += seconds
 
     # -- collection ------------------------------------------------------------------------------
     def _collect(self, plugin: object, status: PluginStatus) -> None:
         """Call this plugin's hooks only, so one plugin's failure is attributed to it alone."""
-        hooks = self._pm.hook
-        nodes = _call_one(hooks.ldmgraph_nodes, plugin)
-        tables = {t: _call_one(getattr(hooks, f"ldmgraph_{t}"), plugin) for t in ("samplers", "schedules",
-                                                                                   "conditioners")}
-        for cls in list(nodes or []):
-            self.registry.add_node(cls, status.name)
-            status.nodes.append(cls.type_name)
-        for table, entries in tables.items():
-            if entries is None:
-                continue
-            if not isinstance(entries, dict):
-                raise PluginError(f"hook ldmgraph_{table} must return a dict, got {type(entries).__name__}")
-            for key, value in entries.items():
-                self.registry.add_callable(table, key, value, status.name)
-                getattr(status, table).append(key)
+        for table in HOOK_TABLES:
+            entries = _call_one(getattr(self._pm.hook, HOOK_PREFIX + table), plugin)
+            if entries is not None:
+                self._add(table, entries, status)
+
+    def _add(self, table: str, entries: Any, status: PluginStatus) -> None:
+        """Register what one hook returned: node classes, conditioner classes (each with its node),
+        or a dict of named callables."""
+        if table == "nodes":
+            for cls in list(entries):
+                self.registry.add_node(cls, status.name)
+                status.nodes.append(cls.type_name)
+            return
+        if table == "conditioners" and not isinstance(entries, dict):
+            entries = {getattr(cls, "type_name", repr(cls)): cls for cls in entries}
+        if not isinstance(entries, dict):
+            raise PluginError(f"hook {HOOK_PREFIX}{table} must return a dict, got {type(entries).__name__}")
+        for key, value in entries.items():
+            if table == "conditioners":
+                from .conditioners import conditioner_node
+
+                try:
+                    node = conditioner_node(value)
+                except TypeError as exc:
+                    raise PluginError(f"conditioner {key!r}: {exc}") from exc
+                if node.type_name != key:
+                    raise PluginError(f"conditioner registered as {key!r} has type_name {node.type_name!r}")
+                self.registry.add_node(node, status.name)
+                status.nodes.append(key)
+            self.registry.add_callable(table, key, value, status.name)
+            status.entries(table).append(key)
 
     def _derive(self) -> None:
         """Add the derived nodes that the registry's current contents call for."""
@@ -208,6 +251,35 @@ class PluginManager:
         frames = traceback.extract_tb(exc.__traceback__)
         where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
         status.error = f"{type(exc).__name__}: {exc}{where}"
+
+
+def _report_slow(name: str, seconds: float) -> None:
+    print(f"ldmgraph: plugin {name} is still importing after {seconds:.0f} s", file=sys.stderr, flush=True)
+
+
+def _entry_points(group: str) -> tuple[list[Any], list[Any]]:
+    """The group's entry points: ldmgraph's own (its built-in modules, in declared order) and the
+    other packages' (by name)."""
+    own, others = [], []
+    for ep in entry_points(group=group):
+        dist = getattr(ep, "dist", None)
+        (own if dist is not None and dist.name == PROJECT else others).append(ep)
+    return own, sorted(others, key=lambda e: e.name)
+
+
+def _check_hook_names(plugin: object, name: str) -> None:
+    """Refuse a plugin with a hook implementation whose name is no hook (a misspelling would
+    otherwise load as "ok" and register nothing)."""
+    known = {n for n in dir(HookSpecs) if n.startswith(HOOK_PREFIX)}
+    marker = PROJECT + "_impl"
+    for attr in dir(plugin):
+        value = getattr(plugin, attr, None)
+        if callable(value) and hasattr(value, marker) and attr not in known:
+            import difflib
+
+            close = difflib.get_close_matches(attr, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; the hooks are {', '.join(sorted(known))}"
+            raise PluginError(f"plugin {name} implements {attr!r}, which is not an ldmgraph hook{hint}")
 
 
 def _call_one(hook: Any, plugin: object) -> Any:

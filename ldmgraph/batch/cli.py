@@ -25,6 +25,8 @@ def register(subparsers: Any) -> None:
         "parameters) times the product of --sweep lists. Every row is validated first; outputs are "
         "named rowNNNNN_*.png; OUTPUT_DIR/manifest.jsonl records each finished row, and running the "
         "same command again skips them.")
+    from ldmgraph.cli import add_precision_argument
+
     parser.add_argument("workflow", type=Path, help="workflow file (JSON, or a PNG saved by ldmgraph)")
     parser.add_argument("--params", type=Path, metavar="FILE", help="parameter table: .csv (header row) or .jsonl")
     parser.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
@@ -54,12 +56,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--plugin-dir", action="append", default=[], metavar="DIR", help="extra plugin folder")
     parser.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_precision_argument(parser)
     parser.set_defaults(func=cmd_batch)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Validate every row, then run the batch on the chosen backend."""
-    from ldmgraph.cli import environment, parse_overrides
+    from ldmgraph.cli import environment, parse_overrides, set_precision
     from ldmgraph.graph.errors import ValidationError
     from ldmgraph.graph.loading import load_workflow_file
     from ldmgraph.plugins import PluginManager
@@ -74,6 +77,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         doc = load_workflow_file(args.workflow).document
         if not isinstance(doc, dict):
             raise BatchInputError([f"{args.workflow}: not a workflow document"])
+        set_precision(doc, args)  # a concrete dtype in the document: every worker and row loads alike
         if args.outputs:
             doc = {**doc, "outputs": args.outputs}  # travels with the document to every worker
         registry = manager.registry

@@ -6,6 +6,11 @@ Several entries on one side are combined as ComfyUI does: each entry's predictio
 area (h, w, y, x) and is weighted by strength * mask there; the side's prediction is the
 weighted sum divided by the summed weights. Where no positive entry covers a pixel, the
 negative prediction is used there (no guidance) instead of a zero latent.
+
+Entries reach the network by route (`ldmgraph.conditioners.CondEntry`): context, concat and vector
+are batched across the entries of one call; control contributions are passed on as they are
+(entries with the same control stack share a call). An entry limited to start..end percent of the
+schedule takes part only while sigma lies in that range.
 """
 
 from __future__ import annotations
@@ -45,18 +50,19 @@ class _Piece:
     side: int  # 0 = positive, 1 = negative
     region: tuple[slice, slice]
     weight: Tensor | float  # [B or 1, 1, h_a, w_a] or a scalar
-    context: Tensor
+    context: Tensor | None
     concat: Tensor | None
-    pooled: Tensor | None
+    vector: Tensor | None
+    control: tuple
+    span: tuple[float, float]  # start / end percent of the schedule
 
     def key(self) -> tuple:
         """Pieces with equal keys run in one batched network call."""
         hw = (self.region[0].stop - self.region[0].start, self.region[1].stop - self.region[1].start)
         return (
             hw,
-            tuple(self.context.shape[1:]),
-            None if self.concat is None else tuple(self.concat.shape[1:]),
-            None if self.pooled is None else tuple(self.pooled.shape[1:]),
+            tuple(id(c) for c in self.control),
+            *(None if v is None else tuple(v.shape[1:]) for v in (self.context, self.concat, self.vector)),
         )
 
 
@@ -85,9 +91,14 @@ def _prepare(entry: CondEntry, side: int, x: Tensor) -> _Piece:
                 "encode the conditioning image at the latent's size"
             )
         concat = concat[..., region[0], region[1]]
-    pooled = None if entry.pooled is None else _fit_batch(entry.pooled.to(device), batch, "pooled")
-    context = _fit_batch(entry.context.to(device), batch, "context")
-    return _Piece(side, region, weight, context, concat, pooled)
+    vector = None if entry.vector is None else _fit_batch(entry.vector.to(device), batch, "vector")
+    context = None if entry.context is None else _fit_batch(entry.context.to(device), batch, "context")
+    span = (float(entry.start_percent), float(entry.end_percent))
+    return _Piece(side, region, weight, context, concat, vector, tuple(entry.control), span)
+
+
+def _stack(values: list[Tensor | None]) -> Tensor | None:
+    return None if values[0] is None else torch.cat(values)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -97,9 +108,10 @@ class _Group:
     members: list[int]
     regions: list[tuple[slice, slice]]
     full: bool
-    context: Tensor
+    context: Tensor | None
     concat: Tensor | None
-    pooled: Tensor | None
+    vector: Tensor | None
+    control: tuple
 
 
 @dataclass
@@ -133,7 +145,7 @@ class CFGDenoiser:
         self._plans: dict[tuple, _Plan] = {}
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        plan = self._plan(x)
+        plan = self._plan(x, self._active(float(sigma.reshape(-1)[0])))
         preds = self._run(plan, x, sigma)
         if plan.simple:
             cond = preds[0]
@@ -145,11 +157,25 @@ class CFGDenoiser:
         guided = torch.lerp(uncond, cond, self.cfg)  # uncond + cfg * (cond - uncond)
         return guided if covered is None else torch.where(covered, guided, uncond)
 
-    def _plan(self, x: Tensor) -> _Plan:
-        """Pieces and batched network inputs for latents of x's shape (built once per shape)."""
-        key = (tuple(x.shape), x.device, x.dtype)
+    def _active(self, sigma: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Indices of the entries of each side whose schedule range holds sigma (all of a side's
+        entries when none does, so that a side is never empty)."""
+        sides = []
+        for entries in (self.positive, self.negative):
+            inside = tuple(
+                i for i, e in enumerate(entries) if self.denoiser.in_range(e.start_percent, e.end_percent, sigma)
+            )
+            sides.append(inside or tuple(range(len(entries))))
+        return sides[0], sides[1]
+
+    def _plan(self, x: Tensor, active: tuple[tuple[int, ...], tuple[int, ...]]) -> _Plan:
+        """Pieces and batched network inputs for latents of x's shape and the active entries
+        (built once per shape and set of entries)."""
+        key = (tuple(x.shape), x.device, x.dtype, active)
         if key not in self._plans:
-            pieces = [_prepare(e, 0, x) for e in self.positive] + [_prepare(e, 1, x) for e in self.negative]
+            positive = [self.positive[i] for i in active[0]]
+            negative = [self.negative[i] for i in active[1]]
+            pieces = [_prepare(e, 0, x) for e in positive] + [_prepare(e, 1, x) for e in negative]
             by_key: dict[tuple, list[int]] = {}
             for index, piece in enumerate(pieces):
                 by_key.setdefault(piece.key(), []).append(index)
@@ -162,14 +188,15 @@ class CFGDenoiser:
                         members=members,
                         regions=[p.region for p in chosen],
                         full=all(p.region == everywhere for p in chosen),
-                        context=torch.cat([p.context for p in chosen]),
-                        concat=None if chosen[0].concat is None else torch.cat([p.concat for p in chosen]),  # type: ignore[misc]
-                        pooled=None if chosen[0].pooled is None else torch.cat([p.pooled for p in chosen]),  # type: ignore[misc]
+                        context=_stack([p.context for p in chosen]),
+                        concat=_stack([p.concat for p in chosen]),
+                        vector=_stack([p.vector for p in chosen]),
+                        control=chosen[0].control,
                     )
                 )
             simple = (
-                len(self.positive) == 1
-                and len(self.negative) <= 1
+                len(positive) == 1
+                and len(negative) <= 1
                 and all(p.region == everywhere and not isinstance(p.weight, Tensor) for p in pieces)
             )
             self._plans[key] = _Plan(pieces, groups, simple)
@@ -185,7 +212,9 @@ class CFGDenoiser:
             else:
                 xs = torch.cat([x[..., rows, cols] for rows, cols in group.regions])
             # sigma stays per image: the denoiser repeats it over the n stacked pieces
-            out = self.denoiser(xs, sigma, context=group.context, concat=group.concat, y=group.pooled)
+            out = self.denoiser(
+                xs, sigma, context=group.context, concat=group.concat, y=group.vector, control=group.control
+            )
             for i, part in zip(group.members, out.chunk(n), strict=True):
                 preds[i] = part
         return preds

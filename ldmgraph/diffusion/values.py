@@ -6,8 +6,13 @@ types without importing torch (see docs/INTERFACES.md, "Torch stays lazy").
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ldmgraph.conditioners import CondEntry
+
+__all__ = ["CondEntry", "Control", "DiffusionModel", "Latent", "SamplerCallback"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -29,24 +34,20 @@ class Latent:
     batch_index: list[int] | None = None
 
 
-@dataclass(frozen=True, eq=False)
-class CondEntry:
-    """One conditioning entry of a CONDITIONING list.
+class Control(Protocol):
+    """A `control` route contribution (ControlNet, adapters): residuals for the U-Net's skips.
 
-    `context` is the cross-attention context `[B, T, D]` (B may be 1 and is then broadcast).
-    `pooled` is an optional pooled text embedding (passed to the model as `y`). `concat` is a
-    spatially aligned tensor `[B, C, h, w]` stacked onto the latent as extra input channels
-    (Rombach et al. 2022, Sec. 3.3: low-resolution image, or mask + masked-image latent).
-    `strength` weighs this entry against the others; `area` = (h, w, y, x) in latent pixels
-    restricts it to a rectangle; `mask` (`[h, w]` or `[B, 1, h, w]`, 0..1) restricts it softly.
+    `residuals(x, t, context, y)` gets the U-Net's input (latent channels first) and timesteps `[B]`
+    and returns one tensor per input block and one for the middle block (already weighted by
+    `strength`); it applies while sigma lies in the part of the schedule from `start_percent` to
+    `end_percent` (see `ldmgraph.diffusion.denoiser.Denoiser`).
     """
 
-    context: Tensor
-    pooled: Tensor | None = None
-    concat: Tensor | None = None
-    strength: float = 1.0
-    area: tuple[int, int, int, int] | None = None
-    mask: Tensor | None = None
+    strength: float
+    start_percent: float
+    end_percent: float
+
+    def residuals(self, x: Tensor, t: Tensor, context: Tensor | None, y: Tensor | None) -> list[Tensor]: ...
 
 
 @runtime_checkable
@@ -57,7 +58,8 @@ class DiffusionModel(Protocol):
     (the DDPM scaling, Ho et al. 2020, eq. 4) and a continuous timestep `t` `[B]` (float, in
     0..timesteps-1), and returns eps (`prediction_type == "eps"`) or v (`"v"`, Salimans & Ho 2022).
     `concat` (`[B, C, h, w]`) must be stacked onto `x` along channels before the network; `context`
-    feeds cross-attention; `y` is a pooled / class vector for models that take one.
+    feeds cross-attention; `y` is a pooled / class vector for models that take one; `control`
+    (given only when a `Control` is active) holds the residual sources to add to the U-Net.
     """
 
     prediction_type: str
@@ -70,6 +72,7 @@ class DiffusionModel(Protocol):
         context: Tensor | None = None,
         concat: Tensor | None = None,
         y: Tensor | None = None,
+        control: Sequence[Control] = (),
     ) -> Tensor: ...
 
 

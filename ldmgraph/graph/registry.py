@@ -16,21 +16,30 @@ from typing import Any
 from .errors import LdmGraphError, PluginError
 from .node import Node
 
-TABLES = ("samplers", "schedules", "conditioners")
+# One table per plugin hook: the hook ``ldmgraph_<table>`` fills the table ``<table>``.
+HOOK_TABLES = ("nodes", "samplers", "schedules", "conditioners")
+TABLES = HOOK_TABLES[1:]  # the named-callable tables (nodes are classes, with their own checks)
+KINDS = {"nodes": "node type", "samplers": "sampler", "schedules": "schedule", "conditioners": "conditioner"}
 
 
 @dataclass
 class PluginStatus:
-    """One plugin as ``ldmgraph plugins`` shows it: where it came from, whether it loaded, and why not."""
+    """One plugin as ``ldmgraph plugins`` shows it: where it came from, whether it loaded, and why not,
+    what it registered in each table, and how long its import and registration took."""
 
     name: str
-    source: str  # "builtin" | "entry-point" | "plugin-dir"
+    source: str  # "builtin" | "entry-point" | "plugin-dir" | "api"
     ok: bool
     error: str | None = None
     nodes: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
     schedules: list[str] = field(default_factory=list)
     conditioners: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def entries(self, table: str) -> list[str]:
+        """The names this plugin registered in ``table``."""
+        return getattr(self, table)  # type: ignore[no-any-return]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for ``ldmgraph plugins --json``."""
@@ -38,26 +47,40 @@ class PluginStatus:
 
 
 class Registry:
-    """Node types by name, and the named callables (samplers, schedules, conditioners)."""
+    """One table per hook (node types by name; samplers, schedules, conditioners by name), plus
+    which plugin owns each entry and which plugins are built in."""
 
     def __init__(self) -> None:
-        self.nodes: dict[str, type[Node]] = {}
-        self.samplers: dict[str, Callable[..., Any] | str] = {}
-        self.schedules: dict[str, Callable[..., Any] | str] = {}
-        self.conditioners: dict[str, Callable[..., Any] | str] = {}
+        self.tables: dict[str, dict[str, Any]] = {table: {} for table in HOOK_TABLES}
         self.plugins: list[PluginStatus] = []
+        self.builtins: set[str] = set()  # owners that are ldmgraph's own modules
         self.version = 0  # bumped on every change, so caches of validation results can tell
         self._owners: dict[tuple[str, str], str] = {}
 
+    @property
+    def nodes(self) -> dict[str, type[Node]]:
+        return self.tables["nodes"]
+
+    @property
+    def samplers(self) -> dict[str, Callable[..., Any] | str]:
+        return self.tables["samplers"]
+
+    @property
+    def schedules(self) -> dict[str, Callable[..., Any] | str]:
+        return self.tables["schedules"]
+
+    @property
+    def conditioners(self) -> dict[str, Any]:
+        return self.tables["conditioners"]
+
     def snapshot(self) -> tuple[dict[Any, Any], ...]:
         """Copies of the tables, so that a plugin failing halfway can be rolled back."""
-        return (dict(self.nodes), dict(self.samplers), dict(self.schedules), dict(self.conditioners),
-                dict(self._owners))
+        return (*(dict(self.tables[t]) for t in HOOK_TABLES), dict(self._owners))
 
     def restore(self, snapshot: tuple[dict[Any, Any], ...]) -> None:
         """Undo every registration made since ``snapshot``."""
-        nodes, samplers, schedules, conditioners, owners = (dict(t) for t in snapshot)
-        self.nodes, self.samplers, self.schedules, self.conditioners = nodes, samplers, schedules, conditioners
+        *tables, owners = (dict(t) for t in snapshot)
+        self.tables = dict(zip(HOOK_TABLES, tables, strict=True))
         self._owners = owners
         self.version += 1
 
@@ -65,7 +88,7 @@ class Registry:
         """Register a node type; a name registered by two plugins is an error naming both."""
         if not (isinstance(cls, type) and issubclass(cls, Node) and getattr(cls, "spec", None)):
             raise PluginError(f"plugin {owner!r} registered {cls!r}, which is not a Node subclass with a type_name")
-        self._claim("node type", cls.type_name, owner, same=self.nodes.get(cls.type_name) is cls)
+        self._claim(KINDS["nodes"], cls.type_name, owner, same=self.nodes.get(cls.type_name) is cls)
         self.nodes[cls.type_name] = cls
         self.version += 1
 
@@ -75,13 +98,18 @@ class Registry:
             raise ValueError(f"unknown registry table {table!r}")
         if not isinstance(name, str) or not (callable(value) or (isinstance(value, str) and ":" in value)):
             raise PluginError(f"plugin {owner!r}: {table} entry {name!r} must be a callable or 'module:attr'")
-        entries: dict[str, Any] = getattr(self, table)
-        self._claim(table[:-1], name, owner, same=entries.get(name) == value)
+        entries = self.tables[table]
+        self._claim(KINDS[table], name, owner, same=entries.get(name) == value)
         entries[name] = value
         self.version += 1
 
     def _claim(self, kind: str, name: str, owner: str, same: bool) -> None:
         previous = self._owners.get((kind, name))
+        if previous is not None and previous != owner and previous in self.builtins:
+            raise PluginError(
+                f"{kind} {name!r} is built into ldmgraph ({previous}); plugin {owner!r} cannot register "
+                "it again: give the plugin's one another name"
+            )
         if previous is not None and previous != owner and not same:
             raise PluginError(
                 f"{kind} {name!r} is registered by two plugins: {previous!r} and {owner!r}; "
@@ -99,11 +127,11 @@ class Registry:
             return sorted(self.nodes)
         if table not in TABLES:
             raise ValueError(f"unknown registry table {table!r}; use one of {', '.join(TABLES)}")
-        return list(getattr(self, table))
+        return list(self.tables[table])
 
     def resolve(self, table: str, name: str) -> Callable[..., Any]:
         """The callable registered as ``name``, importing a lazy ``"module:attr"`` on first use."""
-        entries: dict[str, Any] = getattr(self, table)
+        entries = self.tables[table]
         if name not in entries:
             close = difflib.get_close_matches(name, list(entries), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -74,6 +74,12 @@ class VAE(Socket):
     name = "VAE"
 
 
+class CONTROL_NET(Socket):
+    """A loaded ControlNet handle (shared, never copied): ``ldmgraph.models.controlnet.ControlNetHandle``."""
+
+    name = "CONTROL_NET"
+
+
 class TEXT_ENCODER(Socket):
     """A loaded text encoder handle (shared, never copied)."""
 
@@ -193,7 +199,7 @@ class ENUM(STRING):
 
 
 BUILTIN_SOCKETS: tuple[type[Socket], ...] = (
-    IMAGE, MASK, LATENT, CONDITIONING, MODEL, VAE, TEXT_ENCODER, SIGMAS, SAMPLER, GUIDER, NOISE,
+    IMAGE, MASK, LATENT, CONDITIONING, MODEL, VAE, CONTROL_NET, TEXT_ENCODER, SIGMAS, SAMPLER, GUIDER, NOISE,
     INT, FLOAT, STRING, BOOLEAN, ENUM,
 )
 

@@ -60,6 +60,35 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         "CheckpointLoader", {"ckpt_name": "ckpt_name"}, ("model", "text_encoder", "vae"), ("ckpt_name",)
     ),
     "VAELoader": NodeMapping("VAELoader", {"vae_name": "vae_name"}, ("vae",), ("vae_name",)),
+    "ControlNetLoader": NodeMapping(
+        "ControlNetLoader", {"control_net_name": "control_net_name"}, ("control_net",), ("control_net_name",)
+    ),
+    "ControlNetApply": NodeMapping(
+        "ControlNetApply",
+        {"conditioning": "conditioning", "control_net": "control_net", "image": "image", "strength": "strength"},
+        ("conditioning",),
+        ("strength",),
+    ),
+    "ControlNetApplyAdvanced": NodeMapping(
+        "ControlNetApplyAdvanced",
+        {
+            "positive": "positive",
+            "negative": "negative",
+            "control_net": "control_net",
+            "image": "image",
+            "strength": "strength",
+            "start_percent": "start_percent",
+            "end_percent": "end_percent",
+        },
+        ("positive", "negative"),
+        ("strength", "start_percent", "end_percent"),
+    ),
+    "Canny": NodeMapping(
+        "Canny",
+        {"image": "image", "low_threshold": "low_threshold", "high_threshold": "high_threshold"},
+        ("image",),
+        ("low_threshold", "high_threshold"),
+    ),
     "CLIPTextEncode": NodeMapping(
         "TextEncode", {"text": "text", "clip": "text_encoder"}, ("conditioning",), ("text",)
     ),

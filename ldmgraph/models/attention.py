@@ -14,6 +14,8 @@ Attribute names copy the original checkpoint keys (`transformer_blocks.0.attn1.t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,7 +29,12 @@ class GroupNorm32(nn.GroupNorm):
     because the variance of large activations overflows fp16.
     """
 
+    # set by `ldmgraph.models.vae_tiling.tile_norms` while an image is processed in tiles
+    tile_state: Any = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tile_state is not None:
+            return self.tile_state(self, x)  # type: ignore[no-any-return]
         if x.dtype in (torch.float16, torch.bfloat16):
             weight = self.weight.float() if self.weight is not None else None
             bias = self.bias.float() if self.bias is not None else None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldmgraph.models.attention import GroupNorm32
+from ldmgraph.models.memory import ATTENTION_CHUNK_BYTES
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -64,6 +65,19 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+# Most bytes of attention scores held at once (ATTENTION_CHUNK_BYTES): big latents (a 2048 px SD
+# image has 65,536 latent pixels, whose full score matrix is 16 GiB) attend in chunks of queries.
+
+
+def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA over query chunks: each query's softmax is over all keys, so the result is the same."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    chunk = max(1, ATTENTION_CHUNK_BYTES // (4 * n_k * q.shape[0] * q.shape[1]))
+    if n_q <= chunk:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.split(chunk, dim=-2)], dim=-2)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over the pixels, with 1x1 convolutions `q`, `k`, `v`, `proj_out`."""
 
@@ -80,7 +94,7 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
         # [B, C, H, W] -> [B, 1, HW, C] views; one head of width C, scale 1/sqrt(C)
         q, k, v = (conv(hn).flatten(2).transpose(1, 2)[:, None] for conv in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = _chunked_attention(q, k, v)
         # contiguous channels-first again: the convolutions after this block are slow on channels-last strides
         return x + self.proj_out(out[:, 0].transpose(1, 2).reshape(b, c, h, w).contiguous())
 
@@ -204,11 +218,18 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution part: conv_in and the down levels (what tiled encodes cut into tiles)."""
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution part: mid block (global attention), norm and conv_out."""
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -257,7 +278,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        return self.tail(self.head(z))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution part: conv_in and the mid block (global attention)."""
+        return self.mid(self.conv_in(z))  # type: ignore[no-any-return]
+
+    def tail(self, h: torch.Tensor) -> torch.Tensor:
+        """The up levels to full resolution, norm and conv_out (what tiled decodes cut into tiles)."""
         for level in reversed(self.up):
             h = level(h)
         if self.give_pre_end:
@@ -342,7 +370,16 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Image [B, C, H, W] in -1..1 -> posterior over latents [B, embed_dim, H / f, W / f]."""
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return self.posterior(self.moments(x))
+
+    def moments(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's mean and log-variance [B, 2 * embed_dim, H / f, W / f]."""
+        return self.quant_conv(self.encoder(x))
+
+    @staticmethod
+    def posterior(moments: torch.Tensor) -> DiagonalGaussianDistribution:
+        """The posterior given the encoder's moments."""
+        return DiagonalGaussianDistribution(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B, embed_dim, h, w] (unscaled) -> image [B, out_ch, h * f, w * f], about -1..1."""

@@ -262,6 +262,8 @@ def unet_handle(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.d
     assert info.unet is not None
     module = _build(UNetModel, info.unet, info.path, "U-Net")
     assign_weights(module, weights, path=info.path, component="U-Net", dtype=dtype)
+    if dtype is not None and dtype != torch.float32:
+        module.keep_fp32()
     return DiffusionModelHandle(
         module,
         prediction_type=info.prediction_type,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ldmgraph.models import vae_tiling as tiling
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
 
 TextEncoderHandle = TextEncoder
@@ -67,7 +68,10 @@ class DiffusionModelHandle(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.diffusion_model.parameters()).dtype
+        """The compute dtype: the output layer's (the time embedding may be kept in float32)."""
+        out = getattr(self.diffusion_model, "out", None)
+        params = (out if isinstance(out, nn.Module) else self.diffusion_model).parameters()
+        return next(params).dtype
 
     def apply_model(
         self,
@@ -76,8 +80,13 @@ class DiffusionModelHandle(nn.Module):
         context: Tensor | None = None,
         concat: Tensor | None = None,
         y: Tensor | None = None,
+        control: Any = (),
     ) -> Tensor:
-        """eps or v for x_t at timesteps t ([B], float allowed); see `ldmgraph.diffusion.DiffusionModel`."""
+        """eps or v for x_t at timesteps t ([B], float allowed); see `ldmgraph.diffusion.DiffusionModel`.
+
+        `control` (the control route) holds residual sources (`ldmgraph.diffusion.values.Control`);
+        their residuals are summed (stacked ControlNets) and added to the U-Net's skips.
+        """
         model_in = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
         if model_in.shape[1] != self.in_channels:
             raise ValueError(
@@ -93,18 +102,27 @@ class DiffusionModelHandle(nn.Module):
         t = torch.as_tensor(t, device=device)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        out = self.diffusion_model(
-            model_in.to(device=device, dtype=dtype),
-            t.to(device),
-            context=None if context is None else context.to(device=device, dtype=dtype),
-            # `y` (a class label or SDXL-style vector) only reaches class-conditional U-Nets: the
-            # pooled text vector that a CondEntry may carry is meaningless to SD1/SD2 and our models.
-            y=None if y is None or not self._takes_y else y.to(device=device, dtype=dtype),
-        )
+        model_in = model_in.to(device=device, dtype=dtype)
+        context = None if context is None else context.to(device=device, dtype=dtype)
+        # `y` (the vector route: a class label or SDXL-style vector) only reaches class-conditional U-Nets
+        y = None if y is None or not self._takes_y else (y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device))
+        extra = {} if not control else {"control": self._residuals(control, model_in, t.to(device), context, y)}
+        out = self.diffusion_model(model_in, t.to(device), context=context, y=y, **extra)
         return out.to(device=x.device, dtype=x.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.apply_model(*args, **kwargs)
+
+    def _residuals(self, control: Any, x: Tensor, t: Tensor, context: Tensor | None, y: Tensor | None) -> list[Tensor]:
+        """The sum of every control source's residuals (each checked against this U-Net first)."""
+        total: list[Tensor] | None = None
+        for source in control:
+            if hasattr(source, "check_model"):
+                source.check_model(self.diffusion_model)
+            parts = source.residuals(x, t, context, y)
+            total = list(parts) if total is None else [a + b.to(a) for a, b in zip(total, parts, strict=True)]
+        assert total is not None
+        return total
 
     @property
     def _takes_y(self) -> bool:
@@ -150,8 +168,20 @@ class VAEHandle(nn.Module):
         return next(self.first_stage_model.parameters()).dtype
 
     @torch.no_grad()
-    def encode(self, pixels: Any, generator: torch.Generator | None = None) -> Tensor:
-        """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU)."""
+    def encode(
+        self,
+        pixels: Any,
+        generator: torch.Generator | None = None,
+        *,
+        tiled: str = "auto",
+        tile_pixels: int | None = None,
+        overlap_pixels: int | None = None,
+    ) -> Tensor:
+        """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU).
+
+        `tiled` "auto" encodes images over `ldmgraph.models.vae_tiling.AUTO_TILE_PIXELS` pixels in
+        overlapping tiles (bounded memory), "on" always, "off" never.
+        """
         image = _pixels_to_tensor(pixels)
         f = self.downscale
         h, w = image.shape[1] // f * f, image.shape[2] // f * f
@@ -160,16 +190,48 @@ class VAEHandle(nn.Module):
         top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
         image = image[:, top : top + h, left : left + w, : self.image_channels]
         x = image.permute(0, 3, 1, 2).to(device=self.device, dtype=self.dtype) * 2.0 - 1.0
-        posterior = self.first_stage_model.encode(x)
+        model = self.first_stage_model
+        tile_pixels, overlap_pixels = tiling.tile_and_overlap(tile_pixels, overlap_pixels)
+        if tiling.should_tile(tiled, h * w) and hasattr(model, "posterior"):
+            # the down levels run in tiles; the mid block (global attention) sees the whole latent
+            tile = max(tile_pixels // f, 1) * f
+            encoder = model.encoder
+            features = tiling.run_tiled(encoder.body, encoder, x, scale=1.0 / f, tile=tile, overlap=overlap_pixels, align=f)
+            posterior = model.posterior(model.quant_conv(encoder.head(features)))
+        else:
+            posterior = model.encode(x)
         z = posterior.mode() if generator is None else posterior.sample(generator)
         return (z * self.scale_factor).to(device="cpu", dtype=torch.float32)
 
     @torch.no_grad()
-    def decode(self, latent: Tensor) -> Tensor:
-        """Scaled latent [B, C, h, w] -> image [B, h*f, w*f, 3] fp32 CPU tensor in 0..1."""
+    def decode(
+        self,
+        latent: Tensor,
+        *,
+        tiled: str = "auto",
+        tile_pixels: int | None = None,
+        overlap_pixels: int | None = None,
+    ) -> Tensor:
+        """Scaled latent [B, C, h, w] -> image [B, h*f, w*f, 3] fp32 CPU tensor in 0..1.
+
+        `tiled` "auto" decodes outputs over `ldmgraph.models.vae_tiling.AUTO_TILE_PIXELS` pixels in
+        overlapping tiles (bounded memory; see `ldmgraph.models.vae_tiling`), "on" always, "off" never.
+        """
+        f = self.downscale
+        tile_pixels, overlap_pixels = tiling.tile_and_overlap(tile_pixels, overlap_pixels)
+        use_tiles = tiling.should_tile(tiled, latent.shape[-2] * latent.shape[-1] * f * f)
+        model = self.first_stage_model
         images = []
         for z in latent.split(1):
-            x = self.first_stage_model.decode(z.to(device=self.device, dtype=self.dtype) / self.scale_factor)
+            z = z.to(device=self.device, dtype=self.dtype) / self.scale_factor
+            if use_tiles and hasattr(model, "post_quant_conv"):
+                # the mid block (global attention) sees the whole latent; the up levels run in tiles
+                tile, overlap = max(tile_pixels // f, 1), max(overlap_pixels // f, 1)
+                decoder = model.decoder
+                features = decoder.head(model.post_quant_conv(z))
+                x = tiling.run_tiled(decoder.tail, decoder, features, scale=float(f), tile=tile, overlap=overlap)
+            else:
+                x = model.decode(z)
             images.append(((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).cpu())
         return torch.cat(images)
 

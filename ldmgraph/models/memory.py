@@ -16,6 +16,9 @@ from typing import Any
 
 ATTENTION_BLOCK_CHANNELS = 18  # alive per token, in units of the block's channels (feed-forward peak)
 RESBLOCK_CHANNELS = 6
+# The autoencoder's mid-block attention holds at most this many bytes of scores at once (it
+# attends in chunks of queries above that; `ldmgraph.models.autoencoder`).
+ATTENTION_CHUNK_BYTES = 256 * 2**20
 DECODER_BELOW, DECODER_TOP = 2, 4  # full-resolution maps alive while decoding, per channel of each width
 
 
@@ -43,7 +46,7 @@ def _mid_attention_bytes(mult: list[int], height: int, width: int, itemsize: int
     fused kernel is not taken for its single-head [N, C] layout, so the N x N scores and their
     softmax are held (measured: about 2 N^2 floats)."""
     cells = -(-height // 2 ** (len(mult) - 1)) * -(-width // 2 ** (len(mult) - 1))
-    return 2 * cells * cells * itemsize
+    return min(2 * cells * cells * itemsize, 2 * ATTENTION_CHUNK_BYTES)
 
 
 def vae_decode_bytes(vae: dict[str, Any], batch: int, height: int, width: int, itemsize: int = 4) -> int:

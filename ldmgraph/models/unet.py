@@ -338,17 +338,31 @@ class UNetModel(nn.Module):
             zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
         )
 
+    def keep_fp32(self) -> UNetModel:
+        """Keep the timestep and class embeddings in float32 when the rest is bf16/fp16.
+
+        Sinusoidal features of timesteps up to 1000 need more mantissa than bf16's 8 bits (nearby
+        timesteps would embed alike); the MLP is tiny, so float32 costs nothing measurable.
+        """
+        self.time_embed.float()
+        if self.num_classes is not None:
+            self.label_emb.float()
+        return self
+
     def forward(
         self,
         x: torch.Tensor,
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict eps (or v) for latents `x` [B, C, h, w] at `timesteps` [B] (or a scalar).
 
         `context` [B, T, context_dim] feeds cross-attention; `y` is the class label / vector
-        when the model has `num_classes`.
+        when the model has `num_classes`. `control` holds ControlNet residuals, one per input
+        block then one for the middle block (`ldmgraph.models.controlnet`): the middle one is
+        added to the middle block's output and the others to the skips they match.
         """
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(
@@ -360,12 +374,18 @@ class UNetModel(nn.Module):
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
             timesteps = timesteps.expand(x.shape[0])
-        dtype = next(self.time_embed.parameters()).dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        # the time embedding may be kept in float32 while the rest runs in bf16/fp16 (see keep_fp32)
+        embed_dtype = next(self.time_embed.parameters()).dtype
+        dtype = next(self.out.parameters()).dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(embed_dtype))
         if y is not None:
             if self.num_classes == "continuous" and y.dim() == 1:
                 y = y[:, None]
-            emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
+            label_dtype = next(self.label_emb.parameters()).dtype
+            emb = emb + self.label_emb(y.to(label_dtype) if y.is_floating_point() else y).to(emb.dtype)
+        emb = emb.to(dtype)
+        if context is not None:
+            context = context.to(dtype)
 
         h = x.type(dtype)
         hs = []
@@ -373,6 +393,11 @@ class UNetModel(nn.Module):
             h = module(h, emb, context)
             hs.append(h)
         h = self.middle_block(h, emb, context)
+        if control is not None:
+            if len(control) != len(hs) + 1:
+                raise ValueError(f"UNetModel: control has {len(control)} residuals; this U-Net takes {len(hs) + 1}")
+            h = h + control[-1].to(h.dtype)
+            hs = [skip + residual.to(skip.dtype) for skip, residual in zip(hs, control[:-1], strict=True)]
         for module in self.output_blocks:
             skip = hs.pop()
             h = module(torch.cat([h, skip], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)

@@ -1,4 +1,5 @@
 """Built-in nodes, grouped by what they handle (image, primitives, loaders, conditioning, latent,
-sampling). Each module is a plugin listed in ``ldmgraph.plugins.BUILTIN_PLUGIN_MODULES`` and
-registers its node classes through the ``ldmgraph_nodes`` hook; none imports torch at module level.
+sampling, ControlNet). Each module is a plugin listed as an ``ldmgraph`` entry point in
+pyproject.toml and registers its node classes and conditioners through the ``ldmgraph_nodes`` and
+``ldmgraph_conditioners`` hooks; none imports torch at module level.
 """

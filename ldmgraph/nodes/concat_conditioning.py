@@ -14,19 +14,20 @@ touches the hole is repainted), as the bundled inpainting model was trained.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
-from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
+from ldmgraph.conditioners import Conditioner, Contribution
+from ldmgraph.graph import NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.estimate import Estimate, Shape
 from ldmgraph.graph.node import InputField, OutputField
-from ldmgraph.graph.sockets import BOOLEAN, CONDITIONING, ENUM, IMAGE, INT, LATENT, MASK, VAE
+from ldmgraph.graph.sockets import BOOLEAN, ENUM, IMAGE, INT, LATENT, MASK, VAE
 from ldmgraph.nodes.common import check_mask_size, image_to_torch, mask_to_torch
 from ldmgraph.nodes.latent import encode_estimate, encode_pixels
+from ldmgraph.plugins import hookimpl
 
 
-class SuperResolutionConditioning(Node):
+class SuperResolutionConditioning(Conditioner):
     """Condition a super-resolution model on a low-resolution image (the paper's LDM-SR).
 
     The image, resized to the latent grid of the `scale_by` times larger output and mapped to
@@ -40,7 +41,9 @@ class SuperResolutionConditioning(Node):
     """
 
     type_name = "SuperResolutionConditioning"
-    category = "conditioning"
+    route = "concat"
+    sides = "both"
+    sides_optional = True  # models with no text (the bundled one) need no positive / negative
 
     class Inputs(NodeInputs):
         image: Any = InputField(IMAGE, description="the low-resolution image")
@@ -52,19 +55,15 @@ class SuperResolutionConditioning(Node):
             choices=["bicubic", "empty"],
             description="latent to start from: bicubic upsampling or zeros",
         )
-        positive: Any = InputField(CONDITIONING, None, description="optional text conditioning")
-        negative: Any = InputField(CONDITIONING, None, description="optional negative text conditioning")
 
     class Outputs(NodeOutputs):
-        positive: Any = OutputField(CONDITIONING, description="conditioning with the image concat")
-        negative: Any = OutputField(CONDITIONING, description="negative conditioning with the image concat")
         latent: Any = OutputField(LATENT, description="empty latent of the output size")
 
-    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+    def contribute(self, inputs: Any, ctx: NodeContext) -> Contribution:
         import torch
         import torch.nn.functional as F
 
-        from ldmgraph.diffusion import CondEntry, Latent
+        from ldmgraph.diffusion import Latent
 
         vae = inputs.vae
         batch, height, width = inputs.image.shape[:3]
@@ -75,16 +74,13 @@ class SuperResolutionConditioning(Node):
         if lowres.shape[-2:] != (h, w):
             lowres = F.interpolate(lowres, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
         concat = lowres * 2.0 - 1.0
-        placeholder = [CondEntry(context=torch.zeros(1, 1, 1))]
-        positive = [replace(e, concat=concat) for e in (inputs.positive or placeholder)]
-        negative = [replace(e, concat=concat) for e in (inputs.negative or placeholder)]
         if inputs.start == "bicubic":
             size = (height * inputs.scale_by, width * inputs.scale_by)
             up = F.interpolate(image_to_torch(inputs.image).permute(0, 3, 1, 2), size=size, mode="bicubic")
             samples = encode_pixels(vae, up.clamp(0, 1).permute(0, 2, 3, 1))
         else:
             samples = torch.zeros(batch, vae.latent_channels, h, w)
-        return self.Outputs(positive=positive, negative=negative, latent=Latent(samples=samples))
+        return Contribution(concat, outputs={"latent": Latent(samples=samples)})
 
     @classmethod
     def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
@@ -100,7 +96,7 @@ class SuperResolutionConditioning(Node):
         return Estimate(keeps=latent.nbytes + 2 * concat.nbytes, works=works, outputs={"latent": latent})
 
 
-class InpaintConditioning(Node):
+class InpaintConditioning(Conditioner):
     """Condition an inpainting model: mask + masked-image latent concatenated to the latent.
 
     Outputs the conditioning for both sides and the image's latent, with the mask as its noise
@@ -108,11 +104,10 @@ class InpaintConditioning(Node):
     """
 
     type_name = "InpaintConditioning"
-    category = "conditioning"
+    route = "concat"
+    sides = "both"
 
     class Inputs(NodeInputs):
-        positive: Any = InputField(CONDITIONING, description="positive conditioning")
-        negative: Any = InputField(CONDITIONING, description="negative conditioning")
         vae: Any = InputField(VAE, description="the inpainting model's autoencoder")
         image: Any = InputField(IMAGE, description="the image to repaint")
         mask: Any = InputField(MASK, description="1 where to repaint; the image's size")
@@ -127,11 +122,9 @@ class InpaintConditioning(Node):
         )
 
     class Outputs(NodeOutputs):
-        positive: Any = OutputField(CONDITIONING, description="positive with the inpainting concat")
-        negative: Any = OutputField(CONDITIONING, description="negative with the inpainting concat")
         latent: Any = OutputField(LATENT, description="the image's latent (with its noise mask)")
 
-    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+    def contribute(self, inputs: Any, ctx: NodeContext) -> Contribution:
         import torch
         import torch.nn.functional as F
 
@@ -150,14 +143,10 @@ class InpaintConditioning(Node):
         )  # a latent pixel touching the hole repaints
         parts = [small, masked_latent] if inputs.layout == "sd" else [masked_latent, small]
         concat = torch.cat(parts, dim=1)
-        positive = [replace(e, concat=concat) for e in inputs.positive]
-        negative = [replace(e, concat=concat) for e in inputs.negative]
         noise_mask = (
             F.interpolate(mask, size=latent.shape[-2:], mode="bilinear") if inputs.noise_mask else None
         )
-        return self.Outputs(
-            positive=positive, negative=negative, latent=Latent(samples=latent, noise_mask=noise_mask)
-        )
+        return Contribution(concat, outputs={"latent": Latent(samples=latent, noise_mask=noise_mask)})
 
     @classmethod
     def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
@@ -167,3 +156,9 @@ class InpaintConditioning(Node):
         image = inputs["image"]
         return Estimate(keeps=3 * found.keeps + image.nbytes, works=found.works, outputs=found.outputs,
                         what=found.what)
+
+
+@hookimpl
+def ldmgraph_conditioners() -> list[type[Conditioner]]:
+    """The concat-route conditioners: super-resolution and inpainting."""
+    return [SuperResolutionConditioning, InpaintConditioning]

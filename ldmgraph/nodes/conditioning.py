@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ldmgraph.conditioners import Conditioner
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.estimate import Estimate
@@ -28,7 +29,7 @@ SIZES = ("small", "large")
 FUNCTION_WORDS = ("a", "an", "and", "on", "at", "in", "the")
 
 
-class TextEncode(Node):
+class TextEncode(Conditioner):
     """Encode a prompt with a text encoder into conditioning (cross-attention context).
 
     `clip_skip` k takes the k-th layer from the end (1 = the last layer, 2 = the penultimate one
@@ -36,28 +37,23 @@ class TextEncode(Node):
     """
 
     type_name = "TextEncode"
-    category = "conditioning"
+    route = "crossattn"
+    sides = "new"
 
     class Inputs(NodeInputs):
         text_encoder: Any = InputField(TEXT_ENCODER, description="text encoder from a loader")
         text: str = InputField(STRING, "", description="the prompt")
         clip_skip: int = InputField(INT, 1, ge=1, le=24, description="layer from the end to use (1 = last)")
 
-    class Outputs(NodeOutputs):
-        conditioning: Any = OutputField(CONDITIONING, description="one entry with the prompt's context")
-
-    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
-        from ldmgraph.diffusion import CondEntry
-
+    def contribute(self, inputs: Any, ctx: NodeContext) -> Any:
         if inputs.text_encoder is None:
             raise NodeInputError(
                 "TextEncode: the checkpoint has no text encoder (e.g. the super-resolution model); "
                 "connect a text encoder from another loader or leave the prompt out of this graph"
             )
-        encoding = inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip)
-        # The pooled vector is left out: it is the U-Net's `y`, which only class-conditional
-        # (ADM-style) U-Nets take, and neither SD 1.x/2.x nor the bundled models are.
-        return self.Outputs(conditioning=[CondEntry(context=encoding.context)])
+        # The pooled vector is left out: it would go by the vector route (the U-Net's `y`), which only
+        # class-conditional (ADM-style) U-Nets take, and neither SD 1.x/2.x nor the bundled models are.
+        return inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip).context
 
     @classmethod
     def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
@@ -71,6 +67,23 @@ class TextEncode(Node):
             f"the bundled models know only their training captions' words (colours: {', '.join(COLOURS)}; "
             f"shapes: {', '.join(SHAPES)}; positions: {', '.join(POSITIONS)}; sizes: {', '.join(SIZES)}); "
             f"{', '.join(map(repr, unknown))} will be ignored")),))
+
+
+class ClassLabel(Conditioner):
+    """Condition a class-conditional U-Net on a class index (the vector route: the U-Net's `y`,
+    an embedding added to the time embedding, Dhariwal & Nichol 2021)."""
+
+    type_name = "ClassLabel"
+    route = "vector"
+    sides = "new"
+
+    class Inputs(NodeInputs):
+        label: int = InputField(INT, 0, ge=0, le=2**31 - 1, description="class index")
+
+    def contribute(self, inputs: Any, ctx: NodeContext) -> Any:
+        import torch
+
+        return torch.tensor([inputs.label], dtype=torch.long)
 
 
 def unknown_words(text: str) -> list[str]:
@@ -229,16 +242,17 @@ def _first(conditioning: Any, node: str, name: str) -> Any:
 
 @hookimpl
 def ldmgraph_nodes() -> list[type[Node]]:
-    """Register the conditioning nodes (text and combinations; concat conditioning is separate)."""
-    from ldmgraph.nodes.concat_conditioning import InpaintConditioning, SuperResolutionConditioning
-
+    """Register the nodes that combine and restrict conditioning."""
     return [
-        TextEncode,
         ConditioningCombine,
         ConditioningAverage,
         ConditioningConcat,
         ConditioningSetArea,
         ConditioningZeroOut,
-        SuperResolutionConditioning,
-        InpaintConditioning,
     ]
+
+
+@hookimpl
+def ldmgraph_conditioners() -> list[type[Conditioner]]:
+    """The cross-attention (text) and vector (class label) conditioners."""
+    return [TextEncode, ClassLabel]

@@ -30,9 +30,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic"]
 CROP_MODES = ["disabled", "center"]
+TILING_MODES = ["auto", "on", "off"]
+TILED_HELP = "overlapping tiles in bounded memory: auto above 1024x1024 pixels, on, or off"
 
 
-def encode_pixels(vae: Any, pixels: Any) -> torch.Tensor:
+def encode_pixels(vae: Any, pixels: Any, tiled: str = "auto") -> torch.Tensor:
     """Encode an image (numpy or torch `[B, H, W, C]` 0..1) to a scaled latent `[B, C, h, w]`.
 
     Sizes that are not multiples of the VAE's factor are centre-cropped to the nearest multiple
@@ -51,7 +53,9 @@ def encode_pixels(vae: Any, pixels: Any) -> torch.Tensor:
     top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
     pixels = pixels[:, top : top + height, left : left + width, :3]
     with torch.no_grad():
-        return vae.encode(pixels)
+        if tiled == "auto":  # the default: any VAE-like object with encode(pixels) works
+            return vae.encode(pixels)
+        return vae.encode(pixels, tiled=tiled)
 
 
 def resize_latent(samples: torch.Tensor, height: int, width: int, method: str, crop: str) -> torch.Tensor:
@@ -85,7 +89,17 @@ def latent_estimate(latent: Shape, works: int = 0, what: str = "", **outputs: An
     return Estimate(keeps=latent.nbytes, works=works, outputs={"latent": latent, **outputs}, what=what)
 
 
-def encode_estimate(vae: Any, image: Any) -> Estimate | None:
+def tiled_size(mode: str, height: int, width: int) -> tuple[int, int]:
+    """The pixel size that one piece of a (maybe tiled) VAE pass works on, for memory estimates."""
+    from ldmgraph.models.vae_tiling import DEFAULT_OVERLAP_PIXELS, DEFAULT_TILE_PIXELS, should_tile
+
+    if not should_tile(mode, height * width):
+        return height, width
+    side = DEFAULT_TILE_PIXELS + DEFAULT_OVERLAP_PIXELS
+    return min(height, side), min(width, side)
+
+
+def encode_estimate(vae: Any, image: Any, tiled: str = "auto") -> Estimate | None:
     """Encoding an image of a known shape with a known autoencoder."""
     from ldmgraph.models.memory import vae_encode_bytes
 
@@ -93,7 +107,8 @@ def encode_estimate(vae: Any, image: Any) -> Estimate | None:
         return None
     f, channels = vae_factor(vae)
     latent = Shape(image.batch, channels, image.height // f, image.width // f)
-    works = vae_encode_bytes(vae.vae, image.batch, image.height, image.width)
+    th, tw = tiled_size(tiled, image.height, image.width)
+    works = vae_encode_bytes(vae.vae, image.batch, th, tw)
     return latent_estimate(latent, works, f"encoding {image.batch} image(s) of {image.width}x{image.height}")
 
 
@@ -145,6 +160,7 @@ class VAEEncode(Node):
     class Inputs(NodeInputs):
         vae: Any = InputField(VAE, description="the autoencoder")
         image: Any = InputField(IMAGE, description="image to encode")
+        tiled: str = InputField(ENUM, "auto", choices=TILING_MODES, description=TILED_HELP)
 
     class Outputs(NodeOutputs):
         latent: Any = OutputField(LATENT, description="the image's latent")
@@ -152,11 +168,11 @@ class VAEEncode(Node):
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion import Latent
 
-        return self.Outputs(latent=Latent(samples=encode_pixels(inputs.vae, inputs.image)))
+        return self.Outputs(latent=Latent(samples=encode_pixels(inputs.vae, inputs.image, inputs.tiled)))
 
     @classmethod
     def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
-        return encode_estimate(inputs.get("vae"), inputs.get("image"))
+        return encode_estimate(inputs.get("vae"), inputs.get("image"), inputs.get("tiled", "auto"))
 
 
 class VAEDecode(Node):
@@ -168,6 +184,7 @@ class VAEDecode(Node):
     class Inputs(NodeInputs):
         vae: Any = InputField(VAE, description="the autoencoder")
         latent: Any = InputField(LATENT, description="latent to decode")
+        tiled: str = InputField(ENUM, "auto", choices=TILING_MODES, description=TILED_HELP)
 
     class Outputs(NodeOutputs):
         image: Any = OutputField(IMAGE, description="the decoded image, 0..1")
@@ -176,7 +193,10 @@ class VAEDecode(Node):
         import torch
 
         with torch.no_grad():
-            pixels = inputs.vae.decode(inputs.latent.samples)
+            if inputs.tiled == "auto":  # the default: any VAE-like object with decode(latent) works
+                pixels = inputs.vae.decode(inputs.latent.samples)
+            else:
+                pixels = inputs.vae.decode(inputs.latent.samples, tiled=inputs.tiled)
         return self.Outputs(image=image_to_numpy(pixels))
 
     @classmethod
@@ -188,7 +208,8 @@ class VAEDecode(Node):
             return None
         f = vae.downscale
         image = Shape(latent.batch, 3, latent.height * f, latent.width * f)
-        works = vae_decode_bytes(vae.vae, latent.batch, image.height, image.width) + 2 * image.nbytes
+        th, tw = tiled_size(inputs.get("tiled", "auto"), image.height, image.width)
+        works = vae_decode_bytes(vae.vae, latent.batch, th, tw) + 2 * image.nbytes
         return Estimate(keeps=image.nbytes, works=works, outputs={"image": image},
                         what=f"decoding {latent.batch} image(s) of {image.width}x{image.height}")
 

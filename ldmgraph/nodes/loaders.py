@@ -26,6 +26,15 @@ from ldmgraph.nodes.common import (
 from ldmgraph.plugins import hookimpl
 
 BUNDLED_TXT2IMG = "ldmgraph-shapes-txt2img.safetensors"
+DTYPES = ["file", "fp32", "bf16", "fp16"]
+DTYPE_HELP = ("weights' precision: 'file' keeps the file's; fp32, bf16 or fp16 cast once at load "
+              "(`ldmgraph run --precision` sets this)")
+
+
+def _dtype(name: str) -> str | None:
+    from ldmgraph.models.precision import torch_dtype_name
+
+    return torch_dtype_name(name)
 MINILM = "minilm-l6-v2"
 MINILM_BYTES = 22_713_216 * 4  # all-MiniLM-L6-v2's parameters in float32
 
@@ -56,6 +65,7 @@ class CheckpointLoader(Node):
             description="original YAML config in the model folders (the LDM paper's releases; default: "
             "config.yaml beside the checkpoint, else detected from the weights)",
         )
+        dtype: str = InputField(ENUM, "file", choices=DTYPES, description=DTYPE_HELP)
 
     class Outputs(NodeOutputs):
         model: Any = OutputField(MODEL, description="the diffusion U-Net")
@@ -94,7 +104,8 @@ class CheckpointLoader(Node):
         config = find_model(inputs.config, ctx.model_dirs) if inputs.config else None
         prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
         checkpoint = load_checkpoint(
-            path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress, config=config
+            path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress, config=config,
+            dtype=_dtype(inputs.dtype),
         )
         return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
 
@@ -107,6 +118,7 @@ class VAELoader(Node):
 
     class Inputs(NodeInputs):
         vae_name: str = InputField(STRING, description="VAE file (or checkpoint) in the model folders")
+        dtype: str = InputField(ENUM, "file", choices=DTYPES, description=DTYPE_HELP)
 
     class Outputs(NodeOutputs):
         vae: Any = OutputField(VAE, description="the autoencoder")
@@ -130,7 +142,7 @@ class VAELoader(Node):
         from ldmgraph.models.checkpoint import load_vae
 
         path = find_model(inputs.vae_name, ctx.model_dirs)
-        return self.Outputs(vae=load_vae(path, cache=model_cache(ctx)))
+        return self.Outputs(vae=load_vae(path, cache=model_cache(ctx), dtype=_dtype(inputs.dtype)))
 
 
 class TextEncoderLoader(Node):
@@ -145,6 +157,7 @@ class TextEncoderLoader(Node):
             MINILM,
             description=f"'{MINILM}' (the bundled models' encoder) or a checkpoint in the model folders",
         )
+        dtype: str = InputField(ENUM, "file", choices=DTYPES, description=DTYPE_HELP)
 
     class Outputs(NodeOutputs):
         text_encoder: Any = OutputField(TEXT_ENCODER, description="the text encoder")
@@ -163,7 +176,7 @@ class TextEncoderLoader(Node):
         from ldmgraph.models.checkpoint import load_text_encoder
 
         path = MINILM if inputs.name == MINILM else find_model(inputs.name, ctx.model_dirs)
-        encoder = load_text_encoder(path, cache=model_cache(ctx))
+        encoder = load_text_encoder(path, cache=model_cache(ctx), dtype=_dtype(inputs.dtype))
         if encoder is None:
             raise NodeInputError(f"{inputs.name!r} has no text encoder; pick a checkpoint that has one")
         return self.Outputs(text_encoder=encoder)

@@ -130,7 +130,8 @@ BUNDLED_SIZE = 64
 
 
 class _SamplerNode(Node):
-    """What both sampler nodes check before running: the device, and the memory sampling needs."""
+    """What the sampler nodes with a model, cfg and latent check before running: the device, and
+    the memory sampling needs."""
 
     @classmethod
     def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
@@ -148,8 +149,9 @@ class _SamplerNode(Node):
         latent, model = inputs.get("latent"), inputs.get("model")
         if not isinstance(latent, Shape):
             return None
+        outs = {name: latent for name in cls.spec.outputs}  # every output is a LATENT of that shape
         if getattr(model, "unet", None) is None:
-            return Estimate(keeps=latent.nbytes, outputs={"latent": latent})
+            return Estimate(keeps=latent.nbytes, outputs=outs)
         calls = latent.batch * (1 if inputs["cfg"] == 1 else 2)
         works = unet_bytes(model.unet, calls, latent.height, latent.width, model.dtype_bytes) + 8 * latent.nbytes
         warnings = []
@@ -159,7 +161,7 @@ class _SamplerNode(Node):
                 f"the bundled model {model.path.rsplit('/', 1)[-1]} was trained on {BUNDLED_SIZE}x{BUNDLED_SIZE} "
                 f"images only; at {latent.width * f}x{latent.height * f} expect a blank or hazy result")))
         what = f"U-Net activations for {calls} latent(s) of {latent.channels}x{latent.height}x{latent.width}"
-        return Estimate(keeps=latent.nbytes, works=works, outputs={"latent": latent},
+        return Estimate(keeps=latent.nbytes, works=works, outputs=outs,
                         warnings=tuple(warnings), what=what)
 
 
@@ -567,7 +569,7 @@ class SamplerCustomAdvanced(Node):
         return _CustomOutputs(output=out, denoised_output=denoised)
 
 
-class SamplerCustom(Node):
+class SamplerCustom(_SamplerNode):
     """Sample with a sampler and sigmas from the graph, CFG and a seed given here."""
 
     type_name = "SamplerCustom"

@@ -21,8 +21,8 @@ import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import APIRouter, File, Form, Query, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ldmgraph.graph.errors import ValidationError
@@ -458,9 +458,3 @@ def _apply_mask(state: ServerState, mask: Any, original_ref: str) -> Any:
     alpha = mask.getchannel("A") if "A" in mask.getbands() else mask.convert("L")
     rgba.putalpha(alpha.resize(rgba.size))
     return rgba
-
-
-def not_found_json(_request: Request, _exc: Exception) -> Response:
-    return error(404, "not_found", "no such route")
-
-

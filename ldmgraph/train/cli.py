@@ -8,14 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TRAIN_KINDS = ("autoencoder", "ldm", "superres", "inpaint")
+TRAIN_KINDS = ("autoencoder", "ldm", "superres", "inpaint", "controlnet")
 
 
 def register(subparsers: Any) -> None:
     """Add the ``train`` and ``evaluate`` subcommands to the main parser."""
     train = subparsers.add_parser("train", help="train the autoencoder or a latent diffusion model",
                                   description="Train ldmgraph's models on the procedural shapes data set: "
-                                  "first the autoencoder, then ldm (text-to-image), superres, inpaint.")
+                                  "first the autoencoder, then ldm (text-to-image), superres, inpaint; "
+                                  "controlnet trains a ControlNet for the bundled text-to-image model.")
     train.add_argument("kind", choices=TRAIN_KINDS)
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 / 2000)")
     train.add_argument("--minutes", type=float, default=0.0, help="stop and save after this wall time (0: no limit)")
@@ -32,6 +33,8 @@ def register(subparsers: Any) -> None:
     train.add_argument("--init-from", type=Path, default=None, metavar="PATH",
                        help="start a diffusion model from these U-Net weights (a run folder or bundled file), "
                             "e.g. inpainting from the text-to-image model; extra input channels start at zero")
+    train.add_argument("--two-object-prob", type=float, default=0.4,
+                       help="share of two-shape scenes in a new pool (default 0.4)")
     train.add_argument("--inpaint-size", type=int, default=16000,
                        help="inpainting examples in a new pool (default 16000; each has its own hole)")
     train.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -51,6 +54,8 @@ def register(subparsers: Any) -> None:
                        help="ldm with --text-encoder transformer: caption tokens (default 32)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
+    train.add_argument("--base", type=Path, default=None, metavar="PATH",
+                       help="controlnet: the frozen text-to-image model (default: the bundled one)")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=cmd_train)
 
@@ -64,12 +69,18 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=1234)
     ev.add_argument("--grid", type=Path, default=None, help="also save sample grids (PNG) here")
+    ev.add_argument("--only", choices=("control",), action="append", default=[],
+                    help="compute only these figures (control: the ControlNet's control_iou and colour)")
     ev.set_defaults(func=cmd_evaluate)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = args.out or Path("runs") / args.kind
+    if args.kind == "controlnet":
+        from .controlnet import cmd_train_controlnet
+
+        return cmd_train_controlnet(args)
     if args.kind == "autoencoder":
         from .autoencoder import AEConfig, train_autoencoder
 
@@ -105,14 +116,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         contexts.unlink()
         (args.pool / "inpaint.safetensors").unlink(missing_ok=True)
     if not contexts.exists():
-        build_contexts(args.pool, 0, args.pool_size, args.inpaint_size)
+        build_contexts(args.pool, 0, args.pool_size, args.inpaint_size, args.two_object_prob)
     if not (args.pool / "latents.safetensors").exists():
-        prepare_pool(args.ae, args.pool, 0, args.pool_size, args.inpaint_size, threads=args.threads)
+        prepare_pool(args.ae, args.pool, 0, args.pool_size, args.inpaint_size, threads=args.threads,
+                     two_object_prob=args.two_object_prob)
     elif args.kind == "inpaint" and not (args.pool / "inpaint.safetensors").exists():
         prepare_inpaint_pool(args.ae, args.pool, 0, args.inpaint_size, threads=args.threads)
     try:
         cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes,
-                        scale_factor=read_scale_factor(args.pool), init_from=str(args.init_from or ""),
+                        scale_factor=read_scale_factor(args.pool, args.init_from), init_from=str(args.init_from or ""),
                         text_encoder=args.text_encoder, route=args.conditioning_route,
                         cross_attention=args.cross_attention, context_length=args.context_length)
     except ValueError as exc:
@@ -138,7 +150,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .export import assets_dir
 
     figures = evaluate(args.models or assets_dir(), samples=args.samples, steps=args.steps, cfg=args.cfg,
-                       seed=args.seed, grid=args.grid, log=lambda s: print(s, file=sys.stderr, flush=True))
+                       seed=args.seed, grid=args.grid, log=lambda s: print(s, file=sys.stderr, flush=True),
+                       only=tuple(args.only))
     print(figures.two_object_line())
     print(figures.line())
     return 0

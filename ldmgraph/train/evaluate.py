@@ -11,6 +11,9 @@
   centre"; the judge must read that colour and shape inside the hole. The decoded image is
   composited with the original pixels outside the mask (as a workflow's composite node does);
   inpaint_outside_delta is the mean absolute change outside the mask in 0..255 units after that.
+- control_iou / control_colour: the bundled ControlNet on held-out silhouettes: IoU of the judge's
+  shape mask with the silhouette, and how often the caption's colour is still read
+  (``ldmgraph.train.controlnet.control_figures``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Figures:
     inpaint_colour: float = float("nan")
     inpaint_outside_delta: float = float("nan")
     inpaint_outside_delta_raw: float = float("nan")
+    control_iou: float = float("nan")
+    control_colour: float = float("nan")
 
     def two_object_line(self) -> str:
         return f"two_object color={self.two_color:.3f} shape={self.two_shape:.3f} position={self.two_position:.3f}"
@@ -54,7 +59,8 @@ class Figures:
         return (
             f"ae_psnr={self.ae_psnr:.2f} color={self.color:.3f} shape={self.shape:.3f} "
             f"position={self.position:.3f} sr_psnr_gain={self.sr_psnr_gain:.2f} "
-            f"inpaint_object={self.inpaint_object:.3f} inpaint_outside_delta={self.inpaint_outside_delta:.3f}"
+            f"inpaint_object={self.inpaint_object:.3f} inpaint_outside_delta={self.inpaint_outside_delta:.3f} "
+            f"control_iou={self.control_iou:.3f} control_colour={self.control_colour:.3f}"
         )
 
 
@@ -88,10 +94,29 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def two_object_figures(txt: Any, pairs: int = 128, steps: int = 20, cfg: float = 4.0, seed: int = 1234,
+                       batch_size: int = 64, grid: Path | None = None) -> dict[str, float]:
+    """Judge scores (colour, shape, position) of a text-to-image checkpoint on ``pairs`` two-object
+    captions of held-out combinations (:func:`two_object_prompts`); chunk i uses seed + i * batch_size."""
+    from . import sampling
+    from .common import save_grid
+
+    prompts = two_object_prompts(pairs)
+    images = np.concatenate([
+        sampling.txt2img(txt, [p for _, p in chunk], seed=seed + i * batch_size, steps=steps, cfg=cfg)
+        for i, chunk in enumerate(_chunks(prompts, batch_size))
+    ])
+    if grid is not None:
+        save_grid(images[:32], grid)
+    return _mean_scores(images, [c for c, _ in prompts])
+
+
 @restores_torch_threads
 def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0, seed: int = 1234,
-             batch_size: int = 64, grid: Path | None = None, log: Any = print) -> Figures:
-    """Score the bundled checkpoints in folder ``models``; see the module docstring."""
+             batch_size: int = 64, grid: Path | None = None, log: Any = print,
+             only: tuple[str, ...] = ()) -> Figures:
+    """Score the bundled checkpoints in folder ``models``; see the module docstring. ``only`` limits
+    the run to some figure groups ("control" alone: the ControlNet's figures)."""
     import torch
     from PIL import Image
 
@@ -106,6 +131,13 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     figures = Figures()
     txt = load_checkpoint(models / BUNDLED_NAMES["ldm"])
+    if "control" in only or not only:
+        from .controlnet import control_figures
+
+        figures.control_iou, figures.control_colour = control_figures(
+            txt, models, samples, steps, cfg, seed, batch_size, log, grid)
+        if only == ("control",):
+            return figures
 
     # autoencoder
     n_ae = min(1000, max(100, 4 * samples))
@@ -125,16 +157,11 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
         save_grid(images[:64], grid)
 
     # text-to-image, two objects
-    pairs = two_object_prompts(max(8, samples // 2))
-    images2 = np.concatenate([
-        sampling.txt2img(txt, [p for _, p in chunk], seed=seed + i * batch_size, steps=steps, cfg=cfg)
-        for i, chunk in enumerate(_chunks(pairs, batch_size))
-    ])
-    s2 = _mean_scores(images2, [c for c, _ in pairs])
+    n_pairs = max(8, samples // 2)
+    s2 = two_object_figures(txt, n_pairs, steps=steps, cfg=cfg, seed=seed, batch_size=batch_size,
+                            grid=None if grid is None else grid.with_name(grid.stem + "_two" + grid.suffix))
     figures.two_color, figures.two_shape, figures.two_position = s2["colour"], s2["shape"], s2["position"]
-    log(f"txt2img two objects ({len(pairs)} captions of held-out pairs): {s2}")
-    if grid is not None:
-        save_grid(images2[:32], grid.with_name(grid.stem + "_two" + grid.suffix))
+    log(f"txt2img two objects ({n_pairs} captions of held-out pairs): {s2}")
 
     # super-resolution
     sr_path = models / BUNDLED_NAMES["superres"]

@@ -10,7 +10,7 @@ import torch
 
 from .common import restores_torch_threads
 from .export import BUNDLED_NAMES, export_bundled, load_autoencoder
-from .pool import build_inpaint_latents, build_latents, load_pool
+from .pool import TWO_OBJECT_PROB, build_inpaint_latents, build_latents, load_pool
 
 
 def scale_factor_of(pool: dict[str, Any], seed: int = 0) -> float:
@@ -23,11 +23,11 @@ def scale_factor_of(pool: dict[str, Any], seed: int = 0) -> float:
 
 @restores_torch_threads
 def prepare_pool(ae_folder: Path, pool_folder: Path, data_seed: int, count: int, inpaint_count: int,
-                 threads: int = 1) -> float:
+                 threads: int = 1, two_object_prob: float = TWO_OBJECT_PROB) -> float:
     """Encode the pool with the trained autoencoder; write and return its scale factor."""
     torch.set_num_threads(threads)
     ae, _ = load_autoencoder(ae_folder)
-    build_latents(ae, pool_folder, data_seed, count)
+    build_latents(ae, pool_folder, data_seed, count, two_object_prob=two_object_prob)
     build_inpaint_latents(ae, pool_folder, data_seed, inpaint_count)
     scale = scale_factor_of(dict(load_pool_latents(pool_folder)))
     (pool_folder / "scale_factor.json").write_text(json.dumps({"scale_factor": scale}))
@@ -49,14 +49,25 @@ def load_pool_latents(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "latents.safetensors"))
 
 
-def read_scale_factor(pool_folder: Path) -> float:
+def read_scale_factor(pool_folder: Path, init_from: Path | None = None) -> float:
+    """The pool's latent scale factor, or that of the bundled file a fine-tuning run starts from
+    (its U-Net learned latents at that scale; a new pool's own figure differs in the third digit)."""
+    if init_from is not None and init_from.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(init_from), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ldmgraph", "{}"))
+        if "scale_factor" in meta:
+            return float(meta["scale_factor"])
     return float(json.loads((pool_folder / "scale_factor.json").read_text())["scale_factor"])
 
 
 def export_and_grid(kind: str, unet_folder: Path, ae_folder: Path, pool_folder: Path, out_dir: Path,
                     grid: Path | None = None) -> Path:
     """Export a run as its bundled file in out_dir; for txt2img also save a 16-image sample grid."""
-    path = export_bundled(kind, unet_folder, ae_folder, read_scale_factor(pool_folder), out_dir / BUNDLED_NAMES[kind])
+    trained_at = json.loads((unet_folder / "state.json").read_text())["config"].get("scale_factor")
+    scale = float(trained_at) if trained_at else read_scale_factor(pool_folder)  # the scale the U-Net learned
+    path = export_bundled(kind, unet_folder, ae_folder, scale, out_dir / BUNDLED_NAMES[kind])
     if grid is not None and kind == "ldm":
         from ldmgraph.models.checkpoint import load_checkpoint
 

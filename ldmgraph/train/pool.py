@@ -27,9 +27,10 @@ from .text import encode_captions, unique_index
 TWO_OBJECT_PROB = 0.4
 
 
-def pool_scenes(data_seed: int, count: int) -> list[Scene]:
-    """The pool's scenes: training split (held-out combinations never appear)."""
-    return [scene_at(data_seed, "train", i, two_object_prob=TWO_OBJECT_PROB) for i in range(count)]
+def pool_scenes(data_seed: int, count: int, two_object_prob: float = TWO_OBJECT_PROB) -> list[Scene]:
+    """The pool's scenes: training split (held-out combinations never appear); ``two_object_prob``
+    of them hold two shapes."""
+    return [scene_at(data_seed, "train", i, two_object_prob=two_object_prob) for i in range(count)]
 
 
 Box = tuple[int, int, int, int]  # pixels, x0 y0 x1 y1
@@ -124,9 +125,10 @@ def inpaint_truth(scene: Scene, task: InpaintTask) -> np.ndarray:
     return image
 
 
-def build_contexts(out: Path, data_seed: int, count: int, inpaint_count: int) -> Path:
+def build_contexts(out: Path, data_seed: int, count: int, inpaint_count: int,
+                   two_object_prob: float = TWO_OBJECT_PROB) -> Path:
     """Encode every distinct caption of the pool (ldm and inpaint) with MiniLM, once."""
-    scenes = pool_scenes(data_seed, count)
+    scenes = pool_scenes(data_seed, count, two_object_prob)
     captions = [s.caption for s in scenes]
     inpaint_captions = [inpaint_task(s, data_seed, i).caption
                         for i, s in enumerate(pool_scenes(data_seed, inpaint_count))]
@@ -138,7 +140,7 @@ def build_contexts(out: Path, data_seed: int, count: int, inpaint_count: int) ->
          "inpaint_caption_index": index[count:].contiguous()},
         str(out / "contexts.safetensors"),
         metadata={"captions": json.dumps(table), "data_seed": str(data_seed), "inpaint_count": str(inpaint_count),
-                  "inpaint_tasks": INPAINT_TASKS_VERSION},
+                  "inpaint_tasks": INPAINT_TASKS_VERSION, "two_object_prob": str(two_object_prob)},
     )
     return out
 
@@ -152,7 +154,8 @@ def _part_range(count: int, part: tuple[int, int] | None) -> tuple[int, int]:
 
 @torch.no_grad()
 def build_latents(ae: torch.nn.Module, out: Path, data_seed: int, count: int,
-                  batch: int = 100, part: tuple[int, int] | None = None) -> Path:
+                  batch: int = 100, part: tuple[int, int] | None = None,
+                  two_object_prob: float = TWO_OBJECT_PROB) -> Path:
     """Encode the text-to-image / super-resolution pool: posterior mean/std [N, 4, 16, 16] and
     low-resolution images [N, 3, 16, 16] (-1..1), into ``latents.safetensors``.
 
@@ -160,7 +163,7 @@ def build_latents(ae: torch.nn.Module, out: Path, data_seed: int, count: int,
     ``latents.part{k}.safetensors`` (run parts in parallel, then :func:`merge_parts`).
     """
     ae.eval()
-    scenes = pool_scenes(data_seed, count)
+    scenes = pool_scenes(data_seed, count, two_object_prob)
     means, stds, lows = [], [], []
     first, stop = _part_range(count, part)
     for start in tqdm(range(first, stop, batch), desc="encode pool"):
@@ -173,7 +176,7 @@ def build_latents(ae: torch.nn.Module, out: Path, data_seed: int, count: int,
     save_file(
         {"mean": torch.cat(means), "std": torch.cat(stds), "lowres": torch.cat(lows).contiguous()},
         str(out / ("latents.safetensors" if part is None else f"latents.part{part[0]}.safetensors")),
-        metadata={"data_seed": str(data_seed), "count": str(count)},
+        metadata={"data_seed": str(data_seed), "count": str(count), "two_object_prob": str(two_object_prob)},
     )
     return out
 

@@ -13,6 +13,7 @@ import pytest
 from graph_helpers import link, workflow
 
 from ldmgraph.graph import LdmGraphError
+from ldmgraph.graph.errors import PluginError
 from ldmgraph.graph.executor import Executor
 from ldmgraph.plugins import PLUGIN_DIR_ENV, PluginManager
 
@@ -119,10 +120,90 @@ def test_lazy_callables_resolve_on_first_use(tmp_path: Path) -> None:
         pm.registry.resolve("samplers", "dir_samplr")
 
 
-def test_missing_builtin_modules_are_skipped_silently() -> None:
-    pm = PluginManager(builtins=["ldmgraph.nodes.not_written_yet", "no_such_package.module", "ldmgraph.nodes.image"],
-                       entry_points_group=None, use_env=False)
-    assert [s.name for s in pm.statuses] == ["ldmgraph.nodes.image"]
+def test_a_builtin_module_that_fails_to_import_is_an_error() -> None:
+    with pytest.raises(PluginError, match=r"built-in plugin module ldmgraph.nodes.not_written_yet cannot be imported"):
+        PluginManager(builtins=["ldmgraph.nodes.image", "ldmgraph.nodes.not_written_yet"],
+                      entry_points_group=None, use_env=False)
+
+
+def test_builtins_load_through_ldmgraphs_own_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    own = {ep.value for ep in entry_points(group="ldmgraph") if ep.dist is not None and ep.dist.name == "ldmgraph"}
+    assert {"ldmgraph.nodes.conditioning", "ldmgraph.nodes.controlnet", "ldmgraph.diffusion.registry"} <= own
+    pm = PluginManager(use_env=False)
+    builtin = {s.name for s in pm.statuses if s.source == "builtin"}
+    assert builtin == own and all(s.ok for s in pm.statuses if s.source == "builtin")
+    assert pm.registry.owner("conditioner", "TextEncode") == "ldmgraph.nodes.conditioning"
+
+
+MISSPELT = """
+from ldmgraph.plugins import hookimpl
+
+@hookimpl
+def ldmgraph_node():
+    return []
+"""
+
+CLAIMS_BUILTIN = """
+from ldmgraph.nodes.image import LoadImage
+from ldmgraph.plugins import hookimpl
+
+@hookimpl
+def ldmgraph_nodes():
+    return [LoadImage]
+"""
+
+SLOW = """
+import time
+time.sleep(3.5)
+from ldmgraph.plugins import hookimpl
+
+@hookimpl
+def ldmgraph_samplers():
+    return {"slow_sampler": "math:sqrt"}
+"""
+
+
+def _single(tmp_path: Path, name: str, source: str) -> Path:
+    folder = tmp_path / "plugins"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(source)
+    return folder
+
+
+def test_a_misspelt_hook_name_is_an_error_naming_the_hook(tmp_path: Path) -> None:
+    pm = PluginManager(entry_points_group=None, use_env=False, plugin_dirs=[_single(tmp_path, "typo", MISSPELT)])
+    status = next(s for s in pm.statuses if s.name.endswith("typo.py"))
+    assert not status.ok
+    assert "'ldmgraph_node', which is not an ldmgraph hook; did you mean ldmgraph_nodes?" in status.error
+
+
+def test_a_plugin_cannot_claim_a_builtin_node_class(tmp_path: Path) -> None:
+    pm = PluginManager(entry_points_group=None, use_env=False,
+                       plugin_dirs=[_single(tmp_path, "thief", CLAIMS_BUILTIN)])
+    status = next(s for s in pm.statuses if s.name.endswith("thief.py"))
+    assert not status.ok and "'LoadImage' is built into ldmgraph" in status.error
+    assert pm.registry.owner("node type", "LoadImage") == "ldmgraph.nodes.image"
+    described = json.loads(subprocess.run(
+        [sys.executable, "-m", "ldmgraph.cli", "nodes", "--json", "--plugin-dir", str(tmp_path / "plugins")],
+        capture_output=True, text=True, check=True).stdout)
+    entry = described["LoadImage"] if isinstance(described, dict) else next(n for n in described if n["type"] == "LoadImage")
+    assert "thief" not in json.dumps(entry)
+
+
+def test_a_slow_plugin_import_is_reported_by_name_and_timed(tmp_path: Path) -> None:
+    reports: list[tuple[str, float]] = []
+    pm = PluginManager(entry_points_group=None, use_env=False, plugin_dirs=[_single(tmp_path, "sleepy", SLOW)],
+                       on_slow=lambda name, seconds: reports.append((name, seconds)))
+    status = next(s for s in pm.statuses if s.name.endswith("sleepy.py"))
+    assert status.ok and status.seconds >= 3.5
+    assert len(reports) == 1 and reports[0][0].endswith("sleepy.py")
+    listing = subprocess.run([sys.executable, "-m", "ldmgraph.cli", "plugins", "--plugin-dir", str(tmp_path / "plugins")],
+                             capture_output=True, text=True, check=True)
+    assert "sleepy.py is still importing after 3 s" in listing.stderr
+    line = next(x for x in listing.stdout.splitlines() if "sleepy.py" in x)
+    assert float(line.rsplit("; ", 1)[1].split(" s)")[0]) >= 3.5
 
 
 def test_plugin_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

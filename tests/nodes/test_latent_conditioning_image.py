@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ldmgraph.conditioners import Conditioner, conditioner_node
 from ldmgraph.diffusion import CondEntry, Latent
 from ldmgraph.nodes.common import NodeInputError
 from ldmgraph.nodes.concat_conditioning import InpaintConditioning, SuperResolutionConditioning
@@ -48,7 +49,9 @@ class PoolVAE:
 
 
 def run(node_cls, **inputs):
-    """Run a node directly (these nodes do not use the context)."""
+    """Run a node directly (these nodes do not use the context); a conditioner through its node."""
+    if issubclass(node_cls, Conditioner):
+        node_cls = conditioner_node(node_cls)
     return node_cls().run(node_cls.Inputs(**inputs), None)
 
 

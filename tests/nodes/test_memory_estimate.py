@@ -56,16 +56,17 @@ def padded_images(doc: dict) -> dict:
 
 def huge_latent(doc: dict) -> dict:
     doc["nodes"]["latent"]["inputs"].update(width=16384, height=16384)
+    doc["nodes"]["decode"]["inputs"]["tiled"] = "off"  # in one piece (tiles would bound the memory)
     return doc
 
 
 def big_batch(doc: dict) -> dict:
-    doc["nodes"]["latent"]["inputs"].update(width=1024, height=1024, batch_size=64)
+    doc["nodes"]["latent"]["inputs"].update(width=2048, height=2048, batch_size=64)
     return doc
 
 
 @pytest.mark.parametrize(("build", "node"), [(repeated_latents, "sampler"), (padded_images, "pad2"),
-                                             (huge_latent, "decode"), (big_batch, "decode")])
+                                             (huge_latent, "decode"), (big_batch, "sampler")])
 def test_validate_refuses_a_graph_over_budget_naming_node_and_figure(build, node, tmp_path, capsys):
     path = tmp_path / "big.json"
     path.write_text(json.dumps(build(txt2img())))

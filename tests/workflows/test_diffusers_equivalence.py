@@ -37,6 +37,8 @@ pytestmark = pytest.mark.reference
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 STEPS, SEED, CFG, SIZE = 9, 17, 3.0, 16
 
+PROMPT = "a red cube on a blue table, photo"
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
@@ -76,7 +78,7 @@ def _workflow(sampler: str, options: dict, schedule: str, start_noise: str, conv
     model = link("ckpt", "model")
     nodes = {
         "ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": "pipe"}},
-        "pos": {"type": "TextEncode", "inputs": {"text_encoder": link("ckpt", "text_encoder"), "text": "a red cube"}},
+        "pos": {"type": "TextEncode", "inputs": {"text_encoder": link("ckpt", "text_encoder"), "text": PROMPT}},
         "neg": {"type": "TextEncode", "inputs": {"text_encoder": link("ckpt", "text_encoder"), "text": ""}},
         "latent": {"type": "EmptyLatent",
                    "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1, "vae": link("ckpt", "vae")}},
@@ -137,6 +139,16 @@ ROWS = {
 }
 
 
+def _tokenizer() -> Any:
+    """A real CLIP BPE tokenizer for the pipeline (transformers' CLIPTokenizer on the CLIP vocabulary,
+    built offline), padding with "!" (id 0) as the folder's tokenizer/special_tokens_map.json says."""
+    from transformers import CLIPTokenizer
+
+    from ldmgraph.models.tokenizer import clip_tokenizer_folder
+
+    return CLIPTokenizer.from_pretrained(str(clip_tokenizer_folder()), pad_token="!")
+
+
 @pytest.fixture(scope="module")
 def executor(folder):
     from ldmgraph.graph.context import Environment
@@ -155,16 +167,15 @@ def test_workflow_image_equals_stable_diffusion_pipeline(row, folder, executor):
     _, modules = folder
     result = executor.run(_workflow(*ours), outputs=["decode", "pos", "neg"])
     image = np.asarray(result.outputs["decode"]["image"])
-    pos, neg = (result.outputs[k]["conditioning"][0].context for k in ("pos", "neg"))
     pipe = diffusers.StableDiffusionPipeline(
-        vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=None, unet=modules["unet"],
+        vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=_tokenizer(), unet=modules["unet"],
         scheduler=getattr(diffusers, cls)(**SD, **config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         expected = pipe(
-            prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=STEPS, guidance_scale=CFG,
+            prompt=PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG,
             height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(SEED), output_type="np",
         ).images
     assert image.shape == expected.shape

@@ -20,7 +20,7 @@ EXPECTED_SIZE = {  # (width, height) of each workflow's image
     "inpaint": (64, 64),
     "superres": (64, 64),
     "hires_fix": (64, 64),
-    "area_composition": (128, 64),
+    "area_composition": (96, 64),
 }
 
 
@@ -52,7 +52,9 @@ def test_every_saved_workflow_declares_steps_and_seed_and_text_ones_a_prompt():
     for name in EXPECTED_SIZE:
         params = load(name)["parameters"]
         assert {"steps", "seed"} <= set(params), name
-        if name != "superres":
+        if name == "area_composition":  # a prompt per area
+            assert {"left_prompt", "right_prompt"} <= set(params)
+        elif name != "superres":
             assert "prompt" in params, name
 
 

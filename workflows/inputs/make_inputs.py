@@ -41,6 +41,14 @@ def centre_mask() -> Image.Image:
     return mask
 
 
+def silhouette() -> Image.Image:
+    """A ControlNet hint: the silhouette (white on black) of a large circle, below and right of the
+    centre, where no caption's position word puts a shape."""
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    ImageDraw.Draw(image).ellipse((26, 24, 54, 52), fill=(255, 255, 255))
+    return image
+
+
 def main() -> None:
     shapes().save(HERE / "shapes.png")
     green_triangle().resize((16, 16), Image.Resampling.BOX).save(HERE / "lowres_16.png")
@@ -49,6 +57,7 @@ def main() -> None:
     alpha = Image.eval(centre_mask(), lambda v: 255 - v)  # transparent where to repaint
     with_alpha.putalpha(alpha)
     with_alpha.save(HERE / "shapes_alpha_hole.png")
+    silhouette().save(HERE / "silhouette.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""bf16 against fp32: U-Net step speed (ours and diffusers'), judge scores, PSNR, peak memory.
+
+    python benchmarks/precision.py [--rounds 3] [--samples 24] [--skip-rss] [--profile]
+
+One run, the same weights throughout:
+1. An SD1.5-size U-Net (diffusers' UNet2DConditionModel defaults, cross-attention 768, seeded
+   random weights) and ours sharing its tensors (as `benchmarks/sampling.py` builds them), each
+   also cast to bf16 (ours keeps its time embedding in fp32, as the loaders do). One step = one
+   forward of a batch of 2 (classifier-free guidance: cond and uncond) on 32x32 latents with a
+   77-token context. Timed with the process's CPU-time clock (the machine is shared), median of
+   interleaved rounds after a warm-up. `--profile` prints torch.profiler's top-10 ops of our
+   fp32 and bf16 steps.
+2. The bundled text-to-image model loaded in fp32 and in bf16: `--samples` one-object prompts of
+   `ldmgraph evaluate` drawn with both, scored by its judge (colour, shape, position); judge_delta
+   is the largest |bf16 - fp32| of the three mean scores; PSNR of the bf16 images against fp32.
+3. Peak RSS of an SD1.5-size 256 px text-to-image in bf16 (`benchmarks/txt2img_sd15.py`'s graph
+   and checkpoint, with the loader's dtype bf16), in its own process.
+
+Last line: ``unet_bf16_vs_fp32= step_bf16_vs_diffusers_fp32= step_bf16_vs_diffusers_bf16=
+judge_delta= psnr_bf16_vs_fp32_db= peak_rss_gib_bf16=`` (step ratios: ldmgraph bf16 over the other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SIDE, TOKENS = 32, 77
+
+
+def unets() -> dict[str, Any]:
+    """name -> callable(x, t, context) for ours and diffusers' in fp32 and bf16, same weights."""
+    from sampling import SD15_UNET, build
+
+    reference, handle = build(SD15_UNET, "cpu")
+    ours32 = handle.diffusion_model
+    ours16 = copy.deepcopy(ours32).to(torch.bfloat16).keep_fp32()
+    ref16 = copy.deepcopy(reference).to(torch.bfloat16)
+
+    def ours(model: Any, dtype: torch.dtype) -> Any:
+        return lambda x, t, c: model(x, t, context=c.to(dtype))
+
+    def theirs(model: Any, dtype: torch.dtype) -> Any:
+        return lambda x, t, c: model(x.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample.float()
+
+    return {"ours_fp32": ours(ours32, torch.float32), "ours_bf16": ours(ours16, torch.bfloat16),
+            "diffusers_fp32": theirs(reference, torch.float32), "diffusers_bf16": theirs(ref16, torch.bfloat16)}
+
+
+def time_steps(models: dict[str, Any], rounds: int, profile: bool) -> dict[str, float]:
+    """Median CPU seconds of one CFG step per model (interleaved rounds after a warm-up each)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, SIDE, SIDE, generator=g)
+    context = torch.randn(2, TOKENS, 768, generator=g)
+    t = torch.tensor([500, 500])
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        outputs = {name: fn(x, t, context).float() for name, fn in models.items()}  # warm-up
+        for _ in range(rounds):
+            for name, fn in models.items():
+                start = time.process_time()
+                fn(x, t, context)
+                times[name].append(time.process_time() - start)
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as prof
+
+            for name in ("ours_fp32", "ours_bf16"):
+                with prof(activities=[ProfilerActivity.CPU]) as p:
+                    models[name](x, t, context)
+                print(f"-- top 10 ops, {name}")
+                print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+    ref = outputs["ours_fp32"]
+    for name, out in outputs.items():
+        print(f"{name}: {statistics.median(times[name]):.3f} s CPU per step, "
+              f"relative difference to ours_fp32 {float((out - ref).norm() / ref.norm()):.4f}")
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def bundled(samples: int, steps: int) -> tuple[float, float]:
+    """(judge_delta, PSNR dB of bf16 against fp32) for the bundled text-to-image model."""
+    from ldmgraph.models.checkpoint import load_checkpoint
+    from ldmgraph.train import sampling
+    from ldmgraph.train.evaluate import _mean_scores, one_object_prompts
+
+    path = ROOT / "ldmgraph/assets/models/ldmgraph-shapes-txt2img.safetensors"
+    prompts = one_object_prompts(samples)
+    scores, images = {}, {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        ckpt = load_checkpoint(path, dtype=dtype)
+        images[name] = sampling.txt2img(ckpt, [p for _, p in prompts], seed=1234, steps=steps, cfg=4.0)
+        scores[name] = _mean_scores(images[name], [[c] for c, _ in prompts])
+        print(f"bundled txt2img {name}: judge {scores[name]}")
+    delta = max(abs(scores["bf16"][k] - scores["fp32"][k]) for k in scores["fp32"])
+    a = np.asarray(images["fp32"], np.float64)
+    b = np.asarray(images["bf16"], np.float64)
+    scale = 1.0 if a.max() <= 1.0 else 255.0
+    mse = float(((a - b) ** 2).mean())
+    return delta, 10 * np.log10(scale**2 / max(mse, 1e-20))
+
+
+def peak_rss_bf16(workdir: Path) -> float:
+    """Peak RSS (GiB) of benchmarks/txt2img_sd15.py's 256 px graph with the loader's dtype bf16."""
+    import txt2img_sd15 as sd
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = workdir / sd.CKPT_NAME
+    if not ckpt.exists():
+        sd.write_checkpoint(ckpt)
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import txt2img_sd15 as sd\n"
+        "from pathlib import Path\n"
+        "print(json.dumps(sd.run_ours(Path(sys.argv[2]), 4, 256, dtype='bf16')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks"), str(ckpt)], check=True,
+                         capture_output=True, text=True)
+    import json
+
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"SD1.5-size txt2img 256 px in bf16: {result}")
+    return float(result["peak_rss_gib"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=24, help="bundled-model prompts per precision")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps of the bundled model")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="print the top-10 ops of our fp32/bf16 step")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the SD1.5-size txt2img (4.3 GB file)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ldmgraph-bench-sd15"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    delta, psnr = bundled(args.samples, args.steps)
+    print(f"judge_delta={delta:.4f} psnr={psnr:.2f} dB", flush=True)
+    s = time_steps(unets(), args.rounds, args.profile)
+    peak = float("nan") if args.skip_rss else peak_rss_bf16(args.workdir)
+    print(f"unet_bf16_vs_fp32={s['ours_bf16'] / s['ours_fp32']:.3f} "
+          f"step_bf16_vs_diffusers_fp32={s['ours_bf16'] / s['diffusers_fp32']:.3f} "
+          f"step_bf16_vs_diffusers_bf16={s['ours_bf16'] / s['diffusers_bf16']:.3f} "
+          f"judge_delta={delta:.4f} psnr_bf16_vs_fp32_db={psnr:.2f} peak_rss_gib_bf16={peak:.2f}")
+
+
+if __name__ == "__main__":
+    main()
