@@ -28,11 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldmgraph.models.attention import GroupNorm32
+from ldmgraph.models.tile_policy import (  # noqa: F401 - re-exported: the tiling's defaults
+    AUTO_TILE_PIXELS,
+    DEFAULT_OVERLAP_PIXELS,
+    DEFAULT_TILE_PIXELS,
+    should_tile,
+)
 
-# Decodes whose output has more pixels than this are tiled when tiling is "auto" (1024 x 1024).
-AUTO_TILE_PIXELS = 1024 * 1024
-DEFAULT_TILE_PIXELS = 512  # tile side in image pixels
-DEFAULT_OVERLAP_PIXELS = 64  # overlap between neighbouring tiles in image pixels
 # Passes that gather whole-image GroupNorm statistics before the output pass. Each pass normalises
 # with the previous pass's statistics, so they converge layer by layer. Measured on the bundled
 # autoencoder (256 px, 128 px tiles, mean |tiled - untiled| x 255): 2 passes 2.9, 3 passes 0.53,
@@ -217,13 +219,6 @@ def tile_and_overlap(tile_pixels: int | None, overlap_pixels: int | None) -> tup
     if tile < 1 or overlap < 0:
         raise ValueError(f"tile_pixels must be >= 1 and overlap_pixels >= 0, got {tile} and {overlap}")
     return tile, overlap
-
-
-def should_tile(mode: str, pixels: int) -> bool:
-    """Whether to tile: mode "on"/"off", or "auto" above :data:`AUTO_TILE_PIXELS` output pixels."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"tiling mode must be auto, on or off, got {mode!r}")
-    return mode == "on" or (mode == "auto" and pixels > AUTO_TILE_PIXELS)
 
 
 def border_positions(size: int, tile: int, overlap: int, scale: float) -> list[int]:

@@ -91,7 +91,7 @@ def latent_estimate(latent: Shape, works: int = 0, what: str = "", **outputs: An
 
 def tiled_size(mode: str, height: int, width: int) -> tuple[int, int]:
     """The pixel size that one piece of a (maybe tiled) VAE pass works on, for memory estimates."""
-    from ldmgraph.models.vae_tiling import DEFAULT_OVERLAP_PIXELS, DEFAULT_TILE_PIXELS, should_tile
+    from ldmgraph.models.tile_policy import DEFAULT_OVERLAP_PIXELS, DEFAULT_TILE_PIXELS, should_tile
 
     if not should_tile(mode, height * width):
         return height, width
