@@ -30,13 +30,34 @@ FLAGS = ("--no-sandbox --headless --disable-gpu --no-first-run --disable-backgro
 
 
 def wait_for(condition, timeout: float, what: str):  # noqa: ANN001, ANN201 - a polling helper
+    """Poll `condition` until it is truthy; an element that the page re-rendered while it was being
+    read (Selenium's StaleElementReferenceException) counts as not there yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except StaleElementReferenceException:
+            value = None
         if value:
             return value
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def click_when_ready(find, timeout: float, what: str) -> None:  # noqa: ANN001 - find: () -> elements
+    """Click the first element `find` returns, looking it up again if the page re-rendered it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait_for(find, max(deadline - time.monotonic(), 0.5), what)[0].click()
+            return
+        except StaleElementReferenceException:
+            if time.monotonic() > deadline:
+                raise
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +86,23 @@ def test_editor_loads_shows_nodes_opens_workflow_and_runs(editor_server: ServerP
         browser.get(editor_server.base + "/")
         wait_for(lambda: browser.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
                                                 "&& window.app.graph.nodes.length)"), 90, "the editor to start")
-        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "button[aria-label^='Node Library']"),
-                 30, "the editor's sidebar")[0].click()
+        click_when_ready(lambda: browser.find_elements(By.CSS_SELECTOR, "button[aria-label^='Node Library']"),
+                         30, "the editor's sidebar")
         wait_for(lambda: [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(.)='ldmgraph']")
                           if e.is_displayed()], 30, "the ldmgraph category in the node library")
 
-        browser.find_element(By.CSS_SELECTOR, "button[aria-label^='Workflows']").click()
-        entry = wait_for(lambda: [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(.)='txt2img']")
+        click_when_ready(lambda: browser.find_elements(By.CSS_SELECTOR, "button[aria-label^='Workflows']"),
+                         20, "the workflows button")
+        click_when_ready(lambda: [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(.)='txt2img']")
                                   if e.is_displayed()], 20, "the saved workflow in the workflow list")
-        entry[0].click()
         types = wait_for(lambda: browser.execute_script(
             "return window.app && window.app.graph.nodes.some(n => n.type === 'Sampler') "
             "&& window.app.graph.nodes.map(n => n.type)"), 20, "the workflow's nodes on the canvas")
         assert sorted(types) == sorted(["CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
                                         "VAEDecode", "SaveImage"])
 
-        run = [b for b in browser.find_elements(By.CSS_SELECTOR, "button") if b.text.strip() == "Run" and b.is_displayed()]
-        run[0].click()
+        click_when_ready(lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, "button")
+                                  if b.text.strip() == "Run" and b.is_displayed()], 20, "the Run button")
         shown = wait_for(lambda: browser.execute_script(
             "return Array.from(document.images).filter(i => i.src.includes('/api/view') && i.complete "
             "&& i.naturalWidth > 0).map(i => [i.src, i.naturalWidth, i.naturalHeight])"), 120,
