@@ -62,10 +62,10 @@ COLOURS = {"xattn_frozen": (31, 119, 180), "xattn_joint": (214, 39, 40), "vector
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000, help="training steps per variant (default 3000)")
-    p.add_argument("--eval-every", type=int, default=750, help="score every this many steps (default 750)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per variant (default 1500)")
+    p.add_argument("--eval-every", type=int, default=500, help="score every this many steps (default 500)")
     p.add_argument("--batch-size", type=int, default=48, help="images per step (the shipped model's 48)")
-    p.add_argument("--samples", type=int, default=128, help="generated images per score (one- and two-object each)")
+    p.add_argument("--samples", type=int, default=96, help="generated images per score (one- and two-object each)")
     p.add_argument("--sampler-steps", type=int, default=20, help="dpmpp_2m / karras steps when scoring")
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale when scoring")
     p.add_argument("--pool-size", type=int, default=9000, help="training images (the shipped model's 9000)")
