@@ -190,10 +190,10 @@ class RayWorkerPool:
                     slot.actor.free.remote(unload_models, free_memory)
 
     def worker_stats(self) -> list[dict[str, Any]]:
-        """Per worker: name, process, alive, rows finished, models loaded from disk."""
+        """Per worker: name, process, alive, rows finished, models loaded from disk, rows running now."""
         with self._lock:
-            return [{"name": s.name, "worker": s.worker, "alive": s.alive, "rows": s.rows, "model_loads": s.loads}
-                    for s in self.slots]
+            return [{"name": s.name, "worker": s.worker, "alive": s.alive, "rows": s.rows, "model_loads": s.loads,
+                     "running": s.inflight} for s in self.slots]
 
     @property
     def actors(self) -> list[Any]:

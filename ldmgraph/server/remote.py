@@ -129,9 +129,9 @@ class RemoteWorker:
         return self._stop.is_set()
 
     def workers(self) -> list[dict[str, Any]]:
-        """The actors, for ``/system_stats``: name, process, alive, jobs run, models loaded."""
+        """The actors, for ``/system_stats``: name, process, alive, jobs done and running, models loaded."""
         return [{"name": w["name"], "worker": w["worker"], "alive": w["alive"], "jobs": w["rows"],
-                 "model_loads": w["model_loads"]} for w in self.pool.worker_stats()]
+                 "running": w["running"], "model_loads": w["model_loads"]} for w in self.pool.worker_stats()]
 
 
 @dataclass
