@@ -113,3 +113,28 @@ def test_an_actor_killed_mid_job_costs_a_retry_not_the_job(ray_server: ServerPro
         time.sleep(0.1)
     assert sum(w["alive"] for w in stats["workers"]) == 2  # the dead actor was replaced
 
+
+
+def test_sigkill_of_the_server_keeps_the_queue_and_marks_the_running_jobs(ray_server: ServerProcess,
+                                                                         ray_cluster: Any) -> None:
+    """Last in this module: it kills the module's server and restarts it on the same data folder."""
+    running = [ray_server.submit(wait_graph(ticks=400, tick=0.05))["prompt_id"] for _ in range(2)]  # one per actor
+    queued = [ray_server.submit(wait_graph(ticks=2, tick=0.01))["prompt_id"] for _ in range(2)]
+    for job_id in running:
+        ray_server.wait_status(job_id, {"running"})
+    ray_server.kill()
+    address = ray_cluster.get_runtime_context().gcs_address
+    second = ServerProcess(ray_server.data_dir, "--backend", "ray", "--address", address, "--workers", "2").start()
+    try:
+        for job_id in queued:
+            assert second.wait_status(job_id, {"success"}, timeout=120)["ldmgraph"]["runs"] == 1
+        for job_id in running:
+            cut = second.job(job_id)
+            assert cut["ldmgraph"]["status"] == "interrupted" and cut["ldmgraph"]["requeueable"]
+            assert cut["execution_error"]["exception_type"] == "ServerRestart"
+        assert second.http.post(f"/api/jobs/{running[0]}/requeue").status_code == 200
+        assert second.wait_status(running[0], {"running"})["ldmgraph"]["runs"] == 2
+        assert second.http.post("/interrupt", json={"prompt_id": running[0]}).json() == {"interrupted": True}
+        assert second.wait_status(running[0], {"interrupted"}, timeout=60)["ldmgraph"]["runs"] == 2
+    finally:
+        second.stop()
