@@ -128,6 +128,7 @@ class RayWorkerPool:
         self._new_actor = lambda name: actor_class.remote(env, list(plugin_dirs), write_dir, name, threads)
         self.slots = [_Slot(f"w{i}", self._new_actor(f"w{i}")) for i in range(count)]
         self.respawned = 0
+        self.last_death: str | None = None
         self._runs = itertools.count(1)
         self._pending: OrderedDict[str, deque[_Job]] = OrderedDict()
         self._inflight: dict[Any, tuple[_Job, _Slot]] = {}
@@ -355,8 +356,8 @@ class RayWorkerPool:
                     name = f"w{len(self.slots)}"
                     self.slots.append(_Slot(name, self._new_actor(name)))
         text = str(exc).splitlines()[0] if str(exc) else ""
-        return RowFailure(f"worker {slot.name} ({slot.worker or 'starting'}) died: {type(exc).__name__}: {text}",
-                          slot.worker or slot.name)
+        self.last_death = f"worker {slot.name} ({slot.worker or 'starting'}) died: {type(exc).__name__}: {text}"
+        return RowFailure(self.last_death, slot.worker or slot.name)
 
     def _drain_pending(self) -> list[_Job]:
         jobs = [job for queue in self._pending.values() for job in queue]

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--no-editor", action="store_true", help="do not serve the editor at /")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     serve.add_argument("--backend", choices=["local", "ray"], default="local",
-                       help="local: one worker thread in this process; ray: jobs run on actors of a Ray cluster "
+                       help="local: one worker process beside the server; ray: jobs run on actors of a Ray cluster "
                        '(pip install "ldmgraph[ray]")')
     serve.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto; default: start a "
                        "local one)")

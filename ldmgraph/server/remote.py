@@ -94,6 +94,7 @@ class RemoteWorker:
     def _update_health(self) -> None:
         self.health.alive = self.pool.live_workers() > 0
         respawned = self.pool.respawned
+        self.health.last_death = self.pool.last_death or self.health.last_death
         if respawned > self._respawned:
             self.health.restarts += respawned - self._respawned
             self._respawned = respawned
