@@ -26,6 +26,7 @@ import gc
 import itertools
 import multiprocessing
 import os
+import pickle
 import queue
 import threading
 from collections import deque
@@ -254,11 +255,27 @@ def child_main(connection: Any, env: Environment, plugin_dirs: list[str], thread
         _, run_id, doc, params, outputs = message
         token = tokens[run_id] = CancelToken()
         try:
-            result = runner.try_run(doc, params, "", token, outputs=outputs,
-                                    emit=lambda item, run_id=run_id: send(("item", run_id, item)))
+            result = runner.try_run(doc, params, "", token, outputs=outputs, emit=_emitter(send, run_id))
         except BaseException as exc:  # noqa: BLE001 - escaped a job (SystemExit): this worker ends, as a thread would
             send(("dying", f"{type(exc).__name__}: {exc}"))
             os._exit(70)
         finally:
             tokens.pop(run_id, None)
         send(("result", run_id, result))
+
+
+def _emitter(send: Callable[[tuple[Any, ...]], None], run_id: int) -> Callable[[tuple[Any, ...]], None]:
+    """Send a run's stream items; an event whose extra payload cannot be pickled goes without it."""
+    from ldmgraph.graph.events import Event
+
+    def emit(item: tuple[Any, ...]) -> None:
+        try:
+            send(("item", run_id, item))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            event = item[1] if item[0] == "event" else None
+            if isinstance(event, Event):
+                plain = Event(event.kind, event.node_id, event.node_type, event.index, event.total, event.k,
+                              event.n, event.seconds)
+                send(("item", run_id, ("event", plain)))
+
+    return emit
