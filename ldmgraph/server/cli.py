@@ -103,8 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     from uvicorn.config import WS_PROTOCOLS
 
-    # The worker thread runs Python between torch calls; a shorter interpreter switch interval lets the
-    # event loop answer requests without waiting up to the default 5 ms for the worker's turn to end.
+    # Jobs run in another process, but a thread here relays their events (JSON, files, previews); a shorter
+    # interpreter switch interval lets the event loop answer requests without waiting up to the default
+    # 5 ms for that thread's turn to end.
     sys.setswitchinterval(0.001)
 
     ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"  # uvicorn >= 0.35

@@ -10,9 +10,10 @@ goes first when the CPUs are busy; jobs still get every idle cycle.
 
 The child holds one :class:`ldmgraph.batch.runner.RowRunner` (an executor and its model cache) for
 its life, so a second job on the same checkpoint loads nothing. It streams each job over a pipe as
-it runs, exactly like a Ray actor of :class:`ldmgraph.batch.ray_pool.RayWorkerPool` (whose
-interface this class has, for :class:`~.remote.RemoteWorker`): every executor event, and the files
-a node wrote just before its ``done`` event; the server writes the files into the job's folder.
+it runs, like a Ray actor of :class:`ldmgraph.batch.ray_pool.RayWorkerPool` (whose interface this
+class has, for :class:`~.remote.RemoteWorker`): every executor event, in order. Being on the same
+machine, it writes a job's files straight into the job's output folder (no bytes over the pipe);
+the server finds them there when the node's ``done`` event arrives.
 ``cancel`` reaches the running job through the child's reader thread. Anything that escapes a job
 (a node raising ``SystemExit``) ends the child after telling the server why: the job is recorded
 failed (``WorkerDied``), a new child starts, and ``/system_stats`` counts the restart. If the
@@ -32,6 +33,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ldmgraph.batch.ray_pool import RowFailed
@@ -49,6 +51,7 @@ class _Run:
     outputs: list[str] | None
     on_event: Callable[[Any], None] | None
     future: concurrent.futures.Future[RowOutput]
+    output_dir: Path | None = None
 
 
 class ProcessPool:
@@ -72,13 +75,17 @@ class ProcessPool:
         self._spawn()
 
     # -- the interface of RayWorkerPool that RemoteWorker uses ----------------------------------------
+    shares_files = True  # the child writes a job's files straight into the folder given to submit
+
     def submit(self, doc: Any, params: dict[str, Any] | None = None, *, outputs: list[str] | None = None,
-               on_event: Callable[[Any], None] | None = None, **_: Any) -> concurrent.futures.Future[RowOutput]:
+               on_event: Callable[[Any], None] | None = None, output_dir: Path | None = None,
+               **_: Any) -> concurrent.futures.Future[RowOutput]:
         future: concurrent.futures.Future[RowOutput] = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the worker is shut down")
-            self._pending.append(_Run(next(self._runs), doc, dict(params or {}), outputs, on_event, future))
+            self._pending.append(_Run(next(self._runs), doc, dict(params or {}), outputs, on_event, future,
+                                      output_dir))
             self._dispatch()
         return future
 
@@ -151,7 +158,7 @@ class ProcessPool:
             self._current = None
             self._dispatch()
             return
-        self._send(("run", run.run_id, run.doc, run.params, run.outputs))
+        self._send(("run", run.run_id, run.doc, run.params, run.outputs, run.output_dir))
 
     def _read(self, connection: Any, process: Any) -> None:
         reason = "the worker process ended"
@@ -202,10 +209,10 @@ class ProcessPool:
             run, self._current = self._current, None
             self.last_death = reason
             self.respawned += 1
+            self._spawn()  # first: a job submitted when this one's failure is known waits for the new child
         if run is not None and not run.future.done():
             run.future.set_exception(RowFailed([f"{self.worker or 'local'}: the worker died: {reason}"],
                                                self.worker))
-        self._spawn()
 
 
 def child_main(connection: Any, env: Environment, plugin_dirs: list[str], threads: int | None) -> None:
@@ -252,10 +259,11 @@ def child_main(connection: Any, env: Environment, plugin_dirs: list[str], thread
                 runner.executor.resources.clear()
             gc.collect()
             continue
-        _, run_id, doc, params, outputs = message
+        _, run_id, doc, params, outputs, output_dir = message
         token = tokens[run_id] = CancelToken()
         try:
-            result = runner.try_run(doc, params, "", token, outputs=outputs, emit=_emitter(send, run_id))
+            result = runner.try_run(doc, params, "", token, outputs=outputs, emit=_emitter(send, run_id),
+                                    output_dir=output_dir)
         except BaseException as exc:  # noqa: BLE001 - escaped a job (SystemExit): this worker ends, as a thread would
             send(("dying", f"{type(exc).__name__}: {exc}"))
             os._exit(70)

@@ -8,10 +8,11 @@ checkpoint loads once per worker, and both have the same interface. :class:`Remo
 the next pending job while a worker is free (one job per live worker at a time), submits it, and
 turns what the worker streams back into ComfyUI's websocket messages and the job's record:
 
-- the worker streams each executor event, and the files a node wrote just before that node's
-  ``done`` event; the server writes the files into the job's output folder and hands the events
-  to :class:`~.worker.JobRun`, which sends ``executing``, ``progress``, ``progress_state``,
-  ``executed`` and previews;
+- the worker streams each executor event; a Ray actor also streams the files a node wrote just
+  before that node's ``done`` event, which the server writes into the job's output folder (the
+  child process writes them there itself); the events go to :class:`~.worker.JobRun`, which
+  sends ``executing``, ``progress``, ``progress_state``, ``executed`` (for the files it finds in
+  the job's folder) and previews;
 - ``POST /interrupt`` reaches the worker (the child's reader thread, the actor's ``cancel`` beside
   the job), the job stops at its next cancellation point and is recorded interrupted;
 - a job that fails is recorded with its error and not retried; a job whose Ray actor dies is
@@ -147,8 +148,10 @@ class RemoteRun(JobRun):
 
     def start(self) -> None:
         self.send("execution_start", {"timestamp": _ms()}, record=True)
-        self.future = self.worker.pool.submit(self.job.workflow, {}, outputs=self.job.outputs_to_execute or None,
-                                              on_event=self.on_item)
+        pool = self.worker.pool
+        direct = {"output_dir": self.folder} if getattr(pool, "shares_files", False) else {}
+        self.future = pool.submit(self.job.workflow, {}, outputs=self.job.outputs_to_execute or None,
+                                  on_event=self.on_item, **direct)
         self.future.add_done_callback(self._done)
 
     def cancel(self) -> bool:
