@@ -1,7 +1,6 @@
 """The server's cost per job: submit latency with 4 clients, throughput, and CPU overhead per job.
 
-`ldmgraph serve` runs in a subprocess as a user starts it (its job worker is a child process of its
-own, one torch thread). Four client processes (so that clients do not share one interpreter lock)
+`ldmgraph serve` runs in a subprocess as a user starts it (one torch thread). Four client processes (so that clients do not share one interpreter lock)
 each hold a websocket, reading every message as a ComfyUI client does, and one `httpx.Client`
 (one keep-alive connection, as any real client library keeps), and submit their share of the jobs
 one after another with `POST /prompt`, timing each request from before the call until the parsed
@@ -12,7 +11,7 @@ submission is validated afresh -> SaveImage), so the server's own work is not hi
 Method: the server is warmed up first (2 jobs per client, run to completion, not measured); then
 `--jobs` submissions (200 by default: the 95th percentile is the 190th of 200, read by nearest
 rank) are timed. Overhead per job is measured in CPU time, since the machine is shared: the CPU
-seconds of the server's whole process tree (server and worker, from /proc) over the measured
+seconds of the server's whole process tree (the server and any process it starts, from /proc) over the measured
 jobs, minus the CPU seconds of the same workflows run directly through an Executor in this
 process, divided by the number of jobs. Throughput is wall-clock (first submission to the last
 job's `executing: null`). Submit latency is wall-clock as each client sees it; the server's own

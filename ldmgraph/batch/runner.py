@@ -85,52 +85,47 @@ class RowRunner:
 
     def run(self, doc: Mapping[str, Any], params: Mapping[str, Any], prefix: str = "",
             cancel: CancelToken | None = None, *, outputs: list[str] | None = None,
-            emit: Emit | None = None, output_dir: Path | None = None) -> RowOutput:
+            emit: Emit | None = None) -> RowOutput:
         """Run the workflow with ``params`` as parameter overrides; raises on an invalid or failed run.
 
         ``outputs`` runs only those output nodes. With ``emit``, the run is told as it goes:
         ``("files", node_id, files)`` for the files a node wrote (sent before that node's ``done``
         event, and then left out of the returned :class:`RowOutput`) and ``("event", event)`` for
-        each executor event (its exception dropped: exceptions need not pickle). With
-        ``output_dir`` (a folder the caller reads too), the run writes its files there and nothing
-        carries their bytes: no ``files`` items, and the result names them with bytes None.
+        each executor event (its exception dropped: exceptions need not pickle).
         """
         self._count += 1
         if self.threads:
             set_torch_threads(self.threads)
-        folder = output_dir or self.staging / f"run{self._count:07d}"
-        folder.mkdir(parents=True, exist_ok=output_dir is not None)
+        folder = self.staging / f"run{self._count:07d}"
+        folder.mkdir()
         started = time.perf_counter()
         sent: set[str] = set()
         try:
             self.executor.env = replace(self.base_env, output_dir=folder)
             compiled = always_run_outputs(self.executor.validate(dict(doc), dict(params), outputs))
-            on_event = None if emit is None else self._streamer(folder, prefix, emit, sent, output_dir is None)
+            on_event = None if emit is None else self._streamer(folder, prefix, emit, sent)
             result = self.executor.execute(compiled, cancel=cancel, on_event=on_event)
-            fresh = [p for p in result.files if str(p) not in sent]
-            files = self._collect(folder, fresh, prefix) if output_dir is None else _names(folder, fresh)
+            files = self._collect(folder, [p for p in result.files if str(p) not in sent], prefix)
         finally:
             self.executor.env = self.base_env
-            if output_dir is None:
-                shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
         return RowOutput(files, dict(result.parameters), time.perf_counter() - started, self.worker,
                          self.model_loads)
 
     def try_run(self, doc: Mapping[str, Any], params: Mapping[str, Any], prefix: str = "",
                 cancel: CancelToken | None = None, *, outputs: list[str] | None = None,
-                emit: Emit | None = None, output_dir: Path | None = None) -> RowOutput | RowFailure:
+                emit: Emit | None = None) -> RowOutput | RowFailure:
         """:meth:`run`, with a failure returned as text rather than raised (for other processes)."""
         try:
-            return self.run(doc, params, prefix, cancel, outputs=outputs, emit=emit, output_dir=output_dir)
+            return self.run(doc, params, prefix, cancel, outputs=outputs, emit=emit)
         except (LdmGraphError, Exception) as exc:  # noqa: BLE001 - any error of a row is that row's result
             return RowFailure(f"{type(exc).__name__}: {exc}", self.worker, self.model_loads, failure_detail(exc))
 
-    def _streamer(self, folder: Path, prefix: str, emit: Emit, sent: set[str],
-                  send_files: bool = True) -> Callable[[Event], None]:
+    def _streamer(self, folder: Path, prefix: str, emit: Emit, sent: set[str]) -> Callable[[Event], None]:
         """The executor callback of a streamed run: a node's new files, then its events."""
 
         def on_event(event: Event) -> None:
-            if send_files and event.kind == "done" and folder.is_dir():
+            if event.kind == "done" and folder.is_dir():
                 new = sorted(p for p in folder.rglob("*") if p.is_file() and str(p) not in sent
                              and not p.name.startswith("."))
                 if new:
@@ -159,17 +154,6 @@ class RowRunner:
             else:
                 files.append((name, data))
         return files
-
-
-def _names(folder: Path, written: list[Path]) -> list[tuple[str, bytes | None]]:
-    """Files left where they were written, named relative to ``folder`` (outside it: skipped)."""
-    names: list[tuple[str, bytes | None]] = []
-    for path in written:
-        try:
-            names.append((Path(path).resolve().relative_to(folder.resolve()).as_posix(), None))
-        except ValueError:
-            continue
-    return names
 
 
 def failure_detail(exc: BaseException) -> dict[str, Any]:

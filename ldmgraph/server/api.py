@@ -405,7 +405,7 @@ def system_stats(state: ServerState) -> dict[str, Any]:
         "worker": {"alive": health.alive, "restarts": health.restarts, "last_death": health.last_death,
                    "jobs_done": health.jobs_done, "current": health.current,
                    "queue_remaining": state.queue_remaining(), "backend": state.config.backend,
-                   "workers": state.worker.workers()},
+                   **({"workers": state.worker.workers()} if state.config.backend == "ray" else {})},
     }
 
 

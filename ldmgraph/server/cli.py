@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--no-editor", action="store_true", help="do not serve the editor at /")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     serve.add_argument("--backend", choices=["local", "ray"], default="local",
-                       help="local: one worker process beside the server; ray: jobs run on actors of a Ray cluster "
+                       help="local: one worker thread in this process; ray: jobs run on actors of a Ray cluster "
                        '(pip install "ldmgraph[ray]")')
     serve.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto; default: start a "
                        "local one)")
@@ -103,9 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     from uvicorn.config import WS_PROTOCOLS
 
-    # Jobs run in another process, but a thread here relays their events (JSON, files, previews); a shorter
-    # interpreter switch interval lets the event loop answer requests without waiting up to the default
-    # 5 ms for that thread's turn to end.
+    # The worker thread runs Python between torch calls; a shorter interpreter switch interval lets the
+    # event loop answer requests without waiting up to the default 5 ms for the worker's turn to end.
     sys.setswitchinterval(0.001)
 
     ws = "websockets-sansio" if "websockets-sansio" in WS_PROTOCOLS else "auto"  # uvicorn >= 0.35

@@ -1,24 +1,21 @@
-"""The server's worker: queued jobs run out of the server's process, in a child process or on Ray actors.
+"""The server's worker on a Ray cluster (``ldmgraph serve --backend ray``): jobs run on long-lived actors.
 
 The queue, history and files stay where they are (the server's SQLite store and data folder); only
-the execution happens elsewhere: in one child process (:class:`.process_pool.ProcessPool`, the
-local backend) or on the actors of a Ray cluster (:class:`ldmgraph.batch.ray_pool.RayWorkerPool`,
-``--backend ray``). Both hold one executor and model cache per worker for its life, so a
-checkpoint loads once per worker, and both have the same interface. :class:`RemoteWorker` claims
-the next pending job while a worker is free (one job per live worker at a time), submits it, and
-turns what the worker streams back into ComfyUI's websocket messages and the job's record:
+the execution moves. :class:`RemoteWorker` has the in-process :class:`~.worker.Worker`'s interface:
+it claims the next pending job while an actor is free (one job per live actor at a time), submits
+it to :class:`ldmgraph.batch.ray_pool.RayWorkerPool` (each actor holds one executor and model
+cache for its life, so a checkpoint loads once per actor) and turns what the actor streams back
+into the same websocket messages and records as the in-process worker:
 
-- the worker streams each executor event; a Ray actor also streams the files a node wrote just
-  before that node's ``done`` event, which the server writes into the job's output folder (the
-  child process writes them there itself); the events go to :class:`~.worker.JobRun`, which
-  sends ``executing``, ``progress``, ``progress_state``, ``executed`` (for the files it finds in
-  the job's folder) and previews;
-- ``POST /interrupt`` reaches the worker (the child's reader thread, the actor's ``cancel`` beside
-  the job), the job stops at its next cancellation point and is recorded interrupted;
-- a job that fails is recorded with its error and not retried; a job whose Ray actor dies is
-  retried once on another actor, then recorded failed (the child process is not retried: a job
-  that killed it would kill the next one); a dead worker is replaced by a new one, counted in
-  ``/system_stats`` as a worker restart;
+- the actor streams each executor event, and the files a node wrote just before that node's
+  ``done`` event; the server writes the files into the job's output folder and hands the events
+  to :class:`~.worker.JobRun`, so ``executing``, ``progress``, ``progress_state``, ``executed``
+  and previews read exactly as with the in-process worker;
+- ``POST /interrupt`` reaches the actor (its ``cancel`` runs beside the job), the job stops at its
+  next cancellation point and is recorded interrupted;
+- a job that fails is recorded with its error and not retried; a job whose actor dies is retried
+  once on another actor, then recorded failed; a dead actor is replaced by a new one (counted in
+  ``/system_stats`` as a worker restart);
 - jobs still pending when the server stops stay queued, and a job cut off by the server's end
   stays marked running until the next start marks it interrupted (the store's promises).
 """
@@ -41,7 +38,7 @@ from .worker import JobRun, WorkerHealth, _ms
 
 
 class RemoteWorker:
-    """Runs queued jobs on a worker pool (see the module docstring)."""
+    """Runs queued jobs on a :class:`~ldmgraph.batch.ray_pool.RayWorkerPool` (see the module docstring)."""
 
     def __init__(self, pool: Any, store: Store, hub: Hub, output_root: Path, on_queue_change: Any) -> None:
         self.pool = pool
@@ -148,10 +145,8 @@ class RemoteRun(JobRun):
 
     def start(self) -> None:
         self.send("execution_start", {"timestamp": _ms()}, record=True)
-        pool = self.worker.pool
-        direct = {"output_dir": self.folder} if getattr(pool, "shares_files", False) else {}
-        self.future = pool.submit(self.job.workflow, {}, outputs=self.job.outputs_to_execute or None,
-                                  on_event=self.on_item, **direct)
+        self.future = self.worker.pool.submit(self.job.workflow, {}, outputs=self.job.outputs_to_execute or None,
+                                              on_event=self.on_item)
         self.future.add_done_callback(self._done)
 
     def cancel(self) -> bool:

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from ldmgraph.graph.context import Environment
+from ldmgraph.graph.executor import Executor
 from ldmgraph.graph.registry import Registry
 
 from .hub import Hub
 from .protocol import object_info
 from .store import Store
+from .worker import Worker
 from .workflows import saved_workflows
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +61,7 @@ class ServerState:
     store: Store
     hub: Hub
     env: Environment
-    worker: Any  # remote.RemoteWorker: jobs run in a child process, or on Ray actors
+    worker: Any  # Worker, or remote.RemoteWorker on a Ray cluster: the same interface
     input_dir: Path
     output_dir: Path
     userdata_dir: Path
@@ -80,10 +82,15 @@ class ServerState:
                           model_dirs=(*config.model_dirs, BUNDLED_MODELS), device=config.device)
         hub = Hub()
         state_box: list[ServerState] = []
-        from .remote import RemoteWorker
+        worker: Any
+        if config.backend == "ray":
+            from .remote import RemoteWorker
 
-        pool = ray_pool(config, env) if config.backend == "ray" else process_pool(config, env)
-        worker = RemoteWorker(pool, store, hub, output_dir, lambda: state_box[0].broadcast_status())
+            worker = RemoteWorker(ray_pool(config, env), store, hub, output_dir,
+                                  lambda: state_box[0].broadcast_status())
+        else:
+            worker = Worker(Executor(registry, env), store, hub, env, output_dir,
+                            lambda: state_box[0].broadcast_status())
         state = cls(config, registry, store, hub, env, worker, input_dir, output_dir, userdata_dir)
         state_box.append(state)
         state.receive_workflow_inputs()
@@ -165,15 +172,6 @@ class ServerState:
             if self._info_cache is None or self._info_cache[0] != key:
                 self._info_cache = (key, object_info(self.registry, files))
             return self._info_cache[1]
-
-
-def process_pool(config: ServerConfig, env: Environment) -> Any:
-    """The local backend: one child process holding the executor and its caches, started and ready."""
-    from .process_pool import ProcessPool
-
-    pool = ProcessPool(env, [str(Path(p).resolve()) for p in config.plugin_dirs])
-    pool.wait_ready(timeout=300)
-    return pool
 
 
 def ray_pool(config: ServerConfig, env: Environment) -> Any:
