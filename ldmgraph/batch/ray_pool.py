@@ -11,19 +11,30 @@ Scheduling (a dispatcher thread in the driver):
 - a free actor takes, in order: a job whose models it already holds (same ``model_key``), else a
   job of the models held by the fewest actors, so a checkpoint is loaded by as few workers as
   possible and each loads it once;
-- an actor that dies (``ray.kill``, a crashed process, a lost node) is dropped; its jobs go back to
-  the front of the queue for another worker; a job that fails (or dies with its worker) twice
-  fails its future with every error. No job is lost, and no job's result is delivered twice.
+- an actor that dies (``ray.kill``, a crashed process, a lost node) is dropped (and, with
+  ``respawn``, replaced by a new one); its jobs go back to the front of the queue for another
+  worker; a job that fails (or dies with its worker) twice fails its future with every error
+  (with ``retry_errors=False`` only a death is retried: an error of the job itself is final).
+  No job is lost, and no job's result is delivered twice.
+
+Streamed jobs (``submit(..., on_event=f)``, what the HTTP server uses): the actor runs the job with
+Ray's streaming generator (``num_returns="streaming"``), yielding each executor event and each
+node's output files as they happen, and the dispatcher hands them to ``f`` in order as they
+arrive: no polling and no extra actor, and a dead actor ends the stream with the same
+``RayActorError`` as a plain call. ``cancel(future)`` reaches a running job through a second
+concurrency group of the actor (``control``, one thread), so it is not queued behind the job.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import itertools
 import json
+import queue
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +42,7 @@ from typing import Any
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.errors import LdmGraphError
 
-from .runner import RowFailure, RowOutput
+from .runner import RowFailure, RowOutput, failure_detail
 
 DEFAULT_DEPTH = 2
 DEFAULT_MAX_ATTEMPTS = 2
@@ -41,9 +52,10 @@ POLL_SECONDS = 0.02
 class RowFailed(LdmGraphError):
     """A job failed on every attempt; ``errors`` lists each attempt's error, ``worker`` the last worker."""
 
-    def __init__(self, errors: list[str], worker: str) -> None:
+    def __init__(self, errors: list[str], worker: str, detail: dict[str, Any] | None = None) -> None:
         self.errors = list(errors)
         self.worker = worker
+        self.detail = detail  # the last failure as plain data (runner.failure_detail); None for a death
         super().__init__(errors[-1] if errors else "failed")
 
 
@@ -60,6 +72,11 @@ class _Job:
     future: concurrent.futures.Future[RowOutput]
     errors: list[str] = field(default_factory=list)
     avoid: set[str] = field(default_factory=set)  # workers that failed it
+    on_event: Callable[[Any], None] | None = None  # set for a streamed job
+    outputs: list[str] | None = None
+    run_id: int = 0
+    slot: _Slot | None = None  # where it runs now
+    cancelled: bool = False
 
 
 @dataclass
@@ -72,6 +89,7 @@ class _Slot:
     worker: str = ""
     loads: int = 0
     rows: int = 0
+    current: int = 0  # run id of the streamed job it runs
 
 
 class RayWorkerPool:
@@ -88,6 +106,8 @@ class RayWorkerPool:
         threads: int = 1,
         depth: int = DEFAULT_DEPTH,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        retry_errors: bool = True,
+        respawn: bool = False,
         init_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         ray = _import_ray()
@@ -102,10 +122,14 @@ class RayWorkerPool:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         options = {"num_gpus": 1, "num_cpus": threads} if gpus else {"num_cpus": threads}
-        actor_class = ray.remote(**options, max_restarts=0, max_task_retries=0)(_BatchActor)
-        self.depth, self.max_attempts = depth, max_attempts
-        self.slots = [_Slot(f"w{i}", actor_class.remote(env, list(plugin_dirs), write_dir, f"w{i}", threads))
-                      for i in range(count)]
+        actor_class = ray.remote(**options, max_restarts=0, max_task_retries=0,
+                                 concurrency_groups={"control": 1})(_BatchActor)
+        self.depth, self.max_attempts, self.retry_errors, self.respawn = depth, max_attempts, retry_errors, respawn
+        self._new_actor = lambda name: actor_class.remote(env, list(plugin_dirs), write_dir, name, threads)
+        self.slots = [_Slot(f"w{i}", self._new_actor(f"w{i}")) for i in range(count)]
+        self.respawned = 0
+        self.last_death: str | None = None
+        self._runs = itertools.count(1)
         self._pending: OrderedDict[str, deque[_Job]] = OrderedDict()
         self._inflight: dict[Any, tuple[_Job, _Slot]] = {}
         self._docs: OrderedDict[str, Any] = OrderedDict()
@@ -116,16 +140,21 @@ class RayWorkerPool:
 
     # -- public ----------------------------------------------------------------------------------
     def submit(self, doc: Mapping[str, Any], params: Mapping[str, Any] | None = None, *, prefix: str = "",
-               model_key: str = "") -> concurrent.futures.Future[RowOutput]:
+               model_key: str = "", outputs: list[str] | None = None,
+               on_event: Callable[[Any], None] | None = None) -> concurrent.futures.Future[RowOutput]:
         """Queue one run of ``doc`` with ``params`` as parameter overrides; returns its future.
 
         ``prefix`` is put before each output file's name; ``model_key`` (e.g. from
-        :func:`ldmgraph.batch.plan.model_key`) lets jobs go to a worker that holds their models.
-        The future's result is a :class:`RowOutput`; a job that failed on every attempt raises
-        :class:`RowFailed`.
+        :func:`ldmgraph.batch.plan.model_key`) lets jobs go to a worker that holds their models;
+        ``outputs`` runs only those output nodes. With ``on_event``, the job is streamed: ``on_event``
+        gets ``("files", node_id, [(name, bytes)])`` and ``("event", Event)`` items as the job runs
+        (from the dispatcher thread, in order; a retried job streams again from the start), and the
+        files are not repeated in the result. The future's result is a :class:`RowOutput`; a job
+        that failed on every attempt raises :class:`RowFailed`.
         """
         future: concurrent.futures.Future[RowOutput] = concurrent.futures.Future()
-        job = _Job(self._doc_ref(doc), dict(params or {}), prefix, model_key, future)
+        job = _Job(self._doc_ref(doc), dict(params or {}), prefix, model_key, future, on_event=on_event,
+                   outputs=list(outputs) if outputs else None)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the pool is shut down")
@@ -133,11 +162,39 @@ class RayWorkerPool:
             self._lock.notify()
         return future
 
-    def worker_stats(self) -> list[dict[str, Any]]:
-        """Per worker: name, process, alive, rows finished, models loaded from disk."""
+    def cancel(self, future: concurrent.futures.Future[RowOutput]) -> bool:
+        """Cancel a job: dropped if still queued, stopped at its next cancellation point if running.
+
+        A running streamed job then fails with ``detail["kind"] == "cancelled"`` and is not
+        retried; True if the job was found queued or running.
+        """
+        if future.cancel():
+            return True
         with self._lock:
-            return [{"name": s.name, "worker": s.worker, "alive": s.alive, "rows": s.rows, "model_loads": s.loads}
-                    for s in self.slots]
+            running = [(job, slot) for job, slot in self._inflight.values() if job.future is future]
+            for job, slot in running:
+                job.cancelled = True
+                if job.on_event is not None and slot.alive:
+                    slot.actor.cancel.options(concurrency_group="control").remote(job.run_id)
+        return bool(running)
+
+    def live_workers(self) -> int:
+        """How many actors are alive (what the server fills with jobs)."""
+        with self._lock:
+            return sum(slot.alive for slot in self.slots)
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """Drop each actor's cached outputs and/or models, between its jobs (the server's ``POST /free``)."""
+        with self._lock:
+            for slot in self.slots:
+                if slot.alive:
+                    slot.actor.free.remote(unload_models, free_memory)
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        """Per worker: name, process, alive, rows finished, models loaded from disk, rows running now."""
+        with self._lock:
+            return [{"name": s.name, "worker": s.worker, "alive": s.alive, "rows": s.rows, "model_loads": s.loads,
+                     "running": s.inflight} for s in self.slots]
 
     @property
     def actors(self) -> list[Any]:
@@ -146,7 +203,10 @@ class RayWorkerPool:
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until every actor has started (its executor is built; models load on first use)."""
-        self._ray.get([slot.actor.ready.remote() for slot in self.slots], timeout=timeout)
+        names = self._ray.get([slot.actor.ready.remote() for slot in self.slots], timeout=timeout)
+        with self._lock:
+            for slot, name in zip(self.slots, names, strict=True):
+                slot.worker = slot.worker or name
 
     def shutdown(self) -> None:
         """Stop the dispatcher, cancel queued jobs, end the actors (and Ray, if the pool started it)."""
@@ -201,7 +261,13 @@ class RayWorkerPool:
             job = self._take(slot)
             if job is None:
                 continue
-            ref = slot.actor.run.remote(job.doc_ref, job.params, job.prefix)
+            if job.on_event is None:
+                ref = slot.actor.run.remote(job.doc_ref, job.params, job.prefix)
+            else:
+                job.run_id = slot.current = next(self._runs)
+                ref = slot.actor.run_events.options(num_returns="streaming").remote(
+                    job.doc_ref, job.params, job.prefix, job.outputs, job.run_id)
+            job.slot = slot
             self._inflight[ref] = (job, slot)
             slot.inflight += 1
             slot.models.add(job.model_key)
@@ -234,21 +300,27 @@ class RayWorkerPool:
 
     def _finish(self, ref: Any) -> None:
         with self._lock:
-            job, slot = self._inflight.pop(ref)
-            slot.inflight -= 1
+            job, slot = self._inflight[ref]
         result: RowOutput | RowFailure
         try:
-            result = self._ray.get(ref)
+            if job.on_event is None:
+                result = self._ray.get(ref)
+            else:
+                kind, *rest = self._ray.get(next(ref))
+                if kind != "result":
+                    self._relay(job, (kind, *rest))
+                    return  # still running: the stream stays in flight
+                result = rest[0]
         except self._ray.exceptions.RayActorError as exc:
-            with self._lock:
-                slot.alive = False
-                slot.models.clear()
-            result = RowFailure(f"worker {slot.name} ({slot.worker or 'starting'}) died: "
-                                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                                slot.worker or slot.name)
+            result = self._died(slot, exc)
+        except StopIteration:
+            result = self._died(slot, RuntimeError("its stream ended without a result"))
         except Exception as exc:  # noqa: BLE001 - e.g. the result could not be deserialised
             result = RowFailure(f"{type(exc).__name__}: {exc}", slot.worker or slot.name)
         with self._lock:
+            del self._inflight[ref]
+            slot.inflight -= 1
+            job.slot = None
             slot.worker = result.worker or slot.worker
             slot.loads = max(slot.loads, result.model_loads)
             if isinstance(result, RowOutput):
@@ -258,12 +330,34 @@ class RayWorkerPool:
                 return
             job.errors.append(f"{result.worker}: {result.error}")
             job.avoid.add(slot.name)
-            if len(job.errors) >= self.max_attempts:
-                job.future.set_exception(RowFailed(job.errors, result.worker))
+            final = job.cancelled or (result.detail is not None and not self.retry_errors)
+            if final or len(job.errors) >= self.max_attempts:
+                job.future.set_exception(RowFailed(job.errors, result.worker, result.detail))
                 return
             self._pending[job.model_key] = self._pending.get(job.model_key, deque())
             self._pending[job.model_key].appendleft(job)
             self._pending.move_to_end(job.model_key, last=False)
+
+    def _relay(self, job: _Job, item: tuple[Any, ...]) -> None:
+        assert job.on_event is not None
+        try:
+            job.on_event(item)
+        except Exception:  # noqa: BLE001, S110 - a failing listener must not stop the dispatcher
+            pass
+
+    def _died(self, slot: _Slot, exc: BaseException) -> RowFailure:
+        """Drop a dead actor (and start a new one in its place, with ``respawn``)."""
+        with self._lock:
+            if slot.alive:
+                slot.alive = False
+                slot.models.clear()
+                if self.respawn and not self._closed:
+                    self.respawned += 1
+                    name = f"w{len(self.slots)}"
+                    self.slots.append(_Slot(name, self._new_actor(name)))
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        self.last_death = f"worker {slot.name} ({slot.worker or 'starting'}) died: {type(exc).__name__}: {text}"
+        return RowFailure(self.last_death, slot.worker or slot.name)
 
     def _drain_pending(self) -> list[_Job]:
         jobs = [job for queue in self._pending.values() for job in queue]
@@ -285,19 +379,74 @@ class RayWorkerPool:
 
 
 class _BatchActor:
-    """The Ray actor: one :class:`RowRunner` for its whole life."""
+    """The Ray actor: one :class:`RowRunner` for its whole life.
+
+    Its methods run one at a time (Ray's default concurrency group), except ``cancel``, which runs
+    on the ``control`` group's own thread so that it reaches the job running now.
+    """
 
     def __init__(self, env: Environment, plugin_dirs: list[str], write_dir: Path | None, name: str,
                  threads: int) -> None:
         from .runner import RowRunner
 
         self.runner = RowRunner(env, plugin_dirs, write_dir=write_dir, name=name, threads=threads)
+        self.running: tuple[int, Any] | None = None  # (run id, CancelToken) of the streamed job
 
     def ready(self) -> str:
         return self.runner.worker
 
     def run(self, doc: dict[str, Any], params: dict[str, Any], prefix: str) -> RowOutput | RowFailure:
         return self.runner.try_run(doc, params, prefix)
+
+    def run_events(self, doc: dict[str, Any], params: dict[str, Any], prefix: str, outputs: list[str] | None,
+                   run_id: int) -> Iterator[tuple[Any, ...]]:
+        """A streamed run (a Ray streaming generator): its items as they happen, then ``("result", ...)``.
+
+        The job runs on a thread of its own, since the executor reports through a callback and a
+        generator can only yield from its own frame; the items pass through a queue.
+        """
+        from ldmgraph.graph.context import CancelToken
+
+        items: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        token = CancelToken()
+        self.running = (run_id, token)
+
+        def work() -> None:
+            try:
+                result: RowOutput | RowFailure = self.runner.try_run(doc, params, prefix, token, outputs=outputs,
+                                                                      emit=items.put)
+            except BaseException as exc:  # noqa: BLE001 - SystemExit from a node is this job's error too
+                result = RowFailure(f"{type(exc).__name__}: {exc}", self.runner.worker, self.runner.model_loads,
+                                    failure_detail(exc))
+            items.put(("result", result))
+
+        thread = threading.Thread(target=work, name=f"ldmgraph-run-{run_id}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = items.get()
+                yield item
+                if item[0] == "result":
+                    return
+        finally:
+            self.running = None
+            thread.join()
+
+    def cancel(self, run_id: int) -> bool:
+        """Cancel the streamed run ``run_id`` if it is the one running (runs in the ``control`` group)."""
+        running = self.running
+        if running is None or running[0] != run_id:
+            return False
+        running[1].cancel()
+        return True
+
+    def free(self, unload_models: bool, free_memory: bool) -> None:
+        """Drop cached outputs and/or loaded models (between jobs)."""
+        if unload_models or free_memory:
+            self.runner.executor.cache.clear()
+        if unload_models:
+            self.runner.executor.resources.clear()
+        gc.collect()
 
     def stats(self) -> dict[str, Any]:
         """The worker's name, its model loads, and the CPU seconds its process has used."""

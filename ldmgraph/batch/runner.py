@@ -16,13 +16,15 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ldmgraph.graph.context import CancelToken, Environment
-from ldmgraph.graph.errors import LdmGraphError
+from ldmgraph.graph.errors import Cancelled, ExecutionError, LdmGraphError, ValidationError
+from ldmgraph.graph.events import Event
 from ldmgraph.graph.executor import Executor
 from ldmgraph.graph.files import atomic_write_bytes, safe_join
 from ldmgraph.graph.validate import CompiledWorkflow
@@ -54,6 +56,10 @@ class RowFailure:
     error: str
     worker: str
     model_loads: int = 0
+    detail: dict[str, Any] | None = None  # see failure_detail: what a server reports about it
+
+
+Emit = Callable[[tuple[Any, ...]], None]
 
 
 class RowRunner:
@@ -78,31 +84,56 @@ class RowRunner:
         return int(cache.stats.loads) if cache is not None else 0
 
     def run(self, doc: Mapping[str, Any], params: Mapping[str, Any], prefix: str = "",
-            cancel: CancelToken | None = None) -> RowOutput:
-        """Run the workflow with ``params`` as parameter overrides; raises on an invalid or failed run."""
+            cancel: CancelToken | None = None, *, outputs: list[str] | None = None,
+            emit: Emit | None = None) -> RowOutput:
+        """Run the workflow with ``params`` as parameter overrides; raises on an invalid or failed run.
+
+        ``outputs`` runs only those output nodes. With ``emit``, the run is told as it goes:
+        ``("files", node_id, files)`` for the files a node wrote (sent before that node's ``done``
+        event, and then left out of the returned :class:`RowOutput`) and ``("event", event)`` for
+        each executor event (its exception dropped: exceptions need not pickle).
+        """
         self._count += 1
         if self.threads:
             set_torch_threads(self.threads)
         folder = self.staging / f"run{self._count:07d}"
         folder.mkdir()
         started = time.perf_counter()
+        sent: set[str] = set()
         try:
             self.executor.env = replace(self.base_env, output_dir=folder)
-            compiled = always_run_outputs(self.executor.validate(dict(doc), dict(params)))
-            result = self.executor.execute(compiled, cancel=cancel)
-            files = self._collect(folder, result.files, prefix)
+            compiled = always_run_outputs(self.executor.validate(dict(doc), dict(params), outputs))
+            on_event = None if emit is None else self._streamer(folder, prefix, emit, sent)
+            result = self.executor.execute(compiled, cancel=cancel, on_event=on_event)
+            files = self._collect(folder, [p for p in result.files if str(p) not in sent], prefix)
         finally:
             self.executor.env = self.base_env
             shutil.rmtree(folder, ignore_errors=True)
         return RowOutput(files, dict(result.parameters), time.perf_counter() - started, self.worker,
                          self.model_loads)
 
-    def try_run(self, doc: Mapping[str, Any], params: Mapping[str, Any], prefix: str = "") -> RowOutput | RowFailure:
+    def try_run(self, doc: Mapping[str, Any], params: Mapping[str, Any], prefix: str = "",
+                cancel: CancelToken | None = None, *, outputs: list[str] | None = None,
+                emit: Emit | None = None) -> RowOutput | RowFailure:
         """:meth:`run`, with a failure returned as text rather than raised (for other processes)."""
         try:
-            return self.run(doc, params, prefix)
+            return self.run(doc, params, prefix, cancel, outputs=outputs, emit=emit)
         except (LdmGraphError, Exception) as exc:  # noqa: BLE001 - any error of a row is that row's result
-            return RowFailure(f"{type(exc).__name__}: {exc}", self.worker, self.model_loads)
+            return RowFailure(f"{type(exc).__name__}: {exc}", self.worker, self.model_loads, failure_detail(exc))
+
+    def _streamer(self, folder: Path, prefix: str, emit: Emit, sent: set[str]) -> Callable[[Event], None]:
+        """The executor callback of a streamed run: a node's new files, then its events."""
+
+        def on_event(event: Event) -> None:
+            if event.kind == "done" and folder.is_dir():
+                new = sorted(p for p in folder.rglob("*") if p.is_file() and str(p) not in sent
+                             and not p.name.startswith("."))
+                if new:
+                    sent.update(str(p) for p in new)
+                    emit(("files", event.node_id, self._collect(folder, new, prefix)))
+            emit(("event", replace(event, error=None) if event.error is not None else event))
+
+        return on_event
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -123,6 +154,24 @@ class RowRunner:
             else:
                 files.append((name, data))
         return files
+
+
+def failure_detail(exc: BaseException) -> dict[str, Any]:
+    """A failed run as plain data: ``kind`` (cancelled, validation, execution, error), the node, the cause."""
+    node_id = node_type = None
+    cause: BaseException = exc
+    if isinstance(exc, Cancelled):
+        kind = "cancelled"
+    elif isinstance(exc, ValidationError):
+        kind = "validation"
+    elif isinstance(exc, ExecutionError):
+        kind, node_id, node_type = "execution", exc.node_id, exc.node_type
+        cause = exc.cause if exc.cause is not None else exc
+    else:
+        kind = "error"
+    return {"kind": kind, "node_id": node_id, "node_type": node_type, "exception_type": type(cause).__name__,
+            "exception_message": str(cause),
+            "traceback": traceback.format_exception(type(cause), cause, cause.__traceback__)[-8:]}
 
 
 def set_torch_threads(threads: int) -> None:

@@ -96,6 +96,7 @@ def build_router(state: ServerState) -> APIRouter:
     def enqueue(prompt: Any, doc: dict[str, Any], *, kind: str, client_id: str | None, prompt_id: str | None,
                 front: bool, extra_data: dict[str, Any], outputs: list[str] | None,
                 overrides: dict[str, Any] | None = None, number: float | None = None) -> JSONResponse:
+        doc = state.with_precision(doc)
         try:
             compiled = validate_workflow(doc, state.registry, state.env, overrides, outputs)
         except ValidationError as exc:
@@ -403,7 +404,8 @@ def system_stats(state: ServerState) -> dict[str, Any]:
                      "torch_vram_total": 0, "torch_vram_free": 0}],
         "worker": {"alive": health.alive, "restarts": health.restarts, "last_death": health.last_death,
                    "jobs_done": health.jobs_done, "current": health.current,
-                   "queue_remaining": state.queue_remaining()},
+                   "queue_remaining": state.queue_remaining(), "backend": state.config.backend,
+                   **({"workers": state.worker.workers()} if state.config.backend == "ray" else {})},
     }
 
 

@@ -32,6 +32,15 @@ def register(subparsers: Any) -> None:
                        help="allow browser requests from this origin (repeatable; default none)")
     serve.add_argument("--no-editor", action="store_true", help="do not serve the editor at /")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    serve.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local: one worker thread in this process; ray: jobs run on actors of a Ray cluster "
+                       '(pip install "ldmgraph[ray]")')
+    serve.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto; default: start a "
+                       "local one)")
+    serve.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
+    from ldmgraph.cli import add_precision_argument
+
+    add_precision_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -58,10 +67,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f'ldmgraph serve: the server needs its extra: pip install "ldmgraph[server]" ({exc})', file=sys.stderr)
         return 1
+    from ldmgraph.batch.ray_pool import RayUnavailable
     from ldmgraph.plugins import PluginManager
 
     from .state import ServerConfig, ServerState
 
+    if args.backend != "ray" and (args.address or args.workers):
+        print("ldmgraph serve: --address and --workers are for --backend ray", file=sys.stderr)
+        return 2
+    precision = None
+    if args.precision is not None:
+        from ldmgraph.models.precision import resolve_precision
+
+        precision = resolve_precision(args.precision, args.device)
     workflows = args.workflows_dir
     if workflows is None:
         workflows = Path("workflows") if Path("workflows").is_dir() else REPO_WORKFLOWS
@@ -69,12 +87,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, host=args.host, port=args.port, token=args.token, workflows_dir=workflows,
         model_dirs=tuple(args.models_dir), plugin_dirs=tuple(args.plugin_dir), device=args.device,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), cors_origins=tuple(args.cors_origin),
-        frontend=not args.no_editor)
+        frontend=not args.no_editor, precision=precision, backend=args.backend, address=args.address,
+        workers=args.workers)
     manager = PluginManager(plugin_dirs=args.plugin_dir)
     for status in manager.statuses:
         if not status.ok:
             print(f"ldmgraph: warning: plugin {status.name} failed to load: {status.error}", file=sys.stderr)
-    state = ServerState.build(config, manager.registry)
+    try:
+        state = ServerState.build(config, manager.registry)
+    except RayUnavailable as exc:
+        print(f"ldmgraph serve: {exc}", file=sys.stderr)
+        return 1
     app = create_app(state)
     print(f"ldmgraph serve: http://{args.host}:{args.port}/ (data in {config.data_dir.resolve()})",
           file=sys.stderr, flush=True)

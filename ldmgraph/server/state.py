@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ class ServerConfig:
     max_image_pixels: int = 64 * 1024 * 1024
     cors_origins: tuple[str, ...] = ()
     frontend: bool = True
+    precision: str | None = None  # a concrete precision written into every job's loaders (None: as sent)
+    backend: str = "local"  # local: a worker thread in this process; ray: actors on a Ray cluster
+    address: str | None = None  # the Ray cluster (None: start a local one)
+    workers: int | None = None  # Ray actors (None: one per GPU, else one per CPU)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class ServerState:
     store: Store
     hub: Hub
     env: Environment
-    worker: Worker
+    worker: Any  # Worker, or remote.RemoteWorker on a Ray cluster: the same interface
     input_dir: Path
     output_dir: Path
     userdata_dir: Path
@@ -76,14 +81,31 @@ class ServerState:
         env = Environment(input_dir=input_dir, output_dir=output_dir,
                           model_dirs=(*config.model_dirs, BUNDLED_MODELS), device=config.device)
         hub = Hub()
-        executor = Executor(registry, env)
         state_box: list[ServerState] = []
-        worker = Worker(executor, store, hub, env, output_dir, lambda: state_box[0].broadcast_status())
+        worker: Any
+        if config.backend == "ray":
+            from .remote import RemoteWorker
+
+            worker = RemoteWorker(ray_pool(config, env), store, hub, output_dir,
+                                  lambda: state_box[0].broadcast_status())
+        else:
+            worker = Worker(Executor(registry, env), store, hub, env, output_dir,
+                            lambda: state_box[0].broadcast_status())
         state = cls(config, registry, store, hub, env, worker, input_dir, output_dir, userdata_dir)
         state_box.append(state)
         state.receive_workflow_inputs()
         state.first_start()
         return state
+
+    def with_precision(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` with ``--precision`` written into its loaders' ``dtype`` inputs (a copy; as is without it)."""
+        if self.config.precision is None:
+            return doc
+        from ldmgraph.models.precision import apply_precision
+
+        copied = json.loads(json.dumps(doc))
+        apply_precision(copied, self.config.precision)
+        return copied  # type: ignore[no-any-return]
 
     def first_start(self) -> None:
         """Default settings and user data files, once per data folder (the user may change them later)."""
@@ -150,3 +172,18 @@ class ServerState:
             if self._info_cache is None or self._info_cache[0] != key:
                 self._info_cache = (key, object_info(self.registry, files))
             return self._info_cache[1]
+
+
+def ray_pool(config: ServerConfig, env: Environment) -> Any:
+    """The actors of ``--backend ray``, started and ready (each one CPU thread, as ``ldmgraph batch``'s)."""
+    from dataclasses import replace
+
+    from ldmgraph.batch.ray_pool import RayWorkerPool
+
+    env = replace(env, input_dir=env.input_dir.resolve(), output_dir=env.output_dir.resolve(),
+                  model_dirs=tuple(Path(d).resolve() for d in env.model_dirs))
+    pool = RayWorkerPool(env, workers=config.workers, address=config.address,
+                         plugin_dirs=[str(Path(p).resolve()) for p in config.plugin_dirs], threads=1, depth=1,
+                         retry_errors=False, respawn=True)
+    pool.wait_ready(timeout=300)
+    return pool
