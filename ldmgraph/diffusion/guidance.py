@@ -4,7 +4,10 @@ CFG (Ho & Salimans 2022): D = D_uncond + cfg * (D_cond - D_uncond), with the con
 passes stacked into one batch; at cfg == 1 the uncond pass is skipped (D = D_cond).
 Several entries on one side are combined as ComfyUI does: each entry's prediction covers its
 area (h, w, y, x) and is weighted by strength * mask there; the side's prediction is the
-weighted sum divided by the summed weights. Where no positive entry covers a pixel, the
+weighted sum divided by the summed weights. An area without a mask fades in over its first
+FEATHER latent pixels from each edge that lies inside the image (weights 1/8, 2/8, ..., 8/8, as
+ComfyUI's area conditioning does; edges on the image border keep full weight), so overlapping
+areas cross-fade instead of meeting at a hard seam. Where no positive entry covers a pixel, the
 negative prediction is used there (no guidance) instead of a zero latent.
 
 Entries reach the network by route (`ldmgraph.conditioners.CondEntry`): context, concat and vector
@@ -66,6 +69,34 @@ class _Piece:
         )
 
 
+FEATHER = 8
+"""Latent pixels over which an unmasked area's weight ramps up from each edge inside the image."""
+
+
+def area_feather(region: tuple[slice, slice], height: int, width: int) -> Tensor | None:
+    """The weight [1, 1, h, w] of an unmasked area: a linear ramp 1/FEATHER .. 1 over the first
+    FEATHER rows / columns from each of its edges that lie inside the image (ComfyUI's rule; the
+    ramps of opposite edges multiply where they meet); None when every edge is on the border."""
+    rows, cols = region
+    h, w = rows.stop - rows.start, cols.stop - cols.start
+    ramp = torch.arange(1, FEATHER + 1, dtype=torch.float32) / FEATHER
+
+    def along(n: int, inner_start: bool, inner_end: bool) -> Tensor:
+        weight = torch.ones(n)
+        k = min(FEATHER, n)
+        if inner_start:
+            weight[:k] *= ramp[:k]
+        if inner_end:
+            weight[n - k :] *= ramp[:k].flip(0)
+        return weight
+
+    if rows.start == 0 and rows.stop == height and cols.start == 0 and cols.stop == width:
+        return None
+    ys = along(h, rows.start > 0, rows.stop < height)
+    xs = along(w, cols.start > 0, cols.stop < width)
+    return (ys[:, None] * xs[None, :])[None, None]
+
+
 def _prepare(entry: CondEntry, side: int, x: Tensor, pooled_as_vector: bool = False) -> _Piece:
     """One entry's inputs for latents shaped like x. With `pooled_as_vector` (a U-Net whose `y` is a
     pooled text vector, ``num_classes="sequential"``), a text entry's pooled vector is its vector
@@ -84,6 +115,10 @@ def _prepare(entry: CondEntry, side: int, x: Tensor, pooled_as_vector: bool = Fa
         if mask.shape[-2:] != (height, width):
             mask = F.interpolate(mask, size=(height, width), mode="bilinear", align_corners=False)
         weight = mask[..., region[0], region[1]] * float(entry.strength)
+    elif entry.area is not None:
+        feather = area_feather(region, height, width)
+        if feather is not None:
+            weight = feather.to(x.device) * float(entry.strength)
     device = x.device
     concat = None
     if entry.concat is not None:

@@ -70,5 +70,6 @@ CODES: dict[str, str] = {
     "cause are named)",
     DEVICE_UNAVAILABLE: "the device asked for (cuda, mps) is not on this machine",
     INPUT_MISMATCH: "an input file named in a re-run PNG differs from the one it was made with",
-    MODEL_LIMITS: "warning: a prompt word or image size outside what the bundled models were trained on",
+    MODEL_LIMITS: "warning: a prompt word or image size outside what the bundled models were trained on, or a "
+    "sampler, cfg and step count that draw part of the prompts wrong on them",
 }

@@ -185,7 +185,9 @@ class ConditioningSetArea(Node):
     """Restrict conditioning to a rectangle of the image (regional prompts, area composition).
 
     Sizes are in pixels, multiples of 8; they become latent pixels through the VAE's downscale
-    factor (8 when no VAE is connected, as Stable Diffusion's).
+    factor (8 when no VAE is connected, as Stable Diffusion's). At sampling, entries are averaged by
+    strength where they overlap, and the area's weight ramps up over 8 latent pixels from each edge
+    that lies inside the image, as ComfyUI's does (`ldmgraph.diffusion.guidance`).
     """
 
     type_name = "ConditioningSetArea"

@@ -228,7 +228,24 @@ def test_area_and_strength_weight_several_conditionings(toy_model):
     right = CondEntry(b.context, area=(8, 4, 0, 4))  # (h, w, y, x): the right half
     split = CFGDenoiser(Denoiser(toy_model), [a, right], [], 1.0)(x, sigma)
     assert torch.allclose(split[..., :4], only["a"][..., :4], atol=1e-5)
+    # the area's left edge lies inside the image: its weight ramps 1/8, 2/8, 3/8, 4/8 from there
+    # (ComfyUI's feathering of unmasked areas); its other edges are on the border
+    w = torch.tensor([1, 2, 3, 4]) / 8
+    assert torch.allclose(split[..., 4:], (only["a"][..., 4:] + w * only["b"][..., 4:]) / (1 + w), atol=1e-5)
+    masked = CondEntry(b.context, area=(8, 4, 0, 4), mask=torch.ones(1, 8, 8))  # a mask: no feathering
+    split = CFGDenoiser(Denoiser(toy_model), [a, masked], [], 1.0)(x, sigma)
     assert torch.allclose(split[..., 4:], (only["a"][..., 4:] + only["b"][..., 4:]) / 2, atol=1e-5)
+
+
+def test_area_weights_ramp_in_from_the_edges_inside_the_image():
+    from ldmgraph.diffusion.guidance import area_feather
+
+    # a 12x20 area at y 2, x 0 of a 16x24 latent: top and bottom edges and the right edge are inside
+    weight = area_feather((slice(2, 14), slice(0, 20)), 16, 24)[0, 0]
+    rows = torch.minimum(torch.arange(1, 13) / 8, torch.ones(12)) * torch.minimum(torch.arange(12, 0, -1) / 8, torch.ones(12))
+    cols = torch.minimum(torch.arange(20, 0, -1) / 8, torch.ones(20))
+    assert torch.allclose(weight, rows[:, None] * cols[None, :])
+    assert area_feather((slice(0, 16), slice(0, 24)), 16, 24) is None  # the whole image: plain weights
 
 
 def test_concat_conditioning_reaches_the_model_for_cond_and_uncond():

@@ -98,3 +98,29 @@ def test_the_vocabulary_is_the_training_captions():
     captions = {scenes.scene_at(0, "train", i).caption for i in range(300)}
     assert any(" and " in c for c in captions) and any("small" in c for c in captions)
     assert conditioning.unknown_words(" ".join(captions)) == []  # every training word is known
+
+
+@pytest.mark.skipif(not BUNDLED.is_file(), reason="needs the bundled models")
+@pytest.mark.parametrize(("settings", "needed"), [
+    (["sampler=uni_pc", "steps=8"], 16), (["sampler=uni_pc_bh2", "steps=8", "cfg=7"], 28),
+    (["sampler=plms", "steps=20"], 40),
+])
+def test_high_order_solvers_with_guidance_and_few_steps_warn_on_the_bundled_model(settings, needed, capsys):
+    # UniPC (order 3) and PLMS draw part of the prompts wrong there (diffusers' schedulers too):
+    # validation says so, names what to use instead, and still accepts the workflow
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    assert main(["validate", str(WORKFLOWS / "txt2img.json"), "--json", *sets]) == 0
+    (warning,) = json.loads(capsys.readouterr().out)["warnings"]
+    assert (warning["node_id"], warning["input"], warning["code"]) == ("sampler", "sampler", "model_limits")
+    assert "dpmpp_2m" in warning["message"] and f"at least {needed} steps" in warning["message"]
+
+
+@pytest.mark.skipif(not BUNDLED.is_file(), reason="needs the bundled models")
+@pytest.mark.parametrize("settings", [
+    ["sampler=uni_pc", "steps=16"], ["sampler=uni_pc", "steps=8", "cfg=1"], ["sampler=plms", "steps=40"],
+    ["sampler=dpmpp_2m", "steps=8"],
+])
+def test_enough_steps_or_low_cfg_or_another_solver_do_not_warn(settings, capsys):
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    assert main(["validate", str(WORKFLOWS / "txt2img.json"), "--json", *sets]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []

@@ -23,6 +23,13 @@ def shapes() -> Image.Image:
     return image
 
 
+def background() -> Image.Image:
+    """A plain 96x64 background of the same dark tone, the starting image of area composition: the
+    areas then agree on one background (the bundled autoencoder's latent of a half-dark, half-light
+    mix decodes to a purple haze)."""
+    return Image.new("RGB", (96, 64), BACKGROUND)
+
+
 def green_triangle() -> Image.Image:
     """A green triangle at the top, the high-resolution original of the super-resolution input.
 
@@ -51,6 +58,7 @@ def silhouette() -> Image.Image:
 
 def main() -> None:
     shapes().save(HERE / "shapes.png")
+    background().save(HERE / "background_96x64.png")
     green_triangle().resize((16, 16), Image.Resampling.BOX).save(HERE / "lowres_16.png")
     centre_mask().save(HERE / "mask_centre.png")
     with_alpha = shapes().convert("RGBA")
