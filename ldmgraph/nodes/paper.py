@@ -281,7 +281,7 @@ class LayoutConditioning(Node):
 
     `layout` is JSON: a list of [class number, x, y, width, height] with coordinates in 0..1 of the
     image (class numbers of the model's OpenImages categories). The boxes become the model's tokens
-    (see `ldmgraph.models.paper.layout_tokens`) and its transformer (loaded as the checkpoint's text
+    (see `ldmgraph.models.layouts.layout_tokens`) and its transformer (loaded as the checkpoint's text
     encoder) turns them into the cross-attention context.
     """
 
@@ -303,7 +303,7 @@ class LayoutConditioning(Node):
         import torch
 
         from ldmgraph.diffusion import CondEntry
-        from ldmgraph.models.paper import layout_tokens
+        from ldmgraph.models.layouts import layout_tokens
 
         transformer = getattr(inputs.text_encoder, "transformer", None)
         if getattr(inputs.text_encoder, "kind", None) != "ldm-bert" or transformer is None:
