@@ -100,11 +100,14 @@ _SAME = object()
 @dataclass(frozen=True)
 class Contribution:
     """What `contribute` may return instead of a bare value: the value, a different value for the
-    negative side (`sides = "both"`), and the node's extra outputs by name."""
+    negative side (`sides = "both"`), the node's extra outputs by name, and a text encoder's pooled
+    vector (kept on the entries; U-Nets whose `y` is a pooled text vector take it as their vector
+    route)."""
 
     value: Any
     negative: Any = _SAME
     outputs: dict[str, Any] = field(default_factory=dict)
+    pooled: Any = None
 
 
 class Conditioner:
@@ -176,7 +179,7 @@ def conditioner_node(cls: type[Conditioner]) -> type[Node]:
         made = result if isinstance(result, Contribution) else Contribution(result)
         negative = made.value if made.negative is _SAME else made.negative
         if cls.sides == "new":
-            sides = {"conditioning": [add_contribution(CondEntry(), cls.route, made.value)]}
+            sides = {"conditioning": [add_contribution(CondEntry(pooled=made.pooled), cls.route, made.value)]}
         elif cls.sides == "one":
             sides = {"conditioning": [add_contribution(e, cls.route, made.value) for e in values.conditioning]}
         else:

@@ -66,7 +66,10 @@ class _Piece:
         )
 
 
-def _prepare(entry: CondEntry, side: int, x: Tensor) -> _Piece:
+def _prepare(entry: CondEntry, side: int, x: Tensor, pooled_as_vector: bool = False) -> _Piece:
+    """One entry's inputs for latents shaped like x. With `pooled_as_vector` (a U-Net whose `y` is a
+    pooled text vector, ``num_classes="sequential"``), a text entry's pooled vector is its vector
+    route unless a conditioner gave one."""
     batch, _, height, width = x.shape
     if entry.area is None:
         region = (slice(0, height), slice(0, width))
@@ -91,7 +94,8 @@ def _prepare(entry: CondEntry, side: int, x: Tensor) -> _Piece:
                 "encode the conditioning image at the latent's size"
             )
         concat = concat[..., region[0], region[1]]
-    vector = None if entry.vector is None else _fit_batch(entry.vector.to(device), batch, "vector")
+    vector = entry.vector if entry.vector is not None or not pooled_as_vector else entry.pooled
+    vector = None if vector is None else _fit_batch(vector.to(device), batch, "vector")
     context = None if entry.context is None else _fit_batch(entry.context.to(device), batch, "context")
     span = (float(entry.start_percent), float(entry.end_percent))
     return _Piece(side, region, weight, context, concat, vector, tuple(entry.control), span)
@@ -143,6 +147,8 @@ class CFGDenoiser:
         self.cfg = float(cfg)
         self.noise_schedule = denoiser.noise_schedule
         self._plans: dict[tuple, _Plan] = {}
+        unet = getattr(denoiser.model, "diffusion_model", None)
+        self._pooled_as_vector = getattr(unet, "num_classes", None) == "sequential"
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         plan = self._plan(x, self._active(float(sigma.reshape(-1)[0])))
@@ -175,7 +181,8 @@ class CFGDenoiser:
         if key not in self._plans:
             positive = [self.positive[i] for i in active[0]]
             negative = [self.negative[i] for i in active[1]]
-            pieces = [_prepare(e, 0, x) for e in positive] + [_prepare(e, 1, x) for e in negative]
+            pooled = self._pooled_as_vector
+            pieces = [_prepare(e, 0, x, pooled) for e in positive] + [_prepare(e, 1, x, pooled) for e in negative]
             by_key: dict[tuple, list[int]] = {}
             for index, piece in enumerate(pieces):
                 by_key.setdefault(piece.key(), []).append(index)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from ldmgraph.conditioners import Conditioner
+from ldmgraph.conditioners import Conditioner, Contribution
 from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.estimate import Estimate
@@ -51,9 +51,11 @@ class TextEncode(Conditioner):
                 "TextEncode: the checkpoint has no text encoder (e.g. the super-resolution model); "
                 "connect a text encoder from another loader or leave the prompt out of this graph"
             )
-        # The pooled vector is left out: it would go by the vector route (the U-Net's `y`), which only
-        # class-conditional (ADM-style) U-Nets take, and neither SD 1.x/2.x nor the bundled models are.
-        return inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip).context
+        # The pooled vector rides along as data: U-Nets whose `y` is a pooled text vector
+        # (num_classes "sequential", e.g. models trained with the vector conditioning route) take it
+        # by the vector route; SD 1.x/2.x and the shipped bundled models ignore it.
+        encoding = inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip)
+        return Contribution(encoding.context, pooled=encoding.pooled)
 
     @classmethod
     def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:

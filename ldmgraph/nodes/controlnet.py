@@ -102,6 +102,15 @@ def hint_tensor(image: Any, control_net: Any, node: str) -> Any:
     return image_to_torch(image).permute(0, 3, 1, 2).contiguous()
 
 
+def applied_control(inputs: Any, node: str, start: float = 0.0, end: float = 1.0) -> Any:
+    """The ControlNet with its checked hint for the sampler, or None when its strength is 0. One
+    object serves both sides, so cond and uncond share one batched network call."""
+    from ldmgraph.models.controlnet import ControlNetApplied
+
+    hint = hint_tensor(inputs.image, inputs.control_net, node)
+    return None if inputs.strength == 0 else ControlNetApplied(inputs.control_net, hint, inputs.strength, start, end)
+
+
 class ControlNetApply(Conditioner):
     """Add a ControlNet with its hint image to a conditioning (the control route)."""
 
@@ -115,10 +124,7 @@ class ControlNetApply(Conditioner):
         strength: float = InputField(FLOAT, 1.0, ge=0.0, le=10.0, description="weight of its residuals")
 
     def contribute(self, inputs: Any, ctx: NodeContext) -> Any:
-        from ldmgraph.models.controlnet import ControlNetApplied
-
-        hint = hint_tensor(inputs.image, inputs.control_net, self.type_name)
-        return None if inputs.strength == 0 else ControlNetApplied(inputs.control_net, hint, inputs.strength, 0.0, 1.0)
+        return applied_control(inputs, self.type_name)
 
 
 class ControlNetApplyAdvanced(Conditioner):
@@ -145,14 +151,7 @@ class ControlNetApplyAdvanced(Conditioner):
         return []
 
     def contribute(self, inputs: Any, ctx: NodeContext) -> Any:
-        from ldmgraph.models.controlnet import ControlNetApplied
-
-        hint = hint_tensor(inputs.image, inputs.control_net, self.type_name)
-        if inputs.strength == 0:
-            return Contribution(None)
-        # one object for both sides: cond and uncond then share one batched network call
-        applied = ControlNetApplied(inputs.control_net, hint, inputs.strength, inputs.start_percent, inputs.end_percent)
-        return Contribution(applied)
+        return Contribution(applied_control(inputs, self.type_name, inputs.start_percent, inputs.end_percent))
 
 
 class Canny(Node):

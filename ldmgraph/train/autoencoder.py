@@ -7,29 +7,25 @@ with the paper's tiny KL weight (1e-6 on sums) so the latent space stays close t
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ldmgraph.models.autoencoder import AutoencoderKL
 
 from .common import (
     EMA,
-    load_checkpoint,
     load_ema_weights,
-    lr_at,
     psnr,
     restores_torch_threads,
-    save_checkpoint,
     save_grid,
     step_generator,
     to_images,
     to_model,
+    train_loop,
 )
 from .data.scenes import batch as data_batch
 
@@ -135,32 +131,18 @@ def train_autoencoder(
             p.requires_grad_(False)
         params = [*model.decoder.parameters(), *model.post_quant_conv.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    start, earlier = 0, 0.0  # earlier: training seconds of the segments before a resume
-    if resume and (out / "checkpoint.safetensors").exists():
-        loaded = load_checkpoint(out, model, ema, opt)
-        start, earlier = int(loaded["step"]), float(loaded.get("seconds", 0.0))
-    state = {"kind": "autoencoder", "config": asdict(cfg)}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="autoencoder", disable=not progress)
-    t0 = time.time()
-    for step in bar:
+
+    def loss_at(step: int) -> torch.Tensor:
         images, _ = data_batch(cfg.data_seed, "train", step * cfg.batch_size, cfg.batch_size)
         x = random_crops(to_model(images), cfg.crop, step_generator(cfg.seed, step, stream=1))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        loss = ae_loss(model, x, cfg.kl_weight, step_generator(cfg.seed, step), cfg.shape_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(model)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
-            save_checkpoint(out, model, ema, opt, {**state, "step": done, "seconds": earlier + time.time() - t0})
+        return ae_loss(model, x, cfg.kl_weight, step_generator(cfg.seed, step), cfg.shape_weight)
+
+    def after_step(done: int, saved: bool, out_of_time: bool) -> None:
         if done % cfg.grid_every == 0 or done == cfg.steps or out_of_time:
             save_recon_grid(model, ema, out / f"recon_{done:06d}.png", cfg.data_seed)
-        if out_of_time:
-            break
+
+    train_loop(out, model, ema, opt, cfg, {"kind": "autoencoder", "config": asdict(cfg)}, loss_at,
+               resume=resume, progress=progress, desc="autoencoder", clip=False, after_step=after_step)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -165,3 +167,55 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def lr_at(step: int, base: float, warmup: int) -> float:
     """Linear warm-up, then constant (the EMA does the averaging a decay would do)."""
     return base * min(1.0, (step + 1) / max(warmup, 1))
+
+
+def train_loop(
+    out: Path,
+    model: nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    cfg: Any,
+    state: dict[str, Any],
+    loss_at: Callable[[int], torch.Tensor],
+    *,
+    resume: bool,
+    progress: bool,
+    desc: str,
+    clip: bool = True,
+    after_step: Callable[[int, bool, bool], None] | None = None,
+) -> None:
+    """The loop every trainer shares: resume from ``out``, then per step set the warm-up learning
+    rate, take ``loss_at(step)``'s gradient (clipped to ``cfg.grad_clip`` when ``clip``), step AdamW
+    and the EMA, and checkpoint every ``cfg.checkpoint_every`` steps, at the last step and when
+    ``cfg.minutes`` of training have passed (then stop). ``after_step(done, saved, out_of_time)``
+    runs after each step for what a trainer adds (sample grids, callbacks).
+
+    ``cfg`` supplies ``steps``, ``lr``, ``warmup``, ``minutes``, ``checkpoint_every`` and, when
+    clipping, ``grad_clip``; ``state`` is written to ``state.json`` with the step and seconds.
+    """
+    start, earlier = 0, 0.0  # earlier: training seconds of the segments before a resume
+    if resume and (out / "checkpoint.safetensors").exists():
+        loaded = load_checkpoint(out, model, ema, opt)
+        start, earlier = int(loaded["step"]), float(loaded.get("seconds", 0.0))
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=desc, disable=not progress)
+    t0 = time.time()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(model)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1
+        out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
+        saved = done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time
+        if saved:
+            save_checkpoint(out, model, ema, opt, {**state, "step": done, "seconds": earlier + time.time() - t0})
+        if after_step is not None:
+            after_step(done, saved, out_of_time)
+        if out_of_time:
+            break

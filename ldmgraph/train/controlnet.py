@@ -15,7 +15,6 @@ map of the rendered scene (CANNY_THRESHOLDS), so both kinds of control image wor
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,10 @@ from ldmgraph.models.controlnet import ControlNet
 
 from .common import (
     EMA,
-    load_checkpoint,
-    lr_at,
     restores_torch_threads,
-    save_checkpoint,
     step_generator,
     to_model,
+    train_loop,
 )
 from .data.scenes import (
     GAP,
@@ -209,32 +206,15 @@ def train_controlnet(cfg: ControlConfig, pool_folder: Path, out: Path, resume: b
     init_from_unet(control, unet)
     ema = EMA(control, decay=cfg.ema_decay)
     opt = torch.optim.AdamW(control.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start, earlier = 0, 0.0
-    if resume and (out / "checkpoint.safetensors").exists():
-        loaded = load_checkpoint(out, control, ema, opt)
-        start, earlier = int(loaded["step"]), float(loaded.get("seconds", 0.0))
     pool = load_file(str(pool_folder / "control_pool.safetensors"))
     abar = alphas_cumprod()
     state = {"kind": "controlnet", "config": asdict(cfg), "unet": meta["unet"], "hint_channels": list(HINT_CHANNELS)}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="controlnet", disable=not progress)
-    t0 = time.time()
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        loss = control_loss(unet, control, _batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3),
+
+    def loss_at(step: int) -> torch.Tensor:
+        return control_loss(unet, control, _batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3),
                             cfg.offset_noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(control.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(control)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
-            save_checkpoint(out, control, ema, opt, {**state, "step": done, "seconds": earlier + time.time() - t0})
-        if out_of_time:
-            break
+
+    train_loop(out, control, ema, opt, cfg, state, loss_at, resume=resume, progress=progress, desc="controlnet")
     return out
 
 

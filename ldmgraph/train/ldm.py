@@ -14,24 +14,20 @@ these models as it treats Stable Diffusion. Three kinds, one loop:
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ldmgraph.models.unet import UNetModel
 
 from .common import (
     EMA,
-    load_checkpoint,
-    lr_at,
     prefixed_tensors,
     restores_torch_threads,
-    save_checkpoint,
     step_generator,
+    train_loop,
 )
 
 KINDS = ("ldm", "superres", "inpaint")
@@ -225,31 +221,16 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
         initial_weights(getattr(unet, "unet", unet), Path(cfg.init_from))
     ema = EMA(unet, decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start, earlier = 0, 0.0  # earlier: training seconds of the segments before a resume
-    if resume and (out / "checkpoint.safetensors").exists():
-        loaded = load_checkpoint(out, unet, ema, opt)
-        start, earlier = int(loaded["step"]), float(loaded.get("seconds", 0.0))
     abar = alphas_cumprod()
-    state = {"kind": cfg.kind, "config": asdict(cfg)}
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.kind, disable=not progress)
-    t0 = time.time()
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-        loss = diffusion_loss(unet, make_batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3),
+
+    def loss_at(step: int) -> torch.Tensor:
+        return diffusion_loss(unet, make_batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3),
                               cfg.offset_noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(unet)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        done = step + 1
-        out_of_time = cfg.minutes > 0 and time.time() - t0 > cfg.minutes * 60
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time:
-            save_checkpoint(out, unet, ema, opt, {**state, "step": done, "seconds": earlier + time.time() - t0})
-            if on_checkpoint is not None:
-                on_checkpoint(done)
-        if out_of_time:
-            break
+
+    def after_step(done: int, saved: bool, out_of_time: bool) -> None:
+        if saved and on_checkpoint is not None:
+            on_checkpoint(done)
+
+    train_loop(out, unet, ema, opt, cfg, {"kind": cfg.kind, "config": asdict(cfg)}, loss_at,
+               resume=resume, progress=progress, desc=cfg.kind, after_step=after_step)
     return out
