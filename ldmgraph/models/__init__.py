@@ -1,7 +1,11 @@
 """Torch models of latent diffusion: U-Net, KL autoencoder, text encoders, checkpoint loading, model cache.
 
-Submodules: `unet`, `autoencoder`, `text_encoders`, `tokenizer`, `checkpoint` (reading, detection,
-loaders, errors), `handles` (MODEL / VAE / TEXT_ENCODER values), `cache`, `configs`, `diffusers_keys`.
+Loading is one pipeline, one module per step, imported in this order only: `files` (read) ->
+`diffusers_folder` (normalise to the original layout, through `diffusers_keys`) -> `detection` and
+`paper` (detect) -> `build` (modules on the meta device, via `weights`) -> `handles` (MODEL / VAE /
+TEXT_ENCODER values); `checkpoint` runs the steps (`load_checkpoint`, `load_vae`,
+`load_text_encoder`). Module definitions: `unet`, `autoencoder`, `vq`, `text_encoders`,
+`cond_stage`; `single_file` writes the original layout; `cache` is the model cache.
 The common names below are exported lazily (PEP 562), so importing this package stays cheap.
 """
 

@@ -12,6 +12,7 @@ budget is returned but not kept. The executor creates one cache per session thro
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -81,8 +82,6 @@ class ModelCache:
     def measure(self, value: Any) -> int:
         if self._sizeof is not None:
             return int(self._sizeof(value))
-        from ldmgraph.models.handles import module_nbytes
-
         return module_nbytes(value)
 
     def get(self, key: Any) -> Any | None:
@@ -134,3 +133,31 @@ class ModelCache:
         with self._lock:
             self._entries.clear()
             self._key_locks.clear()
+
+
+def module_nbytes(obj: Any) -> int:
+    """Bytes of parameters and buffers held by a module, a handle or a Checkpoint (for the cache budget).
+
+    Tensors shared by several parts count once; meta tensors (no storage) count nothing. Torch is
+    not imported here: a value that holds tensors was made after torch was imported.
+    """
+    parts = getattr(obj, "parts", None)
+    if callable(parts) and not hasattr(obj, "parameters"):  # a Checkpoint: the sum of its handles
+        return sum(module_nbytes(p) for p in parts())
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0
+    if isinstance(obj, torch.nn.Module):
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for t in [*obj.parameters(), *obj.buffers()]:
+            if t.device.type == "meta":
+                continue
+            key = (t.data_ptr(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+    if isinstance(obj, torch.Tensor):
+        return int(obj.numel() * obj.element_size())
+    return 0

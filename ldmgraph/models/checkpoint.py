@@ -1,34 +1,45 @@
-"""Checkpoints: reading (memory-mapped), architecture detection, loading into modules, errors.
+"""Loading, one way: read the file -> normalise keys to the original layout -> detect -> build ->
+wrap in handles. Each step is one module, imported in that order only:
 
-This module loads whole checkpoints and their parts into handles; it re-exports the names of
-`ldmgraph.models.files` (prefixes, errors, `read_state_dict`) and `ldmgraph.models.detection`
-(`detect`, `CheckpointInfo`), so `ldmgraph.models.checkpoint` stays the one import for callers.
-Diffusers folders are read by `ldmgraph.models.diffusers_folder`.
+1. `files` reads a file's tensors (safetensors memory-mapped; pickles refused, see `convert`);
+   `header` checks a file before that;
+2. `diffusers_folder` renames a diffusers folder to the original layout (through `diffusers_keys`);
+3. `detection` (and `paper` for the LDM paper's releases, with `ldm_config` for their YAML)
+   detects the architecture;
+4. `build` constructs the modules on the meta device and assigns the weights (`weights`);
+5. `handles` wraps them in the MODEL / VAE / TEXT_ENCODER values.
 
-Modules are built on the meta device and take the file's memory-mapped tensors with
-`load_state_dict(assign=True)`: the weights exist once in RAM, never as a second copy, and
-fp16/bf16 weights keep their dtype unless a dtype is asked for.
+This module runs the steps and shares the results through the model cache. It re-exports the names
+callers used from here (prefixes, errors, `read_state_dict`, `detect`, `CheckpointInfo`,
+`build_on_meta`, `assign_weights`), so `ldmgraph.models.checkpoint` stays the one import for callers.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 
+from ldmgraph.models import text_encoders as te
+from ldmgraph.models.build import build_cond_stage, build_first_stage, build_text_encoder, build_unet
 from ldmgraph.models.detection import (
     CheckpointInfo,
     bundled_metadata,
     default_scale_factor,
     detect,
+    detect_diffusers,
+    detect_diffusers_vae,
     detect_text_encoder,
     detect_unet_config,
     detect_vae_config,
     dominant_dtype,
+)
+from ldmgraph.models.diffusers_folder import (
+    normalise_pipeline,
+    normalise_text_encoder,
+    normalise_vae,
+    original_vae_weights,
 )
 from ldmgraph.models.files import (
     CLIP_PREFIX,
@@ -48,87 +59,25 @@ from ldmgraph.models.files import (
     WeightMismatchError,
     read_state_dict,
 )
+from ldmgraph.models.handles import (
+    Checkpoint,
+    DiffusionModelHandle,
+    VAEHandle,
+    wrap_first_stage,
+    wrap_unet,
+)
 from ldmgraph.models.header import inspect_model
-from ldmgraph.models.paper import cond_stage_module, detect_paper
-from ldmgraph.models.vq import autoencoder_class
+from ldmgraph.models.paper import detect_paper
+from ldmgraph.models.weights import assign_weights, build_on_meta
 
 __all__ = [
     "CLIP_PREFIX", "OPENCLIP_PREFIX", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIXES", "UNET_PREFIX", "VAE_PREFIX",
     "CheckpointInfo", "CorruptCheckpointError", "MissingKeysError", "ModelError", "ModelFileNotFoundError",
-    "PickleRefusedError", "StateDict", "UnexpectedKeysError", "UnknownArchitectureError", "assign_weights",
-    "build_on_meta", "bundled_metadata", "detect", "detect_text_encoder", "detect_unet_config",
+    "PickleRefusedError", "StateDict", "UnexpectedKeysError", "UnknownArchitectureError", "WeightMismatchError",
+    "assign_weights", "build_on_meta", "bundled_metadata", "detect", "detect_text_encoder", "detect_unet_config",
     "detect_vae_config", "file_identity", "load_checkpoint", "load_text_encoder", "load_vae", "read_state_dict",
+    "unet_handle", "vae_handle",
 ]
-
-# --- loading weights into modules -------------------------------------------------------------
-
-
-def build_on_meta(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
-    """Construct a module on the meta device: no memory, no random init; weights come by `assign_weights`."""
-    with torch.device("meta"):
-        return factory(*args, **kwargs)
-
-
-_REBUILT_BUFFERS = {
-    "position_ids": lambda b: torch.arange(b.shape[-1]).expand(b.shape).clone(),
-    "token_type_ids": lambda b: torch.zeros(b.shape, dtype=b.dtype),
-}
-
-
-def assign_weights(
-    module: nn.Module,
-    weights: Mapping[str, Tensor],
-    *,
-    path: str | Path,
-    component: str,
-    dtype: torch.dtype | None = None,
-    ignore: Iterable[str] = (),
-) -> nn.Module:
-    """Give a meta-device module the file's tensors (no copy unless `dtype` converts them).
-
-    Raises MissingKeysError / UnexpectedKeysError naming the file and the component. Keys matching
-    a regex in `ignore` (e.g. buffers that old files store) are skipped. Non-persistent buffers
-    (`position_ids`, `token_type_ids`) are rebuilt on the CPU.
-    """
-    patterns = [re.compile(p) for p in ignore]
-    wanted = {k: v for k, v in weights.items() if not any(p.search(k) for p in patterns)}
-    if dtype is not None:
-        wanted = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in wanted.items()}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(wanted))
-    if missing:
-        raise MissingKeysError(path, component, missing)
-    unexpected = sorted(set(wanted) - set(expected))
-    if unexpected:
-        raise UnexpectedKeysError(path, component, unexpected)
-    mismatched = [(k, list(v.shape), list(expected[k].shape)) for k, v in wanted.items()
-                  if v.shape != expected[k].shape]
-    if mismatched:  # named here in a few lines, not by load_state_dict's one line per tensor
-        raise WeightMismatchError(path, component, mismatched)
-    try:
-        module.load_state_dict(wanted, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise UnknownArchitectureError(
-            path, f"{component}: weights do not fit the detected architecture: {str(exc)[:300]}"
-        ) from None
-    _rebuild_meta_buffers(module, path, component)
-    return module.eval().requires_grad_(False)
-
-
-def _rebuild_meta_buffers(module: nn.Module, path: str | Path, component: str) -> None:
-    for owner_name, owner in module.named_modules():
-        for name, buf in list(owner.named_buffers(recurse=False)):
-            if buf is None or not buf.is_meta:
-                continue
-            rebuild = _REBUILT_BUFFERS.get(name)
-            if rebuild is None:
-                full = f"{owner_name}.{name}" if owner_name else name
-                raise ModelError(
-                    path, f"{component}: buffer {full!r} has no weight in the file and cannot be rebuilt"
-                )
-            owner.register_buffer(
-                name, rebuild(buf), persistent=name not in owner._non_persistent_buffers_set
-            )
 
 
 # --- loading whole checkpoints ----------------------------------------------------------------
@@ -222,101 +171,52 @@ def _load_checkpoint(
     with_text: bool,
     progress: Any = None,
     config: str | Path | None = None,
-) -> Any:
-    from ldmgraph.models.handles import Checkpoint
-
+) -> Checkpoint:
     report = progress or (lambda k, n: None)
     report(0, 4)
     if not allow_pickle:
         inspect_model(path)  # the header's checks: one typed error naming the file and the cause
-    if path.is_dir():
-        from ldmgraph.models.diffusers_folder import load_diffusers_folder
-
-        return load_diffusers_folder(
-            path,
-            cache=cache,
-            dtype=dtype,
-            device=device,
-            prediction_type=prediction_type,
-            text_encoder=with_text,
+    text_config: dict[str, Any] | None
+    vae_info: CheckpointInfo | None = None
+    if path.is_dir():  # read + normalise, then detect from the folder's configs
+        folder = normalise_pipeline(path, text_encoder=with_text)
+        state, text_config = folder.state, folder.text
+        info = detect_diffusers(folder, prediction_type=prediction_type)
+        vae_info = detect_diffusers_vae(folder) if folder.vae is not None else None
+    else:  # read (already the original layout), then detect from the weights or the original config
+        state = read_state_dict(path, allow_pickle=allow_pickle)
+        info = detect_paper(state, config=config, prediction_type=prediction_type) or detect(
+            state, prediction_type=prediction_type
         )
-    state = read_state_dict(path, allow_pickle=allow_pickle)
-    info = detect_paper(state, config=config, prediction_type=prediction_type) or detect(
-        state, prediction_type=prediction_type
-    )
+        vae_info, text_config = (info if info.vae else None), info.text_encoder
     report(1, 4)
     unet = unet_handle(state.sub(UNET_PREFIX), info, dtype)
-    unet.cond_stage_model = cond_stage_module(state, info, dtype)  # the paper's class / map conditioners
+    unet.cond_stage_model = build_cond_stage(state, info, dtype)  # the paper's class / map conditioners
     report(2, 4)
-    vae = vae_handle(state.sub(VAE_PREFIX), info, dtype) if info.vae else None
+    vae = vae_handle(state.sub(VAE_PREFIX), vae_info, dtype) if vae_info is not None else None
     report(3, 4)
-    text = _text_encoder(state, info, cache, dtype, device) if with_text and info.text_encoder else None
+    text = _text_encoder(state, text_config, cache, dtype, device) if with_text and text_config else None
     report(4, 4)
     return Checkpoint(unet=unet, vae=vae, text_encoder=text, info=info).to(device)
 
 
-def unet_handle(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.dtype | None) -> Any:
-    from ldmgraph.models.handles import DiffusionModelHandle
-    from ldmgraph.models.unet import UNetModel
-
-    assert info.unet is not None
-    module = _build(UNetModel, info.unet, info.path, "U-Net")
-    assign_weights(module, weights, path=info.path, component="U-Net", dtype=dtype)
-    if dtype is not None and dtype != torch.float32:
-        module.keep_fp32()
-    return DiffusionModelHandle(
-        module,
-        prediction_type=info.prediction_type,
-        schedule=info.schedule,
-        concat_kind=info.concat_kind,
-        info=info,
-    )
+def unet_handle(weights: dict[str, Any], info: CheckpointInfo, dtype: torch.dtype | None) -> DiffusionModelHandle:
+    """Build the U-Net of `info` with `weights` (original layout, no prefix) and wrap it as a MODEL."""
+    return wrap_unet(build_unet(weights, info, dtype), info)
 
 
-def vae_handle(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.dtype | None) -> Any:
-    from ldmgraph.models.handles import VAEHandle
-
-    assert info.vae is not None
-    module = _build(autoencoder_class(info.vae), info.vae, info.path, "autoencoder")
-    assign_weights(module, weights, path=info.path, component="autoencoder", dtype=dtype, ignore=[r"^loss\."])
-    return VAEHandle(module, scale_factor=info.scale_factor, info=info)
-
-
-def _build(factory: Any, config: dict[str, Any], path: str | Path, component: str) -> nn.Module:
-    try:
-        return build_on_meta(factory, **config)
-    except (TypeError, ValueError, NotImplementedError) as exc:
-        raise UnknownArchitectureError(
-            path, f"{component}: cannot build the detected config {config}: {exc}"
-        ) from exc
+def vae_handle(weights: dict[str, Any], info: CheckpointInfo, dtype: torch.dtype | None) -> VAEHandle:
+    """Build the autoencoder of `info` with `weights` (original layout, no prefix) and wrap it as a VAE."""
+    return wrap_first_stage(build_first_stage(weights, info, dtype), info)
 
 
 def _text_encoder(
-    state: StateDict, info: CheckpointInfo, cache: Any, dtype: torch.dtype | None, device: str | torch.device
+    state: StateDict, text: dict[str, Any], cache: Any, dtype: torch.dtype | None, device: str | torch.device
 ) -> Any:
-    from ldmgraph.models import text_encoders as te
-
-    assert info.text_encoder is not None
-    kind = info.text_encoder["kind"]
-    if kind == "minilm-l6-v2":
+    if text["kind"] == "minilm-l6-v2":  # not in the file: the installed package's weights, shared
         key = ("text-encoder", "minilm-l6-v2", str(dtype or torch.float32), str(device))
         return _cached(cache, key, lambda: te.load_minilm(device=device, dtype=dtype or torch.float32))
-    if kind == "clip-l":
-        weights = state.sub(CLIP_PREFIX)
-    elif kind == "openclip-h":
-        weights = state.sub(OPENCLIP_PREFIX)
-    elif kind == "ldm-bert":
-        return te.ldm_bert_from_weights(
-            state.sub(CLIP_PREFIX), path=state.path, dtype=dtype, config=info.text_encoder.get("config")
-        )
-    else:
-        raise UnknownArchitectureError(
-            state.path, f"text encoder {kind!r} is unknown: use 'minilm-l6-v2' or none"
-        )
-    config = info.text_encoder.get("config") or {}
-    return te.clip_text_encoder_from_weights(
-        weights, kind=kind, config_kwargs=config, path=state.path, dtype=dtype
-    )
+    return build_text_encoder(state, text, dtype)
 
 
 def load_vae(
@@ -349,16 +249,12 @@ def _load_vae(
     if not allow_pickle:
         inspect_model(path, need_unet=False)
     if path.is_dir():
-        from ldmgraph.models.diffusers_folder import load_diffusers_vae
-
-        return load_diffusers_vae(path, dtype=dtype, device=device, scale_factor=scale_factor)
+        folder = normalise_vae(path, scale_factor=scale_factor)
+        return vae_handle(folder.state.sub(VAE_PREFIX), detect_diffusers_vae(folder), dtype).to(device)
     state = read_state_dict(path, allow_pickle=allow_pickle)
     meta = bundled_metadata(state)
     weights = state.sub(VAE_PREFIX) if state.has_prefix(VAE_PREFIX) else dict(state.tensors)
-    if any(k.startswith("encoder.down_blocks.") for k in weights):
-        from ldmgraph.models.diffusers_keys import vae_from_diffusers
-
-        weights = vae_from_diffusers(weights)
+    weights = original_vae_weights(weights)
     if meta is not None and meta.get("vae"):
         config = dict(meta["vae"])
     else:
@@ -395,8 +291,6 @@ def load_text_encoder(
     name "minilm-l6-v2" (the bundled models' frozen MiniLM, installed with its weights)."""
     torch_dtype = _torch_dtype(dtype)
     if str(path) == "minilm-l6-v2":
-        from ldmgraph.models import text_encoders as te
-
         minilm_key = ("text-encoder", "minilm-l6-v2", str(torch_dtype or torch.float32), str(device))
         return _cached(
             cache, minilm_key, lambda: te.load_minilm(device=device, dtype=torch_dtype or torch.float32)
@@ -413,9 +307,9 @@ def _load_text_encoder(
     if not allow_pickle:
         inspect_model(path, need_unet=False)
     if path.is_dir():
-        from ldmgraph.models.diffusers_folder import load_diffusers_text_encoder
-
-        return load_diffusers_text_encoder(path, dtype=dtype, device=device)
+        folder = normalise_text_encoder(path)
+        assert folder.text is not None
+        return _text_encoder(folder.state, folder.text, cache, dtype, device).to(device)
     state = read_state_dict(path, allow_pickle=allow_pickle)
     meta = bundled_metadata(state)
     if meta is not None:
@@ -429,6 +323,6 @@ def _load_text_encoder(
         )
     if info.text_encoder is None:
         raise UnknownArchitectureError(path, "this bundled model declares no text encoder")
-    return _text_encoder(state, info, cache, dtype, device).to(device)
+    return _text_encoder(state, info.text_encoder, cache, dtype, device).to(device)
 
 

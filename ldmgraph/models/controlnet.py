@@ -17,6 +17,7 @@ Attribute names mirror the original `cldm.ControlNet` checkpoint keys under `con
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ldmgraph.models.attention import zero_module
+from ldmgraph.models.detection import detect_unet_config
+from ldmgraph.models.diffusers_keys import unet_config_from_diffusers, unet_from_diffusers
+from ldmgraph.models.files import read_state_dict
 from ldmgraph.models.unet import TimestepEmbedSequential, UNetModel, timestep_embedding
 
 DEFAULT_HINT_CHANNELS = (16, 32, 96, 256)  # SD1.x/2.x: three stride-2 convs, 8x down to the latent
@@ -165,11 +169,6 @@ def hint_from_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def load_diffusers_controlnet(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any], tuple[int, ...], int]:
     """A diffusers `ControlNetModel` folder -> (original-layout tensors, U-Net config, hint widths, hint channels)."""
-    import json
-
-    from ldmgraph.models.diffusers_keys import unet_config_from_diffusers, unet_from_diffusers
-    from ldmgraph.models.files import read_state_dict
-
     cfg = json.loads((folder / "config.json").read_text())
     weights = folder / "diffusion_pytorch_model.safetensors"
     sd = read_state_dict(weights).tensors
@@ -184,10 +183,6 @@ def load_diffusers_controlnet(folder: Path) -> tuple[dict[str, Tensor], dict[str
 def controlnet_config(tensors: Mapping[str, Tensor], metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
     """The U-Net config a ControlNet copies: from bundled metadata, else detected from the weights
     (SD conventions for what weights cannot tell, as for checkpoints)."""
-    import json
-
-    from ldmgraph.models.detection import detect_unet_config
-
     if "ldmgraph" in metadata:
         return dict(json.loads(metadata["ldmgraph"])["unet"])
     conv_in = tensors["input_blocks.0.0.weight"]
@@ -228,8 +223,6 @@ class ControlNetHandle(nn.Module):
 def load_controlnet(path: str | Path, device: Any = "cpu") -> ControlNetHandle:
     """Read a ControlNet: a safetensors file in the original layout (keys `control_model.*` or bare)
     or a diffusers `ControlNetModel` folder; the architecture comes from the weights."""
-    from ldmgraph.models.files import read_state_dict
-
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -13,24 +13,19 @@ file is never overwritten.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ldmgraph.models.errors import ModelError, converted_name
+from ldmgraph.models.ldm_config import LDM_CONFIG_KEY, read_ldm_config
+from ldmgraph.models.safe_unpickle import load_pickled_weights
+from ldmgraph.models.single_file import write_state_dict
 
 
 def convert_checkpoint(source: str | Path, target: str | Path, *, config: str | Path | None = None) -> dict[str, Any]:
     """Convert `source` to a safetensors file at `target` (written atomically); returns a summary dict."""
-    import torch
-    from safetensors.torch import save_file
-
-    from ldmgraph.models.ldm_config import LDM_CONFIG_KEY, read_ldm_config
-    from ldmgraph.models.safe_unpickle import load_pickled_weights
-
     source, target = Path(source), Path(target)
     if target.exists() or target.resolve() == source.resolve():
         raise ModelError(target, "exists already; name another output file")
@@ -41,25 +36,11 @@ def convert_checkpoint(source: str | Path, target: str | Path, *, config: str | 
         read_ldm_config(text, config_path)  # refuse a config that does not describe a model, before writing
         metadata[LDM_CONFIG_KEY] = text
     tensors = load_pickled_weights(source)
-    seen: set[tuple[int, int]] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        key = (tensor.data_ptr(), tensor.numel())
-        out[name] = tensor.contiguous() if key not in seen else tensor.clone()  # tied weights: own copies
-        seen.add(key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=metadata or None)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_state_dict(target, tensors, metadata)  # tied weights get their own copies, bits unchanged
     return {
         "source": str(source),
         "output": str(target),
-        "tensors": len(out),
+        "tensors": len(tensors),
         "config": str(config_path) if config_path is not None else None,
     }
 

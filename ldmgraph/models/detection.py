@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ldmgraph.models import configs
+from ldmgraph.models.diffusers_folder import DiffusersFolder
 from ldmgraph.models.files import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
@@ -198,10 +199,30 @@ def detect_text_encoder(state: StateDict) -> dict[str, Any] | None:
         sub = state.sub(OPENCLIP_PREFIX)
         return {"kind": "openclip-h", "config": _openclip_kwargs(sub)}
     if CLIP_PREFIX + "token_emb.weight" in t:
-        from ldmgraph.models.text_encoders import ldm_bert_config
-
         return {"kind": "ldm-bert", "config": ldm_bert_config(state.sub(CLIP_PREFIX))}
     return None
+
+
+def ldm_bert_config(weights: dict[str, Tensor]) -> dict[str, Any]:
+    """`LDMBertTransformer` kwargs from weights under `cond_stage_model.transformer.` (prefix removed).
+
+    The head width is not in any shape: 64, the x-transformers default the paper's model used.
+    """
+    token = weights["token_emb.weight"]
+    q = weights["attn_layers.layers.0.1.to_q.weight"]
+    ff = weights["attn_layers.layers.1.1.net.0.0.weight"]
+    n_layers = len({k.split(".")[2] for k in weights if k.startswith("attn_layers.layers.")})
+    dim = int(token.shape[1])
+    return {
+        "dim": dim,
+        "depth": n_layers // 2,
+        "heads": max(1, int(q.shape[0]) // 64),
+        "dim_head": min(64, int(q.shape[0])),
+        "ff_mult": int(ff.shape[0]) // dim,
+        "vocab_size": int(token.shape[0]),
+        "max_seq_len": int(weights["pos_emb.emb.weight"].shape[0]),
+        "lm_head": "to_logits.weight" in weights,
+    }
 
 
 def _clip_kwargs(sub: Mapping[str, Tensor], layer_prefix: str, act: str) -> dict[str, Any]:
@@ -391,3 +412,48 @@ def dominant_dtype(tensors: Iterable[Tensor]) -> str:
     return str(max(counts, key=lambda d: counts[d])).removeprefix("torch.")
 
 
+
+
+# --- diffusers folders: their JSON files state what the weights would tell ---------------------
+
+
+def detect_diffusers(folder: DiffusersFolder, *, prediction_type: str | None = None) -> CheckpointInfo:
+    """The `CheckpointInfo` of a normalised diffusers pipeline folder (its configs, not its shapes)."""
+    assert folder.unet is not None
+    if prediction_type is not None:
+        pred, source = check_prediction_type(prediction_type, folder.path), "argument"
+    elif folder.prediction_type is not None:
+        cfg_path = folder.path / "scheduler" / "scheduler_config.json"
+        pred, source = check_prediction_type(folder.prediction_type, cfg_path), "scheduler config"
+    else:
+        pred, source = "eps", "default"
+    concat = detect_concat_kind(folder.unet, folder.path)
+    text = {"kind": folder.text["kind"], "config": {}} if folder.text is not None else None
+    info = CheckpointInfo(
+        path=str(folder.path),
+        layout="diffusers",
+        architecture=f"diffusers-{architecture_name(folder.unet, text, concat)}",
+        unet=folder.unet,
+        text_encoder=text,
+        prediction_type=pred,
+        prediction_type_source=source,
+        concat_kind=concat,
+        schedule=folder.schedule,
+        dtype=dominant_dtype(folder.state.sub(UNET_PREFIX).values()),
+    )
+    if folder.vae is not None:
+        info.vae, info.scale_factor = folder.vae, configs.SD_SCALE_FACTOR if folder.scale_factor is None else folder.scale_factor
+    return info
+
+
+def detect_diffusers_vae(folder: DiffusersFolder) -> CheckpointInfo:
+    """The `CheckpointInfo` of a normalised diffusers `vae/` folder."""
+    assert folder.vae is not None and folder.vae_path is not None
+    return CheckpointInfo(
+        path=str(folder.vae_path),
+        layout="diffusers",
+        architecture="vae",
+        vae=folder.vae,
+        scale_factor=configs.SD_SCALE_FACTOR if folder.scale_factor is None else folder.scale_factor,
+        dtype=dominant_dtype(folder.state.sub(VAE_PREFIX).values()),
+    )

@@ -1,38 +1,66 @@
-"""The diffusers folder layout: `model_index.json` with `unet/`, `vae/`, `text_encoder/`,
-`tokenizer/` and `scheduler/` components, each converted to the original key names on load."""
+"""The diffusers folder layout, normalised to the original one (the normalise step of loading).
+
+A diffusers pipeline folder (`model_index.json` with `unet/`, `vae/`, `text_encoder/`, `tokenizer/`
+and `scheduler/` components) is read into one `StateDict` in the original single-file layout: the
+U-Net under `model.diffusion_model.` and the autoencoder under `first_stage_model.`, renamed
+through `diffusers_keys` (the one mapping table), the CLIP text model under
+`cond_stage_model.transformer.` (transformers' names, as SD1 files hold it) and its projection
+under `cond_stage_model.model.text_projection` (OpenCLIP's [D, P] orientation). The facts the
+folder's JSON files state (U-Net and autoencoder configs, scale factor, training schedule,
+prediction type, text model config and pad token) travel beside it for the detect step.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldmgraph.models import configs
-from ldmgraph.models.checkpoint import unet_handle, vae_handle
-from ldmgraph.models.detection import (
-    CheckpointInfo,
-    architecture_name,
-    check_prediction_type,
-    detect_concat_kind,
-    dominant_dtype,
-)
+from ldmgraph.models import diffusers_keys as dk
 from ldmgraph.models.files import (
+    CLIP_PREFIX,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
     CorruptCheckpointError,
     ModelFileNotFoundError,
     PickleRefusedError,
+    StateDict,
     UnexpectedKeysError,
     UnknownArchitectureError,
     convert_hint,
     read_state_dict,
 )
+from ldmgraph.models.tokenizer import EOS_ID
 
-# --- the diffusers folder layout --------------------------------------------------------------
+TEXT_PROJECTION = OPENCLIP_PREFIX + "text_projection"
 
 _DIFFUSERS_BETAS = {"scaled_linear": "linear", "linear": "linear_plain", "squaredcos_cap_v2": "cosine"}
+
+
+@dataclass
+class DiffusersFolder:
+    """A diffusers folder in the original layout (`state`) plus the facts of its JSON files.
+
+    `unet` / `vae` are UNetModel / autoencoder kwargs (None: that component was not read);
+    `text` is {"kind", "config" (transformers CLIPTextConfig kwargs), "pad_id", "path"} or None;
+    `prediction_type` is the scheduler config's, as written there (None when it has none).
+    """
+
+    path: Path
+    state: StateDict
+    unet: dict[str, Any] | None = None
+    vae: dict[str, Any] | None = None
+    vae_path: Path | None = None
+    scale_factor: float | None = None
+    schedule: dict[str, Any] = field(default_factory=configs.sd_schedule)
+    prediction_type: str | None = None
+    text: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -44,7 +72,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CorruptCheckpointError(path, f"not valid JSON ({exc})") from exc
 
 
-def _component_folder(path: Path, name: str) -> Path:
+def component_folder(path: Path, name: str) -> Path:
     """`path/name` for a whole diffusers folder, or `path` itself when it is that component's folder."""
     if (path / name).is_dir():
         return path / name
@@ -53,7 +81,7 @@ def _component_folder(path: Path, name: str) -> Path:
     raise ModelFileNotFoundError(path / name, f"the diffusers folder has no '{name}/' component")
 
 
-def _read_component_weights(folder: Path, stem: str) -> dict[str, Tensor]:
+def read_component_weights(folder: Path, stem: str) -> dict[str, Tensor]:
     """The tensors of `folder/<stem>.safetensors`, its fp16 variant, or its shards (merged, still mmapped)."""
     files = sorted(folder.glob(f"{stem}*.safetensors"))
     plain = [f for f in files if f.name == f"{stem}.safetensors"]
@@ -71,7 +99,8 @@ def _read_component_weights(folder: Path, stem: str) -> dict[str, Tensor]:
 
 
 def diffusers_schedule(path: Path) -> tuple[dict[str, Any], str | None]:
-    """(our schedule kwargs, prediction type or None) from `scheduler/scheduler_config.json` (SD's when absent)."""
+    """(our schedule kwargs, prediction type as written or None) from `scheduler/scheduler_config.json`
+    (SD's schedule when absent)."""
     cfg_path = path / "scheduler" / "scheduler_config.json"
     if not cfg_path.is_file():
         return configs.sd_schedule(), None
@@ -84,148 +113,106 @@ def diffusers_schedule(path: Path) -> tuple[dict[str, Any], str | None]:
         "timesteps": int(cfg.get("num_train_timesteps", 1000)),
     }
     pred = cfg.get("prediction_type")
-    return schedule, (None if pred is None else check_prediction_type(str(pred), cfg_path))
+    return schedule, (None if pred is None else str(pred))
 
 
-def load_diffusers_folder(
-    path: Path,
-    *,
-    cache: Any = None,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    prediction_type: str | None = None,
-    text_encoder: bool = True,
-) -> Any:
-    """A `Checkpoint` from a diffusers pipeline folder (`unet/`, `vae/`, `text_encoder/`, `scheduler/`),
-    renamed to the original layout through `diffusers_keys` (the one mapping table)."""
-    from ldmgraph.models import diffusers_keys as dk
-    from ldmgraph.models.handles import Checkpoint
+def normalise_pipeline(path: Path, *, text_encoder: bool = True) -> DiffusersFolder:
+    """A whole pipeline folder (or a `unet/` folder) in the original layout: its U-Net, and its
+    autoencoder and text model when the folder has them (`text_encoder=False` skips the latter)."""
+    folder = DiffusersFolder(path=path, state=StateDict(path, {}))
+    _add_unet(folder, component_folder(path, "unet"))
+    folder.schedule, folder.prediction_type = diffusers_schedule(path)
+    if (path / "vae").is_dir():
+        _add_vae(folder, path, None)
+    if text_encoder and (path / "text_encoder").is_dir():
+        _add_text(folder, path)
+    return folder
 
-    unet_dir = _component_folder(path, "unet")
-    unet_cfg = dk.unet_config_from_diffusers(_read_json(unet_dir / "config.json"))
-    schedule, folder_pred = diffusers_schedule(path)
-    if prediction_type is not None:
-        pred, source = check_prediction_type(prediction_type, path), "argument"
-    elif folder_pred is not None:
-        pred, source = folder_pred, "scheduler config"
-    else:
-        pred, source = "eps", "default"
-    info = CheckpointInfo(
-        path=str(path),
-        layout="diffusers",
-        architecture="diffusers",
-        unet=unet_cfg,
-        prediction_type=pred,
-        prediction_type_source=source,
-        concat_kind=detect_concat_kind(unet_cfg, path),
-        schedule=schedule,
-    )
-    unet_weights = _read_component_weights(unet_dir, "diffusion_pytorch_model")
-    info.dtype = dominant_dtype(unet_weights.values())
+
+def normalise_vae(path: Path, *, scale_factor: float | None = None) -> DiffusersFolder:
+    """A diffusers `vae/` folder (or a pipeline folder holding one) in the original layout."""
+    folder = DiffusersFolder(path=path, state=StateDict(path, {}))
+    _add_vae(folder, path, scale_factor)
+    return folder
+
+
+def normalise_text_encoder(path: Path) -> DiffusersFolder:
+    """A diffusers `text_encoder/` folder (or a pipeline folder holding one) in the original layout."""
+    folder = DiffusersFolder(path=path, state=StateDict(path, {}))
+    _add_text(folder, path)
+    return folder
+
+
+def original_vae_weights(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A standalone autoencoder file's weights in the original names (diffusers-named ones renamed)."""
+    if any(k.startswith("encoder.down_blocks.") for k in weights):
+        return dict(dk.vae_from_diffusers(weights))
+    return weights
+
+
+def _add_unet(folder: DiffusersFolder, unet_dir: Path) -> None:
+    folder.unet = dk.unet_config_from_diffusers(_read_json(unet_dir / "config.json"))
+    weights = read_component_weights(unet_dir, "diffusion_pytorch_model")
     try:
-        renamed = dk.unet_from_diffusers(unet_weights, unet_cfg)
+        renamed = dk.unet_from_diffusers(weights, folder.unet)
     except dk.KeyMappingError as exc:
         raise UnexpectedKeysError(unet_dir, "U-Net", [str(exc)]) from exc
-    unet = unet_handle(renamed, info, dtype)
-    vae = load_diffusers_vae(path, dtype=dtype, device=device) if (path / "vae").is_dir() else None
-    if vae is not None:
-        info.vae, info.scale_factor = vae.info.vae, vae.scale_factor
-    text = None
-    if text_encoder and (path / "text_encoder").is_dir():
-        text = load_diffusers_text_encoder(path, dtype=dtype, device=device)
-        info.text_encoder = {"kind": text.kind, "config": {}}
-    architecture = architecture_name(
-        unet_cfg, {"kind": text.kind} if text is not None else None, info.concat_kind
-    )
-    info.architecture = f"diffusers-{architecture}"
-    return Checkpoint(unet=unet, vae=vae, text_encoder=text, info=info).to(device)
+    folder.state.tensors.update({UNET_PREFIX + k: v for k, v in renamed.items()})
 
 
-def load_diffusers_vae(
-    path: Path,
-    *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    scale_factor: float | None = None,
-) -> Any:
-    """A `VAEHandle` from a diffusers `vae/` folder (or a pipeline folder holding one)."""
-    from ldmgraph.models import diffusers_keys as dk
-
-    folder = _component_folder(path, "vae")
-    cfg = _read_json(folder / "config.json")
-    config = dk.vae_config_from_diffusers(cfg)
-    scale = float(
+def _add_vae(folder: DiffusersFolder, path: Path, scale_factor: float | None) -> None:
+    vae_dir = component_folder(path, "vae")
+    cfg = _read_json(vae_dir / "config.json")
+    folder.vae = dk.vae_config_from_diffusers(cfg)
+    folder.vae_path = vae_dir
+    folder.scale_factor = float(
         scale_factor if scale_factor is not None else cfg.get("scaling_factor", configs.SD_SCALE_FACTOR)
     )
-    weights = _read_component_weights(folder, "diffusion_pytorch_model")
-    info = CheckpointInfo(
-        path=str(folder),
-        layout="diffusers",
-        architecture="vae",
-        vae=config,
-        scale_factor=scale,
-        dtype=dominant_dtype(weights.values()),
-    )
+    weights = read_component_weights(vae_dir, "diffusion_pytorch_model")
     try:
         renamed = dk.vae_from_diffusers(weights)
     except dk.KeyMappingError as exc:
-        raise UnexpectedKeysError(folder, "autoencoder", [str(exc)]) from exc
-    return vae_handle(renamed, info, dtype).to(device)
+        raise UnexpectedKeysError(vae_dir, "autoencoder", [str(exc)]) from exc
+    folder.state.tensors.update({VAE_PREFIX + k: v for k, v in renamed.items()})
 
 
-def load_diffusers_text_encoder(
-    path: Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-) -> Any:
-    """A `ClipTextEncoder` from a diffusers `text_encoder/` folder (transformers CLIPTextModel config + weights).
+_TEXT_CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+    "projection_dim",
+)
+
+
+def _add_text(folder: DiffusersFolder, path: Path) -> None:
+    """The CLIP text model (transformers CLIPTextModel config + weights) of a `text_encoder/` folder.
 
     The pad token is read from `tokenizer/` when present ("!" = id 0 for SD2's OpenCLIP vocabulary,
     else EOS); the last layer is the default (diffusers' SD2 folders already dropped the last block).
     """
-    from ldmgraph.models import text_encoders as te
-
-    folder = _component_folder(path, "text_encoder")
-    cfg = _read_json(folder / "config.json")
+    text_dir = component_folder(path, "text_encoder")
+    cfg = _read_json(text_dir / "config.json")
     if cfg.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
         raise UnknownArchitectureError(
-            folder, f"text encoder model_type {cfg.get('model_type')!r} is not CLIP"
+            text_dir, f"text encoder model_type {cfg.get('model_type')!r} is not CLIP"
         )
     cfg = cfg.get("text_config", cfg) if cfg.get("model_type") == "clip" else cfg
-    keep = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-        "hidden_act",
-        "layer_norm_eps",
-        "projection_dim",
-    )
-    kwargs = {k: cfg[k] for k in keep if k in cfg}
-    weights = _read_component_weights(folder, "model")
+    kwargs = {k: cfg[k] for k in _TEXT_CONFIG_KEYS if k in cfg}
+    weights = read_component_weights(text_dir, "model")
     projection = weights.pop("text_projection.weight", None)
     kind = "clip-l" if kwargs.get("hidden_act", "quick_gelu") == "quick_gelu" else "openclip-h"
-    pad_id = _diffusers_pad_id(path)
-    encoder = te.clip_text_encoder_from_weights(
-        weights,
-        kind="clip-l",
-        config_kwargs=kwargs,
-        path=folder,
-        dtype=dtype,
-        pad_id=pad_id,
-        default_clip_skip=1,
-    )
-    encoder.kind = kind
+    folder.text = {"kind": kind, "config": kwargs, "pad_id": _pad_id(path), "path": text_dir}
+    folder.state.tensors.update({CLIP_PREFIX + k: v for k, v in weights.items()})
     if projection is not None:
-        encoder.text_projection = nn.Parameter(
-            projection.t().to(dtype or projection.dtype), requires_grad=False
-        )
-    return encoder.to(device)
+        folder.state.tensors[TEXT_PROJECTION] = projection.t()  # transformers' Linear [P, D] -> OpenCLIP's [D, P]
 
 
-def _diffusers_pad_id(path: Path) -> int:
-    from ldmgraph.models.tokenizer import EOS_ID
-
+def _pad_id(path: Path) -> int:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         f = path / "tokenizer" / name
         if f.is_file():
@@ -237,4 +224,3 @@ def _diffusers_pad_id(path: Path) -> int:
             if pad is not None:
                 return EOS_ID
     return EOS_ID
-

@@ -35,6 +35,7 @@ CLIP_PREFIX = (
     "cond_stage_model.transformer."  # SD1 CLIP (then text_model.*); the paper's BERT (token_emb, ...)
 )
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD2 OpenCLIP
+COND_PREFIX = "cond_stage_model."  # every conditioning model (the paper's class embedder, rescaler, ...)
 
 SAFETENSORS_SUFFIXES = {".safetensors", ".sft"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}

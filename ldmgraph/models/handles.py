@@ -1,4 +1,5 @@
-"""Handles to loaded models: what MODEL, VAE and TEXT_ENCODER sockets carry and samplers call.
+"""Handles to loaded models: what MODEL, VAE and TEXT_ENCODER sockets carry and samplers call
+(the wrap step of loading: read -> normalise -> detect -> build -> wrap).
 
 A handle owns one torch module plus the facts needed to use it (prediction type, noise schedule,
 scale factor, concat kind), so nodes never need the checkpoint again. Handles are shared by every
@@ -16,12 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from ldmgraph.models import vae_tiling as tiling
+from ldmgraph.models.cache import module_nbytes
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
 
 TextEncoderHandle = TextEncoder
 """The TEXT_ENCODER socket value: `encode(texts, clip_skip=None) -> TextEncoding(context, pooled)`."""
 
-__all__ = ["Checkpoint", "DiffusionModelHandle", "TextEncoderHandle", "TextEncoding", "VAEHandle"]
+__all__ = [
+    "Checkpoint", "DiffusionModelHandle", "TextEncoderHandle", "TextEncoding", "VAEHandle", "module_nbytes",
+    "wrap_first_stage", "wrap_unet",
+]
 
 
 class DiffusionModelHandle(nn.Module):
@@ -245,28 +250,30 @@ class Checkpoint:
     text_encoder: TextEncoder | None
     info: Any
 
+    def parts(self) -> list[nn.Module]:
+        """The handles that are there (what the model cache measures)."""
+        return [p for p in (self.unet, self.vae, self.text_encoder) if p is not None]
+
     def to(self, device: str | torch.device) -> Checkpoint:
-        for part in (self.unet, self.vae, self.text_encoder):
-            if part is not None:
-                part.to(device)
+        for part in self.parts():
+            part.to(device)
         return self
 
 
-def module_nbytes(obj: Any) -> int:
-    """Bytes of parameters and buffers held by a module, a handle or a Checkpoint (for the cache budget)."""
-    if isinstance(obj, Checkpoint):
-        return sum(module_nbytes(p) for p in (obj.unet, obj.vae, obj.text_encoder) if p is not None)
-    if isinstance(obj, nn.Module):
-        seen: set[tuple[int, int]] = set()
-        total = 0
-        for t in [*obj.parameters(), *obj.buffers()]:
-            if t.device.type == "meta":
-                continue
-            key = (t.data_ptr(), t.numel())
-            if key not in seen:
-                seen.add(key)
-                total += t.numel() * t.element_size()
-        return total
-    if isinstance(obj, Tensor):
-        return obj.numel() * obj.element_size()
-    return 0
+# --- wrapping built modules (the last step of loading) --------------------------------------------
+
+
+def wrap_unet(module: nn.Module, info: Any) -> DiffusionModelHandle:
+    """The MODEL handle of a built U-Net, with the detected prediction type, schedule and concat kind."""
+    return DiffusionModelHandle(
+        module,
+        prediction_type=info.prediction_type,
+        schedule=info.schedule,
+        concat_kind=info.concat_kind,
+        info=info,
+    )
+
+
+def wrap_first_stage(module: nn.Module, info: Any) -> VAEHandle:
+    """The VAE handle of a built autoencoder, with the detected scale factor."""
+    return VAEHandle(module, scale_factor=info.scale_factor, info=info)

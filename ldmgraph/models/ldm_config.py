@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldmgraph.models.files import ModelError
+from ldmgraph.models.errors import ModelError
 
 LDM_CONFIG_KEY = "ldm_config"
 """The safetensors metadata key under which `ldmgraph convert` stores the original YAML."""

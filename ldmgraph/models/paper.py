@@ -1,4 +1,4 @@
-"""The Latent Diffusion paper's released models (CompVis/latent-diffusion): detection and conditioning modules.
+"""The Latent Diffusion paper's released models (CompVis/latent-diffusion): detection (the detect step).
 
 A release is read in this order: the original YAML config (given, `config.yaml` beside the file,
 or stored by `ldmgraph convert`), else the U-Net's key shapes matched against the releases below.
@@ -9,11 +9,7 @@ Facts per release (from each release's `config.yaml`): U-Net input channels, wid
 context width and head settings; the conditioning model; the training schedule (also stored in
 the checkpoint as the `betas` buffer, which wins when present).
 
-Conditioning modules (original `ldm.modules.encoders.modules`, key names kept under
-`cond_stage_model.`): `ClassEmbedder` (`embedding` [n_classes, dim], a one-token context for
-cross-attention; the class-conditional ImageNet model's last class is the unconditional one) and
-`SpatialRescaler` (bilinear downsampling by 2 `n_stages` times, then a bias-free 1x1
-`channel_mapper`: the semantic-synthesis model's one-hot maps -> 3 channels, concatenated).
+The conditioning modules themselves are in `cond_stage`; they are built by `build`.
 """
 
 from __future__ import annotations
@@ -23,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ldmgraph.models import configs
 from ldmgraph.models.detection import (
@@ -37,6 +31,7 @@ from ldmgraph.models.detection import (
     schedule_from_buffers,
 )
 from ldmgraph.models.files import (
+    COND_PREFIX,
     UNET_PREFIX,
     VAE_PREFIX,
     ModelError,
@@ -44,47 +39,6 @@ from ldmgraph.models.files import (
     UnknownArchitectureError,
 )
 from ldmgraph.models.ldm_config import LdmConfig, config_for
-
-COND_PREFIX = "cond_stage_model."
-
-
-# --- conditioning modules ---------------------------------------------------------------------
-
-
-class ClassEmbedder(nn.Module):
-    """Class label -> a one-token cross-attention context [B, 1, dim] (original `ClassEmbedder`)."""
-
-    def __init__(self, embed_dim: int, n_classes: int = 1000, **ignored: Any) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(n_classes, embed_dim)
-
-    def forward(self, labels: Tensor) -> Tensor:
-        return self.embedding(labels.to(self.embedding.weight.device))[:, None]
-
-
-class SpatialRescaler(nn.Module):
-    """Resize by `multiplier` `n_stages` times, then map channels with a 1x1 conv (original `SpatialRescaler`)."""
-
-    def __init__(
-        self,
-        n_stages: int = 1,
-        method: str = "bilinear",
-        multiplier: float = 0.5,
-        in_channels: int = 3,
-        out_channels: int | None = None,
-        bias: bool = False,
-        **ignored: Any,
-    ) -> None:
-        super().__init__()
-        self.n_stages, self.method, self.multiplier = n_stages, method, multiplier
-        self.in_channels = in_channels
-        self.channel_mapper = nn.Conv2d(in_channels, out_channels, 1, bias=bias) if out_channels else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        for _ in range(self.n_stages):
-            x = F.interpolate(x, scale_factor=self.multiplier, mode=self.method)
-        return self.channel_mapper(x) if self.channel_mapper is not None else x
-
 
 # --- the releases -----------------------------------------------------------------------------
 
@@ -298,109 +252,3 @@ def _info(
         dtype=dominant_dtype(state.tensors.values()),
         metadata={"cond_stage": kind, "cond_params": dict(cond_params), "release": release},
     )
-
-
-# --- the conditioning model of a loaded release --------------------------------------------------
-
-
-def cond_stage_module(state: StateDict, info: CheckpointInfo, dtype: torch.dtype | None) -> nn.Module | None:
-    """The class embedder or spatial rescaler of a paper release with its weights, else None."""
-    kind = info.metadata.get("cond_stage")
-    weights = state.sub(COND_PREFIX)
-    params = dict(info.metadata.get("cond_params") or {})
-    if kind == "class-embedder":
-        table = weights["embedding.weight"]
-        params.update(n_classes=int(table.shape[0]), embed_dim=int(table.shape[1]))
-        module: nn.Module = ClassEmbedder(**params)
-    elif kind == "spatial-rescaler":
-        mapper = weights["channel_mapper.weight"]
-        params.setdefault("n_stages", 2)  # the released semantic-synthesis config
-        params.update(in_channels=int(mapper.shape[1]), out_channels=int(mapper.shape[0]),
-                      bias="channel_mapper.bias" in weights)
-        module = SpatialRescaler(**params)
-    else:
-        return None
-    if dtype is not None:
-        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    try:
-        module.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelError(state.path, f"conditioning model ({kind}): weights do not fit: {exc}") from exc
-    return module.eval().requires_grad_(False)
-
-
-# --- whole models from a config (meta-device builds for checks; random files for tests) ----------
-
-
-def bert_kwargs(params: dict[str, Any]) -> dict[str, Any]:
-    """`LDMBertTransformer` kwargs from the original BERTEmbedder params (x-transformers' Encoder
-    defaults: 8 heads of 64 channels, feed-forward 4x)."""
-    return {
-        "dim": int(params["n_embed"]),
-        "depth": int(params["n_layer"]),
-        "heads": 8,
-        "dim_head": 64,
-        "ff_mult": 4,
-        "vocab_size": int(params.get("vocab_size", 30522)),
-        "max_seq_len": int(params.get("max_seq_len", 77)),
-    }
-
-
-def modules_from_config(cfg: LdmConfig) -> dict[str, nn.Module]:
-    """The modules of a release by checkpoint prefix (`model.diffusion_model.`, `first_stage_model.`,
-    `cond_stage_model.`), built in the current default device (use `torch.device("meta")` to check shapes)."""
-    from ldmgraph.models.text_encoders import LDMBertTransformer
-    from ldmgraph.models.unet import UNetModel
-    from ldmgraph.models.vq import autoencoder_class
-
-    first = autoencoder_class(cfg.first_stage)(**cfg.first_stage)
-    out: dict[str, nn.Module] = {VAE_PREFIX: first}
-    if cfg.unet is not None:
-        out[UNET_PREFIX] = UNetModel(**cfg.unet)
-    kind = cfg.cond_stage["kind"] if cfg.cond_stage else None
-    params = dict(cfg.cond_stage["params"]) if cfg.cond_stage else {}
-    if kind == "ldm-bert":
-        holder = nn.Module()
-        holder.transformer = LDMBertTransformer(**bert_kwargs(params))
-        out[COND_PREFIX] = holder
-    elif kind == "class-embedder":
-        out[COND_PREFIX] = ClassEmbedder(**params)
-    elif kind == "spatial-rescaler":
-        out[COND_PREFIX] = SpatialRescaler(**params)
-    elif kind == "first-stage":
-        out[COND_PREFIX] = first  # the original registers the first stage a second time under this name
-    return out
-
-
-# --- layouts as tokens (layout2img-openimages256) ----------------------------------------------
-
-
-def layout_tokens(objects: list[tuple[int, float, float, float, float]], *, vocab: int = 8192,
-                  max_objects: int = 30, encode_crop: bool = True) -> list[int]:
-    """The layout model's token sequence for objects (class number, x, y, w, h in 0..1 of the image).
-
-    As the bounding-box conditional builder of the paper's layout-to-image data (taming-transformers'
-    `ObjectsBoundingBoxConditionalBuilder`): a coordinate is one token on a grid of
-    sqrt(vocab) x sqrt(vocab) sections (row * sections + column, each rounded from 0..1 to
-    0..sections-1); each object is (class, top-left, bottom-right); missing objects are padded with
-    the "none" token vocab - 1; the crop (the whole image) is appended as a top-left / bottom-right pair.
-    8192 tokens, 30 objects and a crop give the released model's 92 tokens.
-    """
-    sections = int(vocab**0.5)
-
-    def token(x: float, y: float) -> int:
-        return int(round(y * (sections - 1))) * sections + int(round(x * (sections - 1)))
-
-    if len(objects) > max_objects:
-        raise ValueError(f"a layout holds at most {max_objects} objects, got {len(objects)}")
-    out: list[int] = []
-    for number, x, y, w, h in objects:
-        if not (0 <= x <= 1 and 0 <= y <= 1 and 0 <= x + w <= 1 and 0 <= y + h <= 1 and w >= 0 and h >= 0):
-            raise ValueError(f"box {(x, y, w, h)} is not inside the image (x, y, w, h in 0..1)")
-        if not 0 <= number < vocab - 1:
-            raise ValueError(f"class number {number} is outside 0..{vocab - 2}")
-        out += [int(number), token(x, y), token(x + w, y + h)]
-    out += [vocab - 1] * (3 * (max_objects - len(objects)))
-    if encode_crop:
-        out += [token(0.0, 0.0), token(1.0, 1.0)]
-    return out

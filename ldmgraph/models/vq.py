@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldmgraph.models.autoencoder import Decoder, Encoder
+from ldmgraph.models.autoencoder import AutoencoderKL, Decoder, Encoder
 
 
 class VectorQuantizer(nn.Module):
@@ -100,8 +100,6 @@ class VQModel(nn.Module):
 
 def autoencoder_class(config: dict[str, Any]) -> type[nn.Module]:
     """VQModel for a config with a codebook (`n_embed`), else AutoencoderKL."""
-    from ldmgraph.models.autoencoder import AutoencoderKL
-
     return VQModel if "n_embed" in config else AutoencoderKL
 
 

@@ -8,14 +8,13 @@ rebuilds the models from (docs/INTERFACES.md, "Bundled checkpoints").
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ldmgraph.models.autoencoder import AutoencoderKL
+from ldmgraph.models.single_file import save_single_file
 from ldmgraph.models.unet import UNetModel
 
 from .common import load_ema_weights
@@ -106,11 +105,8 @@ def export_bundled(kind: str, unet_folder: Path, ae_folder: Path, scale_factor: 
     """Write one bundled checkpoint (atomically) and return its path."""
     unet, unet_state = load_unet(unet_folder)
     ae, ae_state = load_autoencoder(ae_folder)
-    tensors = {f"model.diffusion_model.{k}": v.to(dtype).contiguous() for k, v in unet.state_dict().items()}
-    tensors.update({f"first_stage_model.{k}": v.to(dtype).contiguous() for k, v in ae.state_dict().items()})
     # a jointly trained text transformer (paper layout, as the released LDM checkpoints key it)
-    tensors.update({f"cond_stage_model.transformer.{k}": v.to(dtype).contiguous()
-                    for k, v in text_transformer_tensors(unet_folder).items()})
+    text = {f"cond_stage_model.transformer.{k}": v for k, v in text_transformer_tensors(unet_folder).items()}
     meta = bundled_metadata(kind, unet_state, ae_state, scale_factor, extra)
     cfg = unet_state["config"]
     if cfg.get("text_encoder", "minilm") != "minilm" or cfg.get("route", "crossattn") != "crossattn" \
@@ -118,8 +114,4 @@ def export_bundled(kind: str, unet_folder: Path, ae_folder: Path, scale_factor: 
         meta["conditioning"] = {k: cfg[k] for k in ("text_encoder", "route", "cross_attention", "context_length")}
         if cfg.get("text_transformer"):
             meta["text_transformer"] = cfg["text_transformer"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"ldmgraph": json.dumps(meta)})
-    os.replace(tmp, out)
-    return out
+    return save_single_file(out, unet=unet, vae=ae, extra=text, metadata={"ldmgraph": meta}, dtype=dtype)

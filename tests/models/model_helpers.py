@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+
+from ldmgraph.models.single_file import write_state_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -171,8 +172,7 @@ def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    return path
+    return write_state_dict(path, tensors, metadata)
 
 
 def bundled_metadata(unet: dict[str, Any], **overrides: Any) -> dict[str, str]:

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
+from ldmgraph.models.build import modules_from_config
 from ldmgraph.models.ldm_config import read_ldm_config
-from ldmgraph.models.paper import modules_from_config
 
 MANIFEST: dict[str, Any] = json.loads(
     gzip.decompress((Path(__file__).parent / "data" / "paper_releases.json.gz").read_bytes())
@@ -95,8 +95,7 @@ VQ = {"embed_dim": 3, "n_embed": 16, "ddconfig": {"double_z": False, "z_channels
 
 def _paper_file(tmp_path: Path, unet: dict[str, Any]) -> Path:
     """A U-Net of no released shape with a VQ first stage (so the paper's loader reads it)."""
-    from safetensors.torch import save_file
-
+    from ldmgraph.models.single_file import write_state_dict
     from ldmgraph.models.unet import UNetModel
     from ldmgraph.models.vq import VQModel
 
@@ -104,8 +103,7 @@ def _paper_file(tmp_path: Path, unet: dict[str, Any]) -> Path:
     tensors = {f"model.diffusion_model.{k}": v for k, v in UNetModel(**unet).state_dict().items()}
     tensors.update({f"first_stage_model.{k}": v for k, v in VQModel(**VQ).state_dict().items()})
     path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    return path
+    return write_state_dict(path, tensors)
 
 
 def test_self_attention_unet_of_unknown_shape_asks_for_its_config(tmp_path: Path) -> None:

@@ -67,12 +67,12 @@ def diffusers_vq(config: dict[str, Any], weights: dict[str, torch.Tensor]) -> An
      ("vq-f16", [1, 1, 2, 2, 4], "vanilla")],
 )
 def test_vq_autoencoder_agrees_with_diffusers(tmp_path: Path, name: str, ch_mult: list[int], attn_type: str) -> None:
-    from safetensors.torch import save_file
+    from ldmgraph.models.single_file import save_single_file
 
     config = vq_config(ch_mult, attn_type)
     weights = random_vq_weights(config, seed=len(name))
     path = tmp_path / f"{name}.safetensors"
-    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in weights.items()}, str(path))
+    save_single_file(path, vae=weights)
     handle = load_vae(path)
     assert handle.scale_factor == 1.0 and handle.downscale == 2 ** (len(ch_mult) - 1)
     assert handle.latent_channels == 3

@@ -60,10 +60,9 @@ def reduced_config(release: str) -> dict[str, Any]:
 
 def write_release(folder: Path, release: str, seed: int = 0) -> Path:
     """A random-weight safetensors file of the release's structure (reduced width) plus its config.yaml."""
-    from safetensors.torch import save_file
-
+    from ldmgraph.models.build import modules_from_config
     from ldmgraph.models.ldm_config import read_ldm_config
-    from ldmgraph.models.paper import modules_from_config
+    from ldmgraph.models.single_file import write_state_dict
 
     config = reduced_config(release)
     text = yaml.safe_dump(config)
@@ -80,7 +79,7 @@ def write_release(folder: Path, release: str, seed: int = 0) -> Path:
     betas = torch.linspace(s["linear_start"] ** 0.5, s["linear_end"] ** 0.5, s["timesteps"], dtype=torch.float64) ** 2
     tensors["betas"] = betas.float()
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
+    write_state_dict(folder / "model.safetensors", tensors)
     (folder / "config.yaml").write_text(text)
     return folder / "model.safetensors"
 
@@ -146,7 +145,7 @@ def test_paper_workflow_runs_on_a_release_shaped_file(name: str, paper_models: P
 def test_layout_tokens_follow_the_bounding_box_builder() -> None:
     """Closed form: 90 x 90 coordinate grid (int(sqrt(8192))), token = row * 90 + column, none = 8191,
     the crop (whole image) last; 30 objects x 3 + 2 = the released model's 92 tokens."""
-    from ldmgraph.models.paper import layout_tokens
+    from ldmgraph.models.layouts import layout_tokens
 
     tokens = layout_tokens([(5, 0.1, 0.2, 0.3, 0.4), (600, 0.0, 0.0, 1.0, 1.0)])
     assert len(tokens) == 92
