@@ -257,3 +257,25 @@ def test_sd1_file_resaved_without_text_model_level(
     assert (
         encoder.encode([PROMPTS[1]]).context - reference_context(tiny_clip, ids, 1)
     ).abs().max().item() <= TOL
+
+
+def test_building_on_meta_skips_init_there_and_only_there() -> None:
+    """Modules built for loading do no random init (on the meta device it costs time and imports
+    torch._dynamo); a module built on the CPU meanwhile, or afterwards, is initialised as usual."""
+    from torch import nn
+
+    from ldmgraph.models.checkpoint import build_on_meta
+
+    normal = nn.init.normal_
+
+    def factory() -> nn.Module:
+        torch.manual_seed(0)
+        cpu = nn.Embedding(8, 4, device="cpu")  # inside the build, on a real device
+        assert cpu.weight.std().item() > 0.5  # N(0, 1) rows, not left empty
+        return nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 4))
+
+    module = build_on_meta(factory)
+    assert all(p.is_meta for p in module.parameters())
+    assert nn.init.normal_ is normal
+    torch.manual_seed(0)
+    assert torch.equal(nn.Embedding(8, 4).weight, torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
