@@ -1,19 +1,29 @@
-"""Wall time of the README's main command, start-up and model loading included.
+"""Wall time of the README's main command, start-up and model loading included, and where it goes.
 
-    python benchmarks/main_command.py [--runs 3] [--prompt "a red circle on the left"]
+    python benchmarks/main_command.py [--runs 3] [--prompt "a red circle on the left"] [--threads N]
 
-Runs ``ldmgraph run workflows/txt2img.json --set prompt=... --output-dir D`` in a fresh process
-each time (the console script of the interpreter's environment, as a user would type it) and checks
-that each run wrote one PNG. The first run also pays for cold file caches; the median is the
-figure a user sees on an idle machine (issue 6's target: under 20 s on the 2-core CPU machine).
-Run it on an idle machine: a training job on the same cores distorts it badly.
+Runs ``ldmgraph run workflows/txt2img.json --set prompt=... --output-dir D --profile --json`` in a
+fresh process each time (the console script of the interpreter's environment, as a user would type
+it), checks that each run wrote one PNG, and reads the run's own profile event (``--profile``):
+interpreter start, imports (start-up imports plus every module imported later, torch included),
+plugin discovery, validation, model load, text encoding, sampling, decode, PNG write, other (each
+part without the imports made inside it). Wall seconds are measured around the process; CPU
+seconds are the child's user + system time. The first run also pays for cold file caches; the
+median is the figure a user sees on an idle 2-core machine (target: at most 4 s). On a loaded
+machine, wall time counts the wait for a CPU and two torch threads spin against other processes:
+compare CPU seconds there (``--threads 1`` gives the CPU cost without that spinning).
 
-Last line: ``first_s=<s> median_s=<s> runs=<n>``.
+Last line: ``first_s=.. median_s=.. cpu_s=.. runs=.. interpreter_s=.. imports_s=.. plugins_s=..
+validation_s=.. load_s=.. encode_s=.. sampling_s=.. decode_s=.. png_s=.. other_s=..``
+(medians over the runs; the parts in wall seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -23,6 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("interpreter", "imports", "plugins", "validation", "load", "encode", "sampling", "decode", "png", "other")
+NODE_PARTS = {"CheckpointLoader": "load", "TextEncode": "encode", "Sampler": "sampling", "VAEDecode": "decode",
+              "SaveImage": "png"}
 
 
 def ldmgraph_command() -> list[str]:
@@ -30,28 +43,77 @@ def ldmgraph_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "ldmgraph.cli"]
 
 
+def part_of(name: str) -> str:
+    """The benchmark part of a profile phase name ("node ckpt (CheckpointLoader)" -> "load")."""
+    fixed = {"interpreter start": "interpreter", "start-up imports": "imports", "plugin discovery": "plugins",
+             "validation": "validation"}
+    if name in fixed:
+        return fixed[name]
+    node_type = name.rsplit("(", 1)[-1].rstrip(")") if name.startswith("node ") else ""
+    return NODE_PARTS.get(node_type, "other")
+
+
+def breakdown(profile: dict, key: str) -> dict[str, float]:
+    """Seconds per part (`key`: wall_s or cpu_s); import time is moved from each phase into `imports`."""
+    parts = dict.fromkeys(PARTS, 0.0)
+    for phase in profile["phases"]:
+        part = part_of(phase["name"])
+        seconds = phase[key] or 0.0
+        imported = phase["import_s"] or 0.0
+        if key == "cpu_s":  # CPU seconds of an import are not measured apart: share the wall ratio
+            imported = seconds * imported / phase["wall_s"] if phase["wall_s"] else 0.0
+        parts[part] += seconds - imported
+        parts["imports"] += imported
+    return parts
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_once(k: int, prompt: str, env: dict[str, str]) -> tuple[float, float, dict]:
+    out = Path(tempfile.mkdtemp(prefix="ldmgraph-main-"))
+    try:
+        command = [*ldmgraph_command(), "run", "workflows/txt2img.json", "--set", f"prompt={prompt}",
+                   "--output-dir", str(out), "--no-progress", "--profile", "--json"]
+        cpu_before, start = children_cpu(), time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+        wall, cpu = time.perf_counter() - start, children_cpu() - cpu_before
+        pngs = list(out.rglob("*.png"))
+        if len(pngs) != 1:
+            raise SystemExit(f"run {k}: expected one PNG in {out}, found {len(pngs)}")
+        [profile] = [json.loads(line) for line in done.stderr.splitlines() if line.startswith('{"kind": "profile"')]
+        print(f"run {k}: {wall:.2f} s wall, {cpu:.2f} s CPU -> {pngs[0].name}", file=sys.stderr)
+        return wall, cpu, profile
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", default="a red circle on the left")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: torch's choice)")
     args = parser.parse_args()
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
 
-    times = []
-    for k in range(args.runs):
-        out = Path(tempfile.mkdtemp(prefix="ldmgraph-main-"))
-        try:
-            command = [*ldmgraph_command(), "run", "workflows/txt2img.json", "--set", f"prompt={args.prompt}",
-                       "--output-dir", str(out), "--no-progress"]
-            start = time.perf_counter()
-            subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-            pngs = list(out.rglob("*.png"))
-            if len(pngs) != 1:
-                raise SystemExit(f"run {k}: expected one PNG in {out}, found {len(pngs)}")
-            print(f"run {k}: {times[-1]:.2f} s -> {pngs[0].name}", file=sys.stderr)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-    print(f"first_s={times[0]:.2f} median_s={statistics.median(times):.2f} runs={len(times)}")
+    runs = [run_once(k, args.prompt, env) for k in range(args.runs)]
+    walls = [wall for wall, _, _ in runs]
+    cpus = [cpu for _, cpu, _ in runs]
+    wall_parts = {p: statistics.median(breakdown(r[2], "wall_s")[p] for r in runs) for p in PARTS}
+    cpu_parts = {p: statistics.median(breakdown(r[2], "cpu_s")[p] for r in runs) for p in PARTS}
+    load = os.getloadavg()[0]
+    print(f"part          wall s   cpu s   (median of {len(runs)} runs; load average {load:.1f} on "
+          f"{os.cpu_count()} CPUs)")
+    for part in PARTS:
+        print(f"{part:<12}{wall_parts[part]:>8.2f}{cpu_parts[part]:>8.2f}")
+    print(f"{'total':<12}{statistics.median(walls):>8.2f}{statistics.median(cpus):>8.2f}")
+    figures = " ".join(f"{part}_s={wall_parts[part]:.2f}" for part in PARTS)
+    print(f"first_s={walls[0]:.2f} median_s={statistics.median(walls):.2f} cpu_s={statistics.median(cpus):.2f} "
+          f"runs={len(runs)} {figures}")
 
 
 if __name__ == "__main__":

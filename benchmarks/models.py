@@ -19,6 +19,7 @@ The last line is the summary: ratios are ldmgraph / reference (below 1.0: we are
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -140,14 +141,19 @@ def bench_text(repeats: int, device: str) -> float:
     except ImportError as exc:
         print(f"text: ldmgraph.models.text_encoders not available ({exc}); text_ratio=nan")
         return math.nan
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     torch.manual_seed(0)
-    model = build_clip_text_model(clip_config("clip-l")).to(device)
+    config = clip_config("clip-l")
+    model = build_clip_text_model(config).to(device)
     ours = ClipTextEncoder(model, kind="clip-l")
+    reference = CLIPTextModel(CLIPTextConfig(**dataclasses.asdict(config))).eval().to(device)
+    reference.load_state_dict(model.state_dict())  # the same weights under the same key names
     ids = torch.randint(1, 49405, (2, 77), device=device)
     ids[:, 0], ids[:, 20:] = 49406, 49407
     with torch.inference_mode():
-        diff = (ours.encode_ids(ids).context - model(input_ids=ids).last_hidden_state).abs().max().item()
-        mine, theirs = timed_pair(lambda: ours.encode_ids(ids), lambda: model(input_ids=ids), repeats, device)
+        diff = (ours.encode_ids(ids).context - reference(input_ids=ids).last_hidden_state).abs().max().item()
+        mine, theirs = timed_pair(lambda: ours.encode_ids(ids), lambda: reference(input_ids=ids), repeats, device)
     print(f"text (CLIP ViT-L/14 config, 2 x 77 tokens): ldmgraph {mine * 1e3:.1f} ms, "
           f"transformers {theirs * 1e3:.1f} ms, ratio {mine / theirs:.3f}, max|diff| {diff:.1e}")
     return mine / theirs

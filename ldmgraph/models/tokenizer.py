@@ -30,8 +30,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import ftfy
-
 BOS_ID = 49406
 EOS_ID = 49407
 CONTEXT_LENGTH = 77
@@ -149,6 +147,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 def clean_text(text: str) -> str:
     """OpenAI CLIP's text cleaning: ftfy repair, HTML entities unescaped (twice), whitespace collapsed, lower case."""
+    import ftfy  # here, not at the top: the bundled models' MiniLM never needs it
+
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return _WHITESPACE.sub(" ", text).strip().lower()
 

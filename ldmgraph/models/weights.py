@@ -9,7 +9,9 @@ definitions that load their own weights (`text_encoders`) and the build step (`b
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,36 @@ from ldmgraph.models.files import (
 
 def build_on_meta(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
     """Construct a module on the meta device: no memory, no random init; weights come by `assign_weights`."""
-    with torch.device("meta"):
+    with _META_LOCK, torch.device("meta"), _init_skips_meta():
         return factory(*args, **kwargs)
+
+
+_META_LOCK = threading.RLock()
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextmanager
+def _init_skips_meta() -> Iterator[None]:
+    """`torch.nn.init`'s functions return meta tensors untouched while modules are built: an init
+    on the meta device computes nothing yet costs time per parameter, and `normal_` on a meta
+    tensor imports torch._dynamo (about a second). Other tensors are initialised as usual."""
+    originals = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+
+    def skipping(original: Any) -> Any:
+        def init(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            return tensor if tensor.is_meta else original(tensor, *args, **kwargs)
+
+        return init
+
+    for name, original in originals.items():
+        setattr(nn.init, name, skipping(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(nn.init, name, original)
 
 
 _REBUILT_BUFFERS = {

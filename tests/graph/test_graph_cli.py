@@ -173,3 +173,47 @@ def test_lazy_subcommands_load_only_when_used(monkeypatch: pytest.MonkeyPatch, c
     assert "hello from a lazy subcommand" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_module.main(["ghost"])  # a module that does not exist is simply not offered
+
+
+# modules a plain txt2img run on the bundled model has no use for, each costing start-up time
+HEAVY_MODULES = ("transformers", "torch._dynamo", "scipy", "sympy", "torchsde", "kornia", "fastapi", "ray",
+                 "diffusers", "safetensors.torch")
+MAIN_WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "txt2img.json"  # README's main command
+
+
+def test_run_profile_breaks_down_the_main_command_without_heavy_imports(tmp_path: Path) -> None:
+    """README's main command with --profile --json: one profile event whose phases cover the run,
+    torch imported by the loader node (not at start-up), nothing heavy that txt2img does not use."""
+    probe = ("import json, sys\nfrom ldmgraph.cli import main\n"
+             f"rc = main(['run', {str(MAIN_WORKFLOW)!r}, '--set', 'steps=2', '--output-dir', 'out', "
+             "'--no-progress', '--profile', '--json'])\n"
+             f"print(json.dumps({{'rc': rc, 'heavy': sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules)}}))")
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env=clean_env(), timeout=300)
+    wall = time.perf_counter() - started
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rc": 0, "heavy": []}, out.stderr
+    [report] = [json.loads(line) for line in out.stderr.splitlines() if line.startswith('{"kind": "profile"')]
+    phases = {p["name"]: p for p in report["phases"]}
+    assert list(phases)[:4] == ["interpreter start", "start-up imports", "plugin discovery", "validation"]
+    for node in ("ckpt (CheckpointLoader)", "positive (TextEncode)", "sampler (Sampler)", "decode (VAEDecode)",
+                 "save (SaveImage)"):
+        assert f"node {node}" in phases
+    assert all(p["wall_s"] >= 0 and (p["import_s"] or 0) <= p["wall_s"] + 1e-3 for p in phases.values())
+    assert abs(sum(p["wall_s"] for p in phases.values()) - report["total_s"]) < 1e-2
+    assert report["total_s"] <= wall  # the phases tile the process's life, start-up included
+    assert phases["node ckpt (CheckpointLoader)"]["import_s"] > 0  # torch arrives with the first model
+    assert (tmp_path / "out").is_dir()
+
+
+def test_run_profile_prints_a_table_on_stderr(project) -> None:
+    folder, _ = project
+    result = cli("run", "invert.json", "--no-progress", "--profile", cwd=folder)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("phase"))
+    assert lines[header].split() == ["phase", "wall", "s", "cpu", "s", "imports", "s"]
+    names = [line.rsplit(None, 3)[0] for line in lines[header + 1:] if not line.startswith("done:")]
+    assert names[:4] == ["interpreter start", "start-up imports", "plugin discovery", "validation"]
+    assert "node load (LoadImage)" in names and names[-1] == "total"
+    assert "wrote" in result.stdout  # stdout keeps the command's own output

@@ -155,21 +155,39 @@ def minilm() -> Any:
     return shared_minilm()  # the same object encode_minilm uses
 
 
+MINILM_TEXTS = ["a red circle above a blue square", "", "two small green triangles " * 20,
+                "Café naïve — “quotes” 日本語 🙂 don't-stop 3.14", "  MIXED case\tTabs\n", "x" * 300]
+
+
 @pytest.mark.reference
 def test_minilm_matches_bert_model_run_directly(minilm: Any) -> None:
+    """ldmgraph's own BERT (no transformers import at run time) gives transformers' BertModel's
+    numbers exactly, at every layer, from the same tokens."""
     from transformers import BertModel, BertTokenizerFast
 
     folder = str(minilm_folder())
     tok = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
     bert = BertModel.from_pretrained(folder, local_files_only=True).eval()
-    texts = ["a red circle above a blue square", "", "two small green triangles " * 20]
-    batch = tok(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    batch = tok(MINILM_TEXTS, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     with torch.no_grad():
-        ref = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    ours = minilm.encode(texts)
-    assert ours.context.shape == (3, 32, 384) and ours.context.dtype == torch.float32
-    assert (ours.context - ref).abs().max().item() <= TOL
-    assert ours.pooled is not None and ours.pooled.shape == (3, 384)
+        ref = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    ours = minilm.encode(MINILM_TEXTS)
+    assert ours.context.shape == (6, 32, 384) and ours.context.dtype == torch.float32
+    assert torch.equal(ours.context, ref.last_hidden_state)
+    assert torch.equal(minilm.encode(MINILM_TEXTS, clip_skip=3).context, ref.hidden_states[-3])
+    assert ours.pooled is not None and ours.pooled.shape == (6, 384)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("length", [32, 77])
+def test_minilm_tokens_match_bert_tokenizer_fast(minilm: Any, length: int) -> None:
+    from transformers import BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(minilm_folder()), local_files_only=True)
+    ref = tok(MINILM_TEXTS, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    ours = minilm.tokenizer(MINILM_TEXTS, length)
+    assert torch.equal(ours["input_ids"], ref["input_ids"])
+    assert torch.equal(ours["attention_mask"], ref["attention_mask"])
 
 
 def test_minilm_is_deterministic_and_batch_independent(minilm: Any) -> None:
@@ -239,3 +257,25 @@ def test_sd1_file_resaved_without_text_model_level(
     assert (
         encoder.encode([PROMPTS[1]]).context - reference_context(tiny_clip, ids, 1)
     ).abs().max().item() <= TOL
+
+
+def test_building_on_meta_skips_init_there_and_only_there() -> None:
+    """Modules built for loading do no random init (on the meta device it costs time and imports
+    torch._dynamo); a module built on the CPU meanwhile, or afterwards, is initialised as usual."""
+    from torch import nn
+
+    from ldmgraph.models.checkpoint import build_on_meta
+
+    normal = nn.init.normal_
+
+    def factory() -> nn.Module:
+        torch.manual_seed(0)
+        cpu = nn.Embedding(8, 4, device="cpu")  # inside the build, on a real device
+        assert cpu.weight.std().item() > 0.5  # N(0, 1) rows, not left empty
+        return nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 4))
+
+    module = build_on_meta(factory)
+    assert all(p.is_meta for p in module.parameters())
+    assert nn.init.normal_ is normal
+    torch.manual_seed(0)
+    assert torch.equal(nn.Embedding(8, 4).weight, torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
