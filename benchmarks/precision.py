@@ -1,6 +1,7 @@
 """bf16 against fp32: U-Net step speed (ours and diffusers'), judge scores, PSNR, peak memory.
 
-    python benchmarks/precision.py [--rounds 3] [--samples 24] [--skip-rss] [--profile]
+    python benchmarks/precision.py [--rounds 3] [--samples 24] [--skip-rss] [--threads 1]
+    python benchmarks/precision.py --profile-ops    # only the top-10 ops tables (docs/perf/unet_step_profile.md)
 
 One run, the same weights throughout:
 1. An SD1.5-size U-Net (diffusers' UNet2DConditionModel defaults, cross-attention 768, seeded
@@ -8,11 +9,12 @@ One run, the same weights throughout:
    also cast to bf16 (ours keeps its time embedding in fp32, as the loaders do). One step = one
    forward of a batch of 2 (classifier-free guidance: cond and uncond) on 32x32 latents with a
    77-token context. Timed with the process's CPU-time clock (the machine is shared), median of
-   interleaved rounds after a warm-up. `--profile` prints torch.profiler's top-10 ops of our
-   fp32 and bf16 steps.
+   interleaved rounds after a warm-up, one thread by default. `--profile-ops` prints only
+   torch.profiler's top-10 ops of our fp32 and bf16 steps.
 2. The bundled text-to-image model loaded in fp32 and in bf16: `--samples` one-object prompts of
    `ldmgraph evaluate` drawn with both, scored by its judge (colour, shape, position); judge_delta
-   is the largest |bf16 - fp32| of the three mean scores; PSNR of the bf16 images against fp32.
+   is the largest |bf16 - fp32| of the three mean scores; PSNR of the bf16 images against fp32
+   (all images' mean squared error), each image's PSNR, and the rounded-weights control.
 3. Peak RSS of an SD1.5-size 256 px text-to-image in bf16 (`benchmarks/txt2img_sd15.py`'s graph
    and checkpoint, with the loader's dtype bf16), in its own process.
 
@@ -62,12 +64,17 @@ def unets() -> dict[str, Any]:
             "diffusers_fp32": theirs(reference, torch.float32), "diffusers_bf16": theirs(ref16, torch.bfloat16)}
 
 
-def time_steps(models: dict[str, Any], rounds: int, profile: bool) -> dict[str, float]:
-    """Median CPU seconds of one CFG step per model (interleaved rounds after a warm-up each)."""
+def step_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents [2, 4, 32, 32], timesteps and a 77-token context: one CFG step's batch."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, SIDE, SIDE, generator=g)
     context = torch.randn(2, TOKENS, 768, generator=g)
-    t = torch.tensor([500, 500])
+    return x, torch.tensor([500, 500]), context
+
+
+def time_steps(models: dict[str, Any], rounds: int) -> dict[str, float]:
+    """Median CPU seconds of one CFG step per model (interleaved rounds after a warm-up each)."""
+    x, t, context = step_inputs()
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         outputs = {name: fn(x, t, context).float() for name, fn in models.items()}  # warm-up
@@ -76,42 +83,72 @@ def time_steps(models: dict[str, Any], rounds: int, profile: bool) -> dict[str, 
                 start = time.process_time()
                 fn(x, t, context)
                 times[name].append(time.process_time() - start)
-        if profile:
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as prof
-
-            for name in ("ours_fp32", "ours_bf16"):
-                with prof(activities=[ProfilerActivity.CPU]) as p:
-                    models[name](x, t, context)
-                print(f"-- top 10 ops, {name}")
-                print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
-    ref = outputs["ours_fp32"]
+    ref = outputs["diffusers_fp32"]
     for name, out in outputs.items():
-        print(f"{name}: {statistics.median(times[name]):.3f} s CPU per step, "
-              f"relative difference to ours_fp32 {float((out - ref).norm() / ref.norm()):.4f}")
+        print(f"{name}: {statistics.median(times[name]):.3f} s CPU per step "
+              f"({' '.join(f'{v:.2f}' for v in times[name])}), "
+              f"relative difference to diffusers_fp32 {float((out - ref).norm() / ref.norm()):.4f}")
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def profile_ops(models: dict[str, Any], names: tuple[str, ...] = ("ours_fp32", "ours_bf16")) -> None:
+    """Print torch.profiler's top-10 ops (by self time) of one step of each model, as Markdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, t, context = step_inputs()
+    with torch.inference_mode():
+        for name in names:
+            models[name](x, t, context)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                models[name](x, t, context)
+            print(f"\n#### {name}, one step, {torch.get_num_threads()} thread(s)\n\n```")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+            print("```", flush=True)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2).mean())
+    return float(10 * np.log10(1.0 / max(mse, 1e-20)))  # images in 0..1
+
+
 def bundled(samples: int, steps: int) -> tuple[float, float]:
-    """(judge_delta, PSNR dB of bf16 against fp32) for the bundled text-to-image model."""
+    """(judge_delta, PSNR dB of bf16 against fp32) for the bundled text-to-image model.
+
+    Also printed: each image's PSNR, and a control that separates rounding the weights from
+    computing in bf16: the fp32 model computing in fp32 with its U-Net weights rounded to bf16
+    (what any bf16 checkpoint stores, whatever runs in fp32). An image whose trajectory sits on a
+    bifurcation (two outcomes, e.g. dark or light background) flips with either.
+    """
     from ldmgraph.models.checkpoint import load_checkpoint
+    from ldmgraph.models.handles import Checkpoint
     from ldmgraph.train import sampling
     from ldmgraph.train.evaluate import _mean_scores, one_object_prompts
 
     path = ROOT / "ldmgraph/assets/models/ldmgraph-shapes-txt2img.safetensors"
     prompts = one_object_prompts(samples)
+    captions = [p for _, p in prompts]
     scores, images = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ckpt = load_checkpoint(path, dtype=dtype)
-        images[name] = sampling.txt2img(ckpt, [p for _, p in prompts], seed=1234, steps=steps, cfg=4.0)
+        images[name] = sampling.txt2img(ckpt, captions, seed=1234, steps=steps, cfg=4.0)
         scores[name] = _mean_scores(images[name], [[c] for c, _ in prompts])
         print(f"bundled txt2img {name}: judge {scores[name]}")
+    fp32 = load_checkpoint(path, dtype=torch.float32)
+    rounded = copy.deepcopy(fp32.unet)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    control = sampling.txt2img(Checkpoint(rounded, fp32.vae, fp32.text_encoder, fp32.info), captions, seed=1234,
+                               steps=steps, cfg=4.0)
+    per_image = [_psnr(a, b) for a, b in zip(images["fp32"], images["bf16"], strict=True)]
+    print("per-image PSNR bf16 vs fp32 (dB): " + " ".join(f"{v:.1f}" for v in per_image))
+    print(f"images under 30 dB: {sum(v < 30 for v in per_image)} of {len(per_image)} "
+          f"({', '.join(repr(captions[i]) for i, v in enumerate(per_image) if v < 30)}); "
+          f"median {statistics.median(per_image):.1f} dB")
+    print(f"control, fp32 compute with bf16-rounded U-Net weights: PSNR {_psnr(images['fp32'], control):.2f} dB, "
+          f"per image under 30 dB: {sum(_psnr(a, b) < 30 for a, b in zip(images['fp32'], control, strict=True))}")
     delta = max(abs(scores["bf16"][k] - scores["fp32"][k]) for k in scores["fp32"])
-    a = np.asarray(images["fp32"], np.float64)
-    b = np.asarray(images["bf16"], np.float64)
-    scale = 1.0 if a.max() <= 1.0 else 255.0
-    mse = float(((a - b) ** 2).mean())
-    return delta, 10 * np.log10(scale**2 / max(mse, 1e-20))
+    return delta, _psnr(images["fp32"], images["bf16"])
 
 
 def peak_rss_bf16(workdir: Path) -> float:
@@ -141,15 +178,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples", type=int, default=24, help="bundled-model prompts per precision")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps of the bundled model")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--profile", action="store_true", help="print the top-10 ops of our fp32/bf16 step")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: on a shared machine, idle OpenMP threads spinning for a "
+                             "descheduled sibling inflate the CPU-time clock)")
+    parser.add_argument("--profile-ops", action="store_true",
+                        help="only print torch.profiler's top-10 ops of our fp32 and bf16 step (Markdown)")
     parser.add_argument("--skip-rss", action="store_true", help="skip the SD1.5-size txt2img (4.3 GB file)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ldmgraph-bench-sd15"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile_ops:
+        profile_ops(unets())
+        return
     delta, psnr = bundled(args.samples, args.steps)
     print(f"judge_delta={delta:.4f} psnr={psnr:.2f} dB", flush=True)
-    s = time_steps(unets(), args.rounds, args.profile)
+    s = time_steps(unets(), args.rounds)
     peak = float("nan") if args.skip_rss else peak_rss_bf16(args.workdir)
     print(f"unet_bf16_vs_fp32={s['ours_bf16'] / s['ours_fp32']:.3f} "
           f"step_bf16_vs_diffusers_fp32={s['ours_bf16'] / s['diffusers_fp32']:.3f} "

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldmgraph.models.attention import AttentionBlock, GroupNorm32, SpatialTransformer, zero_module
+from ldmgraph.models.kernels import Conv2d
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -70,7 +71,7 @@ class Downsample(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.op: nn.Module = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op: nn.Module = Conv2d(channels, out_channels, 3, stride=2, padding=1)
         else:
             if out_channels != channels:
                 raise ValueError("Downsample without a convolution cannot change the channel count")
@@ -88,7 +89,7 @@ class Upsample(nn.Module):
         out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+            self.conv = Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """``size``: the skip connection's height and width, which an odd size makes other than 2x
@@ -133,7 +134,7 @@ class ResBlock(nn.Module):
         elif down:
             self.resample = Downsample(channels, use_conv=False)
         self.in_layers = nn.Sequential(
-            GroupNorm32(norm_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(norm_groups, channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
@@ -142,14 +143,14 @@ class ResBlock(nn.Module):
             GroupNorm32(norm_groups, out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
-            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+            zero_module(Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         if out_channels == channels:
             self.skip_connection: nn.Module = nn.Identity()
         elif use_conv:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 3, padding=1)
+            self.skip_connection = Conv2d(channels, out_channels, 3, padding=1)
         else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+            self.skip_connection = Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and self.training:
@@ -300,7 +301,7 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels, model_channels, 3, padding=1))]
+            [TimestepEmbedSequential(Conv2d(in_channels, model_channels, 3, padding=1))]
         )
         input_block_chans = [model_channels]
         ch, ds = model_channels, 1
@@ -335,7 +336,7 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             GroupNorm32(norm_groups, ch),
             nn.SiLU(),
-            zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)),
+            zero_module(Conv2d(ch, out_channels, 3, padding=1)),
         )
 
     def keep_fp32(self) -> UNetModel:

@@ -25,6 +25,7 @@ from ldmgraph.models.files import (
     UnknownArchitectureError,
     WeightMismatchError,
 )
+from ldmgraph.models.pages import file_ranges, release
 
 
 def build_on_meta(factory: Any, *args: Any, **kwargs: Any) -> nn.Module:
@@ -84,8 +85,12 @@ def assign_weights(
     """
     patterns = [re.compile(p) for p in ignore]
     wanted = {k: v for k, v in weights.items() if not any(p.search(k) for p in patterns)}
-    if dtype is not None:
-        wanted = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in wanted.items()}
+    if dtype is not None:  # convert tensor by tensor, giving back each mapped source's pages
+        mapped = file_ranges(path)
+        for k, v in wanted.items():
+            if v.is_floating_point() and v.dtype != dtype:
+                wanted[k] = v.to(dtype)
+                release(v, mapped)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(wanted))
     if missing:
