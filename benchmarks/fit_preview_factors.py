@@ -37,8 +37,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 RIDGE = 0.01
 """Latent channels are correlated (0.88 between two of the bundled autoencoder's), so plain least
 squares gives large factors of opposite signs (up to 5.5) that amplify the noise a sampler leaves
-in the latent (in directions the decoder ignores) into speckles; this penalty keeps them below 1
-at the cost of 0.004 in held-out correlation."""
+in the latent (in directions the decoder ignores) into speckles; this penalty keeps them below 1,
+costs a few thousandths of held-out correlation over all images (0.954 -> 0.951 with 160 scenes)
+and raises the median correlation per image (0.789 -> 0.800)."""
 
 
 def scene_images(count: int, size: int, seed: int) -> tuple[np.ndarray, str]:
