@@ -111,6 +111,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--profile", action="store_true", help="print where the time went on stderr: interpreter "
                      "start, imports, plugin discovery, validation, each node (wall, CPU and import seconds); "
                      "with --json, as one JSON event")
+    run.add_argument("--preview-dir", type=Path, metavar="DIR",
+                     help="write each sampler step's latent preview there as NODE_stepK.png (created private)")
+    run.add_argument("--preview-every", type=int, default=1, metavar="N",
+                     help="with --preview-dir: a preview every N steps and at the last (default 1)")
     add_precision_argument(run)
     validate = add("validate", cmd_validate, "check a workflow without running it (every problem at once)",
                    [common, paths])
@@ -260,14 +264,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.json:
             _print_warnings(compiled.warnings)
         bar = _JsonEvents() if args.json and not args.no_progress else _ProgressBar(enabled=not args.no_progress)
+        previews = _PreviewWriter.open(args.preview_dir, args.preview_every)
 
         def on_event(event: Event) -> None:
             args.running = (event.node_id, event.node_type) if event.kind in ("start", "progress") else None
+            if previews is not None and event.preview is not None:
+                previews(event)
             bar(event)
             profile.on_event(event)
 
         try:
-            result = executor.execute(compiled, on_event=on_event)
+            result = executor.execute(compiled, on_event=on_event, previews=previews.every if previews else 0)
         finally:
             bar.close()
     _report_profile(profile, args)
@@ -477,6 +484,46 @@ class _ProgressBar:
         self._close_inner()
         if self.bar is not None:
             self.bar.close()
+
+
+class _PreviewWriter:
+    """``run --preview-dir``: each preview of a progress event as ``{node}_step{k:04d}.png`` in a
+    private folder (0700 when created), written atomically; node ids become safe file names."""
+
+    def __init__(self, folder: Path, every: int) -> None:
+        self.folder = folder
+        self.every = every
+        self.files: list[Path] = []
+
+    @classmethod
+    def open(cls, folder: Path | None, every: int) -> _PreviewWriter | None:
+        if folder is None:
+            return None
+        from .graph.files import output_folder_problem
+
+        if every < 1:
+            raise SystemExit(f"ldmgraph: --preview-every must be at least 1, got {every}")
+        problem = output_folder_problem(folder)
+        if problem is not None:
+            raise SystemExit(f"ldmgraph: --preview-dir: {problem}")
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(folder, every)
+
+    def __call__(self, event: Event) -> None:
+        import hashlib
+        import io
+        import re
+
+        from PIL import Image
+
+        from .graph.files import atomic_write_bytes, safe_join
+
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", event.node_id)[:100]
+        if stem != event.node_id:  # two ids that clean to one name keep apart
+            stem += "-" + hashlib.blake2b(event.node_id.encode("utf-8", "surrogatepass"), digest_size=4).hexdigest()
+        buffer = io.BytesIO()
+        Image.fromarray(event.preview).save(buffer, format="PNG")
+        self.files.append(atomic_write_bytes(safe_join(self.folder, f"{stem}_step{event.k:04d}.png"), buffer.getvalue()))
 
 
 class _JsonEvents:

@@ -82,7 +82,7 @@ class NodeContext:
     """Handed to ``Node.run``: everything a node may use besides its inputs."""
 
     __slots__ = ("node_id", "node_type", "env", "registry", "_resources", "_token", "_progress", "_run",
-                 "files")
+                 "files", "_preview_every")
 
     def __init__(
         self,
@@ -92,8 +92,9 @@ class NodeContext:
         registry: Registry | None,
         resources: dict[Any, Any],
         token: CancelToken,
-        progress: Callable[[str, int, int], None] | None,
+        progress: Callable[[str, int, int, Any], None] | None,
         run: RunState,
+        preview_every: int = 0,
     ) -> None:
         self.node_id = node_id
         self.node_type = node_type
@@ -104,6 +105,7 @@ class NodeContext:
         self._progress = progress
         self._run = run
         self.files: list[Path] = []
+        self._preview_every = preview_every if progress is not None else 0
 
     # -- folders and device -------------------------------------------------------------------
     @property
@@ -137,11 +139,21 @@ class NodeContext:
         """The resolved parameter values (overrides and values drawn at run time), for metadata."""
         return self._run.parameters
 
-    def progress(self, k: int, n: int) -> None:
-        """Report progress k of n inside a long node (also a cancellation point)."""
+    def progress(self, k: int, n: int, preview: Any = None) -> None:
+        """Report progress k of n inside a long node (also a cancellation point).
+
+        ``preview`` (an RGB ``uint8`` array ``[h, w, 3]``) travels in the progress event; draw one
+        only when :meth:`wants_preview` says a consumer will use it.
+        """
         self._token.check()
         if self._progress is not None:
-            self._progress(self.node_id, k, n)
+            self._progress(self.node_id, k, n, preview)
+
+    def wants_preview(self, k: int, n: int) -> bool:
+        """Whether step k of n should carry a preview: the run was asked for previews every N steps
+        and k is a multiple of N, or the last step. False (and nothing to compute) otherwise."""
+        every = self._preview_every
+        return every > 0 and (k >= n or k % every == 0)
 
     def check_cancelled(self) -> None:
         """Raise :class:`~ldmgraph.graph.errors.Cancelled` if the run was cancelled."""

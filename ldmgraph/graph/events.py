@@ -13,8 +13,9 @@ EventKind = Literal["start", "cached", "progress", "done", "error"]
 class Event:
     """One thing that happened: ``kind`` for node ``node_id`` (``index`` of ``total`` in this run).
 
-    ``progress`` events carry ``k`` of ``n`` from inside a node; ``done`` carries the node's wall
-    time in seconds; ``error`` carries the exception.
+    ``progress`` events carry ``k`` of ``n`` from inside a node, and ``preview`` (an RGB image as a
+    ``uint8`` array ``[h, w, 3]``) on the steps a node drew one for, when the run was asked for
+    previews; ``done`` carries the node's wall time in seconds; ``error`` carries the exception.
     """
 
     kind: EventKind
@@ -26,6 +27,7 @@ class Event:
     n: int = 0
     seconds: float = 0.0
     error: BaseException | None = None
+    preview: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the error as its message)."""

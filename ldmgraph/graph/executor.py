@@ -131,10 +131,11 @@ class Executor:
         outputs: list[str] | None = None,
         on_event: EventCallback | None = None,
         cancel: CancelToken | None = None,
+        previews: int = 0,
     ) -> RunResult:
         """Validate then run a workflow; raises ValidationError, ExecutionError or Cancelled."""
         compiled = doc if isinstance(doc, CompiledWorkflow) else self.validate(doc, overrides, outputs)
-        return self.execute(compiled, on_event=on_event, cancel=cancel)
+        return self.execute(compiled, on_event=on_event, cancel=cancel, previews=previews)
 
     def execute(
         self,
@@ -142,8 +143,14 @@ class Executor:
         *,
         on_event: EventCallback | None = None,
         cancel: CancelToken | None = None,
+        previews: int = 0,
     ) -> RunResult:
-        """Run an already validated workflow."""
+        """Run an already validated workflow.
+
+        ``previews`` N > 0 asks nodes that can draw one (the samplers) for a preview image in the
+        progress events of every N-th step and of the last; 0 (the default) asks for none, and then
+        none is computed. Previews need ``on_event``.
+        """
         started = time.perf_counter()
         token = cancel or CancelToken()
         with gc_paused():
@@ -168,7 +175,8 @@ class Executor:
                 if on_event:
                     on_event(Event("cached", node_id, node.spec.type_name, index, total))
             else:
-                outs, files = self._run_node(node, values, state, token, progress, on_event, index, total)
+                outs, files = self._run_node(node, values, state, token, progress, on_event, index, total,
+                                             previews)
                 values[node_id] = outs
                 executed.append(node_id)
                 if node_id not in tainted:
@@ -244,6 +252,7 @@ class Executor:
         on_event: EventCallback | None,
         index: int,
         total: int,
+        previews: int = 0,
     ) -> tuple[dict[str, Any], list[Path]]:
         node_id, type_name = node.node_id, node.spec.type_name
         inputs = dict(node.literals)
@@ -252,7 +261,8 @@ class Executor:
         instance = self._instances.get(node.cls)
         if instance is None:
             instance = self._instances[node.cls] = node.cls()
-        ctx = NodeContext(node_id, type_name, self.env, self.registry, self.resources, token, progress, state)
+        ctx = NodeContext(node_id, type_name, self.env, self.registry, self.resources, token, progress, state,
+                          max(0, previews))
         if on_event:
             on_event(Event("start", node_id, type_name, index, total))
         started = time.perf_counter()
@@ -349,7 +359,8 @@ def _consumer_counts(
 
 
 def _progress_relay(on_event: EventCallback, compiled: CompiledWorkflow, total: int) -> Any:
-    def relay(node_id: str, k: int, n: int) -> None:
-        on_event(Event("progress", node_id, compiled.nodes[node_id].spec.type_name, 0, total, k=k, n=n))
+    def relay(node_id: str, k: int, n: int, preview: Any = None) -> None:
+        on_event(Event("progress", node_id, compiled.nodes[node_id].spec.type_name, 0, total, k=k, n=n,
+                       preview=preview))
 
     return relay

@@ -277,3 +277,26 @@ def latent_size(width: int, height: int, factor: int, node: str) -> tuple[int, i
             f"use multiples of {factor}"
         )
     return width // factor, height // factor
+
+
+# --- sampler progress ---------------------------------------------------------------------------
+
+
+def step_reporter(ctx: NodeContext, total: int, model: Any = None) -> Any:
+    """The sampler callback of a node: progress k of ``total`` per step, with a latent preview of
+    the current x0 prediction (``ldmgraph.diffusion.preview``) on the steps the run wants one."""
+    previewer: Any = None
+
+    def report(state: dict[str, Any]) -> None:
+        nonlocal previewer
+        k = min(int(state["i"]) + 1, total)
+        preview = None
+        if ctx.wants_preview(k, total):
+            if previewer is None:
+                from ldmgraph.diffusion.preview import LatentPreviewer
+
+                previewer = LatentPreviewer.for_model(model)
+            preview = previewer(state["denoised"])
+        ctx.progress(k, total, preview)
+
+    return report

@@ -25,6 +25,7 @@ from ldmgraph.nodes.common import (
     NodeInputError,
     image_to_numpy,
     pick_device,
+    step_reporter,
 )
 from ldmgraph.nodes.paper_conditioning import ldsr_concat
 from ldmgraph.plugins import hookimpl
@@ -71,9 +72,7 @@ class LDSRUpscale(Node):
         entry = [CondEntry(concat=lowres)]
         latent = Latent(samples=torch.zeros(lowres.shape[0], model.latent_channels, *lowres.shape[-2:]))
 
-        def report(state: dict[str, Any]) -> None:
-            ctx.progress(min(int(state["i"]) + 1, inputs.steps), inputs.steps)
-
+        report = step_reporter(ctx, inputs.steps, model)
         out = sample(
             TiledModel(model, inputs.tile, inputs.overlap), latent, entry, entry, seed=inputs.seed,
             steps=inputs.steps, cfg=1.0, sampler="ddim", schedule="ddim_uniform",
@@ -116,9 +115,7 @@ class DDIMSampler(Node):
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion import sample
 
-        def report(state: dict[str, Any]) -> None:
-            ctx.progress(min(int(state["i"]) + 1, inputs.steps), inputs.steps)
-
+        report = step_reporter(ctx, inputs.steps, inputs.model)
         ctx.check_cancelled()
         out = sample(
             inputs.model, inputs.latent, inputs.positive, inputs.negative, seed=inputs.seed, steps=inputs.steps,

@@ -8,7 +8,7 @@ the seed by a named convention ("ldmgraph": image k of a batch uses seed + k; "c
 generator for the batch, integer timesteps), classifier-free guidance is D = D_neg + cfg (D_pos -
 D_neg) (Ho & Salimans 2022), and `denoise` < 1 runs the tail of a longer schedule (img2img,
 SDEdit, Meng et al. 2022). Each step reports progress through the node context, which is also
-where cancellation is checked. The device is the node's choice, else the run's `--device`, else
+where cancellation is checked, with a latent preview when the run asked for previews. The device is the node's choice, else the run's `--device`, else
 CUDA, then MPS, then the CPU. A sampler's own options are inputs of its `SamplerSelect.<name>`
 node, made from the options the sampler declares (ldmgraph/diffusion/registry.py).
 """
@@ -37,7 +37,7 @@ from ldmgraph.graph.sockets import (
     SIGMAS,
     Socket,
 )
-from ldmgraph.nodes.common import DEVICES, device_problem, pick_device
+from ldmgraph.nodes.common import DEVICES, device_problem, pick_device, step_reporter
 from ldmgraph.plugins import hookimpl
 
 MAX_SEED = 2**64 - 1
@@ -70,20 +70,14 @@ def _device_field() -> Any:
     return InputField(ENUM, "auto", choices=list(DEVICES), description="where to compute; auto: CUDA > MPS > CPU")
 
 
-def _progress(ctx: NodeContext, total: int) -> Any:
-    def report(state: dict[str, Any]) -> None:
-        ctx.progress(min(int(state["i"]) + 1, total), total)
-
-    return report
-
-
 def _run(ctx: NodeContext, guider: Any, sampler: Any, sigmas: Any, latent: Any, noise: Any, device: str) -> Any:
     from ldmgraph.diffusion.sampling import run_sampling
 
     ctx.check_cancelled()
     total = max(1, len(sigmas) - 1)
     return run_sampling(
-        guider, sampler, sigmas, latent, noise, device=pick_device(device, ctx), callback=_progress(ctx, total)
+        guider, sampler, sigmas, latent, noise, device=pick_device(device, ctx),
+        callback=step_reporter(ctx, total, getattr(guider, "model", None)),
     )
 
 

@@ -3,7 +3,8 @@
 The worker owns the server's :class:`Executor` (and so its output cache and model cache, which
 live as long as the server: a second job on the same checkpoint loads nothing). It claims the
 next pending job in one transaction, runs it, turns the executor's progress events into
-ComfyUI's websocket messages, and records the outcome. A failing job is recorded with its error
+ComfyUI's websocket messages (asking for a latent preview per sampler step while a client is
+connected to receive it), and records the outcome. A failing job is recorded with its error
 and the worker goes on; anything that escapes a job (a node raising ``SystemExit``, a bug) ends
 the thread, and the supervisor marks that job failed, counts the restart (``/system_stats``
 shows it) and starts a new worker.
@@ -34,6 +35,7 @@ from .store import Job, Store
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PREVIEW_MAX_SIDE = 512
+PREVIEW_EVERY = 1  # a latent preview per sampler step, as ComfyUI sends them
 PREPARED_LIMIT = 4096
 
 
@@ -211,7 +213,7 @@ class JobRun:
         error: dict[str, Any] | None = None
         try:
             compiled = self._compiled()
-            result = worker.executor.execute(compiled, on_event=self.on_event, cancel=token)
+            result = worker.executor.execute(compiled, on_event=self.on_event, cancel=token, previews=self._previews())
             self._attribute_cached(result)
             self.send("execution_success", {"timestamp": _ms()}, record=True)
         except Cancelled:
@@ -237,6 +239,12 @@ class JobRun:
         worker.store.finish(job.id, status, outputs=self.outputs, messages=self.messages, timings=timings,
                             error=error)
         self.send("executing", {"node": None, "display_node": None})
+
+    def _previews(self) -> int:
+        """Sampler previews every PREVIEW_EVERY steps while a websocket client would receive them, else none."""
+        clients = self.worker.hub.clients
+        wanted = bool(clients) if self.job.client_id is None else self.job.client_id in clients
+        return PREVIEW_EVERY if wanted else 0
 
     def _compiled(self) -> CompiledWorkflow:
         executor = self.worker.executor

@@ -49,7 +49,7 @@ def upscale(handles: tuple[Any, Any], image: np.ndarray, tile: int, overlap: int
     from ldmgraph.plugins import load_registry
 
     unet, vae = handles
-    ctx = SimpleNamespace(progress=lambda k, n: None, registry=load_registry(), device="cpu")
+    ctx = SimpleNamespace(progress=lambda k, n, preview=None: None, wants_preview=lambda k, n: False, registry=load_registry(), device="cpu")
     inputs = LDSRUpscale.Inputs.model_construct(model=unet, vae=vae, image=image, steps=4, eta=1.0, seed=5,
                                                 tile=tile, overlap=overlap, device="cpu")
     return LDSRUpscale().run(inputs, ctx).image[0]  # type: ignore[arg-type]
