@@ -27,7 +27,20 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_an_inpainting_png_alone_in_an_empty_folder_re_creates_itself(make_executor, models_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    """CPU results depend on torch's thread count (sums split by thread): the run in this process and
+    the re-run in a fresh one both use one thread, whatever earlier tests left behind."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_an_inpainting_png_alone_in_an_empty_folder_re_creates_itself(make_executor, models_dir, tmp_path,
+                                                                      one_thread):
     doc = json.loads((WORKFLOWS / "inpaint.json").read_text())
     first = make_executor(output_dir=tmp_path / "first").run(doc, overrides={"steps": 2, "seed": 7})
     with Image.open(first.files[0]) as image:
@@ -37,7 +50,7 @@ def test_an_inpainting_png_alone_in_an_empty_folder_re_creates_itself(make_execu
     empty = tmp_path / "elsewhere"
     empty.mkdir()
     shutil.copy(first.files[0], empty / "result.png")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     extra = [] if models_dir is None or not any(models_dir.iterdir()) else ["--models-dir", str(models_dir)]
     done = subprocess.run([sys.executable, "-m", "ldmgraph.cli", "run", "result.png", *extra], cwd=empty,
                           capture_output=True, text=True, env=env, timeout=600)
