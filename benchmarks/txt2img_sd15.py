@@ -44,7 +44,16 @@ SEED = 0
 
 
 def peak_rss_gib() -> float:
-    """Peak resident set size of this process (Linux ru_maxrss is in KiB)."""
+    """Peak resident set size of this process: its own high-water mark (VmHWM). Linux's `ru_maxrss`
+    keeps the parent's peak across fork and exec, so a child started by a process that held an
+    SD1.5-size model would report the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
