@@ -325,6 +325,18 @@ def sampler_select_node(name: str, options: dict[str, Any]) -> type[Node]:
 # ---------------------------------------------------------------- SIGMAS
 
 
+class _SigmasOutputs(NodeOutputs):
+    sigmas: Any = OutputField(SIGMAS, description="steps + 1 noise levels, ending in 0")
+
+
+class _SigmaRangeInputs(NodeInputs):
+    """What the closed-form schedules share: the step count and the sigma range."""
+
+    steps: int = InputField(INT, 20, ge=1, le=10000, description="sampling steps")
+    sigma_max: float = InputField(FLOAT, 14.614642, ge=0.0, le=5000.0, description="first sigma")
+    sigma_min: float = InputField(FLOAT, 0.0291675, ge=0.0, le=5000.0, description="last sigma before 0")
+
+
 class Scheduler(Node):
     """Sigmas of a named schedule for a model (ComfyUI's BasicScheduler): the last steps + 1 of a
     schedule of steps / denoise steps (so always `steps` steps, even for ddim_uniform)."""
@@ -338,8 +350,7 @@ class Scheduler(Node):
         steps: int = InputField(INT, 20, ge=1, le=10000, description="sampling steps")
         denoise: float = InputField(FLOAT, 1.0, ge=0.0, le=1.0, description="fraction of the schedule to run")
 
-    class Outputs(NodeOutputs):
-        sigmas: Any = OutputField(SIGMAS, description="steps + 1 noise levels, ending in 0")
+    Outputs = _SigmasOutputs
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         import torch
@@ -359,14 +370,10 @@ class KarrasScheduler(Node):
     type_name = "KarrasScheduler"
     category = "sampling/custom/sigmas"
 
-    class Inputs(NodeInputs):
-        steps: int = InputField(INT, 20, ge=1, le=10000, description="sampling steps")
-        sigma_max: float = InputField(FLOAT, 14.614642, ge=0.0, le=5000.0, description="first sigma")
-        sigma_min: float = InputField(FLOAT, 0.0291675, ge=0.0, le=5000.0, description="last sigma before 0")
+    class Inputs(_SigmaRangeInputs):
         rho: float = InputField(FLOAT, 7.0, ge=0.0, le=100.0, description="curvature")
 
-    class Outputs(NodeOutputs):
-        sigmas: Any = OutputField(SIGMAS, description="steps + 1 noise levels, ending in 0")
+    Outputs = _SigmasOutputs
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion.schedules import karras_sigmas
@@ -380,13 +387,9 @@ class ExponentialScheduler(Node):
     type_name = "ExponentialScheduler"
     category = "sampling/custom/sigmas"
 
-    class Inputs(NodeInputs):
-        steps: int = InputField(INT, 20, ge=1, le=10000, description="sampling steps")
-        sigma_max: float = InputField(FLOAT, 14.614642, ge=0.0, le=5000.0, description="first sigma")
-        sigma_min: float = InputField(FLOAT, 0.0291675, ge=0.0, le=5000.0, description="last sigma before 0")
+    Inputs = _SigmaRangeInputs
 
-    class Outputs(NodeOutputs):
-        sigmas: Any = OutputField(SIGMAS, description="steps + 1 noise levels, ending in 0")
+    Outputs = _SigmasOutputs
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion.schedules import exponential_sigmas
