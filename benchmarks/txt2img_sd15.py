@@ -78,11 +78,24 @@ def write_checkpoint(path: Path, unet_channels: int = 320) -> None:
     save_single_file(path, unet=unet, vae=vae, extra=text)
 
 
-def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype: str = "file") -> dict[str, float]:
-    """ldmgraph's txt2img graph, timed from the executor's events."""
-    from ldmgraph.graph.context import Environment
-    from ldmgraph.graph.executor import Executor
-    from ldmgraph.plugins import load_registry
+def _sync(device: str) -> None:
+    """Wait for the GPU at each step report, so intervals measure the work and not the queueing."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _gpu_peak(device: str) -> dict[str, float]:
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    return {"peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def txt2img_workflow(ckpt_name: str, steps: int, size: int, dtype: str = "file", device: str = "cpu") -> dict:
+    """The benchmark's text-to-image graph as an ldmgraph workflow document."""
 
     def link(node: str, output: str) -> dict[str, str]:
         return {"node": node, "output": output}
@@ -90,7 +103,7 @@ def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype:
     workflow = {
         "format": "ldmgraph/1",
         "nodes": {
-            "ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": ckpt.name, "dtype": dtype}},
+            "ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": ckpt_name, "dtype": dtype}},
             "pos": {
                 "type": "TextEncode",
                 "inputs": {"text_encoder": link("ckpt", "text_encoder"), "text": PROMPT},
@@ -115,7 +128,7 @@ def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype:
                     "cfg": CFG,
                     "sampler": "euler",
                     "schedule": "normal",
-                    "device": "cpu",
+                    "device": device,
                 },
             },
             "decode": {
@@ -128,8 +141,19 @@ def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype:
             },
         },
     }
+    return workflow
+
+
+def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype: str = "file",
+             device: str = "cpu") -> dict[str, float]:
+    """ldmgraph's txt2img graph, timed from the executor's events."""
+    from ldmgraph.graph.context import Environment
+    from ldmgraph.graph.executor import Executor
+    from ldmgraph.plugins import load_registry
+
+    workflow = txt2img_workflow(ckpt.name, steps, size, dtype, device)
     out = Path(tempfile.mkdtemp(prefix="ldmgraph-bench-out-"))
-    executor = Executor(load_registry(), Environment(output_dir=out, model_dirs=(ckpt.parent,)))
+    executor = Executor(load_registry(), Environment(output_dir=out, model_dirs=(ckpt.parent,), device=device))
     seconds: dict[str, float] = {}
     cpu: dict[str, float] = {}
     ticks: list[float] = []
@@ -141,6 +165,7 @@ def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype:
             seconds[event.node_id] = event.seconds
             cpu[event.node_id] = time.process_time() - cpu[event.node_id]
         elif event.kind == "progress" and event.node_id == "sampler":
+            _sync(device)
             ticks.append(time.perf_counter())
 
     started = time.perf_counter()
@@ -154,11 +179,14 @@ def run_ours(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype:
         "decode_s": seconds["decode"],
         "total_s": total,
         "peak_rss_gib": peak_rss_gib(),
+        **_gpu_peak(device),
     }
 
 
-def run_diffusers(ckpt: Path, steps: int, size: int, unet_channels: int = 320) -> dict[str, float]:
-    """diffusers' StableDiffusionPipeline on the same weights, timed the same way."""
+def run_diffusers(ckpt: Path, steps: int, size: int, unet_channels: int = 320, dtype: str = "file",
+                  device: str = "cpu") -> dict[str, float]:
+    """diffusers' StableDiffusionPipeline on the same weights, timed the same way (`dtype` "file"
+    keeps the file's fp32)."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
@@ -200,10 +228,14 @@ def run_diffusers(ckpt: Path, steps: int, size: int, unet_channels: int = 320) -
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype, torch.float32)
+    pipe = pipe.to(device, torch_dtype)
+    _sync(device)
     load, load_cpu = time.perf_counter() - started, time.process_time() - started_cpu
     ticks: list[float] = []
 
     def on_step(pipeline, i, t, kwargs):
+        _sync(device)
         ticks.append(time.perf_counter())
         return kwargs
 
@@ -222,6 +254,7 @@ def run_diffusers(ckpt: Path, steps: int, size: int, unet_channels: int = 320) -
         ).images
         decode_started = time.perf_counter()
         pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+        _sync(device)
         decode = time.perf_counter() - decode_started
     intervals = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
     return {
@@ -231,10 +264,12 @@ def run_diffusers(ckpt: Path, steps: int, size: int, unet_channels: int = 320) -
         "decode_s": decode,
         "total_s": load + (time.perf_counter() - run_started),
         "peak_rss_gib": peak_rss_gib(),
+        **_gpu_peak(device),
     }
 
 
-def worker(kind: str, ckpt: Path, steps: int, size: int, unet_channels: int) -> dict[str, float]:
+def worker(kind: str, ckpt: Path, steps: int, size: int, unet_channels: int, dtype: str = "file",
+           device: str = "cpu") -> dict[str, float]:
     """Run one side in a fresh process and read its JSON figures."""
     command = [
         sys.executable,
@@ -249,6 +284,10 @@ def worker(kind: str, ckpt: Path, steps: int, size: int, unet_channels: int) -> 
         str(size),
         "--unet-channels",
         str(unet_channels),
+        "--dtype",
+        dtype,
+        "--device",
+        device,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -262,6 +301,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--worker", choices=["ours", "diffusers"])
+    parser.add_argument("--dtype", choices=["file", "fp32", "fp16", "bf16"], default="file",
+                        help="weights and compute precision of both sides (file: the checkpoint's fp32)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     parser.add_argument("--ckpt", type=Path)
     parser.add_argument(
         "--unet-channels", type=int, default=320, help="320 = SD1.5; smaller for a smoke test"
@@ -269,14 +311,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run = run_ours if args.worker == "ours" else run_diffusers
-        print(json.dumps(run(args.ckpt, args.steps, args.size, args.unet_channels)))
+        print(json.dumps(run(args.ckpt, args.steps, args.size, args.unet_channels, args.dtype, args.device)))
         return
     ckpt = args.workdir / CKPT_NAME.replace(".safetensors", f"-{args.unet_channels}.safetensors")
     if not ckpt.is_file():
         print(f"writing {ckpt} (random SD1.5-layout weights, fp32) ...", file=sys.stderr)
         write_checkpoint(ckpt, args.unet_channels)
-    ours = worker("ours", ckpt, args.steps, args.size, args.unet_channels)
-    theirs = worker("diffusers", ckpt, args.steps, args.size, args.unet_channels)
+    ours = worker("ours", ckpt, args.steps, args.size, args.unet_channels, args.dtype, args.device)
+    theirs = worker("diffusers", ckpt, args.steps, args.size, args.unet_channels, args.dtype, args.device)
     for name, figures in (("ldmgraph", ours), ("diffusers", theirs)):
         print(name, " ".join(f"{k}={v:.3f}" for k, v in figures.items()))
     ratio = ours["step_s"] / theirs["step_s"]

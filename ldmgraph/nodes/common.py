@@ -221,6 +221,13 @@ def pick_device(choice: str, ctx: NodeContext) -> str:
     return wanted
 
 
+def load_device(ctx: NodeContext) -> str:
+    """Where loaders put a model: the run's `--device`, else CUDA > MPS > CPU, so that the sampler,
+    the text encoder and the autoencoder compute where their weights are (a sampler's own device
+    choice moves its latents; the model stays where it was loaded)."""
+    return pick_device("auto", ctx)
+
+
 # --- conversions ------------------------------------------------------------------------------
 
 

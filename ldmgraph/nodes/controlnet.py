@@ -19,7 +19,7 @@ from ldmgraph.graph.context import Environment
 from ldmgraph.graph.files import safe_join
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import BOOLEAN, CONTROL_NET, FLOAT, IMAGE, STRING
-from ldmgraph.nodes.common import NodeInputError, available_models, model_cache
+from ldmgraph.nodes.common import NodeInputError, available_models, load_device, model_cache
 from ldmgraph.plugins import hookimpl
 
 BUNDLED_CONTROLNET = "ldmgraph-shapes-controlnet.safetensors"
@@ -82,8 +82,9 @@ class ControlNetLoader(Node):
 
         path = find_controlnet(inputs.control_net_name, ctx.model_dirs)
         stat = (path / "config.json" if path.is_dir() else path).stat()
-        key = ("controlnet", str(path), stat.st_size, stat.st_mtime_ns)
-        handle = model_cache(ctx).get_or_load(key, lambda: load_controlnet(path))
+        device = load_device(ctx)
+        key = ("controlnet", str(path), stat.st_size, stat.st_mtime_ns, device)
+        handle = model_cache(ctx).get_or_load(key, lambda: load_controlnet(path, device))
         return self.Outputs(control_net=handle)
 
 

@@ -19,6 +19,7 @@ from ldmgraph.nodes.common import (
     NodeInputError,
     check_model_name,
     find_model,
+    load_device,
     model_cache,
     model_fingerprint,
     model_summary,
@@ -105,7 +106,7 @@ class CheckpointLoader(Node):
         prediction = None if inputs.prediction_type == "auto" else inputs.prediction_type
         checkpoint = load_checkpoint(
             path, cache=model_cache(ctx), prediction_type=prediction, progress=ctx.progress, config=config,
-            dtype=_dtype(inputs.dtype),
+            dtype=_dtype(inputs.dtype), device=load_device(ctx),
         )
         return self.Outputs(model=checkpoint.unet, text_encoder=checkpoint.text_encoder, vae=checkpoint.vae)
 
@@ -142,7 +143,8 @@ class VAELoader(Node):
         from ldmgraph.models.checkpoint import load_vae
 
         path = find_model(inputs.vae_name, ctx.model_dirs)
-        return self.Outputs(vae=load_vae(path, cache=model_cache(ctx), dtype=_dtype(inputs.dtype)))
+        return self.Outputs(vae=load_vae(path, cache=model_cache(ctx), dtype=_dtype(inputs.dtype),
+                                             device=load_device(ctx)))
 
 
 class TextEncoderLoader(Node):
@@ -176,7 +178,8 @@ class TextEncoderLoader(Node):
         from ldmgraph.models.checkpoint import load_text_encoder
 
         path = MINILM if inputs.name == MINILM else find_model(inputs.name, ctx.model_dirs)
-        encoder = load_text_encoder(path, cache=model_cache(ctx), dtype=_dtype(inputs.dtype))
+        encoder = load_text_encoder(path, cache=model_cache(ctx), dtype=_dtype(inputs.dtype),
+                                    device=load_device(ctx))
         if encoder is None:
             raise NodeInputError(f"{inputs.name!r} has no text encoder; pick a checkpoint that has one")
         return self.Outputs(text_encoder=encoder)
