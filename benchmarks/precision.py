@@ -1,6 +1,6 @@
 """bf16 against fp32: U-Net step speed (ours and diffusers'), judge scores, PSNR, peak memory.
 
-    python benchmarks/precision.py [--rounds 3] [--samples 24] [--skip-rss] [--threads 1]
+    python benchmarks/precision.py [--rounds 3] [--samples 256] [--skip-rss] [--threads 1]
     python benchmarks/precision.py --profile-ops    # only the top-10 ops tables (docs/perf/unet_step_profile.md)
 
 One run, the same weights throughout:
@@ -11,10 +11,11 @@ One run, the same weights throughout:
    77-token context. Timed with the process's CPU-time clock (the machine is shared), median of
    interleaved rounds after a warm-up, one thread by default. `--profile-ops` prints only
    torch.profiler's top-10 ops of our fp32 and bf16 steps.
-2. The bundled text-to-image model loaded in fp32 and in bf16: `--samples` one-object prompts of
-   `ldmgraph evaluate` drawn with both, scored by its judge (colour, shape, position); judge_delta
-   is the largest |bf16 - fp32| of the three mean scores; PSNR of the bf16 images against fp32
-   (all images' mean squared error), each image's PSNR, and the rounded-weights control.
+2. The bundled text-to-image model loaded in fp32 and in bf16: `ldmgraph evaluate`'s text-to-image
+   figures drawn with both (`--samples` one-object captions, 256 by default as in `evaluate`, and
+   half as many two-object captions), scored by its judge (colour, shape, position); judge_delta
+   is the largest |bf16 - fp32| of the six mean scores; PSNR of the one-object bf16 images against
+   fp32 (all images' mean squared error), each image's PSNR, and the rounded-weights control.
 3. Peak RSS of an SD1.5-size 256 px text-to-image in bf16 (`benchmarks/txt2img_sd15.py`'s graph
    and checkpoint, with the loader's dtype bf16), in its own process.
 
@@ -114,37 +115,45 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def bundled(samples: int, steps: int) -> tuple[float, float]:
     """(judge_delta, PSNR dB of bf16 against fp32) for the bundled text-to-image model.
 
-    Also printed: each image's PSNR, and a control that separates rounding the weights from
-    computing in bf16: the fp32 model computing in fp32 with its U-Net weights rounded to bf16
-    (what any bf16 checkpoint stores, whatever runs in fp32). An image whose trajectory sits on a
-    bifurcation (two outcomes, e.g. dark or light background) flips with either.
+    The judge scores are `ldmgraph evaluate`'s text-to-image figures, drawn the same way (20 steps,
+    cfg 4, seed 1234 per chunk of 64): colour, shape and position on `samples` one-object held-out
+    captions and on samples / 2 two-object captions; judge_delta is the largest |bf16 - fp32| of
+    the six. The PSNR is over all one-object images (their pooled mean squared error); each image's
+    PSNR is summarised too.
+
+    Also printed: a control that separates rounding the weights from computing in bf16: the fp32
+    model computing in fp32 with its U-Net weights rounded to bf16 (what any bf16 checkpoint
+    stores, whatever runs in fp32). An image whose trajectory sits on a bifurcation (two outcomes,
+    e.g. dark or light background) flips with either.
     """
     from ldmgraph.models.checkpoint import load_checkpoint
     from ldmgraph.models.handles import Checkpoint
-    from ldmgraph.train import sampling
-    from ldmgraph.train.evaluate import _mean_scores, one_object_prompts
+    from ldmgraph.train.evaluate import _mean_scores, one_object_prompts, prompt_images, two_object_prompts
 
     path = ROOT / "ldmgraph/assets/models/ldmgraph-shapes-txt2img.safetensors"
     prompts = one_object_prompts(samples)
     captions = [p for _, p in prompts]
+    pairs = two_object_prompts(max(8, samples // 2))
     scores, images = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         ckpt = load_checkpoint(path, dtype=dtype)
-        images[name] = sampling.txt2img(ckpt, captions, seed=1234, steps=steps, cfg=4.0)
-        scores[name] = _mean_scores(images[name], [[c] for c, _ in prompts])
-        print(f"bundled txt2img {name}: judge {scores[name]}")
+        images[name] = prompt_images(ckpt, captions, steps)
+        one = _mean_scores(images[name], [[c] for c, _ in prompts])
+        two = _mean_scores(prompt_images(ckpt, [p for _, p in pairs], steps), [c for c, _ in pairs])
+        scores[name] = {**{f"one_{k}": v for k, v in one.items()}, **{f"two_{k}": v for k, v in two.items()}}
+        print(f"bundled txt2img {name}: judge " + " ".join(f"{k}={v:.4f}" for k, v in scores[name].items()),
+              flush=True)
     fp32 = load_checkpoint(path, dtype=torch.float32)
     rounded = copy.deepcopy(fp32.unet)
     with torch.no_grad():
         for p in rounded.parameters():
             p.copy_(p.bfloat16().float())
-    control = sampling.txt2img(Checkpoint(rounded, fp32.vae, fp32.text_encoder, fp32.info), captions, seed=1234,
-                               steps=steps, cfg=4.0)
+    control = prompt_images(Checkpoint(rounded, fp32.vae, fp32.text_encoder, fp32.info), captions, steps)
     per_image = [_psnr(a, b) for a, b in zip(images["fp32"], images["bf16"], strict=True)]
-    print("per-image PSNR bf16 vs fp32 (dB): " + " ".join(f"{v:.1f}" for v in per_image))
-    print(f"images under 30 dB: {sum(v < 30 for v in per_image)} of {len(per_image)} "
-          f"({', '.join(repr(captions[i]) for i, v in enumerate(per_image) if v < 30)}); "
-          f"median {statistics.median(per_image):.1f} dB")
+    low = [i for i, v in enumerate(per_image) if v < 30]
+    print(f"per-image PSNR bf16 vs fp32: median {statistics.median(per_image):.1f} dB, mean "
+          f"{statistics.fmean(per_image):.1f} dB, min {min(per_image):.1f} dB; under 30 dB: {len(low)} of "
+          f"{len(per_image)} ({', '.join(f'{captions[i]!r} {per_image[i]:.1f} dB' for i in low[:8])})")
     print(f"control, fp32 compute with bf16-rounded U-Net weights: PSNR {_psnr(images['fp32'], control):.2f} dB, "
           f"per image under 30 dB: {sum(_psnr(a, b) < 30 for a, b in zip(images['fp32'], control, strict=True))}")
     delta = max(abs(scores["bf16"][k] - scores["fp32"][k]) for k in scores["fp32"])
@@ -176,7 +185,9 @@ def peak_rss_bf16(workdir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=24, help="bundled-model prompts per precision")
+    parser.add_argument("--samples", type=int, default=256,
+                        help="one-object prompts per precision, and half as many two-object ones "
+                             "(ldmgraph evaluate's defaults)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps of the bundled model")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared machine, idle OpenMP threads spinning for a "

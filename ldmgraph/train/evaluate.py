@@ -94,18 +94,25 @@ def _chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def prompt_images(txt: Any, captions: list[str], steps: int = 20, cfg: float = 4.0, seed: int = 1234,
+                  batch_size: int = 64) -> np.ndarray:
+    """The images `evaluate` scores for these captions: chunk i of ``batch_size`` uses seed + i * batch_size."""
+    from . import sampling
+
+    return np.concatenate([
+        sampling.txt2img(txt, chunk, seed=seed + i * batch_size, steps=steps, cfg=cfg)
+        for i, chunk in enumerate(_chunks(captions, batch_size))
+    ])
+
+
 def two_object_figures(txt: Any, pairs: int = 128, steps: int = 20, cfg: float = 4.0, seed: int = 1234,
                        batch_size: int = 64, grid: Path | None = None) -> dict[str, float]:
     """Judge scores (colour, shape, position) of a text-to-image checkpoint on ``pairs`` two-object
-    captions of held-out combinations (:func:`two_object_prompts`); chunk i uses seed + i * batch_size."""
-    from . import sampling
+    captions of held-out combinations (:func:`two_object_prompts`), drawn as :func:`prompt_images`."""
     from .common import save_grid
 
     prompts = two_object_prompts(pairs)
-    images = np.concatenate([
-        sampling.txt2img(txt, [p for _, p in chunk], seed=seed + i * batch_size, steps=steps, cfg=cfg)
-        for i, chunk in enumerate(_chunks(prompts, batch_size))
-    ])
+    images = prompt_images(txt, [p for _, p in prompts], steps, cfg, seed, batch_size)
     if grid is not None:
         save_grid(images[:32], grid)
     return _mean_scores(images, [c for c, _ in prompts])
@@ -146,10 +153,7 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
 
     # text-to-image, one object
     prompts = one_object_prompts(samples)
-    images = np.concatenate([
-        sampling.txt2img(txt, [p for _, p in chunk], seed=seed + i * batch_size, steps=steps, cfg=cfg)
-        for i, chunk in enumerate(_chunks(prompts, batch_size))
-    ])
+    images = prompt_images(txt, [p for _, p in prompts], steps, cfg, seed, batch_size)
     s = _mean_scores(images, [[c] for c, _ in prompts])
     figures.color, figures.shape, figures.position = s["colour"], s["shape"], s["position"]
     log(f"txt2img one object ({samples} held-out captions): {s}")
