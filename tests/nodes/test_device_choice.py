@@ -32,3 +32,22 @@ def test_asking_for_a_missing_accelerator_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NodeInputError, match="CUDA is not available; use 'auto' or 'cpu'"):
         pick_device("cuda", SimpleNamespace(device=None))
+
+
+def test_loaders_put_the_weights_on_the_runs_device():
+    """A run's device reaches the loaders, so the sampler, text encoder and autoencoder compute where
+    their weights are (on a GPU machine the loaders once kept everything on the CPU). The "meta"
+    device stands in for an accelerator: the modules move, no memory is allocated."""
+    from ldmgraph.nodes.loaders import BUNDLED_TXT2IMG, CheckpointLoader, VAELoader
+    from ldmgraph.train.export import assets_dir
+
+    ctx = SimpleNamespace(device="meta", model_dirs=(assets_dir(),), progress=None,
+                          resource=lambda key, factory: factory())
+    out = CheckpointLoader().run(CheckpointLoader.Inputs(ckpt_name=BUNDLED_TXT2IMG), ctx)
+    assert out.model.device.type == "meta"
+    assert out.vae.device.type == "meta"
+    assert next(out.text_encoder.parameters()).device.type == "meta"
+    vae = VAELoader().run(VAELoader.Inputs(vae_name=BUNDLED_TXT2IMG), ctx).vae
+    assert vae.device.type == "meta"
+    ctx.device = "cpu"
+    assert CheckpointLoader().run(CheckpointLoader.Inputs(ckpt_name=BUNDLED_TXT2IMG), ctx).model.device.type == "cpu"
