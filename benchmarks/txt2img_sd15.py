@@ -1,6 +1,7 @@
 """Text-to-image at Stable Diffusion 1.5 size: ldmgraph's graph vs diffusers' pipeline, same weights.
 
     python benchmarks/txt2img_sd15.py [--workdir /tmp/ldmgraph-bench-sd15] [--steps 4] [--size 256]
+                                      [--dtype file|fp32|fp16|bf16] [--device cpu|cuda]
 
 1. Writes (once) an SD1.5-size checkpoint with random weights in the original single-file layout:
    U-Net 860M (`model.diffusion_model.*`), KL-f8 VAE (`first_stage_model.*`), CLIP ViT-L/14 text
@@ -17,6 +18,9 @@ Seconds per step is the median interval between consecutive step-end reports: th
 events (ours) and diffusers' `callback_on_step_end` calls (theirs), so text encoding and set-up are
 in neither. Load is checkpoint file -> ready modules (wall, and CPU seconds of the process, the fair figure on a
 shared machine); decode is the VAE decode of the final latent.
+`--dtype` sets both sides' precision (ours: the loader's dtype input; diffusers: the pipeline cast)
+and `--device` where both run; on a GPU each step report waits for the device, and the figures add
+the peak GPU memory (`benchmarks/gpu.py` runs it there).
 Heavy: run it alone (minutes of CPU, ~10 GB of disk and RAM at peak across the two processes).
 """
 
