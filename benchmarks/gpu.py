@@ -28,7 +28,6 @@ vae2048_peak_gib_tiled=`` (ratios: ldmgraph's time over the other's; below 1 is 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -43,8 +42,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _timer(device: str) -> Any:
@@ -66,18 +63,9 @@ def _timer(device: str) -> Any:
 
 def unet_steps(device: str, side: int, config: dict[str, Any], warmup: int, timed: int) -> dict[str, float]:
     """Median seconds of one CFG step for ours and diffusers' U-Net in each precision."""
-    from sampling import build
+    from precision import unets
 
-    reference, handle = build(config, device)
-    ours32 = handle.diffusion_model
-    models: dict[str, Any] = {}
-    for name, dtype in DTYPES.items():
-        ours = ours32 if dtype == torch.float32 else copy.deepcopy(ours32).to(dtype).keep_fp32()
-        theirs = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
-        models[f"ours_{name}"] = (lambda m, d: lambda x, t, c: m(x.to(d), t, context=c.to(d)).float())(ours, dtype)
-        models[f"diffusers_{name}"] = (
-            lambda m, d: lambda x, t, c: m(x.to(d), t, encoder_hidden_states=c.to(d)).sample.float()
-        )(theirs, dtype)
+    models = unets(config, device, ("fp32", "fp16", "bf16"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, side, side, generator=g).to(device)
     context = torch.randn(2, 77, config["cross_attention_dim"], generator=g).to(device)
@@ -85,9 +73,9 @@ def unet_steps(device: str, side: int, config: dict[str, Any], warmup: int, time
     timer = _timer(device)
     seconds: dict[str, float] = {}
     with torch.inference_mode():
-        ref = models["diffusers_fp32"](x, t, context)
+        ref = models["diffusers_fp32"](x, t, context).float()
         for name, fn in models.items():
-            out = fn(x, t, context)
+            out = fn(x, t, context).float()
             for _ in range(warmup):
                 fn(x, t, context)
             times = [timer(lambda fn=fn: fn(x, t, context)) for _ in range(timed)]
@@ -101,12 +89,7 @@ def txt2img(workdir: Path, device: str, steps: int, size: int, channels: int) ->
     """benchmarks/txt2img_sd15.py's two sides in fresh processes, fp16 and bf16."""
     import txt2img_sd15 as sd
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = workdir / sd.CKPT_NAME.replace(".safetensors", f"-{channels}.safetensors")
-    if not ckpt.is_file():
-        started = time.perf_counter()
-        sd.write_checkpoint(ckpt, channels)
-        print(f"wrote {ckpt} in {time.perf_counter() - started:.1f} s", flush=True)
+    ckpt = sd.ensure_checkpoint(workdir, channels)
     results: dict[str, dict[str, float]] = {}
     for dtype in ("fp16", "bf16"):
         for side in ("ours", "diffusers"):
@@ -124,9 +107,9 @@ def cli_run(workdir: Path, device: str, steps: int, size: int, channels: int) ->
 
     import txt2img_sd15 as sd
 
-    ckpt_name = sd.CKPT_NAME.replace(".safetensors", f"-{channels}.safetensors")
     graph = workdir / "txt2img_gpu.json"
-    graph.write_text(json.dumps(sd.txt2img_workflow(ckpt_name, steps, size, "file", "auto")))
+    graph.write_text(json.dumps(sd.txt2img_workflow(sd.ensure_checkpoint(workdir, channels).name, steps, size,
+                                                    "file", "auto")))
     command = [sys.executable, "-m", "ldmgraph.cli", "run", str(graph), "--device", device, "--precision", "auto",
                "--models-dir", str(workdir), "--output-dir", str(workdir / "out"), "--profile", "--no-progress"]
     started = time.perf_counter()

@@ -46,14 +46,18 @@ import torch  # noqa: E402
 SIDE, TOKENS = 32, 77
 
 
-def unets() -> dict[str, Any]:
-    """name -> callable(x, t, context) for ours and diffusers' in fp32 and bf16, same weights."""
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def unets(config: dict[str, Any] | None = None, device: str = "cpu",
+          precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, Any]:
+    """name -> callable(x, t, context) for ours and diffusers' U-Net (`config`: diffusers kwargs, by
+    default SD1.5's) in each precision, "ours_bf16", "diffusers_bf16", ...; same weights throughout
+    (ours keeps its time embedding in fp32 below fp32, as the loaders do)."""
     from sampling import SD15_UNET, build
 
-    reference, handle = build(SD15_UNET, "cpu")
+    reference, handle = build(config or SD15_UNET, device)
     ours32 = handle.diffusion_model
-    ours16 = copy.deepcopy(ours32).to(torch.bfloat16).keep_fp32()
-    ref16 = copy.deepcopy(reference).to(torch.bfloat16)
 
     def ours(model: Any, dtype: torch.dtype) -> Any:
         return lambda x, t, c: model(x, t, context=c.to(dtype))
@@ -61,8 +65,13 @@ def unets() -> dict[str, Any]:
     def theirs(model: Any, dtype: torch.dtype) -> Any:
         return lambda x, t, c: model(x.to(dtype), t, encoder_hidden_states=c.to(dtype)).sample.float()
 
-    return {"ours_fp32": ours(ours32, torch.float32), "ours_bf16": ours(ours16, torch.bfloat16),
-            "diffusers_fp32": theirs(reference, torch.float32), "diffusers_bf16": theirs(ref16, torch.bfloat16)}
+    models: dict[str, Any] = {}
+    for name in precisions:
+        dtype = DTYPES[name]
+        low = dtype != torch.float32
+        models[f"ours_{name}"] = ours(copy.deepcopy(ours32).to(dtype).keep_fp32() if low else ours32, dtype)
+        models[f"diffusers_{name}"] = theirs(copy.deepcopy(reference).to(dtype) if low else reference, dtype)
+    return models
 
 
 def step_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,15 +144,15 @@ def bundled(samples: int, steps: int) -> tuple[float, float]:
     captions = [p for _, p in prompts]
     pairs = two_object_prompts(max(8, samples // 2))
     scores, images = {}, {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        ckpt = load_checkpoint(path, dtype=dtype)
+    checkpoints = {name: load_checkpoint(path, dtype=DTYPES[name]) for name in ("fp32", "bf16")}
+    for name, ckpt in checkpoints.items():
         images[name] = prompt_images(ckpt, captions, steps)
         one = _mean_scores(images[name], [[c] for c, _ in prompts])
         two = _mean_scores(prompt_images(ckpt, [p for _, p in pairs], steps), [c for c, _ in pairs])
         scores[name] = {**{f"one_{k}": v for k, v in one.items()}, **{f"two_{k}": v for k, v in two.items()}}
         print(f"bundled txt2img {name}: judge " + " ".join(f"{k}={v:.4f}" for k, v in scores[name].items()),
               flush=True)
-    fp32 = load_checkpoint(path, dtype=torch.float32)
+    fp32 = checkpoints["fp32"]
     rounded = copy.deepcopy(fp32.unet)
     with torch.no_grad():
         for p in rounded.parameters():
@@ -164,10 +173,7 @@ def peak_rss_bf16(workdir: Path) -> float:
     """Peak RSS (GiB) of benchmarks/txt2img_sd15.py's 256 px graph with the loader's dtype bf16."""
     import txt2img_sd15 as sd
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = workdir / sd.CKPT_NAME
-    if not ckpt.exists():
-        sd.write_checkpoint(ckpt)
+    ckpt = sd.ensure_checkpoint(workdir)
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import txt2img_sd15 as sd\n"
         "from pathlib import Path\n"

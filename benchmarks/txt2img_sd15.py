@@ -83,11 +83,23 @@ def write_checkpoint(path: Path, unet_channels: int = 320) -> None:
 
 
 def _sync(device: str) -> None:
-    """Wait for the GPU at each step report, so intervals measure the work and not the queueing."""
+    """Wait for the GPU at each step report, so intervals measure the work and not the queueing.
+    (benchmarks/sampling.py has the same, but importing it imports torch before the loader node runs,
+    and the load figures here include torch's import.)"""
     if device.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
+
+
+def ensure_checkpoint(workdir: Path, unet_channels: int = 320) -> Path:
+    """The benchmark's checkpoint in workdir, written (once) if it is not there yet."""
+    ckpt = workdir / CKPT_NAME.replace(".safetensors", f"-{unet_channels}.safetensors")
+    if not ckpt.is_file():
+        print(f"writing {ckpt} (random SD1.5-layout weights, fp32) ...", file=sys.stderr, flush=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(ckpt, unet_channels)
+    return ckpt
 
 
 def _gpu_peak(device: str) -> dict[str, float]:
@@ -317,10 +329,7 @@ def main() -> None:
         run = run_ours if args.worker == "ours" else run_diffusers
         print(json.dumps(run(args.ckpt, args.steps, args.size, args.unet_channels, args.dtype, args.device)))
         return
-    ckpt = args.workdir / CKPT_NAME.replace(".safetensors", f"-{args.unet_channels}.safetensors")
-    if not ckpt.is_file():
-        print(f"writing {ckpt} (random SD1.5-layout weights, fp32) ...", file=sys.stderr)
-        write_checkpoint(ckpt, args.unet_channels)
+    ckpt = ensure_checkpoint(args.workdir, args.unet_channels)
     ours = worker("ours", ckpt, args.steps, args.size, args.unet_channels, args.dtype, args.device)
     theirs = worker("diffusers", ckpt, args.steps, args.size, args.unet_channels, args.dtype, args.device)
     for name, figures in (("ldmgraph", ours), ("diffusers", theirs)):

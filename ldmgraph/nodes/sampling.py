@@ -67,7 +67,11 @@ def _start_noise_field() -> Any:
 
 
 def _device_field() -> Any:
-    return InputField(ENUM, "auto", choices=list(DEVICES), description="where to compute; auto: CUDA > MPS > CPU")
+    return InputField(
+        ENUM, "auto", choices=list(DEVICES),
+        description="where the latents and the sampler's arithmetic live; auto: CUDA > MPS > CPU, where the "
+        "loaders put the model (the model computes where it was loaded)",
+    )
 
 
 def _run(ctx: NodeContext, guider: Any, sampler: Any, sigmas: Any, latent: Any, noise: Any, device: str) -> Any:
