@@ -261,3 +261,56 @@ class AttentionBlock(nn.Module):
         out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         out = out.transpose(-1, -2).reshape(b, c, n)
         return (x_flat + self.proj_out(out)).reshape(b, c, *spatial)
+
+
+class ContextRefiner(nn.Module):
+    """A small transformer over the context's tokens, applied before any cross-attention reads it.
+
+    A frozen text encoder gives each word a vector that carries little of the words around it:
+    in "a red circle on the left and a blue square on the right" the two colour words hardly say
+    which clause, and so which place, they belong to. One cross-attention layer at a pixel cannot
+    follow "my place -> its clause -> that clause's colour" in one hop. This module lets the
+    tokens exchange information first (the trainable part of the paper's tau_theta on top of a
+    frozen encoder): context + proj_out(transformer(proj_in(context) + positions)).
+
+    ``proj_out`` starts at zero, so a refiner added to a trained U-Net leaves it unchanged until it
+    learns. Keys: ``proj_in``, ``position`` [max_tokens, width], ``blocks.N.{norm1,attn,norm2,ff}``,
+    ``norm``, ``proj_out``.
+    """
+
+    def __init__(self, context_dim: int, width: int = 128, depth: int = 2, heads: int = 4,
+                 max_tokens: int = 77) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"ContextRefiner: width {width} is not divisible by heads={heads}")
+        self.max_tokens = max_tokens
+        self.proj_in = nn.Linear(context_dim, width)
+        self.position = nn.Parameter(torch.randn(max_tokens, width) * 0.02)
+        self.blocks = nn.ModuleList(_RefinerBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.proj_out = zero_module(nn.Linear(width, context_dim))
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        tokens = context.shape[1]
+        if tokens > self.max_tokens:
+            raise ValueError(f"ContextRefiner: the context has {tokens} tokens; this model takes at most "
+                             f"{self.max_tokens}")
+        h = self.proj_in(context) + self.position[:tokens].to(context.dtype)
+        for block in self.blocks:
+            h = block(h)
+        return context + self.proj_out(self.norm(h))
+
+
+class _RefinerBlock(nn.Module):
+    """Pre-LayerNorm self-attention and 4x GEGLU feed-forward, each residual."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = CrossAttention(width, None, heads, width // heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = FeedForward(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn(self.norm1(x)) + x
+        return self.ff(self.norm2(x)) + x

@@ -73,6 +73,8 @@ class ControlNet(nn.Module):
         self.time_embed = encoder.time_embed
         if encoder.num_classes is not None:
             self.label_emb = encoder.label_emb
+        # the copy reads the context as its U-Net does: through the U-Net's context refiner, if it has one
+        self.context_refiner = encoder.context_refiner
         self.input_hint_block = TimestepEmbedSequential(
             *hint_layers(self.hint_in, self.hint_channels, encoder.model_channels)
         )
@@ -104,6 +106,8 @@ class ControlNet(nn.Module):
         if y is not None and self.num_classes is not None:
             emb = emb + self.label_emb(y.to(dtype) if y.is_floating_point() else y)
         context = None if context is None else context.to(dtype)
+        if context is not None and self.context_refiner is not None:
+            context = self.context_refiner(context)
         guided: Tensor | None = self.input_hint_block(hint.to(dtype), emb, context)
         h = x.to(dtype)
         out = []

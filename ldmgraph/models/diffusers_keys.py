@@ -134,6 +134,9 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def unet_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """Turn `UNetModel` kwargs into a diffusers config: `UNet2DConditionModel` when the model has
     cross-attention, `UNet2DModel` (self-attention blocks) when `context_dim` is None."""
+    if config.get("context_refiner"):
+        raise ValueError("this U-Net has a context refiner (a transformer over the text context), which diffusers' "
+                         "UNet2DConditionModel has no place for; keep it as a single file")
     levels = _levels(config)
     base = config["model_channels"]
     blocks = [base * m for m in config.get("channel_mult", (1, 2, 4, 8))]

@@ -221,6 +221,14 @@ def _check_unet_config(path: Path, unet: dict[str, Any], where: str) -> None:
     blocks = unet.get("num_res_blocks")
     if not (_positive_int(blocks) or (isinstance(blocks, list) and all(_positive_int(b) for b in blocks))):
         raise BadMetadataError(path, f"{where} has num_res_blocks={blocks!r}; it must be a positive integer")
+    refiner = unet.get("context_refiner")
+    if refiner is not None:
+        keys = ("width", "depth", "heads", "max_tokens")
+        if not (isinstance(refiner, dict) and set(refiner) <= set(keys) and all(_positive_int(v) for v in refiner.values())):
+            raise BadMetadataError(path, f"{where} has context_refiner={refiner!r}; it must be null or an object of "
+                                         f"positive integers {keys}")
+        if unet.get("context_dim") is None:
+            raise BadMetadataError(path, f"{where} has a context_refiner but no context_dim (nothing to refine)")
 
 
 def _check_vae_config(path: Path, vae: Any, where: str) -> None:

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ldmgraph.models.attention import AttentionBlock, GroupNorm32, SpatialTransformer, zero_module
+from ldmgraph.models.attention import (
+    AttentionBlock,
+    ContextRefiner,
+    GroupNorm32,
+    SpatialTransformer,
+    zero_module,
+)
 from ldmgraph.models.kernels import Conv2d
 
 
@@ -203,6 +209,10 @@ class UNetModel(nn.Module):
         num_classes: class conditioning: an int (embedding table `label_emb`), "continuous"
             (a linear layer of a scalar) or "sequential" (an MLP of an `adm_in_channels` vector).
         norm_groups: GroupNorm groups (32 as the original; smaller models may need fewer).
+        context_refiner: not in the original: ``{"width", "depth", "heads", "max_tokens"}`` of a
+            small transformer that mixes the context's tokens before every cross-attention reads
+            them (`ContextRefiner`, keys `context_refiner.*`); None (the default) leaves the
+            context as the text encoder gives it, as every released model does.
     """
 
     def __init__(
@@ -233,6 +243,7 @@ class UNetModel(nn.Module):
         image_size: int | None = None,
         use_fp16: bool = False,
         dims: int = 2,
+        context_refiner: dict[str, int] | None = None,
     ) -> None:
         super().__init__()
         if dims != 2:
@@ -247,6 +258,8 @@ class UNetModel(nn.Module):
             raise ValueError("UNetModel: a context_dim needs use_spatial_transformer=True")
         if num_classes == "sequential" and adm_in_channels is None:
             raise ValueError('UNetModel: num_classes="sequential" needs adm_in_channels')
+        if context_refiner is not None and context_dim is None:
+            raise ValueError("UNetModel: a context_refiner needs a context_dim (it refines the cross-attention context)")
 
         levels = len(channel_mult)
         self.in_channels = in_channels
@@ -254,6 +267,7 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.num_classes = num_classes
         self.context_dim = context_dim
+        self.context_refiner = ContextRefiner(context_dim, **context_refiner) if context_refiner is not None else None
         self.num_res_blocks = _per_level(num_res_blocks, levels, "num_res_blocks")
         depths = _per_level(transformer_depth, levels, "transformer_depth")
         time_embed_dim = model_channels * 4
@@ -387,6 +401,8 @@ class UNetModel(nn.Module):
         emb = emb.to(dtype)
         if context is not None:
             context = context.to(dtype)
+            if self.context_refiner is not None:
+                context = self.context_refiner(context)
 
         h = x.type(dtype)
         hs = []

@@ -52,6 +52,9 @@ def register(subparsers: Any) -> None:
                             "block) only, none (vector route)")
     train.add_argument("--context-length", type=int, default=32,
                        help="ldm with --text-encoder transformer: caption tokens (default 32)")
+    train.add_argument("--context-refiner", type=int, default=0, metavar="DEPTH",
+                       help="text-to-image/inpainting: a DEPTH-layer transformer (width 128, 4 heads) inside the "
+                            "U-Net mixes the caption's tokens before cross-attention (0: none, as shipped before)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--base", type=Path, default=None, metavar="PATH",
@@ -72,6 +75,13 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--only", choices=("control",), action="append", default=[],
                     help="compute only these figures (control: the ControlNet's control_iou and colour)")
     ev.set_defaults(func=cmd_evaluate)
+
+
+def refiner_config(depth: int, context_length: int) -> dict[str, int]:
+    """The U-Net's ``context_refiner`` of ``--context-refiner DEPTH`` ({} for 0)."""
+    if depth < 0:
+        raise ValueError(f"--context-refiner {depth}: give a number of layers >= 0")
+    return {"width": 128, "depth": depth, "heads": 4, "max_tokens": context_length} if depth else {}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -100,6 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = Conditioning(args.text_encoder, args.conditioning_route, args.cross_attention, args.context_length)
     try:  # before any pool is built
         options.check()
+        refiner = refiner_config(args.context_refiner, args.context_length)
+        if refiner and args.kind == "superres":
+            raise ValueError("--context-refiner refines the text context; the super-resolution model has none")
         if args.kind != "ldm" and not options.is_default:
             raise ValueError("--text-encoder, --conditioning-route, --cross-attention and --context-length are "
                              "options of 'ldmgraph train ldm' only")
@@ -126,7 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = LDMConfig(kind=args.kind, seed=args.seed, minutes=args.minutes,
                         scale_factor=read_scale_factor(args.pool, args.init_from), init_from=str(args.init_from or ""),
                         text_encoder=args.text_encoder, route=args.conditioning_route,
-                        cross_attention=args.cross_attention, context_length=args.context_length)
+                        cross_attention=args.cross_attention, context_length=args.context_length,
+                        context_refiner=refiner)
     except ValueError as exc:
         print(f"ldmgraph train {args.kind}: {exc}", file=sys.stderr)
         return 2

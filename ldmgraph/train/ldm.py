@@ -82,6 +82,8 @@ class LDMConfig:
     cross_attention: str = "all"
     context_length: int = 32
     text_transformer: dict[str, Any] = field(default_factory=dict)
+    # a ContextRefiner inside the U-Net ({"width", "depth", "heads", "max_tokens"}); {} = none
+    context_refiner: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from .conditioning import adapt_unet, conditioning_of, default_text_transformer
@@ -99,6 +101,10 @@ class LDMConfig:
             self.unet = default_unet(self.kind)
             if not cond.is_default:
                 self.unet = adapt_unet(self.unet, cond, self.text_transformer)
+        if self.context_refiner and not self.unet.get("context_refiner"):
+            if self.unet.get("context_dim") is None:
+                raise ValueError("--context-refiner needs a model with cross-attention (text-to-image or inpainting)")
+            self.unet = {**self.unet, "context_refiner": dict(self.context_refiner)}
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -130,6 +136,9 @@ def initial_weights(unet: UNetModel, source: Path) -> dict[str, int]:
     else:
         tensors = prefixed_tensors(source, UNET_PREFIX)
     own = unet.state_dict()
+    # a context refiner the source lacks starts as it was built (its output layer at zero: no change)
+    fresh = {k for k in own if k.startswith("context_refiner.") and k not in tensors}
+    own = {k: v for k, v in own.items() if k not in fresh}
     if not tensors or set(tensors) != set(own):
         missing, extra = sorted(set(own) - set(tensors))[:3], sorted(set(tensors) - set(own))[:3]
         raise ValueError(f"--init-from {source}: not a U-Net of this layout (missing {missing}, unexpected {extra}); "
