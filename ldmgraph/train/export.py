@@ -95,9 +95,32 @@ def bundled_metadata(kind: str, unet_state: dict[str, Any], ae_state: dict[str, 
             "seconds": round(float(unet_state.get("seconds", 0.0))),
             "autoencoder_steps": ae_state["step"],
             "loss": "||eps - eps_theta(z_t, t, c)||^2 (Rombach et al. 2022, eq. 2)",
+            "lr": cfg.get("lr"),
+            **fine_tuned_from(cfg.get("init_from") or ""),
             **(extra or {}),
         },
     }
+
+
+def fine_tuned_from(source: str) -> dict[str, Any]:
+    """Where a fine-tuned run started: the source's name and, for a bundled file, its own training record
+    (so a chain of fine-tunes keeps the whole history); {} for a run trained from scratch."""
+    if not source:
+        return {}
+    path = Path(source)
+    record: dict[str, Any] = {"from": path.name}
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ldmgraph", "{}"))
+        if isinstance(meta.get("training"), dict):
+            record["training"] = meta["training"]
+    elif (path / "state.json").is_file():
+        state = json.loads((path / "state.json").read_text())
+        record["steps"] = state.get("step")
+        record.update(fine_tuned_from(state.get("config", {}).get("init_from") or ""))
+    return {"fine_tuned_from": record}
 
 
 def export_bundled(kind: str, unet_folder: Path, ae_folder: Path, scale_factor: float, out: Path,

@@ -162,3 +162,21 @@ def test_cli_refuses_a_negative_refiner_depth(tmp_path: Path, capsys: pytest.Cap
                  "--out", str(tmp_path / "run")])
     assert code == 2 and "--context-refiner -1" in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not (tmp_path / "pool").exists()
+
+
+def test_a_fine_tuned_export_keeps_the_history_of_the_file_it_started_from(tmp_path: Path) -> None:
+    from ldmgraph.train.export import export_bundled
+
+    ae_run(tmp_path / "ae", 1)
+    train_ldm(LDMConfig(kind="ldm", steps=2, batch_size=3, unet=tiny_unet("ldm"), scale_factor=0.5,
+                        checkpoint_every=1), tiny_pool(), tmp_path / "base", progress=False)
+    base = export_bundled("ldm", tmp_path / "base", tmp_path / "ae", 0.5, tmp_path / "base.safetensors")
+    train_ldm(config(1, init_from=str(base), lr=5e-4), tiny_pool(), tmp_path / "tuned", progress=False)
+    tuned = export_bundled("ldm", tmp_path / "tuned", tmp_path / "ae", 0.5, tmp_path / "tuned.safetensors")
+    meta = {}
+    for name, path in (("base", base), ("tuned", tuned)):
+        with safe_open(str(path), "pt") as f:
+            meta[name] = json.loads(f.metadata()["ldmgraph"])["training"]
+    assert "fine_tuned_from" not in meta["base"]
+    assert meta["tuned"]["steps"] == 1 and meta["tuned"]["lr"] == 5e-4
+    assert meta["tuned"]["fine_tuned_from"] == {"from": "base.safetensors", "training": meta["base"]}
