@@ -123,15 +123,14 @@ def run_workflow(executor: Any, doc: dict[str, Any], seed: int) -> np.ndarray:
     return image
 
 
-def workflow_scores(names: list[str], seeds: list[int], save: Path | None) -> dict[str, float]:
+def workflow_scores(names: list[str], seeds: list[int], save: Path | None, models: Path) -> dict[str, float]:
     from ldmgraph.graph.context import Environment
     from ldmgraph.graph.executor import Executor
     from ldmgraph.plugins import load_registry
     from ldmgraph.train.common import save_grid
-    from ldmgraph.train.export import assets_dir
 
     out = Path(tempfile.mkdtemp(prefix="ldmgraph-defaults-"))
-    env = Environment(input_dir=WORKFLOWS / "inputs", output_dir=out, model_dirs=(assets_dir(),))
+    env = Environment(input_dir=WORKFLOWS / "inputs", output_dir=out, model_dirs=(models,))
     executor = Executor(load_registry(), env)
     scores = {}
     for name in names:
@@ -151,13 +150,13 @@ def workflow_scores(names: list[str], seeds: list[int], save: Path | None) -> di
     return scores
 
 
-def two_object_scores(pairs: int) -> dict[str, float]:
-    """``ldmgraph evaluate``'s two-object figures for the shipped text-to-image model."""
+def two_object_scores(pairs: int, models: Path) -> dict[str, float]:
+    """``ldmgraph evaluate``'s two-object figures for the text-to-image model in ``models``."""
     from ldmgraph.models.checkpoint import load_checkpoint
     from ldmgraph.train.evaluate import two_object_figures
-    from ldmgraph.train.export import BUNDLED_NAMES, assets_dir
+    from ldmgraph.train.export import BUNDLED_NAMES
 
-    return two_object_figures(load_checkpoint(assets_dir() / BUNDLED_NAMES["ldm"]), pairs)
+    return two_object_figures(load_checkpoint(models / BUNDLED_NAMES["ldm"]), pairs)
 
 
 def main() -> None:
@@ -166,13 +165,18 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=128, help="two-object captions (ldmgraph evaluate: 128)")
     parser.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES), help="workflows to run")
     parser.add_argument("--save", type=Path, default=None, help="save each workflow's images as a grid here")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="folder of the bundled files to score (default: the shipped ones), e.g. a candidate")
     args = parser.parse_args()
+    from ldmgraph.train.export import assets_dir
+
+    models = args.models or assets_dir()
 
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    scores = workflow_scores(args.only, list(range(1, args.seeds + 1)), args.save)
-    two = two_object_scores(args.pairs) if args.pairs else {}
+    scores = workflow_scores(args.only, list(range(1, args.seeds + 1)), args.save, models)
+    two = two_object_scores(args.pairs, models) if args.pairs else {}
     figures = {name: scores.get(name, float("nan")) for name in NAMES}
     figures.update({f"two_object_{'color' if k == 'colour' else k}": two.get(k, float("nan"))
                     for k in ("colour", "shape", "position")})

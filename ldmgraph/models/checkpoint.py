@@ -215,7 +215,9 @@ def _text_encoder(
 ) -> Any:
     if text["kind"] == "minilm-l6-v2":  # not in the file: the installed package's weights, shared
         key = ("text-encoder", "minilm-l6-v2", str(dtype or torch.float32), str(device))
-        return _cached(cache, key, lambda: te.load_minilm(device=device, dtype=dtype or torch.float32))
+        minilm = _cached(cache, key, lambda: te.load_minilm(device=device, dtype=dtype or torch.float32))
+        # a model trained with clause tokens reads them too (the same weights, no copy)
+        return te.with_clause_tokens(minilm, int(text["clause_tokens"])) if text.get("clause_tokens") else minilm
     return build_text_encoder(state, text, dtype)
 
 

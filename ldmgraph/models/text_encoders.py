@@ -11,6 +11,7 @@ start-up), built from a config (never fetched); weights come from the checkpoint
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -160,13 +161,15 @@ class BertTextEncoder(TextEncoder):
     """
 
     def __init__(
-        self, bert: nn.Module, tokenizer: Any, *, kind: str, max_length: int = MINILM_MAX_LENGTH
+        self, bert: nn.Module, tokenizer: Any, *, kind: str, max_length: int = MINILM_MAX_LENGTH,
+        clause_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.bert = bert
         self.tokenizer = tokenizer
         self.kind = kind
         self.max_length = max_length
+        self.clause_tokens = clause_tokens
         cfg: Any = bert.config
         self.context_dim = int(cfg.hidden_size)
         self.num_layers = int(cfg.num_hidden_layers)
@@ -179,11 +182,42 @@ class BertTextEncoder(TextEncoder):
     @torch.no_grad()
     def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
         k = self._check_clip_skip(clip_skip)
+        context, pooled = self._encode(list(texts), k)
+        if self.clause_tokens:
+            context = torch.cat([context, self._clause_context(list(texts), k)], dim=1)
+        return TextEncoding(context=context, pooled=pooled)
+
+    def _encode(self, texts: list[str], k: int) -> tuple[Tensor, Tensor]:
         batch = {name: t.to(self.device) for name, t in self.tokenize(texts).items()}
         context = self.bert(batch["input_ids"], batch["attention_mask"])[-k]
         mask = batch["attention_mask"].to(context.dtype)[..., None]
         pooled = (context * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return TextEncoding(context=context, pooled=pooled)
+        return context, pooled
+
+    def _clause_context(self, texts: list[str], k: int) -> Tensor:
+        """[B, clause_tokens, D]: the pooled vector of each clause of each text, one token per clause, then
+        the empty text's pooled vector in the slots a text has no clause for (see `split_clauses`)."""
+        clauses = [split_clauses(t, self.clause_tokens) for t in texts]
+        distinct = sorted({c for cs in clauses for c in cs} | {""})
+        _, pooled = self._encode(distinct, k)
+        row = {c: i for i, c in enumerate(distinct)}
+        index = [[row[c] for c in cs] + [row[""]] * (self.clause_tokens - len(cs)) for cs in clauses]
+        return pooled[torch.tensor(index, device=pooled.device)]
+
+
+_CLAUSE_BREAK = re.compile(r"\s*(?:[,;]|\band\b)\s*", re.IGNORECASE)
+
+
+def split_clauses(text: str, slots: int) -> list[str]:
+    """The clauses of a prompt for a clause-token encoder: split at "and", commas and semicolons.
+
+    "a red circle on the left and a blue square on the right" -> ["a red circle on the left", "a blue
+    square on the right"]. Past ``slots`` clauses, the last slot takes the rest (joined by "and").
+    """
+    parts = [p for p in _CLAUSE_BREAK.split(text.strip()) if p]
+    if len(parts) > slots:
+        parts = [*parts[: slots - 1], " and ".join(parts[slots - 1 :])]
+    return parts
 
 
 # --- constructors -----------------------------------------------------------------------------
@@ -237,9 +271,24 @@ def shared_minilm() -> BertTextEncoder:
     return load_minilm()
 
 
-def encode_minilm(texts: list[str]) -> Tensor:
-    """The bundled models' caption context [B, 32, 384] (fp32, CPU), the contract of docs/INTERFACES.md."""
-    return shared_minilm().encode(list(texts)).context
+def encode_minilm(texts: list[str], clause_tokens: int = 0) -> Tensor:
+    """The bundled models' caption context [B, 32 + clause_tokens, 384] (fp32, CPU), the contract of
+    docs/INTERFACES.md; ``clause_tokens`` > 0 appends one pooled token per clause (`split_clauses`)."""
+    encoder = shared_minilm()
+    if not clause_tokens:
+        return encoder.encode(list(texts)).context
+    return with_clause_tokens(encoder, clause_tokens).encode(list(texts)).context
+
+
+def encode_minilm_clauses(texts: list[str], clause_tokens: int) -> Tensor:
+    """Only the clause tokens [B, clause_tokens, 384] that `encode_minilm(texts, clause_tokens)` appends."""
+    return with_clause_tokens(shared_minilm(), clause_tokens)._clause_context(list(texts), 1)
+
+
+def with_clause_tokens(encoder: BertTextEncoder, clause_tokens: int) -> BertTextEncoder:
+    """The same MiniLM (weights shared, not copied) that appends ``clause_tokens`` clause tokens to its context."""
+    return BertTextEncoder(encoder.bert, encoder.tokenizer, kind=encoder.kind, max_length=encoder.max_length,
+                           clause_tokens=clause_tokens)
 
 
 def clip_config(variant: str, **overrides: Any) -> Any:

@@ -55,6 +55,9 @@ def register(subparsers: Any) -> None:
     train.add_argument("--context-refiner", type=int, default=0, metavar="DEPTH",
                        help="text-to-image/inpainting: a DEPTH-layer transformer (width 128, 4 heads) inside the "
                             "U-Net mixes the caption's tokens before cross-attention (0: none, as shipped before)")
+    train.add_argument("--clause-tokens", type=int, default=0, metavar="K",
+                       help="text-to-image/inpainting with MiniLM: append one pooled token per clause of the caption "
+                            "(split at 'and' and commas) to the context, K slots (0: none)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--base", type=Path, default=None, metavar="PATH",
@@ -111,6 +114,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:  # before any pool is built
         options.check()
         refiner = refiner_config(args.context_refiner, args.context_length)
+        if not 0 <= args.clause_tokens <= 16:
+            raise ValueError(f"--clause-tokens {args.clause_tokens}: use 0..16 slots")
+        if args.clause_tokens and (args.kind == "superres" or args.text_encoder != "minilm"):
+            raise ValueError("--clause-tokens appends MiniLM clause tokens to a text context: text-to-image or "
+                             "inpainting with the MiniLM encoder only")
         if refiner and args.kind == "superres":
             raise ValueError("--context-refiner refines the text context; the super-resolution model has none")
         if args.kind != "ldm" and not options.is_default:
@@ -140,14 +148,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                         scale_factor=read_scale_factor(args.pool, args.init_from), init_from=str(args.init_from or ""),
                         text_encoder=args.text_encoder, route=args.conditioning_route,
                         cross_attention=args.cross_attention, context_length=args.context_length,
-                        context_refiner=refiner)
+                        context_refiner=refiner, clause_tokens=args.clause_tokens)
     except ValueError as exc:
         print(f"ldmgraph train {args.kind}: {exc}", file=sys.stderr)
         return 2
     for name in ("steps", "batch_size", "lr", "offset_noise"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    train_ldm(cfg, load_pool(args.pool), out, resume=args.resume, progress=not args.no_progress, threads=args.threads)
+    pool = load_pool(args.pool)
+    if cfg.clause_tokens:
+        from .pool import clause_contexts
+
+        pool["clause_contexts"] = clause_contexts(args.pool, cfg.clause_tokens, progress=not args.no_progress)
+    train_ldm(cfg, pool, out, resume=args.resume, progress=not args.no_progress, threads=args.threads)
     print(f"{args.kind} run: {out}")
     if args.export is not None:
         folder, name = args.export.parent, args.export.name

@@ -82,6 +82,7 @@ def bundled_metadata(kind: str, unet_state: dict[str, Any], ae_state: dict[str, 
         "scale_factor": scale_factor,
         "text_encoder": None if kind == "superres" else
         ("ldm-bert" if cfg.get("text_encoder") == "transformer" else "minilm-l6-v2"),
+        **({"clause_tokens": int(cfg["clause_tokens"])} if cfg.get("clause_tokens") else {}),
         "concat": concat,
         "concat_format": CONCAT_FORMAT.get(concat or "", None),
         "schedule": dict(SCHEDULE),

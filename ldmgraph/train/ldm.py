@@ -84,6 +84,9 @@ class LDMConfig:
     text_transformer: dict[str, Any] = field(default_factory=dict)
     # a ContextRefiner inside the U-Net ({"width", "depth", "heads", "max_tokens"}); {} = none
     context_refiner: dict[str, int] = field(default_factory=dict)
+    # one pooled MiniLM token per clause of the caption appended to its context (0 = none); see
+    # ldmgraph.models.text_encoders.split_clauses
+    clause_tokens: int = 0
 
     def __post_init__(self) -> None:
         from .conditioning import adapt_unet, conditioning_of, default_text_transformer
@@ -188,6 +191,11 @@ def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, tor
             out.update(batch_inputs(cfg, pool, captions))
         else:
             out["context"] = pool["contexts"][captions]
+            if cfg.clause_tokens:
+                if "clause_contexts" not in pool or pool["clause_contexts"].shape[1] != cfg.clause_tokens:
+                    raise ValueError(f"this run appends {cfg.clause_tokens} clause tokens but the pool has none of "
+                                     "that count; 'ldmgraph train ldm --clause-tokens K' adds them")
+                out["context"] = torch.cat([out["context"], pool["clause_contexts"][captions]], 1)
     return out
 
 

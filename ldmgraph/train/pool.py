@@ -145,6 +145,28 @@ def build_contexts(out: Path, data_seed: int, count: int, inpaint_count: int,
     return out
 
 
+def clause_contexts(folder: Path, clause_tokens: int, batch: int = 256, progress: bool = True) -> torch.Tensor:
+    """The pool's clause tokens [captions, clause_tokens, 384] (one pooled MiniLM vector per clause of each
+    distinct caption, `ldmgraph.models.text_encoders.split_clauses`), encoded once into
+    ``clauses{K}.safetensors`` beside the contexts and read from there afterwards."""
+    from safetensors import safe_open
+
+    from ldmgraph.models.text_encoders import encode_minilm_clauses
+
+    path = folder / f"clauses{clause_tokens}.safetensors"
+    with safe_open(str(folder / "contexts.safetensors"), "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+    if path.exists():
+        tokens = load_file(str(path))["clause_contexts"]
+        if tokens.shape[0] == len(captions):
+            return tokens
+    parts = [encode_minilm_clauses(captions[i : i + batch], clause_tokens)
+             for i in tqdm(range(0, len(captions), batch), desc="clause tokens", disable=not progress)]
+    tokens = torch.cat(parts).float().contiguous()
+    save_file({"clause_contexts": tokens}, str(path))
+    return tokens
+
+
 def _part_range(count: int, part: tuple[int, int] | None) -> tuple[int, int]:
     if part is None:
         return 0, count
