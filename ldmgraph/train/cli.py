@@ -58,6 +58,11 @@ def register(subparsers: Any) -> None:
     train.add_argument("--clause-tokens", type=int, default=0, metavar="K",
                        help="text-to-image/inpainting with MiniLM: append one pooled token per clause of the caption "
                             "(split at 'and' and commas) to the context, K slots (0: none)")
+    train.add_argument("--high-noise-share", type=float, default=0.0, metavar="P",
+                       help="draw the timestep of this share of each batch from [--high-noise-from, 1000) instead "
+                            "of [0, 1000): more training where the text alone decides colour and layout (0: none)")
+    train.add_argument("--high-noise-from", type=int, default=700, metavar="T",
+                       help="the first timestep of --high-noise-share's range (default 700)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--base", type=Path, default=None, metavar="PATH",
@@ -114,6 +119,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:  # before any pool is built
         options.check()
         refiner = refiner_config(args.context_refiner, args.context_length)
+        if not 0.0 <= args.high_noise_share <= 1.0 or not 0 <= args.high_noise_from < 1000:
+            raise ValueError(f"--high-noise-share {args.high_noise_share} --high-noise-from {args.high_noise_from}: "
+                             "use a share in 0..1 and a timestep in 0..999")
         if not 0 <= args.clause_tokens <= 16:
             raise ValueError(f"--clause-tokens {args.clause_tokens}: use 0..16 slots")
         if args.clause_tokens and (args.kind == "superres" or args.text_encoder != "minilm"):
@@ -148,7 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         scale_factor=read_scale_factor(args.pool, args.init_from), init_from=str(args.init_from or ""),
                         text_encoder=args.text_encoder, route=args.conditioning_route,
                         cross_attention=args.cross_attention, context_length=args.context_length,
-                        context_refiner=refiner, clause_tokens=args.clause_tokens)
+                        context_refiner=refiner, clause_tokens=args.clause_tokens,
+                        high_noise_share=args.high_noise_share, high_noise_from=args.high_noise_from)
     except ValueError as exc:
         print(f"ldmgraph train {args.kind}: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,9 @@ class LDMConfig:
     # one pooled MiniLM token per clause of the caption appended to its context (0 = none); see
     # ldmgraph.models.text_encoders.split_clauses
     clause_tokens: int = 0
+    # share of each batch whose timestep is drawn from [high_noise_from, T) instead of [0, T) (see diffusion_loss)
+    high_noise_share: float = 0.0
+    high_noise_from: int = 700
 
     def __post_init__(self) -> None:
         from .conditioning import adapt_unet, conditioning_of, default_text_transformer
@@ -200,7 +203,8 @@ def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, tor
 
 
 def diffusion_loss(unet: torch.nn.Module, batch: dict[str, torch.Tensor], abar: torch.Tensor,
-                   generator: torch.Generator, offset_noise: float = 0.0) -> torch.Tensor:
+                   generator: torch.Generator, offset_noise: float = 0.0, high_noise_share: float = 0.0,
+                   high_noise_from: int = 700) -> torch.Tensor:
     """|| eps - eps_theta(z_t, t, c) ||^2, t uniform in 0..T-1.
 
     SD's schedule keeps sqrt(alpha_bar_T) = 0.068 of the signal at t = T, so during training the
@@ -215,6 +219,9 @@ def diffusion_loss(unet: torch.nn.Module, batch: dict[str, torch.Tensor], abar: 
     eps = torch.randn(z0.shape, generator=generator)
     if offset_noise:
         eps = eps + offset_noise * torch.randn(z0.shape[0], z0.shape[1], 1, 1, generator=generator)
+    if high_noise_share:
+        high = int(round(high_noise_share * z0.shape[0]))
+        t[:high] = torch.randint(high_noise_from, abar.shape[0], (high,), generator=generator)
     a = abar[t].view(-1, 1, 1, 1)
     zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
     x = zt if batch["concat"] is None else torch.cat([zt, batch["concat"]], 1)
@@ -242,7 +249,8 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
 
     def loss_at(step: int) -> torch.Tensor:
         return diffusion_loss(unet, make_batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3),
-                              cfg.offset_noise)
+                              high_noise_share=cfg.high_noise_share, high_noise_from=cfg.high_noise_from,
+                              offset_noise=cfg.offset_noise)
 
     def after_step(done: int, saved: bool, out_of_time: bool) -> None:
         if saved and on_checkpoint is not None:
