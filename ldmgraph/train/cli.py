@@ -63,6 +63,9 @@ def register(subparsers: Any) -> None:
                             "of [0, 1000): more training where the text alone decides colour and layout (0: none)")
     train.add_argument("--high-noise-from", type=int, default=700, metavar="T",
                        help="the first timestep of --high-noise-share's range (default 700)")
+    train.add_argument("--high-noise-weight", type=float, default=1.0, metavar="W",
+                       help="weigh each example's eps loss by min(max(1/SNR(t), 1), W): up to W times more where "
+                            "the noise hides the image (1: the plain loss)")
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--base", type=Path, default=None, metavar="PATH",
@@ -122,6 +125,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not 0.0 <= args.high_noise_share <= 1.0 or not 0 <= args.high_noise_from < 1000:
             raise ValueError(f"--high-noise-share {args.high_noise_share} --high-noise-from {args.high_noise_from}: "
                              "use a share in 0..1 and a timestep in 0..999")
+        if not 1.0 <= args.high_noise_weight <= 1000.0:
+            raise ValueError(f"--high-noise-weight {args.high_noise_weight}: use 1..1000 (1: the plain loss)")
         if not 0 <= args.clause_tokens <= 16:
             raise ValueError(f"--clause-tokens {args.clause_tokens}: use 0..16 slots")
         if args.clause_tokens and (args.kind == "superres" or args.text_encoder != "minilm"):
@@ -157,7 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         text_encoder=args.text_encoder, route=args.conditioning_route,
                         cross_attention=args.cross_attention, context_length=args.context_length,
                         context_refiner=refiner, clause_tokens=args.clause_tokens,
-                        high_noise_share=args.high_noise_share, high_noise_from=args.high_noise_from)
+                        high_noise_share=args.high_noise_share, high_noise_from=args.high_noise_from,
+                        high_noise_weight=args.high_noise_weight)
     except ValueError as exc:
         print(f"ldmgraph train {args.kind}: {exc}", file=sys.stderr)
         return 2

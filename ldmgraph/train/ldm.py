@@ -90,6 +90,8 @@ class LDMConfig:
     # share of each batch whose timestep is drawn from [high_noise_from, T) instead of [0, T) (see diffusion_loss)
     high_noise_share: float = 0.0
     high_noise_from: int = 700
+    # weight of each example's eps loss: min(max(1 / SNR(t), 1), high_noise_weight); 1 = the plain loss
+    high_noise_weight: float = 1.0
 
     def __post_init__(self) -> None:
         from .conditioning import adapt_unet, conditioning_of, default_text_transformer
@@ -204,7 +206,7 @@ def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, tor
 
 def diffusion_loss(unet: torch.nn.Module, batch: dict[str, torch.Tensor], abar: torch.Tensor,
                    generator: torch.Generator, offset_noise: float = 0.0, high_noise_share: float = 0.0,
-                   high_noise_from: int = 700) -> torch.Tensor:
+                   high_noise_from: int = 700, high_noise_weight: float = 1.0) -> torch.Tensor:
     """|| eps - eps_theta(z_t, t, c) ||^2, t uniform in 0..T-1.
 
     SD's schedule keeps sqrt(alpha_bar_T) = 0.068 of the signal at t = T, so during training the
@@ -226,10 +228,16 @@ def diffusion_loss(unet: torch.nn.Module, batch: dict[str, torch.Tensor], abar: 
     zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
     x = zt if batch["concat"] is None else torch.cat([zt, batch["concat"]], 1)
     if "ids" in batch:  # a JointModel: the text transformer runs inside, in the same graph
-        return (unet(x, t, batch["ids"]) - eps).pow(2).mean()
-    if batch.get("y") is not None:
-        return (unet(x, t, context=batch["context"], y=batch["y"]) - eps).pow(2).mean()
-    return (unet(x, t, context=batch["context"]) - eps).pow(2).mean()
+        pred = unet(x, t, batch["ids"])
+    elif batch.get("y") is not None:
+        pred = unet(x, t, context=batch["context"], y=batch["y"])
+    else:
+        pred = unet(x, t, context=batch["context"])
+    if high_noise_weight == 1.0:
+        return (pred - eps).pow(2).mean()
+    # 1 / SNR = (1 - abar) / abar: the eps loss times it is the x0 loss, which does not vanish at high noise
+    weight = ((1 - a) / a).clamp(min=1.0, max=high_noise_weight)
+    return ((pred - eps).pow(2) * weight).mean()
 
 
 @restores_torch_threads
@@ -250,6 +258,7 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
     def loss_at(step: int) -> torch.Tensor:
         return diffusion_loss(unet, make_batch(cfg, pool, step), abar, step_generator(cfg.seed, step, stream=3),
                               high_noise_share=cfg.high_noise_share, high_noise_from=cfg.high_noise_from,
+                              high_noise_weight=cfg.high_noise_weight,
                               offset_noise=cfg.offset_noise)
 
     def after_step(done: int, saved: bool, out_of_time: bool) -> None:

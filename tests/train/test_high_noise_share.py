@@ -48,3 +48,20 @@ def test_cli_refuses_a_share_outside_0_to_1(tmp_path: Path, capsys: pytest.Captu
                  "--out", str(tmp_path / "run")])
     assert code == 2 and "--high-noise-share 1.5" in capsys.readouterr().err
     assert not (tmp_path / "pool").exists()
+
+
+def test_the_high_noise_weight_is_one_over_snr_between_1_and_the_cap() -> None:
+    abar = alphas_cumprod()
+    data = {"z0": torch.zeros(500, 4, 2, 2), "concat": None, "context": None}
+    model = _Timesteps()
+    weighted = diffusion_loss(model, data, abar, torch.Generator().manual_seed(0), high_noise_weight=20.0)
+    plain = diffusion_loss(_Timesteps(), data, abar, torch.Generator().manual_seed(0))
+    # the same draws as diffusion_loss makes: the timesteps, then eps; the stand-in predicts zero
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, abar.shape[0], (500,), generator=g)
+    eps = torch.randn(500, 4, 2, 2, generator=g)
+    assert torch.equal(t, model.seen[0])
+    weight = ((1 - abar[t]) / abar[t]).clamp(1.0, 20.0).view(-1, 1, 1, 1)
+    assert weight.min() == 1.0 and weight.max() == 20.0
+    torch.testing.assert_close(plain, eps.pow(2).mean())
+    torch.testing.assert_close(weighted, (eps.pow(2) * weight).mean())
