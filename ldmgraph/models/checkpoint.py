@@ -217,7 +217,9 @@ def _text_encoder(
         key = ("text-encoder", "minilm-l6-v2", str(dtype or torch.float32), str(device))
         minilm = _cached(cache, key, lambda: te.load_minilm(device=device, dtype=dtype or torch.float32))
         # a model trained with clause tokens reads them too (the same weights, no copy)
-        return te.with_clause_tokens(minilm, int(text["clause_tokens"])) if text.get("clause_tokens") else minilm
+        if not text.get("clause_tokens"):
+            return minilm
+        return te.with_clause_tokens(minilm, int(text["clause_tokens"]), bool(text.get("clause_only")))
     return build_text_encoder(state, text, dtype)
 
 

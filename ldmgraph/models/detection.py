@@ -323,8 +323,9 @@ def detect(state: StateDict, *, prediction_type: str | None = None) -> Checkpoin
             architecture=f"bundled-{meta.get('kind', 'txt2img')}",
             unet=dict(meta["unet"]),
             vae=dict(meta["vae"]) if meta.get("vae") else None,
-            text_encoder=({"kind": te, **({"clause_tokens": int(meta["clause_tokens"])} if meta.get("clause_tokens")
-                                          else {})} if te else None),
+            text_encoder=({"kind": te, **({"clause_tokens": int(meta["clause_tokens"]),
+                                           "clause_only": bool(meta.get("clause_only"))}
+                                          if meta.get("clause_tokens") else {})} if te else None),
             prediction_type=pred,
             prediction_type_source=source,
             concat_kind=meta.get("concat"),

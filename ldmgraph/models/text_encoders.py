@@ -162,7 +162,7 @@ class BertTextEncoder(TextEncoder):
 
     def __init__(
         self, bert: nn.Module, tokenizer: Any, *, kind: str, max_length: int = MINILM_MAX_LENGTH,
-        clause_tokens: int = 0,
+        clause_tokens: int = 0, clause_only: bool = False,
     ) -> None:
         super().__init__()
         self.bert = bert
@@ -170,6 +170,7 @@ class BertTextEncoder(TextEncoder):
         self.kind = kind
         self.max_length = max_length
         self.clause_tokens = clause_tokens
+        self.clause_only = clause_only and clause_tokens > 0
         cfg: Any = bert.config
         self.context_dim = int(cfg.hidden_size)
         self.num_layers = int(cfg.num_hidden_layers)
@@ -183,7 +184,9 @@ class BertTextEncoder(TextEncoder):
     def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
         k = self._check_clip_skip(clip_skip)
         context, pooled = self._encode(list(texts), k)
-        if self.clause_tokens:
+        if self.clause_only:
+            context = self._clause_context(list(texts), k)
+        elif self.clause_tokens:
             context = torch.cat([context, self._clause_context(list(texts), k)], dim=1)
         return TextEncoding(context=context, pooled=pooled)
 
@@ -285,10 +288,11 @@ def encode_minilm_clauses(texts: list[str], clause_tokens: int) -> Tensor:
     return with_clause_tokens(shared_minilm(), clause_tokens)._clause_context(list(texts), 1)
 
 
-def with_clause_tokens(encoder: BertTextEncoder, clause_tokens: int) -> BertTextEncoder:
-    """The same MiniLM (weights shared, not copied) that appends ``clause_tokens`` clause tokens to its context."""
+def with_clause_tokens(encoder: BertTextEncoder, clause_tokens: int, clause_only: bool = False) -> BertTextEncoder:
+    """The same MiniLM (weights shared, not copied) that appends ``clause_tokens`` clause tokens to its context
+    (``clause_only``: whose context is the clause tokens alone, [B, clause_tokens, 384])."""
     return BertTextEncoder(encoder.bert, encoder.tokenizer, kind=encoder.kind, max_length=encoder.max_length,
-                           clause_tokens=clause_tokens)
+                           clause_tokens=clause_tokens, clause_only=clause_only)
 
 
 def clip_config(variant: str, **overrides: Any) -> Any:

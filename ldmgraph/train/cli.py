@@ -58,6 +58,9 @@ def register(subparsers: Any) -> None:
     train.add_argument("--clause-tokens", type=int, default=0, metavar="K",
                        help="text-to-image/inpainting with MiniLM: append one pooled token per clause of the caption "
                             "(split at 'and' and commas) to the context, K slots (0: none)")
+    train.add_argument("--clause-only", action="store_true",
+                       help="with --clause-tokens: the context is the clause tokens alone, without the caption's "
+                            "per-word tokens")
     train.add_argument("--high-noise-share", type=float, default=0.0, metavar="P",
                        help="draw the timestep of this share of each batch from [--high-noise-from, 1000) instead "
                             "of [0, 1000): more training where the text alone decides colour and layout (0: none)")
@@ -127,6 +130,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "use a share in 0..1 and a timestep in 0..999")
         if not 1.0 <= args.high_noise_weight <= 1000.0:
             raise ValueError(f"--high-noise-weight {args.high_noise_weight}: use 1..1000 (1: the plain loss)")
+        if args.clause_only and not args.clause_tokens:
+            raise ValueError("--clause-only needs --clause-tokens K (K >= 1)")
         if not 0 <= args.clause_tokens <= 16:
             raise ValueError(f"--clause-tokens {args.clause_tokens}: use 0..16 slots")
         if args.clause_tokens and (args.kind == "superres" or args.text_encoder != "minilm"):
@@ -163,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         cross_attention=args.cross_attention, context_length=args.context_length,
                         context_refiner=refiner, clause_tokens=args.clause_tokens,
                         high_noise_share=args.high_noise_share, high_noise_from=args.high_noise_from,
-                        high_noise_weight=args.high_noise_weight)
+                        high_noise_weight=args.high_noise_weight, clause_only=args.clause_only)
     except ValueError as exc:
         print(f"ldmgraph train {args.kind}: {exc}", file=sys.stderr)
         return 2

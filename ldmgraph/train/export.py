@@ -83,6 +83,7 @@ def bundled_metadata(kind: str, unet_state: dict[str, Any], ae_state: dict[str, 
         "text_encoder": None if kind == "superres" else
         ("ldm-bert" if cfg.get("text_encoder") == "transformer" else "minilm-l6-v2"),
         **({"clause_tokens": int(cfg["clause_tokens"])} if cfg.get("clause_tokens") else {}),
+        **({"clause_only": True} if cfg.get("clause_tokens") and cfg.get("clause_only") else {}),
         "concat": concat,
         "concat_format": CONCAT_FORMAT.get(concat or "", None),
         "schedule": dict(SCHEDULE),

@@ -87,6 +87,7 @@ class LDMConfig:
     # one pooled MiniLM token per clause of the caption appended to its context (0 = none); see
     # ldmgraph.models.text_encoders.split_clauses
     clause_tokens: int = 0
+    clause_only: bool = False  # the context is the clause tokens alone (no per-word tokens)
     # share of each batch whose timestep is drawn from [high_noise_from, T) instead of [0, T) (see diffusion_loss)
     high_noise_share: float = 0.0
     high_noise_from: int = 700
@@ -200,7 +201,8 @@ def make_batch(cfg: LDMConfig, pool: dict[str, Any], step: int) -> dict[str, tor
                 if "clause_contexts" not in pool or pool["clause_contexts"].shape[1] != cfg.clause_tokens:
                     raise ValueError(f"this run appends {cfg.clause_tokens} clause tokens but the pool has none of "
                                      "that count; 'ldmgraph train ldm --clause-tokens K' adds them")
-                out["context"] = torch.cat([out["context"], pool["clause_contexts"][captions]], 1)
+                clauses = pool["clause_contexts"][captions]
+                out["context"] = clauses if cfg.clause_only else torch.cat([out["context"], clauses], 1)
     return out
 
 
