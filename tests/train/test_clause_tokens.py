@@ -140,3 +140,18 @@ def test_cli_refuses_clause_tokens_where_they_cannot_go(tmp_path: Path, capsys: 
                  "--out", str(tmp_path / "run")])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "pool").exists() and not (tmp_path / "run").exists()
+
+
+def test_clause_only_contexts_are_the_clause_tokens_alone() -> None:
+    from ldmgraph.models.text_encoders import with_clause_tokens
+
+    only = with_clause_tokens(shared_minilm(), 3, clause_only=True).encode(CAPTIONS).context
+    assert only.shape == (5, 3, 384)
+    assert torch.equal(only, encode_minilm(CAPTIONS, clause_tokens=3)[:, 32:])
+    pool = {**tiny_pool(), "contexts": encode_minilm(CAPTIONS), "captions": CAPTIONS,
+            "clause_contexts": only}
+    cfg = LDMConfig(kind="ldm", steps=1, batch_size=4, unet=tiny_unet("ldm"), scale_factor=0.5, clause_tokens=3,
+                    clause_only=True, caption_dropout=0.0)
+    batch = make_batch(cfg, pool, 0)
+    captions = pool["caption_index"][torch.randint(0, 12, (4,), generator=_batch_generator())]
+    assert torch.equal(batch["context"], only[captions])
