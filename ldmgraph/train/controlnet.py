@@ -207,6 +207,8 @@ def train_controlnet(cfg: ControlConfig, pool_folder: Path, out: Path, resume: b
     ema = EMA(control, decay=cfg.ema_decay)
     opt = torch.optim.AdamW(control.parameters(), lr=cfg.lr, weight_decay=0.0)
     pool = load_file(str(pool_folder / "control_pool.safetensors"))
+    if meta.get("clause_tokens"):  # the base reads clause tokens: give the copy the contexts the base reads
+        pool["contexts"] = base_contexts(Path(cfg.base), pool_folder)
     abar = alphas_cumprod()
     state = {"kind": "controlnet", "config": asdict(cfg), "unet": meta["unet"], "hint_channels": list(HINT_CHANNELS)}
 
@@ -251,6 +253,20 @@ def export_controlnet(run: Path, out: Path, dtype: torch.dtype = torch.float32) 
     os.chmod(tmp, 0o644)  # a shipped asset, readable like the others
     os.replace(tmp, out)
     return out
+
+
+def base_contexts(base: Path, pool_folder: Path) -> torch.Tensor:
+    """The control pool's captions encoded by the base model's own text encoder (its clause tokens too),
+    in the order of the pool's caption table."""
+    from safetensors import safe_open
+
+    from ldmgraph.models.checkpoint import load_checkpoint as load_model
+
+    with safe_open(str(pool_folder / "control_pool.safetensors"), "pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+    encoder = load_model(base).text_encoder
+    return torch.cat([encoder.encode(captions[i : i + 256]).context.float()
+                      for i in range(0, len(captions), 256)]).contiguous()
 
 
 def cmd_train_controlnet(args: Any) -> int:

@@ -155,3 +155,26 @@ def test_clause_only_contexts_are_the_clause_tokens_alone() -> None:
     batch = make_batch(cfg, pool, 0)
     captions = pool["caption_index"][torch.randint(0, 12, (4,), generator=_batch_generator())]
     assert torch.equal(batch["context"], only[captions])
+
+
+def test_a_controlnet_for_a_clause_token_model_trains_on_the_contexts_that_model_reads(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "nodes"))
+    from ldmgraph_tiny_models import write_tiny_checkpoint
+    from safetensors.torch import load_file
+
+    from ldmgraph.train.controlnet import base_contexts
+
+    base = write_tiny_checkpoint(tmp_path / "txt2img.safetensors", "txt2img")
+    with safe_open(str(base), "pt") as f:
+        meta, tensors = json.loads(f.metadata()["ldmgraph"]), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(base), metadata={"ldmgraph": json.dumps({**meta, "clause_tokens": 3, "clause_only": True})})
+    pool = tmp_path / "cpool"
+    pool.mkdir()
+    save_file({"contexts": encode_minilm(CAPTIONS)}, str(pool / "control_pool.safetensors"),
+              metadata={"captions": json.dumps(CAPTIONS)})
+    contexts = base_contexts(base, pool)
+    assert contexts.shape == (5, 3, 384)
+    torch.testing.assert_close(contexts, encode_minilm(CAPTIONS, clause_tokens=3)[:, 32:], rtol=0, atol=1e-6)
+    assert load_file(str(pool / "control_pool.safetensors"))["contexts"].shape == (5, 32, 384)  # the pool as built
