@@ -98,15 +98,16 @@ def bundled_metadata(kind: str, unet_state: dict[str, Any], ae_state: dict[str, 
             "autoencoder_steps": ae_state["step"],
             "loss": "||eps - eps_theta(z_t, t, c)||^2 (Rombach et al. 2022, eq. 2)",
             "lr": cfg.get("lr"),
-            **fine_tuned_from(cfg.get("init_from") or ""),
+            **fine_tuned_from(cfg.get("init_from") or "", unet_state.get("init_from_step")),
             **(extra or {}),
         },
     }
 
 
-def fine_tuned_from(source: str) -> dict[str, Any]:
+def fine_tuned_from(source: str, step: int | None = None) -> dict[str, Any]:
     """Where a fine-tuned run started: the source's name and, for a bundled file, its own training record
-    (so a chain of fine-tunes keeps the whole history); {} for a run trained from scratch."""
+    (so a chain of fine-tunes keeps the whole history); {} for a run trained from scratch. ``step``: the
+    source run's step when the fine-tune started (else the step it is at now)."""
     if not source:
         return {}
     path = Path(source)
@@ -120,8 +121,8 @@ def fine_tuned_from(source: str) -> dict[str, Any]:
             record["training"] = meta["training"]
     elif (path / "state.json").is_file():
         state = json.loads((path / "state.json").read_text())
-        record["steps"] = state.get("step")
-        record.update(fine_tuned_from(state.get("config", {}).get("init_from") or ""))
+        record["steps"] = step if step is not None else state.get("step")
+        record.update(fine_tuned_from(state.get("config", {}).get("init_from") or "", state.get("init_from_step")))
     return {"fine_tuned_from": record}
 
 

@@ -14,6 +14,7 @@ these models as it treats Stable Diffusion. Three kinds, one loop:
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,11 @@ def train_ldm(cfg: LDMConfig, pool: dict[str, Any], out: Path, resume: bool = Fa
         if saved and on_checkpoint is not None:
             on_checkpoint(done)
 
-    train_loop(out, unet, ema, opt, cfg, {"kind": cfg.kind, "config": asdict(cfg)}, loss_at,
+    state: dict[str, Any] = {"kind": cfg.kind, "config": asdict(cfg)}
+    source = Path(cfg.init_from) / "state.json" if cfg.init_from else None
+    if source is not None and source.is_file():  # the source run may go on: remember the step it started from
+        earlier = json.loads((out / "state.json").read_text()) if resume and (out / "state.json").is_file() else {}
+        state["init_from_step"] = earlier.get("init_from_step", json.loads(source.read_text()).get("step"))
+    train_loop(out, unet, ema, opt, cfg, state, loss_at,
                resume=resume, progress=progress, desc=cfg.kind, after_step=after_step)
     return out

@@ -50,8 +50,8 @@ def load_pool_latents(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def read_scale_factor(pool_folder: Path, init_from: Path | None = None) -> float:
-    """The pool's latent scale factor, or that of the bundled file a fine-tuning run starts from
-    (its U-Net learned latents at that scale; a new pool's own figure differs in the third digit)."""
+    """The pool's latent scale factor, or that of the bundled file or run folder a fine-tuning run starts
+    from (its U-Net learned latents at that scale; a new pool's own figure differs in the third digit)."""
     if init_from is not None and init_from.is_file():
         from safetensors import safe_open
 
@@ -59,6 +59,10 @@ def read_scale_factor(pool_folder: Path, init_from: Path | None = None) -> float
             meta = json.loads((f.metadata() or {}).get("ldmgraph", "{}"))
         if "scale_factor" in meta:
             return float(meta["scale_factor"])
+    if init_from is not None and (init_from / "state.json").is_file():  # a run folder: the scale it trained at
+        trained_at = json.loads((init_from / "state.json").read_text()).get("config", {}).get("scale_factor")
+        if trained_at:
+            return float(trained_at)
     return float(json.loads((pool_folder / "scale_factor.json").read_text())["scale_factor"])
 
 

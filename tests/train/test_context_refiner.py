@@ -180,3 +180,18 @@ def test_a_fine_tuned_export_keeps_the_history_of_the_file_it_started_from(tmp_p
     assert "fine_tuned_from" not in meta["base"]
     assert meta["tuned"]["steps"] == 1 and meta["tuned"]["lr"] == 5e-4
     assert meta["tuned"]["fine_tuned_from"] == {"from": "base.safetensors", "training": meta["base"]}
+
+
+def test_a_fine_tune_from_a_run_folder_records_the_step_it_started_from(tmp_path: Path) -> None:
+    from ldmgraph.train.export import export_bundled
+
+    ae_run(tmp_path / "ae", 1)
+    base = LDMConfig(kind="ldm", steps=2, batch_size=3, unet=tiny_unet("ldm"), scale_factor=0.5, checkpoint_every=1)
+    train_ldm(base, tiny_pool(), tmp_path / "base", progress=False)
+    train_ldm(config(1, init_from=str(tmp_path / "base")), tiny_pool(), tmp_path / "tuned", progress=False)
+    base.steps = 4  # the source run goes on after the fine-tune started from it
+    train_ldm(base, tiny_pool(), tmp_path / "base", resume=True, progress=False)
+    tuned = export_bundled("ldm", tmp_path / "tuned", tmp_path / "ae", 0.5, tmp_path / "tuned.safetensors")
+    with safe_open(str(tuned), "pt") as f:
+        record = json.loads(f.metadata()["ldmgraph"])["training"]["fine_tuned_from"]
+    assert record == {"from": "base", "steps": 2}
