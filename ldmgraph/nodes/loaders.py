@@ -148,7 +148,7 @@ class VAELoader(Node):
 
 
 class TextEncoderLoader(Node):
-    """Load a text encoder on its own: the bundled MiniLM-L6 by name, or the one inside a checkpoint."""
+    """Load a text encoder on its own: the bundled MiniLM-L6 by name (its per-word context, as the inpainting model reads it), or the one a checkpoint declares (the bundled text-to-image file's: MiniLM with its clause tokens)."""
 
     type_name = "TextEncoderLoader"
     category = "loaders"
