@@ -8,7 +8,6 @@ them, and a model trained with them exports, loads and runs through a saved work
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_training import ae_run, tiny_pool, tiny_unet
+from test_training import ae_run, jitter_unet, saved_txt2img_images, tiny_pool, tiny_unet
 
 from ldmgraph.models.text_encoders import encode_minilm, shared_minilm, split_clauses
 from ldmgraph.train.ldm import LDMConfig, make_batch, train_ldm
@@ -82,10 +81,7 @@ def _batch_generator() -> torch.Generator:
 
 
 def test_a_clause_token_model_exports_loads_and_runs_through_a_saved_workflow(tmp_path: Path) -> None:
-    from ldmgraph.graph.context import Environment
-    from ldmgraph.graph.executor import Executor
     from ldmgraph.models.checkpoint import load_checkpoint
-    from ldmgraph.plugins import load_registry
     from ldmgraph.train.export import export_bundled
 
     ae_run(tmp_path / "ae", 1)
@@ -107,22 +103,12 @@ def test_a_clause_token_model_exports_loads_and_runs_through_a_saved_workflow(tm
 
     # the saved workflow feeds the U-Net the 34-token context: the same weights under metadata without
     # clause_tokens draw another image (random U-Net weights, so that the text reaches the image at all)
-    g = torch.Generator().manual_seed(3)
     with safe_open(str(path), "pt") as f:
-        saved = {k: f.get_tensor(k) for k in f.keys()}
-    noisy = {k: (v + 0.1 * torch.randn(v.shape, generator=g) if k.startswith("model.diffusion_model.") else v)
-             for k, v in saved.items()}
+        noisy = jitter_unet({k: f.get_tensor(k) for k in f.keys()})
     save_file(noisy, str(models / "clauses.safetensors"), metadata={"ldmgraph": json.dumps(meta)})
     plain = {k: v for k, v in meta.items() if k != "clause_tokens"}
     save_file(noisy, str(models / "plain.safetensors"), metadata={"ldmgraph": json.dumps(plain)})
-    doc = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
-    env = Environment(input_dir=tmp_path, output_dir=tmp_path / "out", model_dirs=(models,))
-    images = {}
-    for name in ("clauses", "plain"):
-        run = copy.deepcopy(doc)
-        run["nodes"]["ckpt"]["inputs"]["ckpt_name"] = f"{name}.safetensors"
-        result = Executor(load_registry(), env).run(run, overrides={"steps": 2}, outputs=["decode"])
-        images[name] = torch.as_tensor(result.outputs["decode"]["image"])
+    images = saved_txt2img_images(tmp_path, models, ["clauses", "plain"])
     assert images["clauses"].shape == (1, 64, 64, 3)
     assert not torch.equal(images["clauses"], images["plain"])
 

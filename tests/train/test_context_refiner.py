@@ -4,7 +4,6 @@ travel through export and the loader bit for bit, and be what a saved workflow r
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_training import ae_run, tiny_pool, tiny_unet
+from test_training import ae_run, jitter_unet, saved_txt2img_images, tiny_pool, tiny_unet
 
 from ldmgraph.models.unet import UNetModel
 from ldmgraph.train.ldm import LDMConfig, build_unet, initial_weights, train_ldm
@@ -84,10 +83,7 @@ def test_training_moves_the_refiner(tmp_path: Path) -> None:
 
 
 def test_a_refined_model_exports_loads_bit_identical_and_a_workflow_runs_its_refiner(tmp_path: Path) -> None:
-    from ldmgraph.graph.context import Environment
-    from ldmgraph.graph.executor import Executor
     from ldmgraph.models.checkpoint import load_checkpoint
-    from ldmgraph.plugins import load_registry
     from ldmgraph.train.export import export_bundled
 
     ae_run(tmp_path / "ae", 1)
@@ -115,22 +111,13 @@ def test_a_refined_model_exports_loads_bit_identical_and_a_workflow_runs_its_ref
     # the saved text-to-image workflow runs the refiner: the same file with the refiner's output at zero draws
     # another image. A few steps leave a fresh U-Net's cross-attention at zero, so both files get random U-Net
     # weights (the text reaches the image through them).
-    g = torch.Generator().manual_seed(3)
-    noisy = {k: (v + 0.1 * torch.randn(v.shape, generator=g) if k.startswith("model.diffusion_model.") else v)
-             for k, v in saved.items()}
+    noisy = jitter_unet(saved)
     save_file(noisy, str(models / "refined.safetensors"), metadata={"ldmgraph": json.dumps(meta)})
     save_file({k: (torch.zeros_like(v) if k.endswith("context_refiner.proj_out.weight") else v)
                for k, v in noisy.items()}, str(models / "silenced.safetensors"), metadata={"ldmgraph": json.dumps(meta)})
-    doc = json.loads((ROOT / "workflows" / "txt2img.json").read_text())
-    env = Environment(input_dir=tmp_path, output_dir=tmp_path / "out", model_dirs=(models,))
-    images = {}
-    for name in ("refined", "silenced"):
-        run = copy.deepcopy(doc)
-        run["nodes"]["ckpt"]["inputs"]["ckpt_name"] = f"{name}.safetensors"
-        result = Executor(load_registry(), env).run(run, overrides={"steps": 2}, outputs=["decode"])
-        images[name] = result.outputs["decode"]["image"]
+    images = saved_txt2img_images(tmp_path, models, ["refined", "silenced"])
     assert images["refined"].shape == (1, 64, 64, 3)
-    assert not torch.equal(torch.as_tensor(images["refined"]), torch.as_tensor(images["silenced"]))
+    assert not torch.equal(images["refined"], images["silenced"])
 
 
 def test_a_bad_refiner_in_metadata_is_named(tmp_path: Path) -> None:

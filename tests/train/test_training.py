@@ -107,3 +107,30 @@ def test_export_is_a_bundled_checkpoint_the_loader_runs(tmp_path: Path) -> None:
     assert ckpt.info.architecture == "bundled-superres" and ckpt.vae.scale_factor == 0.5
     images = superres(ckpt, torch.zeros(2, 3, 16, 16), steps=2)
     assert images.shape == (2, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
+
+
+def jitter_unet(tensors: dict[str, torch.Tensor], seed: int = 3, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """A bundled file's tensors with noise on the U-Net's: a few training steps leave a fresh U-Net's
+    cross-attention at zero, and a test that the text reaches the image needs it to be otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v + scale * torch.randn(v.shape, generator=g) if k.startswith("model.diffusion_model.") else v)
+            for k, v in tensors.items()}
+
+
+def saved_txt2img_images(tmp_path: Path, models: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The image the saved text-to-image workflow draws (2 steps) with each of these files in ``models``."""
+    import copy
+
+    from ldmgraph.graph.context import Environment
+    from ldmgraph.graph.executor import Executor
+    from ldmgraph.plugins import load_registry
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "workflows" / "txt2img.json").read_text())
+    env = Environment(input_dir=tmp_path, output_dir=tmp_path / "out", model_dirs=(models,))
+    images = {}
+    for name in names:
+        run = copy.deepcopy(doc)
+        run["nodes"]["ckpt"]["inputs"]["ckpt_name"] = f"{name}.safetensors"
+        result = Executor(load_registry(), env).run(run, overrides={"steps": 2}, outputs=["decode"])
+        images[name] = torch.as_tensor(result.outputs["decode"]["image"])
+    return images
