@@ -28,7 +28,8 @@ from ldmgraph.models.tokenizer import CONTEXT_LENGTH, EOS_ID, ClipTokenizer, def
 from ldmgraph.models.weights import assign_weights, build_on_meta
 
 MINILM_MAX_LENGTH = 32
-"""Fixed token count of the bundled models' MiniLM context (padded, truncated): context is [B, 32, 384]."""
+"""Fixed token count of the bundled models' per-word MiniLM context (padded, truncated): [B, 32, 384]
+(clause tokens, where a model's file asks for them, come after these or replace them)."""
 
 
 @dataclass(frozen=True)
