@@ -317,15 +317,16 @@ def detect(state: StateDict, *, prediction_type: str | None = None) -> Checkpoin
     if meta is not None:
         pred, source = _prediction_type(state, meta, prediction_type)
         te = meta.get("text_encoder")
+        text = {"kind": te} if te else None
+        if text is not None and meta.get("clause_tokens"):  # a MiniLM model that reads clause tokens
+            text.update(clause_tokens=int(meta["clause_tokens"]), clause_only=bool(meta.get("clause_only")))
         return CheckpointInfo(
             path=str(path),
             layout="bundled",
             architecture=f"bundled-{meta.get('kind', 'txt2img')}",
             unet=dict(meta["unet"]),
             vae=dict(meta["vae"]) if meta.get("vae") else None,
-            text_encoder=({"kind": te, **({"clause_tokens": int(meta["clause_tokens"]),
-                                           "clause_only": bool(meta.get("clause_only"))}
-                                          if meta.get("clause_tokens") else {})} if te else None),
+            text_encoder=text,
             prediction_type=pred,
             prediction_type_source=source,
             concat_kind=meta.get("concat"),

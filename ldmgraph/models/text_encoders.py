@@ -184,11 +184,12 @@ class BertTextEncoder(TextEncoder):
     @torch.no_grad()
     def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
         k = self._check_clip_skip(clip_skip)
+        if self.clause_only:  # one pass over the clauses and the whole texts (for `pooled`)
+            context, pooled = self._clause_context(list(texts), k, whole=True)
+            return TextEncoding(context=context, pooled=pooled)
         context, pooled = self._encode(list(texts), k)
-        if self.clause_only:
-            context = self._clause_context(list(texts), k)
-        elif self.clause_tokens:
-            context = torch.cat([context, self._clause_context(list(texts), k)], dim=1)
+        if self.clause_tokens:
+            context = torch.cat([context, self._clause_context(list(texts), k)[0]], dim=1)
         return TextEncoding(context=context, pooled=pooled)
 
     def _encode(self, texts: list[str], k: int) -> tuple[Tensor, Tensor]:
@@ -198,15 +199,17 @@ class BertTextEncoder(TextEncoder):
         pooled = (context * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return context, pooled
 
-    def _clause_context(self, texts: list[str], k: int) -> Tensor:
-        """[B, clause_tokens, D]: the pooled vector of each clause of each text, one token per clause, then
-        the empty text's pooled vector in the slots a text has no clause for (see `split_clauses`)."""
+    def _clause_context(self, texts: list[str], k: int, whole: bool = False) -> tuple[Tensor, Tensor | None]:
+        """([B, clause_tokens, D], the whole texts' pooled vectors [B, D] if ``whole`` else None): the pooled
+        vector of each clause of each text, one token per clause, then the empty text's pooled vector in
+        the slots a text has no clause for (see `split_clauses`). Each distinct string is encoded once."""
         clauses = [split_clauses(t, self.clause_tokens) for t in texts]
-        distinct = sorted({c for cs in clauses for c in cs} | {""})
+        distinct = sorted({c for cs in clauses for c in cs} | {""} | (set(texts) if whole else set()))
         _, pooled = self._encode(distinct, k)
         row = {c: i for i, c in enumerate(distinct)}
         index = [[row[c] for c in cs] + [row[""]] * (self.clause_tokens - len(cs)) for cs in clauses]
-        return pooled[torch.tensor(index, device=pooled.device)]
+        tokens = pooled[torch.tensor(index, device=pooled.device)]
+        return tokens, pooled[torch.tensor([row[t] for t in texts], device=pooled.device)] if whole else None
 
 
 _CLAUSE_BREAK = re.compile(r"\s*(?:[,;]|\band\b)\s*", re.IGNORECASE)
@@ -286,7 +289,7 @@ def encode_minilm(texts: list[str], clause_tokens: int = 0) -> Tensor:
 
 def encode_minilm_clauses(texts: list[str], clause_tokens: int) -> Tensor:
     """Only the clause tokens [B, clause_tokens, 384] that `encode_minilm(texts, clause_tokens)` appends."""
-    return with_clause_tokens(shared_minilm(), clause_tokens)._clause_context(list(texts), 1)
+    return with_clause_tokens(shared_minilm(), clause_tokens)._clause_context(list(texts), 1)[0]
 
 
 def with_clause_tokens(encoder: BertTextEncoder, clause_tokens: int, clause_only: bool = False) -> BertTextEncoder:

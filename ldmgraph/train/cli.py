@@ -179,7 +179,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.clause_tokens:
         from .pool import clause_contexts
 
-        pool["clause_contexts"] = clause_contexts(args.pool, cfg.clause_tokens, progress=not args.no_progress)
+        pool["clause_contexts"] = clause_contexts(args.pool, pool["captions"], cfg.clause_tokens,
+                                                  progress=not args.no_progress)
     train_ldm(cfg, pool, out, resume=args.resume, progress=not args.no_progress, threads=args.threads)
     print(f"{args.kind} run: {out}")
     if args.export is not None:

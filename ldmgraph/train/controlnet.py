@@ -260,11 +260,11 @@ def base_contexts(base: Path, pool_folder: Path) -> torch.Tensor:
     in the order of the pool's caption table."""
     from safetensors import safe_open
 
-    from ldmgraph.models.checkpoint import load_checkpoint as load_model
+    from ldmgraph.models.checkpoint import load_text_encoder
 
     with safe_open(str(pool_folder / "control_pool.safetensors"), "pt") as f:
         captions = json.loads(f.metadata()["captions"])
-    encoder = load_model(base).text_encoder
+    encoder = load_text_encoder(base)  # the text encoder alone: no U-Net or VAE built again
     return torch.cat([encoder.encode(captions[i : i + 256]).context.float()
                       for i in range(0, len(captions), 256)]).contiguous()
 

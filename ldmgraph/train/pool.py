@@ -145,17 +145,16 @@ def build_contexts(out: Path, data_seed: int, count: int, inpaint_count: int,
     return out
 
 
-def clause_contexts(folder: Path, clause_tokens: int, batch: int = 256, progress: bool = True) -> torch.Tensor:
-    """The pool's clause tokens [captions, clause_tokens, 384] (one pooled MiniLM vector per clause of each
-    distinct caption, `ldmgraph.models.text_encoders.split_clauses`), encoded once into
-    ``clauses{K}.safetensors`` beside the contexts and read from there afterwards."""
-    from safetensors import safe_open
-
+def clause_contexts(folder: Path, captions: list[str], clause_tokens: int, batch: int = 256,
+                    progress: bool = True) -> torch.Tensor:
+    """The clause tokens [captions, clause_tokens, 384] of the pool's caption table (``load_pool``'s
+    ``captions``): one pooled MiniLM vector per clause of each caption
+    (`ldmgraph.models.text_encoders.split_clauses`), encoded once into ``clauses{K}.safetensors`` beside
+    the contexts (written atomically) and read from there afterwards."""
+    from ldmgraph.models.single_file import write_state_dict
     from ldmgraph.models.text_encoders import encode_minilm_clauses
 
     path = folder / f"clauses{clause_tokens}.safetensors"
-    with safe_open(str(folder / "contexts.safetensors"), "pt") as f:
-        captions = json.loads(f.metadata()["captions"])
     if path.exists():
         tokens = load_file(str(path))["clause_contexts"]
         if tokens.shape[0] == len(captions):
@@ -163,7 +162,7 @@ def clause_contexts(folder: Path, clause_tokens: int, batch: int = 256, progress
     parts = [encode_minilm_clauses(captions[i : i + batch], clause_tokens)
              for i in tqdm(range(0, len(captions), batch), desc="clause tokens", disable=not progress)]
     tokens = torch.cat(parts).float().contiguous()
-    save_file({"clause_contexts": tokens}, str(path))
+    write_state_dict(path, {"clause_contexts": tokens}, {})
     return tokens
 
 

@@ -55,11 +55,11 @@ def test_the_pool_and_a_batch_carry_the_clause_tokens(tmp_path: Path) -> None:
 
     save_file({"contexts": encode_minilm(CAPTIONS)}, str(tmp_path / "contexts.safetensors"),
               metadata={"captions": json.dumps(CAPTIONS)})
-    tokens = clause_contexts(tmp_path, 2, progress=False)
+    tokens = clause_contexts(tmp_path, CAPTIONS, 2, progress=False)
     assert tokens.shape == (5, 2, 384) and (tmp_path / "clauses2.safetensors").is_file()
     torch.testing.assert_close(tokens, encode_minilm(CAPTIONS, clause_tokens=2)[:, 32:], rtol=0, atol=1e-5)
     stamp = (tmp_path / "clauses2.safetensors").stat().st_mtime_ns
-    assert torch.equal(clause_contexts(tmp_path, 2, progress=False), tokens)  # read back, not encoded again
+    assert torch.equal(clause_contexts(tmp_path, CAPTIONS, 2, progress=False), tokens)  # read back, not encoded again
     assert (tmp_path / "clauses2.safetensors").stat().st_mtime_ns == stamp
 
     pool = {**tiny_pool(), "contexts": encode_minilm(CAPTIONS), "captions": CAPTIONS}
