@@ -1,6 +1,6 @@
 """ComfyUI graph import: API format and UI format -> an ldmgraph workflow (`ldmgraph/1`).
 
-Two formats exist (facts in shared/REFERENCE.md):
+Two formats exist:
 
 * the API format ("prompt"): `{id: {"class_type", "inputs"}}`, a link is `[source_id, output_index]`,
   a literal list is wrapped as `{"__value__": [...]}`;

@@ -3,7 +3,7 @@
 Each entry says which of our node types a ComfyUI class becomes, how its input names translate, what
 its outputs are called here (ComfyUI addresses outputs by index, we by name), and the order of its
 widgets, which is how the editor's UI format stores literal values (`widgets_values`, by position).
-Input orders are those of ComfyUI's node declarations (see shared/REFERENCE.md); they are facts about
+Input orders are those of ComfyUI's node declarations; they are facts about
 the file format, nothing of ComfyUI's code.
 """
 
