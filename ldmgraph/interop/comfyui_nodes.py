@@ -337,6 +337,9 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         extra={"quantize": "truncate"},  # ComfyUI writes clip(255 x) truncated to uint8
     ),
     "PreviewImage": NodeMapping("PreviewImage", {"images": "images"}, ()),
+    "SaveImageWebsocket": NodeMapping(
+        "SaveImageWebsocket", {"images": "images"}, (), extra={"quantize": "truncate"}  # as ComfyUI's clip(255 x)
+    ),
 }
 """ComfyUI class -> our node. `CLIPSetLastLayer` is not here: it folds into `TextEncode.clip_skip`."""
 
