@@ -14,6 +14,14 @@ Two named conventions, recorded in the workflow (and so in every PNG it writes):
   noise for the whole batch from a second, fresh generator seeded with the seed; SDE samplers use
   one Brownian tree over the whole batch, seeded with the seed. The U-Net also receives integer
   timesteps (see sampling.py).
+- "diffusers" (a diffusers pipeline called with one `torch.Generator().manual_seed(seed)`): one
+  generator for the whole run. When the latent still carries its autoencoder posterior (straight
+  from VAEEncode), it first draws the posterior sample z = mean + std * eps for the batch, as
+  `StableDiffusionImg2ImgPipeline` does (`latent_dist.sample(generator)`); then the batch's
+  starting noise in one draw; then ancestral samplers' per-step noise for the batch, continuing
+  the same generator (the pipeline hands it to `scheduler.step`). SDE samplers use one Brownian
+  tree over the batch, as "comfyui". Timesteps stay fractional: pick the schedule that matches the
+  diffusers scheduler (e.g. `linspace_rounded` for DPM-Solver++ and UniPC with "linspace").
 
 Start-noise scaling (how the starting latent is made from noise at the first sigma s0):
 "auto" = ComfyUI's and ours: sqrt(1 + s0^2) when s0 is the model's largest sigma (pure noise, the
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-CONVENTIONS = ("ldmgraph", "comfyui")
+CONVENTIONS = ("ldmgraph", "comfyui", "diffusers")
 START_NOISE = ("auto", "sigma", "vp")
 
 
@@ -113,19 +121,32 @@ class Noise:
         if self.start_noise not in START_NOISE:
             raise ValueError(f"start_noise {self.start_noise!r} is not one of {', '.join(START_NOISE)}")
 
-    def start(self, shape: Sequence[int], batch_index: Sequence[int] | None) -> tuple[Tensor, list[torch.Generator]]:
-        """The starting noise `[B, ...]` on the CPU (zeros when disabled), and the generators the
-        per-step noise continues from (ldmgraph convention; fresh ones for comfyui)."""
+    def start(
+        self, shape: Sequence[int], batch_index: Sequence[int] | None, posterior_std: Tensor | None = None
+    ) -> tuple[Tensor, list[torch.Generator], Tensor | None]:
+        """The starting noise `[B, ...]` on the CPU (zeros when disabled), the generators the
+        per-step noise continues from (ldmgraph and diffusers conventions; fresh ones for comfyui),
+        and, under "diffusers" with a posterior, the posterior draw std * eps to add to its mean
+        (drawn first; None otherwise)."""
         batch, rest = int(shape[0]), tuple(shape[1:])
+        if self.convention == "diffusers":
+            generator = torch.Generator(device="cpu").manual_seed(self.seed % 2**64)
+            offset = None
+            if posterior_std is not None:
+                eps = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+                offset = posterior_std.to(torch.float32) * eps
+            if not self.enabled:
+                return torch.zeros(tuple(shape)), [generator], offset
+            return _batch_draw(generator, tuple(shape), batch_index), [generator], offset
         if self.convention == "comfyui":
             generators = [torch.Generator(device="cpu").manual_seed(self.seed % 2**64)]
             if not self.enabled:
-                return torch.zeros(tuple(shape)), generators
-            return comfyui_batch_noise(self.seed, tuple(shape), batch_index), generators
+                return torch.zeros(tuple(shape)), generators, None
+            return comfyui_batch_noise(self.seed, tuple(shape), batch_index), generators, None
         generators = image_generators(self.seed, batch, batch_index)
         if not self.enabled:
-            return torch.zeros(tuple(shape)), generators
-        return draw(generators, rest), generators
+            return torch.zeros(tuple(shape)), generators, None
+        return draw(generators, rest), generators, None
 
     def step_sampler(
         self,
@@ -142,11 +163,11 @@ class Noise:
             positive = sigmas[sigmas > 0]
             low = float(positive.min()) if positive.numel() else 0.0
             high = float(sigmas.max())
-            if self.convention == "comfyui":
+            if self.convention in ("comfyui", "diffusers"):
                 return BrownianTreeNoiseSampler([self.seed], tuple(shape), low, high, device)
             offsets = list(batch_index) if batch_index is not None else list(range(batch))
             return BrownianTreeNoiseSampler([self.seed + k for k in offsets], (1, *rest), low, high, device)
-        if self.convention == "comfyui":
+        if self.convention in ("comfyui", "diffusers"):  # a fresh generator, or the run's own
             generator = generators[0]
             return lambda sigma, sigma_next: torch.randn(
                 tuple(shape), generator=generator, dtype=torch.float32
@@ -157,7 +178,11 @@ class Noise:
 def comfyui_batch_noise(seed: int, shape: tuple[int, ...], batch_index: Sequence[int] | None) -> Tensor:
     """ComfyUI's starting noise: one generator seeded with the seed draws the batch at once; with
     batch_index, one image-sized draw per index 0..max in order, keeping the ones named."""
-    generator = torch.Generator(device="cpu").manual_seed(seed % 2**64)
+    return _batch_draw(torch.Generator(device="cpu").manual_seed(seed % 2**64), shape, batch_index)
+
+
+def _batch_draw(generator: torch.Generator, shape: tuple[int, ...], batch_index: Sequence[int] | None) -> Tensor:
+    """A batch's noise from one generator: one draw, or per index 0..max(batch_index) in order."""
     if batch_index is None:
         return torch.randn(shape, generator=generator, dtype=torch.float32)
     wanted = sorted(set(int(i) for i in batch_index))

@@ -64,8 +64,10 @@ class NoiseSchedule:
     def from_betas(cls, betas: Tensor) -> NoiseSchedule:
         """Schedule from explicit betas (any float dtype; computed in float64)."""
         alphas_cumprod = torch.cumprod(1.0 - betas.to(torch.float64), dim=0)
-        sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().to(torch.float32)
-        return cls(alphas_cumprod=alphas_cumprod, sigmas=sigmas, log_sigmas=sigmas.log())
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+        # the log is taken in float64 and then rounded, as ComfyUI's ModelSamplingDiscrete does:
+        # the float32 log of a rounded sigma can land a sigma on the other side of a midpoint
+        return cls(alphas_cumprod=alphas_cumprod, sigmas=sigmas.to(torch.float32), log_sigmas=sigmas.log().to(torch.float32))
 
     @classmethod
     def from_config(

@@ -153,6 +153,7 @@ SCHEDULE_NAMES = (
     "beta",
     "leading",
     "trailing",
+    "linspace_rounded",
 )
 
 BUILTIN_SAMPLERS: dict[str, LazySampler] = {

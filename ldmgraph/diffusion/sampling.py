@@ -5,7 +5,8 @@
   and filled in (registry.py declares them; no signature sniffing).
 - GUIDER (`Guider`): the model with its conditionings and guidance (CFG, plain, dual CFG),
   calling the CFG and inpainting machinery of guidance.py.
-- NOISE (`noise.Noise`): the seed and the noise / rounding convention ("ldmgraph", "comfyui").
+- NOISE (`noise.Noise`): the seed and the noise / rounding convention ("ldmgraph", "comfyui",
+  "diffusers").
 
 `run_sampling` draws the starting noise, scales it (noise.start_scale), wraps the guider for
 the latent's inpainting mask, runs the sampler with the right per-step noise source (Brownian
@@ -217,7 +218,11 @@ def run_sampling(
     model = guider.model
     target = torch.device(device) if device is not None else getattr(model, "device", None) or home
     known = latent.samples.to(target, torch.float32)
-    start_noise, generators = noise.start(tuple(known.shape), latent.batch_index)
+    std = latent.posterior_std
+    std = std if std is not None and tuple(std.shape) == tuple(known.shape) else None
+    start_noise, generators, posterior_draw = noise.start(tuple(known.shape), latent.batch_index, std)
+    if posterior_draw is not None:  # diffusers' img2img: z = mean + std * eps, drawn before the noise
+        known = known + posterior_draw.to(target)
     start_noise = start_noise.to(target)
     scale = start_scale(noise.start_noise, float(sigmas[0]), model.noise_schedule.sigma_max)
     x = known + start_noise * scale
@@ -239,10 +244,9 @@ def run_sampling(
     )
     with torch.inference_mode():
         x = sampler(guided, x, sigmas.to(target), extra_args=None, callback=report, noise_sampler=noise_sampler)
+        # no blend here: InpaintDenoiser already returned D * mask + known * (1 - mask) at every
+        # step, as ComfyUI's KSamplerX0Inpaint does; a second blend would square a fractional mask
         denoised = last.get("denoised", x)
-        if mask is not None:
-            x = known * (1 - mask) + x * mask
-            denoised = known * (1 - mask) + denoised * mask
         dtype = latent.samples.dtype if latent.samples.is_floating_point() else torch.float32
         x, denoised = x.to(home, dtype), denoised.to(home, dtype)
     # outside inference mode: ordinary tensors that callers may edit

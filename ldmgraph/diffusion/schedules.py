@@ -3,7 +3,8 @@
 Each ComfyUI-named schedule (normal, karras, exponential, simple, sgm_uniform, ddim_uniform,
 beta) gives ComfyUI's sigmas for the same model and step count (its `comfy/samplers.py`
 schedulers, restated in each docstring); `leading` and `trailing` are diffusers' timestep
-spacings for its DDIM-family schedulers. Each is registered by name through the
+spacings for its DDIM-family schedulers, `linspace_rounded` its "linspace" spacing for its
+multistep solvers (DPM-Solver++, UniPC). Each is registered by name through the
 `ldmgraph_schedules` hook (ldmgraph/diffusion/registry.py). Most return n + 1 sigmas; ComfyUI's
 ddim_uniform and beta may return a different count, as ComfyUI's do.
 """
@@ -88,6 +89,20 @@ def trailing(n: int, noise_schedule: NoiseSchedule) -> Tensor:
     T = noise_schedule.timesteps
     timesteps = (torch.round(torch.arange(T, 0, -T / n, dtype=torch.float64)) - 1).long()[:n]
     return _append_zero(noise_schedule.sigmas[timesteps])
+
+
+def linspace_rounded(n: int, noise_schedule: NoiseSchedule) -> Tensor:
+    """diffusers' "linspace" timestep spacing of its multistep solvers (DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler): n + 1 timesteps evenly spaced from 0 to T - 1, rounded to integers
+    (half to even, numpy's rule), high to low, the last (0) dropped; then 0. The network then sees
+    integer timesteps. sgm_uniform is the same spacing unrounded: with T = 1000 the two agree when n
+    divides 999 (n = 9: 999, 888, ...) and differ otherwise (n = 8: 999, 874, 749, 624, 500, ...
+    here; 999, 874.125, 749.25, 624.375, 499.5, ... there)."""
+    import numpy as np
+
+    T = noise_schedule.timesteps
+    timesteps = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    return _append_zero(noise_schedule.sigmas[torch.from_numpy(timesteps.copy())])
 
 
 def beta(n: int, noise_schedule: NoiseSchedule, alpha: float = 0.6, beta: float = 0.6) -> Tensor:

@@ -26,12 +26,18 @@ class Latent:
 
     `samples` is `[B, C, h, w]`. `noise_mask` (`[B, 1, h, w]` or broadcastable, 1 = repaint) makes
     the sampler keep the known latent outside the mask. `batch_index` names the seed offset of each
-    image (image k is drawn with seed + batch_index[k]); None means 0..B-1.
+    image (image k is drawn with seed + batch_index[k]); None means 0..B-1. `posterior_std` is the
+    autoencoder posterior's standard deviation (scaled like `samples`) while `samples` is that
+    posterior's mean as `VAEEncode` made it: the "diffusers" noise convention samples
+    z = mean + std * eps from the run's generator before the starting noise, as diffusers'
+    img2img pipeline does; every other convention uses the mean. Nodes that change `samples`
+    drop it.
     """
 
     samples: Tensor
     noise_mask: Tensor | None = None
     batch_index: list[int] | None = None
+    posterior_std: Tensor | None = None
 
 
 class Control(Protocol):

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ldmgraph.models import vae_tiling as tiling
 from ldmgraph.models.cache import module_nbytes
+from ldmgraph.models.patches import patch_scope
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
 
 TextEncoderHandle = TextEncoder
@@ -90,8 +91,16 @@ class DiffusionModelHandle(nn.Module):
         """eps or v for x_t at timesteps t ([B], float allowed); see `ldmgraph.diffusion.DiffusionModel`.
 
         `control` (the control route) holds residual sources (`ldmgraph.diffusion.values.Control`);
-        their residuals are summed (stacked ControlNets) and added to the U-Net's skips.
+        their residuals are summed (stacked ControlNets) and added to the U-Net's skips. A handle
+        made by a patch node (`ldmgraph.models.patches.patched`) runs with its patches applied;
+        any other handle on the same U-Net finds it restored.
         """
+        with patch_scope(self):
+            return self._apply_model(x, t, context, concat, y, control)
+
+    def _apply_model(
+        self, x: Tensor, t: Tensor, context: Tensor | None, concat: Tensor | None, y: Tensor | None, control: Any
+    ) -> Tensor:
         model_in = x if concat is None else torch.cat([x, concat.to(x)], dim=1)
         if model_in.shape[1] != self.in_channels:
             raise ValueError(
@@ -181,8 +190,11 @@ class VAEHandle(nn.Module):
         tiled: str = "auto",
         tile_pixels: int | None = None,
         overlap_pixels: int | None = None,
-    ) -> Tensor:
+        with_std: bool = False,
+    ) -> Any:
         """Image [B, H, W, C] (torch or numpy, 0..1) -> scaled latent [B, latent_channels, H/f, W/f] (fp32, CPU).
+
+        With `with_std`, (latent, the posterior's std scaled alike, or None for a VQ model).
 
         `tiled` "auto" encodes images over `ldmgraph.models.vae_tiling.AUTO_TILE_PIXELS` pixels in
         overlapping tiles (bounded memory), "on" always, "off" never.
@@ -206,7 +218,11 @@ class VAEHandle(nn.Module):
         else:
             posterior = model.encode(x)
         z = posterior.mode() if generator is None else posterior.sample(generator)
-        return (z * self.scale_factor).to(device="cpu", dtype=torch.float32)
+        z = (z * self.scale_factor).to(device="cpu", dtype=torch.float32)
+        if with_std:  # for samplers that draw z themselves (diffusers' img2img convention)
+            std = getattr(posterior, "std", None)
+            return z, None if std is None else (std * self.scale_factor).to(device="cpu", dtype=torch.float32)
+        return z
 
     @torch.no_grad()
     def decode(

@@ -34,12 +34,15 @@ TILING_MODES = ["auto", "on", "off"]
 TILED_HELP = "overlapping tiles in bounded memory: auto above 1024x1024 pixels, on, or off"
 
 
-def encode_pixels(vae: Any, pixels: Any, tiled: str = "auto") -> torch.Tensor:
-    """Encode an image (numpy or torch `[B, H, W, C]` 0..1) to a scaled latent `[B, C, h, w]`.
+def encode_pixels(vae: Any, pixels: Any, tiled: str = "auto", with_std: bool = False) -> Any:
+    """Encode an image (numpy or torch `[B, H, W, C]` 0..1) to a scaled latent `[B, C, h, w]`
+    (the posterior mean); with `with_std`, (latent, the posterior's scaled std or None).
 
     Sizes that are not multiples of the VAE's factor are centre-cropped to the nearest multiple
     below (as ComfyUI does), so any input image can be encoded.
     """
+    import inspect
+
     import torch
 
     if not isinstance(pixels, torch.Tensor):
@@ -53,6 +56,10 @@ def encode_pixels(vae: Any, pixels: Any, tiled: str = "auto") -> torch.Tensor:
     top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
     pixels = pixels[:, top : top + height, left : left + width, :3]
     with torch.no_grad():
+        if with_std:
+            if "with_std" not in inspect.signature(vae.encode).parameters:  # a VAE-like object without one
+                return encode_pixels(vae, pixels, tiled), None
+            return vae.encode(pixels, tiled=tiled, with_std=True)
         if tiled == "auto":  # the default: any VAE-like object with encode(pixels) works
             return vae.encode(pixels)
         return vae.encode(pixels, tiled=tiled)
@@ -113,8 +120,11 @@ def encode_estimate(vae: Any, image: Any, tiled: str = "auto") -> Estimate | Non
 
 
 def _with(latent: Any, **changes: Any) -> Any:
+    """A copy of a LATENT with some fields changed; new samples drop the posterior that described the old."""
     from dataclasses import replace
 
+    if "samples" in changes and getattr(latent, "posterior_std", None) is not None:
+        changes["posterior_std"] = None
     return replace(latent, **changes)
 
 
@@ -168,7 +178,9 @@ class VAEEncode(Node):
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion import Latent
 
-        return self.Outputs(latent=Latent(samples=encode_pixels(inputs.vae, inputs.image, inputs.tiled)))
+        # the posterior's std travels along for the "diffusers" convention, which samples it
+        samples, std = encode_pixels(inputs.vae, inputs.image, inputs.tiled, with_std=True)
+        return self.Outputs(latent=Latent(samples=samples, posterior_std=std))
 
     @classmethod
     def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:

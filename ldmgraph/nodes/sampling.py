@@ -5,7 +5,8 @@ Everything runs through `ldmgraph.diffusion.sampling.run_sampling`: `Sampler` an
 `SamplerAdvanced` build the same guider, sampler, noise and sigmas that a `SamplerCustomAdvanced`
 graph wires by hand, so the two give the same latent bit for bit. Noise is drawn on the CPU from
 the seed by a named convention ("ldmgraph": image k of a batch uses seed + k; "comfyui": one
-generator for the batch, integer timesteps), classifier-free guidance is D = D_neg + cfg (D_pos -
+generator for the batch, integer timesteps; "diffusers": a pipeline's one generator, which first
+samples the VAE posterior of an encoded image as diffusers' img2img does), classifier-free guidance is D = D_neg + cfg (D_pos -
 D_neg) (Ho & Salimans 2022), and `denoise` < 1 runs the tail of a longer schedule (img2img,
 SDEdit, Meng et al. 2022). Each step reports progress through the node context, which is also
 where cancellation is checked, with a latent preview when the run asked for previews. The device is the node's choice, else the run's `--device`, else
@@ -41,7 +42,7 @@ from ldmgraph.nodes.common import DEVICES, device_problem, pick_device, step_rep
 from ldmgraph.plugins import hookimpl
 
 MAX_SEED = 2**64 - 1
-CONVENTIONS = ("ldmgraph", "comfyui")  # ldmgraph.diffusion.noise.CONVENTIONS, without importing torch
+CONVENTIONS = ("ldmgraph", "comfyui", "diffusers")  # ldmgraph.diffusion.noise.CONVENTIONS, without torch
 START_NOISE = ("auto", "sigma", "vp")
 
 
@@ -50,8 +51,9 @@ def _convention_field() -> Any:
         ENUM,
         "ldmgraph",
         choices=CONVENTIONS,
-        description="noise and rounding convention: ldmgraph (image k = seed + k) or comfyui "
-        "(one generator for the batch, ancestral noise from a fresh generator, integer timesteps)",
+        description="noise and rounding convention: ldmgraph (image k = seed + k), comfyui "
+        "(one generator for the batch, ancestral noise from a fresh generator, integer timesteps) or "
+        "diffusers (a pipeline's one generator: a VAEEncode posterior sample first, then the noise)",
     )
 
 
