@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,10 +98,12 @@ def area_feather(region: tuple[slice, slice], height: int, width: int) -> Tensor
     return (ys[:, None] * xs[None, :])[None, None]
 
 
-def _prepare(entry: CondEntry, side: int, x: Tensor, pooled_as_vector: bool = False) -> _Piece:
+def _prepare(entry: CondEntry, side: int, x: Tensor, pooled_as_vector: bool = False, layout: Any = None) -> _Piece:
     """One entry's inputs for latents shaped like x. With `pooled_as_vector` (a U-Net whose `y` is a
     pooled text vector, ``num_classes="sequential"``), a text entry's pooled vector is its vector
-    route unless a conditioner gave one."""
+    route unless a conditioner gave one. A U-Net with a `vector_layout` (SDXL) builds its `y` from
+    the entry's pooled vector and vector contribution, which may be lazy (sizes default to the
+    latent's, `ldmgraph.models.sdxl.MicroConditioning`)."""
     batch, _, height, width = x.shape
     if entry.area is None:
         region = (slice(0, height), slice(0, width))
@@ -129,7 +132,10 @@ def _prepare(entry: CondEntry, side: int, x: Tensor, pooled_as_vector: bool = Fa
                 "encode the conditioning image at the latent's size"
             )
         concat = concat[..., region[0], region[1]]
-    vector = entry.vector if entry.vector is not None or not pooled_as_vector else entry.pooled
+    if layout is not None:
+        vector = layout.vector(entry.pooled, entry.vector, (height, width), side == 1)
+    else:
+        vector = entry.vector if entry.vector is not None or not pooled_as_vector else entry.pooled
     vector = None if vector is None else _fit_batch(vector.to(device), batch, "vector")
     context = None if entry.context is None else _fit_batch(entry.context.to(device), batch, "context")
     span = (float(entry.start_percent), float(entry.end_percent))
@@ -184,6 +190,7 @@ class CFGDenoiser:
         self._plans: dict[tuple, _Plan] = {}
         unet = getattr(denoiser.model, "diffusion_model", None)
         self._pooled_as_vector = getattr(unet, "num_classes", None) == "sequential"
+        self._vector_layout = getattr(unet, "vector_layout", None)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         plan = self._plan(x, self._active(float(sigma.reshape(-1)[0])))
@@ -217,7 +224,10 @@ class CFGDenoiser:
             positive = [self.positive[i] for i in active[0]]
             negative = [self.negative[i] for i in active[1]]
             pooled = self._pooled_as_vector
-            pieces = [_prepare(e, 0, x, pooled) for e in positive] + [_prepare(e, 1, x, pooled) for e in negative]
+            layout = self._vector_layout
+            pieces = [_prepare(e, 0, x, pooled, layout) for e in positive] + [
+                _prepare(e, 1, x, pooled, layout) for e in negative
+            ]
             by_key: dict[tuple, list[int]] = {}
             for index, piece in enumerate(pieces):
                 by_key.setdefault(piece.key(), []).append(index)

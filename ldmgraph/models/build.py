@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ldmgraph.models import sdxl
 from ldmgraph.models.cond_stage import ClassEmbedder, SpatialRescaler
 from ldmgraph.models.detection import CheckpointInfo
 from ldmgraph.models.diffusers_folder import TEXT_PROJECTION
@@ -63,6 +64,7 @@ def build_unet(weights: dict[str, Tensor], info: CheckpointInfo, dtype: torch.dt
     assign_weights(module, weights, path=info.path, component="U-Net", dtype=dtype)
     if dtype is not None and dtype != torch.float32:
         module.keep_fp32()
+    sdxl.attach_layout(module, info.metadata)  # SDXL: how its `adm` vector is laid out
     return module  # type: ignore[no-any-return]
 
 
@@ -70,6 +72,7 @@ def build_first_stage(weights: dict[str, Tensor], info: CheckpointInfo, dtype: t
     """The KL or VQ autoencoder of `info.vae` with `weights` (keys without `first_stage_model.`)."""
     assert info.vae is not None
     module = _build(autoencoder_class(info.vae), info.vae, info.path, "autoencoder")
+    dtype = sdxl.vae_dtype(info, weights, dtype)
     return assign_weights(module, weights, path=info.path, component="autoencoder", dtype=dtype, ignore=[r"^loss\."])
 
 
@@ -78,6 +81,8 @@ def build_text_encoder(state: StateDict, text: dict[str, Any], dtype: torch.dtyp
     names, from the file's `cond_stage_model.*` tensors (the bundled models' MiniLM is not in the
     file: the loader builds it, see `text_encoders.load_minilm`)."""
     kind = text["kind"]
+    if kind in ("sdxl-base", "sdxl-refiner"):  # two encoders (base) or bigG alone (refiner)
+        return sdxl.build_text_encoder(state, text, dtype)
     if "pad_id" in text:  # a diffusers text_encoder/ folder: transformers' CLIP layout whatever the family
         return _transformers_clip(state, text, dtype)
     if kind == "clip-l":

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ldmgraph.models import configs
+from ldmgraph.models import configs, families
 from ldmgraph.models.diffusers_folder import DiffusersFolder
 from ldmgraph.models.files import (
     CLIP_PREFIX,
@@ -335,6 +335,17 @@ def detect(state: StateDict, *, prediction_type: str | None = None) -> Checkpoin
             dtype=dtype,
             metadata=meta,
         )
+    # the family table: refused families (SD3, Flux, ...) by name, SDXL by its reader, else below
+    family = families.refuse(path, {k: tuple(v.shape) for k, v in state.tensors.items()})
+    if family.name != "ldm":
+        return family.read(state, prediction_type=prediction_type)  # type: ignore[no-any-return]
+    return detect_ldm(state, prediction_type=prediction_type, dtype=dtype)
+
+
+def detect_ldm(state: StateDict, *, prediction_type: str | None = None, dtype: str | None = None) -> CheckpointInfo:
+    """SD 1.x/2.x (and inpainting) and the latent-diffusion paper's models, from weight names and shapes."""
+    path = state.path
+    dtype = dtype or dominant_dtype(state.tensors.values())
     if not state.has_prefix(UNET_PREFIX):
         hint = ""
         if state.has_prefix("encoder.") or state.has_prefix("decoder."):
@@ -432,10 +443,15 @@ def detect_diffusers(folder: DiffusersFolder, *, prediction_type: str | None = N
         pred, source = "eps", "default"
     concat = detect_concat_kind(folder.unet, folder.path)
     text = {"kind": folder.text["kind"], "config": {}} if folder.text is not None else None
+    if folder.family is not None:  # SDXL: the folder's own text description (two encoders)
+        text, name = folder.text, folder.family
+    else:
+        name = architecture_name(folder.unet, text, concat)
     info = CheckpointInfo(
         path=str(folder.path),
         layout="diffusers",
-        architecture=f"diffusers-{architecture_name(folder.unet, text, concat)}",
+        architecture=f"diffusers-{name}",
+        metadata=dict(folder.metadata),
         unet=folder.unet,
         text_encoder=text,
         prediction_type=pred,
@@ -459,4 +475,5 @@ def detect_diffusers_vae(folder: DiffusersFolder) -> CheckpointInfo:
         vae=folder.vae,
         scale_factor=configs.SD_SCALE_FACTOR if folder.scale_factor is None else folder.scale_factor,
         dtype=dominant_dtype(folder.state.sub(VAE_PREFIX).values()),
+        metadata=dict(folder.metadata),
     )

@@ -61,6 +61,8 @@ class DiffusersFolder:
     schedule: dict[str, Any] = field(default_factory=configs.sd_schedule)
     prediction_type: str | None = None
     text: dict[str, Any] | None = None
+    family: str | None = None  # "sdxl-base" | "sdxl-refiner" (see sdxl_diffusers), None for SD1/SD2-like
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -119,14 +121,26 @@ def diffusers_schedule(path: Path) -> tuple[dict[str, Any], str | None]:
 def normalise_pipeline(path: Path, *, text_encoder: bool = True) -> DiffusersFolder:
     """A whole pipeline folder (or a `unet/` folder) in the original layout: its U-Net, and its
     autoencoder and text model when the folder has them (`text_encoder=False` skips the latter)."""
+    from ldmgraph.models import families, sdxl_diffusers
+
+    refused = families.diffusers_family(_model_index(path), (path / "transformer").is_dir())
+    if refused is not None:
+        raise families.UnsupportedFamilyError(path, refused)
     folder = DiffusersFolder(path=path, state=StateDict(path, {}))
     _add_unet(folder, component_folder(path, "unet"))
     folder.schedule, folder.prediction_type = diffusers_schedule(path)
     if (path / "vae").is_dir():
         _add_vae(folder, path, None)
-    if text_encoder and (path / "text_encoder").is_dir():
+    if sdxl_diffusers.is_sdxl_folder(path):  # two text encoders (or the refiner's second alone)
+        sdxl_diffusers.add_sdxl(folder, path, text_encoder=text_encoder)
+    elif text_encoder and (path / "text_encoder").is_dir():
         _add_text(folder, path)
     return folder
+
+
+def _model_index(path: Path) -> dict[str, Any]:
+    index = path / "model_index.json"
+    return _read_json(index) if index.is_file() else {}
 
 
 def normalise_vae(path: Path, *, scale_factor: float | None = None) -> DiffusersFolder:

@@ -110,7 +110,12 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict[str, Any]:
         kwargs["context_dim"] = cfg.get("cross_attention_dim", 1280)
         kwargs["use_linear_in_transformer"] = bool(cfg.get("use_linear_projection", False))
         kwargs["transformer_depth"] = cfg.get("transformer_layers_per_block", 1)
-        if cfg.get("class_embed_type") == "projection":
+        if cfg.get("addition_embed_type") == "text_time":  # SDXL: pooled text + Fourier size features
+            if cfg.get("class_embed_type") is not None:
+                raise KeyMappingError("addition_embed_type='text_time' together with a class embedding is not supported")
+            kwargs["num_classes"] = "sequential"
+            kwargs["adm_in_channels"] = cfg["projection_class_embeddings_input_dim"]
+        elif cfg.get("class_embed_type") == "projection":
             kwargs["num_classes"] = "sequential"
             kwargs["adm_in_channels"] = cfg["projection_class_embeddings_input_dim"]
         elif cfg.get("class_embed_type") is None and cfg.get("num_class_embeds") is not None:
@@ -197,7 +202,7 @@ def unet_config_to_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
 # U-Net state dicts
 
 
-def _unet_module_pairs(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+def _unet_module_pairs(config: Mapping[str, Any], to_diffusers: bool = True) -> list[tuple[str, str, str]]:
     """(original prefix, diffusers prefix, kind) for every module of the U-Net, in order.
 
     kind: "plain" (same child names), "resnet", "transformer" (same child names) or "attention"
@@ -221,6 +226,9 @@ def _unet_module_pairs(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     if num_classes == "sequential":
         pairs += [("label_emb.0.0.", "class_embedding.linear_1.", "plain"),
                   ("label_emb.0.2.", "class_embedding.linear_2.", "plain")]
+        if not to_diffusers:  # SDXL's diffusers U-Nets call the same MLP `add_embedding`
+            pairs += [("label_emb.0.0.", "add_embedding.linear_1.", "plain"),
+                      ("label_emb.0.2.", "add_embedding.linear_2.", "plain")]
     elif num_classes is not None:
         pairs.append(("label_emb.", "class_embedding.", "plain"))
     n = 1
@@ -295,7 +303,7 @@ def unet_from_diffusers(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any
 
     Unknown keys raise `KeyMappingError` naming them, so a wrong config never loads silently.
     """
-    pairs = sorted(((d, o, k) for o, d, k in _unet_module_pairs(config)), key=lambda p: -len(p[0]))
+    pairs = sorted(((d, o, k) for o, d, k in _unet_module_pairs(config, to_diffusers=False)), key=lambda p: -len(p[0]))
     new_order = bool(config.get("use_new_attention_order", False))
     out: StateDict = {}
     unknown = []

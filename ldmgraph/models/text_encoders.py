@@ -24,7 +24,23 @@ from ldmgraph.models.bert import BertEncoder, WordPieceTokenizer, read_bert_conf
 from ldmgraph.models.clip import ClipTextConfig, ClipTextTransformer
 from ldmgraph.models.detection import ldm_bert_config
 from ldmgraph.models.files import read_state_dict
-from ldmgraph.models.tokenizer import CONTEXT_LENGTH, EOS_ID, ClipTokenizer, default_clip_tokenizer
+from ldmgraph.models.prompt_weights import (
+    Piece,
+    apply_weights,
+    is_plain,
+    parse_prompt,
+    plain_text,
+    token_rows,
+    weighted_clauses,
+)
+from ldmgraph.models.tokenizer import (
+    BOS_ID,
+    CHUNK_TOKENS,
+    CONTEXT_LENGTH,
+    EOS_ID,
+    ClipTokenizer,
+    default_clip_tokenizer,
+)
 from ldmgraph.models.weights import assign_weights, build_on_meta
 
 MINILM_MAX_LENGTH = 32
@@ -55,6 +71,20 @@ class TextEncoder(nn.Module):
     def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
         """Encode a batch of prompts; `clip_skip` k uses the output of the k-th layer from the end (1 = last)."""
         raise NotImplementedError
+
+    def encode_prompt(self, text: str, clip_skip: int | None = None, embeddings: Any = None) -> TextEncoding:
+        """Encode one prompt written with weights and embedding references (`ldmgraph.models.prompt_weights`):
+        `(word:1.2)`, `(word)`, `[word]`, `\\(`, `embedding:name` (`embeddings`: name -> `Embedding`).
+        A prompt without them encodes exactly as `encode` encodes its text."""
+        pieces = parse_prompt(text)
+        if is_plain(pieces):
+            return self.encode([plain_text(pieces)], clip_skip=clip_skip)
+        return self.encode_pieces(pieces, clip_skip, dict(embeddings or {}))
+
+    def encode_pieces(self, pieces: list[Piece], clip_skip: int | None, embeddings: dict[str, Any]) -> TextEncoding:
+        """Encode a parsed prompt with weights or embeddings (each encoder that supports them overrides this)."""
+        raise ValueError(f"the {self.kind} text encoder does not read prompt weights or embeddings; "
+                         "write the prompt without (word:w), [word] and embedding:name")
 
     @property
     def device(self) -> torch.device:
@@ -112,6 +142,8 @@ class ClipTextEncoder(TextEncoder):
             nn.Parameter(text_projection, requires_grad=False) if text_projection is not None else None
         )
         self._tokenizer = tokenizer
+        # clip skip > 1: the hidden state then the final layer norm (SD1/SD2); SDXL reads it un-normed
+        self.layer_norm_skipped = True
 
     @property
     def tokenizer(self) -> ClipTokenizer:
@@ -119,35 +151,90 @@ class ClipTextEncoder(TextEncoder):
             self._tokenizer = default_clip_tokenizer()
         return self._tokenizer
 
-    def token_windows(self, texts: list[str]) -> Tensor:
-        """[B, n_windows, 77] token ids, long prompts split into windows and short rows padded with empty windows."""
-        per_text = [self.tokenizer.tokenize_chunks(t, pad_id=self.pad_id) for t in texts]
+    def token_windows(self, texts: list[str], breaks: bool = False) -> Tensor:
+        """[B, n_windows, 77] token ids, long prompts split into windows and short rows padded with empty
+        windows; with `breaks`, the word BREAK also starts a new window (`split_breaks`)."""
+        per_text = [self._windows(t, breaks) for t in texts]
         n = max(len(w) for w in per_text)
         empty = self.tokenizer.tokenize_chunks("", pad_id=self.pad_id)[0]
         rows = [w + [empty] * (n - len(w)) for w in per_text]
         return torch.tensor(rows, dtype=torch.long)
 
+    def _windows(self, text: str, breaks: bool) -> list[list[int]]:
+        parts = split_breaks(text) if breaks else [text]
+        return [w for part in parts for w in self.tokenizer.tokenize_chunks(part, pad_id=self.pad_id)]
+
     @torch.no_grad()
-    def encode_ids(self, input_ids: Tensor, clip_skip: int | None = None) -> TextEncoding:
-        """Encode [B, 77] or [B, n, 77] token ids (no re-tokenisation): the numerical core of `encode`."""
+    def encode_ids(
+        self, input_ids: Tensor, clip_skip: int | None = None, token_vectors: Tensor | None = None
+    ) -> TextEncoding:
+        """Encode [B, 77] or [B, n, 77] token ids (no re-tokenisation): the numerical core of `encode`.
+        `token_vectors` (same leading shape, then D): input vectors used instead of the ids' embeddings."""
         k = self._check_clip_skip(clip_skip)
         if input_ids.dim() == 2:
             input_ids = input_ids[:, None]
         b, n, length = input_ids.shape
         flat = input_ids.reshape(b * n, length).to(self.device)
-        out = self.transformer(input_ids=flat, output_hidden_states=k != 1)
+        extra = {} if token_vectors is None else {"token_vectors": token_vectors.reshape(b * n, length, -1)}
+        out = self.transformer(input_ids=flat, output_hidden_states=k != 1, **extra)
         if k == 1:
             context = out.last_hidden_state
         else:
-            context = self.transformer.final_layer_norm(out.hidden_states[-k])
+            context = out.hidden_states[-k]
+            context = self.transformer.final_layer_norm(context) if self.layer_norm_skipped else context
         context = context.reshape(b, n * length, -1)
         pooled = out.pooler_output.reshape(b, n, -1)[:, 0]
         if self.text_projection is not None:
             pooled = pooled @ self.text_projection.to(pooled.dtype)
         return TextEncoding(context=context, pooled=pooled)
 
-    def encode(self, texts: list[str], clip_skip: int | None = None) -> TextEncoding:
-        return self.encode_ids(self.token_windows(list(texts)), clip_skip=clip_skip)
+    def encode(self, texts: list[str], clip_skip: int | None = None, breaks: bool = False) -> TextEncoding:
+        return self.encode_ids(self.token_windows(list(texts), breaks), clip_skip=clip_skip)
+
+    @torch.no_grad()
+    def encode_pieces(self, pieces: list[Piece], clip_skip: int | None, embeddings: dict[str, Any]) -> TextEncoding:
+        """A weighted prompt, as ComfyUI encodes it: the text pieces' tokens and the embeddings' vectors in
+        order, cut into 75-token windows as `encode` cuts them; then each token of weight w != 1 is moved
+        from the empty prompt's encoding at its position by w (`apply_weights`). The empty prompt's window
+        is encoded in the same batch; `pooled` is the first window's, as without weights."""
+        width = int(self.transformer.embeddings.token_embedding.weight.shape[1])
+
+        def vectors_of(name: str) -> Tensor:
+            if name not in embeddings:
+                raise ValueError(f"embedding:{name} is not loaded: pass it in `embeddings`")
+            return embeddings[name].vectors_for(width, self.kind)
+
+        ids, weights, vectors = token_rows(pieces, self.tokenizer.ids, vectors_of)
+        windows, window_weights, placed = [], [], {}
+        for start in range(0, max(len(ids), 1), CHUNK_TOKENS):
+            body = ids[start : start + CHUNK_TOKENS]
+            row = [BOS_ID, *body, EOS_ID]
+            windows.append(row + [self.pad_id] * (CONTEXT_LENGTH - len(row)))
+            window_weights.append([1.0, *weights[start : start + CHUNK_TOKENS]] + [1.0] * (CONTEXT_LENGTH - len(row) + 1))
+            placed.update({(len(windows) - 1, pos - start + 1): v for pos, v in vectors.items()
+                           if start <= pos < start + CHUNK_TOKENS})
+        n = len(windows)
+        input_ids = torch.tensor([[*windows, self.tokenizer.tokenize_chunks("", pad_id=self.pad_id)[0]]])
+        token_vectors = None
+        if placed:
+            token_vectors = self.transformer.embeddings.token_embedding(input_ids.to(self.device))
+            for (w, p), v in placed.items():
+                token_vectors[0, w, p] = v.to(token_vectors)
+        encoding = self.encode_ids(input_ids, clip_skip=clip_skip, token_vectors=token_vectors)
+        context = encoding.context.reshape(1, n + 1, CONTEXT_LENGTH, -1)
+        weighted = apply_weights(context[:, :n], context[:, n:], torch.tensor([window_weights]))
+        return TextEncoding(context=weighted.reshape(1, n * CONTEXT_LENGTH, -1), pooled=encoding.pooled)
+
+
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def split_breaks(text: str) -> list[str]:
+    """A prompt's parts between the word BREAK (upper case, a word of its own): each starts a new
+    75-token window (A1111's convention). "a BREAK b" -> ["a", "b"]; a leading BREAK keeps an empty
+    first window, a trailing one adds none."""
+    parts = _BREAK.split(text)
+    return parts[:-1] if len(parts) > 1 and not parts[-1] else parts
 
 
 class BertTextEncoder(TextEncoder):
@@ -191,6 +278,47 @@ class BertTextEncoder(TextEncoder):
         if self.clause_tokens:
             context = torch.cat([context, self._clause_context(list(texts), k)[0]], dim=1)
         return TextEncoding(context=context, pooled=pooled)
+
+    @torch.no_grad()
+    def encode_pieces(self, pieces: list[Piece], clip_skip: int | None, embeddings: dict[str, Any]) -> TextEncoding:
+        """A weighted prompt: ComfyUI's rule on the per-word context (`_encode_weighted`), and each clause
+        token the pooled vector of its clause's weighted states, so `(a red circle:1.3) and a blue square`
+        moves the first clause's token from the empty text's pooled vector by 1.3."""
+        k = self._check_clip_skip(clip_skip)
+        if any(p.embedding is not None for p in pieces):
+            raise ValueError(f"textual-inversion embeddings need a CLIP text encoder; the {self.kind} encoder "
+                             "has none: remove embedding:name from the prompt")
+        context, pooled = self._encode_weighted(pieces, k)
+        if self.clause_tokens:
+            clauses = self._weighted_clause_tokens(pieces, k)
+            context = clauses if self.clause_only else torch.cat([context, clauses], dim=1)
+        return TextEncoding(context=context, pooled=pooled)
+
+    def _encode_weighted(self, pieces: list[Piece], k: int) -> tuple[Tensor, Tensor]:
+        """([1, max_length, D], [1, D]): the pieces' WordPiece tokens between [CLS] and [SEP] (each piece
+        tokenised on its own, truncated to max_length), each token of weight w != 1 moved from the empty
+        prompt's state at its position by w; pooled = the attention-mask mean of the weighted states."""
+        if is_plain(pieces):
+            return self._encode([plain_text(pieces)], k)
+        ids, weights, _ = token_rows(pieces, self.tokenizer.ids, None)
+        cls, sep, pad = self.tokenizer.special_ids
+        body = self.max_length - 2
+        row = [cls, *ids[:body], sep]
+        fill = self.max_length - len(row)
+        input_ids = torch.tensor([row + [pad] * fill], device=self.device)
+        mask = torch.tensor([[1] * len(row) + [0] * fill], device=self.device)
+        w = torch.tensor([[1.0, *weights[:body], 1.0] + [1.0] * fill])
+        empty, _ = self._encode([""], k)
+        context = apply_weights(self.bert(input_ids, mask)[-k], empty, w)
+        m = mask.to(context.dtype)[..., None]
+        return context, (context * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+    def _weighted_clause_tokens(self, pieces: list[Piece], k: int) -> Tensor:
+        """[1, clause_tokens, D]: each clause's pooled weighted vector, then the empty text's in free slots."""
+        clauses = weighted_clauses(pieces, self.clause_tokens)
+        pooled = [self._encode_weighted(c, k)[1] for c in clauses]
+        pooled += [self._encode([""], k)[1]] * (self.clause_tokens - len(clauses))
+        return torch.cat(pooled)[None]
 
     def _encode(self, texts: list[str], k: int) -> tuple[Tensor, Tensor]:
         batch = {name: t.to(self.device) for name, t in self.tokenize(texts).items()}

@@ -8,12 +8,17 @@ The constructor takes the parameter names of the original latent-diffusion confi
 (`model.params.unet_config.params`), and module attribute names mirror the original checkpoint
 keys under `model.diffusion_model.` (`input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`,
 `middle_block.0.in_layers.0.weight`, `out.2.bias`, ...), so SD1.x/2.x files load as they are.
+SDXL base and refiner are this class too (`ldmgraph.models.sdxl.base_unet` / `refiner_unet`): a
+transformer depth per level (0 = no attention there), 64 channels per head, linear projections,
+and `num_classes="sequential"` with `adm_in_channels` 2816 / 2560 for the `label_emb` MLP that
+takes the pooled text embedding and the size / crop / aesthetic-score features as `y`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -353,6 +358,10 @@ class UNetModel(nn.Module):
             zero_module(Conv2d(ch, out_channels, 3, padding=1)),
         )
 
+    patch_hooks: Any = None
+    """Set only while a patched handle runs (`ldmgraph.models.patches.BlockHooks`): hooks on the
+    blocks' inputs and outputs and on each output block's skip connection."""
+
     def keep_fp32(self) -> UNetModel:
         """Keep the timestep and class embeddings in float32 when the rest is bf16/fp16.
 
@@ -406,16 +415,25 @@ class UNetModel(nn.Module):
 
         h = x.type(dtype)
         hs = []
-        for module in self.input_blocks:
-            h = module(h, emb, context)
+        hooks = self.patch_hooks
+        for i, module in enumerate(self.input_blocks):
+            h = module(h, emb, context) if hooks is None else hooks.run("input_blocks", i, module, h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
+        if hooks is None:
+            h = self.middle_block(h, emb, context)
+        else:
+            h = hooks.run("middle_block", 0, self.middle_block, h, emb, context)
         if control is not None:
             if len(control) != len(hs) + 1:
                 raise ValueError(f"UNetModel: control has {len(control)} residuals; this U-Net takes {len(hs) + 1}")
             h = h + control[-1].to(h.dtype)
             hs = [skip + residual.to(skip.dtype) for skip, residual in zip(hs, control[:-1], strict=True)]
-        for module in self.output_blocks:
+        for i, module in enumerate(self.output_blocks):
             skip = hs.pop()
-            h = module(torch.cat([h, skip], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
+            size = hs[-1].shape[-2:] if hs else None
+            if hooks is None:
+                h = module(torch.cat([h, skip], dim=1), emb, context, size)
+            else:
+                h, skip = hooks.skip(i, h, skip)
+                h = hooks.run("output_blocks", i, module, torch.cat([h, skip], dim=1), emb, context, size)
         return self.out(h).type(x.dtype)
