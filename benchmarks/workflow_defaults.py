@@ -61,6 +61,9 @@ def combos_of(prompt: str) -> list[Combo]:
 
 
 def text_of(doc: dict[str, Any], node_id: str) -> str:
+    if node_id not in doc["nodes"]:  # built from components: the text is where the prompt parameter goes
+        target = doc["parameters"]["prompt" if node_id == "positive" else "negative_prompt"]["targets"][0]
+        return str(doc["nodes"][target["node"]]["inputs"][target["input"]])
     return str(doc["nodes"][node_id]["inputs"]["text"])
 
 

@@ -27,6 +27,10 @@ Writing a plugin::
     @hookimpl
     def ldmgraph_conditioners():
         return [MyConditioner]   # ldmgraph.conditioners.Conditioner subclasses; each gets its node
+
+    @hookimpl
+    def ldmgraph_workflows():
+        return [Path(__file__).parent / "workflows"]   # components: node types workflow/<stem>
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from .graph.registry import HOOK_TABLES, PluginStatus, Registry
 PROJECT = "ldmgraph"
 ENTRY_POINT_GROUP = "ldmgraph"
 PLUGIN_DIR_ENV = "LDMGRAPH_PLUGIN_DIR"
+PROJECT_WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"  # the project's saved workflows
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -82,6 +87,11 @@ class HookSpecs:
         type name; each one's node is registered with it."""
 
     @hookspec
+    def ldmgraph_workflows(self) -> list[str | os.PathLike[str]]:  # type: ignore[empty-body]
+        """Folders of workflow files that the plugin ships; each one that declares outputs becomes
+        a node type ``workflow/<stem>`` (see ``ldmgraph.graph.components``)."""
+
+    @hookspec
     def ldmgraph_derived_nodes(self, registry: Registry) -> list[type[Node]]:  # type: ignore[empty-body]
         """Node classes made from what is registered (e.g. one options node per sampler), asked
         again after every plugin registers; return only the ones not yet in ``registry.nodes``.
@@ -99,8 +109,11 @@ class PluginManager:
         plugin_dirs: Iterable[str | os.PathLike[str]] = (),
         use_env: bool = True,
         on_slow: Callable[[str, float], None] | None = None,
+        workflow_dirs: Iterable[str | os.PathLike[str]] = (),
     ) -> None:
         self.registry = Registry()
+        self._plugin_workflow_dirs: list[tuple[str, Path]] = []
+        self._default_workflow_dirs = entry_points_group is not None
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(HookSpecs)
         self._on_slow = on_slow or _report_slow
@@ -122,6 +135,25 @@ class PluginManager:
             dirs += [Path(p) for p in os.environ[PLUGIN_DIR_ENV].split(os.pathsep) if p]
         for folder in dirs:
             self._load_folder(folder)
+        self.load_workflows(workflow_dirs)
+
+    def load_workflows(self, workflow_dirs: Iterable[str | os.PathLike[str]] = ()) -> None:
+        """Register the workflow components (workflows that declare outputs) as node types
+        ``workflow/<stem>``, after the plugins whose nodes they use. Folders, the first one a stem is
+        found in winning: ``workflow_dirs`` (``--workflows-dir``), then (with entry-point discovery)
+        ``./workflows``, the plugins' folders (hook ``ldmgraph_workflows``) and the project's
+        ``workflows/``; in each, ``*.json`` and ``components/*.json``."""
+        from .graph.components import register_components
+
+        sources = [(f"workflows:{folder}", Path(folder)) for folder in workflow_dirs]
+        if self._default_workflow_dirs and Path("workflows").resolve() != PROJECT_WORKFLOWS:
+            sources.append(("workflows:./workflows", Path("workflows")))
+        sources += [(owner, folder) for owner, folder in self._plugin_workflow_dirs]
+        if self._default_workflow_dirs and PROJECT_WORKFLOWS.is_dir():
+            sources.append((f"workflows:{PROJECT_WORKFLOWS}", PROJECT_WORKFLOWS))
+        for status in register_components(self.registry, sources):
+            if status.nodes or not status.ok:
+                self.registry.plugins.append(status)
 
     @property
     def statuses(self) -> list[PluginStatus]:
@@ -141,6 +173,8 @@ class PluginManager:
             self._pm.register(plugin, name=name)
             self._collect(plugin, status)
             self._derive()
+            for folder in _call_one(self._pm.hook.ldmgraph_workflows, plugin) or []:
+                self._plugin_workflow_dirs.append((name, Path(folder)))
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
             self.registry.restore(snapshot)  # all or nothing: no half-registered plugin
             for table in HOOK_TABLES:

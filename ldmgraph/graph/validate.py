@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import codes
+from .components import expand_components
 from .context import Environment
 from .errors import Problem, ValidationError
 from .estimate import estimate_workflow
@@ -77,11 +78,15 @@ def validate_workflow(
 ) -> CompiledWorkflow:
     """Validate ``doc`` (a decoded JSON document or a :class:`Workflow`) against ``registry``.
 
+    Component instances (``workflow/<stem>`` nodes) are expanded first: the result describes the
+    expanded workflow, whose inner node ids are paths such as ``hires.sampler``.
+
     Raises :class:`ValidationError` listing every problem (node id, input, code, how to fix).
     """
-    workflow = parse_workflow(doc)
+    workflow, expansion_problems = expand_components(parse_workflow(doc), registry)
     env = env or Environment()
     checker = _Checker(workflow, registry, env)
+    checker.problems += expansion_problems
     overrides = dict(overrides or {})
     inputs_by_node = checker.apply_parameters(overrides)
     compiled = {nid: node for nid in workflow.nodes if (node := checker.check_node(nid, inputs_by_node[nid]))}
@@ -163,7 +168,7 @@ class _Checker:
                 value = self._check_target(name, target.node, target.input, overrides)
                 if name in overrides and value is not _INVALID:
                     inputs[target.node] = {**inputs[target.node], target.input: value}
-                if name not in self.parameter_values and value is not _INVALID:
+                if name not in self.parameter_values and value is not _INVALID and not isinstance(value, Link):
                     self.parameter_values[name] = overrides.get(name, value)
         return inputs
 
@@ -182,12 +187,7 @@ class _Checker:
                      f"parameter {name!r} targets input {input_name!r}, which {entry.type} does not have "
                      f"(inputs: {', '.join(cls.spec.inputs)})")
             return _INVALID
-        if isinstance(entry.inputs.get(input_name), Link):
-            self.add(node_id, input_name, codes.BAD_PARAMETER,
-                     f"parameter {name!r} targets an input that is linked to another node; "
-                     "remove the link or the parameter")
-            return _INVALID
-        if name not in overrides:
+        if name not in overrides:  # a linked target keeps its link (a component's linkable input)
             return entry.inputs.get(input_name, spec.default)
         value, code, message = spec.check_literal(overrides[name], self.registry)
         if code is not None:
@@ -331,8 +331,12 @@ class _Checker:
             self.add(min(cycle), None, codes.CYCLE,
                      f"nodes {path} form a cycle; a workflow must be acyclic, remove one of these links")
 
-    def check_outputs(self, requested: list[str] | None) -> list[str]:
+    def check_outputs(self, requested: list[str] | dict[str, Link] | None) -> list[str]:
         nodes = self.workflow.nodes
+        declared: list[str] = []
+        if isinstance(requested, dict):  # a component run alone: its output nodes and its declared outputs
+            declared = list(dict.fromkeys(link.node for link in requested.values() if link.node in nodes))
+            requested = None
         if requested is not None:
             for node_id in requested:
                 if node_id not in nodes:
@@ -344,6 +348,7 @@ class _Checker:
             cls = self.registry.node(entry.type)
             if cls is not None and cls.output_node:
                 wanted.append(node_id)
+        wanted += [node_id for node_id in declared if node_id not in wanted]
         if not wanted and nodes.keys() and all(self.registry.node(e.type) for e in nodes.values()):
             self.add(None, None, codes.NO_OUTPUT_NODE,
                      "the workflow has no output node (e.g. SaveImage), so running it would do nothing")

@@ -2,7 +2,9 @@
 
 A workflow maps node ids to ``{type, inputs, title?, pos?}``; an input is either a link
 ``{"node": id, "output": name}`` or a JSON literal. ``parameters`` name the values a caller may
-override (``--set name=value``) and the inputs each one goes to. See docs/INTERFACES.md.
+override (``--set name=value``) and the inputs each one goes to. A workflow that declares
+``outputs`` by name is also a node type, ``workflow/<stem>`` (see :mod:`.components`). See
+docs/INTERFACES.md.
 """
 
 from __future__ import annotations
@@ -66,8 +68,11 @@ class Workflow(BaseModel):
     format: Literal["ldmgraph/1"] = Field(description="format and version of this document")
     nodes: dict[str, NodeEntry] = Field(description="node id -> node")
     parameters: dict[str, Parameter] = Field(default_factory=dict)
-    outputs: list[str] | None = Field(
-        default=None, description="ids of the output nodes to run (default: every output node)"
+    outputs: list[str] | dict[str, Link] | None = Field(
+        default=None,
+        description="a list: ids of the output nodes to run (default: every output node); a mapping "
+        'name -> {"node": id, "output": name}: the outputs this workflow declares, which make it a node '
+        "type `workflow/<file stem>` whose inputs are its parameters",
     )
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form (author, notes, ...)")
 
