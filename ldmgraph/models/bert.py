@@ -163,6 +163,7 @@ class WordPieceTokenizer:
 
         self._tokenizer = Tokenizer.from_file(str(path))
         self._length = 0
+        self._raw: Any = None
 
     def __call__(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
         """input_ids and attention_mask [B, max_length] (int64), as `BertTokenizerFast(...,
@@ -175,3 +176,21 @@ class WordPieceTokenizer:
         ids = torch.tensor([e.ids for e in batch], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in batch], dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask}
+
+    def ids(self, text: str) -> list[int]:
+        """The WordPiece ids of `text` without [CLS] / [SEP], padding or truncation (for weighted prompts)."""
+        if self._raw is None:
+            from tokenizers import Tokenizer
+
+            self._raw = Tokenizer.from_str(self._tokenizer.to_str())
+            self._raw.no_truncation()
+            self._raw.no_padding()
+        return list(self._raw.encode(text, add_special_tokens=False).ids)
+
+    @property
+    def special_ids(self) -> tuple[int, int, int]:
+        """The ids of [CLS], [SEP] and [PAD]."""
+        ids = tuple(self._tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+        if None in ids:
+            raise ValueError("the tokenizer lacks [CLS], [SEP] or [PAD]: not a BERT WordPiece tokenizer")
+        return ids  # type: ignore[return-value]

@@ -71,9 +71,12 @@ class _Embeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, token_vectors: Tensor | None = None) -> Tensor:
+        """Token + position embeddings; `token_vectors` [B, T, D], where given, replaces the token lookup
+        (textual-inversion vectors placed among the prompt's tokens)."""
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device)[None]
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        tokens = self.token_embedding(input_ids) if token_vectors is None else token_vectors
+        return tokens + self.position_embedding(positions)
 
 
 class _Attention(nn.Module):
@@ -133,9 +136,14 @@ class ClipTextTransformer(nn.Module):
         self.encoder = _Encoder(config)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: Tensor, output_hidden_states: bool = False) -> ClipTextOutput:
-        """Hidden states of [B, T] token ids; `pooler_output` is each row's state at its first EOS."""
-        x = self.embeddings(input_ids)
+    def forward(
+        self, input_ids: Tensor, output_hidden_states: bool = False, token_vectors: Tensor | None = None
+    ) -> ClipTextOutput:
+        """Hidden states of [B, T] token ids; `pooler_output` is each row's state at its first EOS.
+
+        `token_vectors` [B, T, D]: the input vectors to use instead of looking the ids up (the ids still
+        locate the EOS token)."""
+        x = self.embeddings(input_ids, token_vectors)
         states = [x]
         for layer in self.encoder.layers:
             x = layer(x)
