@@ -66,6 +66,10 @@ class CrossAttention(nn.Module):
     `ldm.modules.attention.CrossAttention`.
     """
 
+    attention_override: Any = None
+    """Set only while a patched handle runs (`ldmgraph.models.patches.AttentionPatch`):
+    `override(q, k, v) -> out` on [B, heads, N, d] instead of scaled dot-product attention."""
+
     def __init__(
         self,
         query_dim: int,
@@ -88,7 +92,10 @@ class CrossAttention(nn.Module):
         q = _heads_first(self.to_q(x), self.heads)
         k = _heads_first(self.to_k(context), self.heads)
         v = _heads_first(self.to_v(context), self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if self.attention_override is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = self.attention_override(q, k, v)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
