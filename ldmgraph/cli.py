@@ -77,6 +77,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     common.add_argument("--plugin-dir", action="append", default=[], metavar="DIR",
                         help="extra plugin folder (repeatable; also $LDMGRAPH_PLUGIN_DIR)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    add_workflows_dir_argument(common)
 
     paths = _Parser(add_help=False)
     paths.add_argument("--input-dir", type=Path, help="folder of input files (default: inputs/ beside the "
@@ -129,6 +130,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     _add_lazy_subcommands(sub, command)
     return parser
+
+
+def add_workflows_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """``--workflows-dir DIR``: a folder whose workflows that declare outputs are node types ``workflow/<stem>``."""
+    parser.add_argument("--workflows-dir", dest="workflows_dirs", action="append", default=[], type=Path,
+                        metavar="DIR", help="folder of workflow components: each workflow there (or in its "
+                        "components/) that declares outputs is a node type workflow/<stem> (repeatable; "
+                        "searched before ./workflows and the project's workflows/)")
 
 
 def add_precision_argument(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +265,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         manager = _manager(args)
     with profile.phase("validation"):
         loaded: LoadedWorkflow = load_workflow_file(args.workflow)
+        if args.precision is not None:  # loaders inside components too
+            from .graph.components import expanded_document
+
+            loaded.document = expanded_document(loaded.document, manager.registry)
         set_precision(loaded.document, args)
     with _environment_for(loaded, args) as env:
         with profile.phase("validation"):
@@ -416,7 +429,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 # -- helpers --------------------------------------------------------------------------------------
 def _manager(args: argparse.Namespace) -> PluginManager:
-    manager = PluginManager(plugin_dirs=args.plugin_dir)
+    manager = PluginManager(plugin_dirs=args.plugin_dir, workflow_dirs=getattr(args, "workflows_dirs", []))
     if args.command != "plugins":
         for status in manager.statuses:
             if not status.ok:

@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
         "parameters) times the product of --sweep lists. Every row is validated first; outputs are "
         "named rowNNNNN_*.png; OUTPUT_DIR/manifest.jsonl records each finished row, and running the "
         "same command again skips them.")
-    from ldmgraph.cli import add_precision_argument
+    from ldmgraph.cli import add_precision_argument, add_workflows_dir_argument
 
     parser.add_argument("workflow", type=Path, help="workflow file (JSON, or a PNG saved by ldmgraph)")
     parser.add_argument("--params", type=Path, metavar="FILE", help="parameter table: .csv (header row) or .jsonl")
@@ -57,12 +57,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_precision_argument(parser)
+    add_workflows_dir_argument(parser)
     parser.set_defaults(func=cmd_batch)
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Validate every row, then run the batch on the chosen backend."""
     from ldmgraph.cli import environment, parse_overrides, set_precision
+    from ldmgraph.graph.components import expanded_document
     from ldmgraph.graph.errors import ValidationError
     from ldmgraph.graph.loading import load_workflow_file
     from ldmgraph.plugins import PluginManager
@@ -71,10 +73,11 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .params import BatchInputError, read_rows, text_parameters
     from .plan import plan_rows
 
-    manager = PluginManager(plugin_dirs=args.plugin_dir)
+    manager = PluginManager(plugin_dirs=args.plugin_dir, workflow_dirs=args.workflows_dirs)
     env = _absolute(environment(args))
     try:
-        doc = load_workflow_file(args.workflow).document
+        # components expanded here: the workers need none of this machine's workflow folders
+        doc = expanded_document(load_workflow_file(args.workflow).document, manager.registry)
         if not isinstance(doc, dict):
             raise BatchInputError([f"{args.workflow}: not a workflow document"])
         set_precision(doc, args)  # a concrete dtype in the document: every worker and row loads alike

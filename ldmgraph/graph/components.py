@@ -420,3 +420,20 @@ def folders(paths: Iterable[str | Path]) -> list[Path]:
         if folder not in seen:
             seen.append(folder)
     return seen
+
+
+def expanded_document(doc: Any, registry: Registry) -> Any:
+    """``doc`` with its component instances expanded: a document that needs no component files
+    (for workers that do not share this process's folders, and for edits to every loader node).
+
+    ``doc`` comes back unchanged when it uses no component or cannot be expanded; validating it
+    then reports why.
+    """
+    try:
+        workflow = parse_workflow(doc)
+    except LdmGraphError:
+        return doc
+    flat, problems = expand_components(workflow, registry)
+    if problems or flat is workflow:
+        return doc
+    return flat.model_dump(mode="json", exclude_none=True)

@@ -21,8 +21,10 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--data-dir", type=Path, default=Path("ldmgraph-data"),
                        help="queue database, inputs, outputs, settings (default ./ldmgraph-data)")
     serve.add_argument("--token", help="require this token (Authorization: Bearer, or ?token=) on every request")
-    serve.add_argument("--workflows-dir", type=Path, help="saved workflows to offer (default ./workflows if it "
-                       "exists, else the repository's workflows/)")
+    serve.add_argument("--workflows-dir", type=Path, action="append", default=[], metavar="DIR",
+                       help="saved workflows to offer (the first one; default ./workflows if it exists, else the "
+                       "repository's workflows/); every one is also searched for components, node types "
+                       "workflow/<stem> (repeatable)")
     serve.add_argument("--models-dir", type=Path, action="append", default=[], metavar="DIR",
                        help="checkpoint folder (repeatable; the bundled models are always searched last)")
     serve.add_argument("--plugin-dir", action="append", default=[], metavar="DIR", help="extra plugin folder")
@@ -80,7 +82,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from ldmgraph.models.precision import resolve_precision
 
         precision = resolve_precision(args.precision, args.device)
-    workflows = args.workflows_dir
+    workflows = args.workflows_dir[0] if args.workflows_dir else None
     if workflows is None:
         workflows = Path("workflows") if Path("workflows").is_dir() else REPO_WORKFLOWS
     config = ServerConfig(
@@ -89,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), cors_origins=tuple(args.cors_origin),
         frontend=not args.no_editor, precision=precision, backend=args.backend, address=args.address,
         workers=args.workers)
-    manager = PluginManager(plugin_dirs=args.plugin_dir)
+    manager = PluginManager(plugin_dirs=args.plugin_dir, workflow_dirs=args.workflows_dir)
     for status in manager.statuses:
         if not status.ok:
             print(f"ldmgraph: warning: plugin {status.name} failed to load: {status.error}", file=sys.stderr)
