@@ -32,8 +32,10 @@ FUNCTION_WORDS = ("a", "an", "and", "on", "at", "in", "the")
 class TextEncode(Conditioner):
     """Encode a prompt with a text encoder into conditioning (cross-attention context).
 
-    `clip_skip` k takes the k-th layer from the end (1 = the last layer, 2 = the penultimate one
-    as SD2 and many SD1 fine-tunes expect).
+    The prompt may weight its words as ComfyUI does, `(word:1.2)`, `(word)` = 1.1, `[word]` = 1/1.1,
+    with `\\(` for a literal bracket, and name textual-inversion embeddings as `embedding:name`
+    (files in the model folders' `embeddings/`); see docs/prompts.md. `clip_skip` k takes the k-th
+    layer from the end (1 = the last layer, 2 = the penultimate one as SD2 and many SD1 fine-tunes expect).
     """
 
     type_name = "TextEncode"
@@ -54,7 +56,9 @@ class TextEncode(Conditioner):
         # The pooled vector rides along as data: U-Nets whose `y` is a pooled text vector
         # (num_classes "sequential", e.g. models trained with the vector conditioning route) take it
         # by the vector route; SD 1.x/2.x and the shipped bundled models ignore it.
-        encoding = inputs.text_encoder.encode([inputs.text], clip_skip=inputs.clip_skip)
+        encoding = inputs.text_encoder.encode_prompt(
+            inputs.text, clip_skip=inputs.clip_skip, embeddings=prompt_embeddings(inputs.text, ctx)
+        )
         return Contribution(encoding.context, pooled=encoding.pooled)
 
     @classmethod
@@ -86,6 +90,21 @@ class ClassLabel(Conditioner):
         import torch
 
         return torch.tensor([inputs.label], dtype=torch.long)
+
+
+def prompt_embeddings(text: str, ctx: NodeContext) -> dict[str, Any]:
+    """The textual-inversion embeddings a prompt names (`embedding:name`), loaded from the model folders."""
+    from ldmgraph.models.prompt_weights import embedding_names
+
+    names = embedding_names(text)
+    if not names:
+        return {}
+    from ldmgraph.models.embeddings import load_named
+
+    try:
+        return load_named(names, ctx.model_dirs)
+    except FileNotFoundError as error:
+        raise NodeInputError(f"TextEncode: text: {error}") from error
 
 
 def unknown_words(text: str) -> list[str]:
