@@ -64,6 +64,9 @@ class Estimate:
     outputs: Mapping[str, Any] = field(default_factory=dict)
     warnings: tuple[tuple[str | None, str], ...] = ()
     what: str = ""
+    problems: tuple[tuple[str | None, str, str], ...] = ()
+    """``(input name or None, code, message)``: errors seen only from what flows in (a LoRA made for
+    another architecture than the model linked to it); they refuse the workflow like any problem."""
 
 
 def available_memory() -> int | None:
@@ -104,9 +107,11 @@ def human(n: float) -> str:
 
 
 def estimate_workflow(compiled: CompiledWorkflow, env: Environment) -> tuple[list[Problem], list[Problem]]:
-    """Walk the nodes a run needs in order: ``(problems, warnings)``; the problem is ``over_budget``."""
+    """Walk the nodes a run needs in order: ``(problems, warnings)``; the problems are the nodes' own
+    (``Estimate.problems``), else ``over_budget``."""
     facts: dict[tuple[str, str], Any] = {}
     warnings: list[Problem] = []
+    problems: list[Problem] = []
     kept, largest, worst = 0, 0, (0, "", "")
     for node_id in compiled.order:
         node = compiled.nodes[node_id]
@@ -124,10 +129,13 @@ def estimate_workflow(compiled: CompiledWorkflow, env: Environment) -> tuple[lis
         for name, value in found.outputs.items():
             facts[(node_id, name)] = value
         warnings += [Problem(node_id, name, codes.MODEL_LIMITS, message) for name, message in found.warnings]
+        problems += [Problem(node_id, name, code, message) for name, code, message in found.problems]
         kept += max(0, found.keeps)
         largest = max(largest, max(0, found.works))
         if found.keeps + found.works > worst[0]:
             worst = (found.keeps + found.works, node_id, found.what)
+    if problems:
+        return problems, warnings
     total = kept + largest
     budget = env.memory_budget if env.memory_budget is not None else available_memory()
     if not budget or total <= budget:
