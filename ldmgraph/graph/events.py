@@ -16,6 +16,8 @@ class Event:
     ``progress`` events carry ``k`` of ``n`` from inside a node, and ``preview`` (an RGB image as a
     ``uint8`` array ``[h, w, 3]``) on the steps a node drew one for, when the run was asked for
     previews; ``done`` carries the node's wall time in seconds; ``error`` carries the exception.
+    ``done`` and ``cached`` carry the files the node wrote (for a cached node, when it first ran),
+    so a front end can tell which node wrote which file without watching folders.
     """
 
     kind: EventKind
@@ -28,6 +30,7 @@ class Event:
     seconds: float = 0.0
     error: BaseException | None = None
     preview: Any = None
+    files: tuple[Any, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the error as its message)."""

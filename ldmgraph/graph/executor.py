@@ -164,6 +164,11 @@ class Executor:
         total = len(plan)
         progress = _progress_relay(on_event, compiled, total) if on_event else None
         wanted = set(compiled.outputs)
+        if on_event:  # every cache hit is known before anything runs: reported first, together
+            for index, node_id in enumerate(plan, 1):
+                if node_id in hits:
+                    on_event(Event("cached", node_id, compiled.nodes[node_id].spec.type_name, index, total,
+                                   files=tuple(hits[node_id].files)))
         for index, node_id in enumerate(plan, 1):
             token.check()
             node = compiled.nodes[node_id]
@@ -172,8 +177,6 @@ class Executor:
                 values[node_id] = entry.outputs
                 state.files.extend(entry.files)
                 cached.append(node_id)
-                if on_event:
-                    on_event(Event("cached", node_id, node.spec.type_name, index, total))
             else:
                 outs, files = self._run_node(node, values, state, token, progress, on_event, index, total,
                                              previews)
@@ -285,7 +288,8 @@ class Executor:
                 on_event(Event("error", node_id, type_name, index, total, error=error))
             raise error from exc
         if on_event:
-            on_event(Event("done", node_id, type_name, index, total, seconds=time.perf_counter() - started))
+            on_event(Event("done", node_id, type_name, index, total, seconds=time.perf_counter() - started,
+                           files=tuple(ctx.files)))
         return outs, ctx.files
 
 

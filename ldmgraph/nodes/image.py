@@ -185,9 +185,13 @@ class LoadImage(Node):
 class SaveImage(Node):
     """Save images as PNG files in the output folder, with the workflow and parameters embedded.
 
-    Files are named ``{prefix}_{counter:05d}_.png``, never overwriting, and written atomically. The
-    text chunk ``ldmgraph:workflow`` holds the resolved workflow (parameter values and drawn seeds
-    applied) and ``ldmgraph:parameters`` the parameter values, so `ldmgraph run image.png` re-runs it.
+    Files are named ``{prefix}_{counter:05d}_.png``, the counter following the highest one of that
+    prefix already in the folder (as ComfyUI's ``folder_paths.get_save_image_path`` counts: names
+    never repeat across runs), never overwriting, and written atomically. The text chunk
+    ``ldmgraph:workflow`` holds the resolved workflow (parameter values and drawn seeds applied) and
+    ``ldmgraph:parameters`` the parameter values, so `ldmgraph run image.png` re-runs it; the
+    front end's own chunks (ComfyUI's ``prompt`` and ``workflow``, from ``Environment.png_text``)
+    go beside them, so ComfyUI's editor restores its graph from the file.
     """
 
     type_name = "SaveImage"
@@ -206,20 +210,57 @@ class SaveImage(Node):
         return output_problems(env.output_dir, literals.get("filename_prefix", ""), "filename_prefix")
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> None:
-        info = PngImagePlugin.PngInfo()
-        info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, ensure_ascii=False))
-        info.add_text(PNG_PARAMETERS_KEY, json.dumps(ctx.parameters, ensure_ascii=False))
-        from ldmgraph.nodes.carried_inputs import PNG_INPUTS_KEY, input_file_records
-
-        carried = input_file_records(ctx.workflow, ctx.registry, ctx.env)
-        if carried:
-            info.add_text(PNG_INPUTS_KEY, json.dumps(carried), zip=True)
+        info = png_info(ctx)
         for image in _as_batch(inputs.images):
             ctx.check_cancelled()
             buffer = io.BytesIO()
             Image.fromarray(to_uint8(image, inputs.quantize)).save(buffer, format="PNG", pnginfo=info, compress_level=4)
             ctx.add_file(atomic_write_new(ctx.output_dir, inputs.filename_prefix, ".png", buffer.getvalue()))
         return None
+
+
+class SaveImageWebsocket(Node):
+    """Send images to the client that queued the job, as binary websocket frames, without saving them.
+
+    ComfyUI ships this node (``websocket_image_save.py``): each image goes out full size as a PNG
+    preview frame while the node is the one executing, and the node leaves nothing in the history.
+    Here each image travels in a progress event's ``preview`` and the server sends it as that frame;
+    run elsewhere (the CLI), the node sends nothing. Never cached: a frame is sent on every run.
+    """
+
+    type_name = "SaveImageWebsocket"
+    category = "image"
+    output_node = True
+    deterministic = False
+
+    class Inputs(NodeInputs):
+        images: np.ndarray = InputField(IMAGE, description="images to send (one frame per batch item)")
+        quantize: str = InputField(ENUM, "round", choices=QUANTIZE,
+                                   description="8-bit conversion: round (ldmgraph) or truncate (ComfyUI's)")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> None:
+        batch = _as_batch(inputs.images)
+        for index, image in enumerate(batch, 1):
+            pixels = to_uint8(image, inputs.quantize)
+            ctx.progress(index, len(batch), preview=pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., 0])
+        return None
+
+
+def png_info(ctx: NodeContext) -> PngImagePlugin.PngInfo:
+    """The text chunks of a saved PNG: ldmgraph's workflow, parameters and carried inputs, then the
+    front end's (ComfyUI's ``prompt`` and ``workflow``) when the run was given them."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PNG_WORKFLOW_KEY, json.dumps(ctx.workflow, ensure_ascii=False))
+    info.add_text(PNG_PARAMETERS_KEY, json.dumps(ctx.parameters, ensure_ascii=False))
+    from ldmgraph.nodes.carried_inputs import PNG_INPUTS_KEY, input_file_records
+
+    carried = input_file_records(ctx.workflow, ctx.registry, ctx.env)
+    if carried:
+        info.add_text(PNG_INPUTS_KEY, json.dumps(carried), zip=True)
+    for key, text in ctx.env.png_text:
+        if key not in (PNG_WORKFLOW_KEY, PNG_PARAMETERS_KEY, PNG_INPUTS_KEY):
+            info.add_text(key, text)
+    return info
 
 
 class ImageScale(Node):
@@ -394,4 +435,4 @@ def _as_batch(images: np.ndarray) -> np.ndarray:
 @hookimpl
 def ldmgraph_nodes() -> list[type[Node]]:
     """Register the image nodes."""
-    return [LoadImage, SaveImage, ImageScale, ImageScaleBy, ImageCrop, ImageInvert, ImageBlend]
+    return [LoadImage, SaveImage, SaveImageWebsocket, ImageScale, ImageScaleBy, ImageCrop, ImageInvert, ImageBlend]

@@ -119,7 +119,11 @@ class LoadMask(Node):
 
 
 class PreviewImage(Node):
-    """Show images without keeping them: written to a temporary folder and listed in the run's files."""
+    """Show images without keeping them: written to the temporary folder and listed in the run's files.
+
+    The server gives its data folder's ``temp`` (reported as ``type: temp``, as ComfyUI's
+    PreviewImage does, with ComfyUI's text chunks); elsewhere a private folder per executor session.
+    """
 
     type_name = "PreviewImage"
     category = "image"
@@ -134,14 +138,19 @@ class PreviewImage(Node):
     def run(self, inputs: Inputs, ctx: NodeContext) -> None:
         from PIL import Image
 
-        # a private folder per executor session (mkdtemp: a new name, mode 0700), never a fixed
-        # name in the shared temporary folder that another user could plant a link in
-        folder = ctx.resource(("PreviewImage", "folder"), lambda: Path(tempfile.mkdtemp(prefix="ldmgraph-preview-")))
+        from ldmgraph.nodes.image import png_info
+
+        # the server's temp folder, or a private folder per executor session (mkdtemp: a new name,
+        # mode 0700), never a fixed name in the shared temporary folder that another user could plant a link in
+        folder = ctx.env.temp_dir or ctx.resource(("PreviewImage", "folder"),
+                                                  lambda: Path(tempfile.mkdtemp(prefix="ldmgraph-preview-")))
         stem = "preview_" + re.sub(r"[^A-Za-z0-9_-]", "_", ctx.node_id)[:100]
+        info = png_info(ctx) if ctx.env.png_text else None
         for picture in inputs.images:
             buffer = io.BytesIO()
             pixels = (np.clip(picture, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-            Image.fromarray(pixels[..., :3] if pixels.shape[-1] > 1 else pixels[..., 0]).save(buffer, "PNG")
+            Image.fromarray(pixels[..., :3] if pixels.shape[-1] > 1 else pixels[..., 0]).save(
+                buffer, "PNG", pnginfo=info, compress_level=1)
             ctx.add_file(atomic_write_new(folder, stem, ".png", buffer.getvalue()))
         return None
 

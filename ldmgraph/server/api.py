@@ -4,13 +4,15 @@ Every route here is served both at its ComfyUI path and under ``/api``. Shapes r
 ComfyUI's ``server.py``: ``POST /prompt`` answers ``{prompt_id, number, node_errors}``; a queue
 item is ``[number, prompt_id, prompt, extra_data, outputs_to_execute]``; a history entry is
 ``{prompt, outputs: {node_id: {images: [{filename, subfolder, type}]}}, status: {status_str,
-completed, messages}, meta}``.
+completed, messages}, meta}``. Bodies are JSON whatever their Content-Type (see
+:class:`ldmgraph.server.app.JsonBodies`). A client's ``prompt_id`` is the job's id, and sending
+the same one again (a retry after a dropped connection) answers with the job already queued
+instead of queueing a second one. Graphs are counted before anything else is done with them
+and validated on a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 import platform
@@ -21,25 +23,27 @@ import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastapi import APIRouter, File, Form, Query, UploadFile, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse
+import pydantic
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from ldmgraph.graph.errors import ValidationError
-from ldmgraph.graph.files import atomic_write_bytes
 from ldmgraph.graph.validate import validate_workflow
 
 from .protocol import error_body, plain_json, request_error, to_document
+from .security import client_id_ok
 from .state import ServerState
 from .store import Job
+from .uploads import MODEL_FOLDERS, file_path, receive_image, view_response
 from .workflows import NAME, summary
 
 PROMPT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
-SUBFOLDER = re.compile(r"^[A-Za-z0-9_-]{0,64}$")
 JOB_STATUS = {"pending": "pending", "running": "in_progress", "success": "completed", "error": "failed",
               "interrupted": "cancelled", "cancelled": "cancelled"}
 NOT_PLAIN = "the request holds NaN or Infinity, which JSON does not allow"
-MEDIA = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+BAD_CLIENT_ID = "client_id must be 1-200 printable ASCII characters (no spaces or control characters)"
 
 
 # -- request bodies (their JSON Schema is the OpenAPI document) -------------------------------------
@@ -96,35 +100,72 @@ def build_router(state: ServerState) -> APIRouter:
     def enqueue(prompt: Any, doc: dict[str, Any], *, kind: str, client_id: str | None, prompt_id: str | None,
                 front: bool, extra_data: dict[str, Any], outputs: list[str] | None,
                 overrides: dict[str, Any] | None = None, number: float | None = None) -> JSONResponse:
+        job_id = prompt_id or str(uuid.uuid4())
+        if not PROMPT_ID.match(job_id):
+            return error(400, "invalid_prompt_id", "prompt_id must be 1-100 letters, digits, '_', '.', ':' or '-'")
+        again = same_job(job_id, prompt)
+        if again is not None:
+            return again
         doc = state.with_precision(doc)
         try:
             compiled = validate_workflow(doc, state.registry, state.env, overrides, outputs)
         except ValidationError as exc:
-            return JSONResponse(error_body(exc, prompt), status_code=400)
-        job_id = prompt_id or str(uuid.uuid4())
-        if not PROMPT_ID.match(job_id):
-            return error(400, "invalid_prompt_id", "prompt_id must be 1-100 letters, digits, '_', '.', ':' or '-'")
-        if store.job(job_id) is not None:
-            return error(400, "duplicate_prompt_id", f"a job with prompt_id {job_id!r} already exists")
+            return JSONResponse(state.redact(error_body(exc, prompt)), status_code=400)
         resolved = compiled.resolved_document() if overrides else doc
+        if client_id is not None:
+            extra_data = {**extra_data, "client_id": client_id}  # ComfyUI's history shows who queued it
         worker.prepare(job_id, compiled)  # before the job is visible to the worker
         try:
             position = store.add_job(job_id, prompt=prompt, workflow=resolved, extra_data=extra_data,
                                      outputs=list(compiled.outputs), client_id=client_id, source=kind, front=front,
                                      number=int(number) if number is not None and abs(number) < 2**62 else None)
-        except KeyError:
-            return error(400, "duplicate_prompt_id", f"a job with prompt_id {job_id!r} already exists")
+        except KeyError:  # the same id queued by a concurrent request
+            return same_job(job_id, prompt) or error(409, "prompt_id_conflict", f"prompt_id {job_id!r} is taken")
         worker.wake.set()
         state.broadcast_status()
         return JSONResponse({"prompt_id": job_id, "number": position, "node_errors": {}})
 
-    @router.post("/prompt", summary="Queue a graph (ComfyUI's POST /prompt)")
-    async def post_prompt(body: PromptRequest) -> JSONResponse:  # on the event loop: ~1 ms, no thread hop
+    def same_job(job_id: str, prompt: Any) -> JSONResponse | None:
+        """The reply for a prompt_id already queued: the same answer for the same graph (a retry),
+        409 for another graph; None when the id is new."""
+        job = store.job(job_id)
+        if job is None:
+            return None
+        if job.prompt != prompt:
+            return error(409, "prompt_id_conflict", f"another graph was already queued with prompt_id {job_id!r}; "
+                                                    "send a new id (a retry must send the same graph)")
+        return JSONResponse({"prompt_id": job.id, "number": job.number, "node_errors": {}})
+
+    @router.post("/prompt", summary="Queue a graph (ComfyUI's POST /prompt)",
+                 openapi_extra={"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": PromptRequest.model_json_schema()}}}})
+    async def post_prompt(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        response = submit(body)
+        raw = await request.body()
+        response = await run_in_threadpool(submit_raw, raw)  # parsing and validation off the event loop
         # how long the server spent on it (JSON, validation, the queue's transaction), as browsers show it
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         return response
+
+    def submit_raw(raw: bytes) -> JSONResponse:
+        """``POST /prompt``'s body, checked in order of cost: JSON, graph size, shape, then the graph."""
+        try:
+            data = json.loads(raw, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            return error(400, "invalid_json", f"the body is not JSON ({str(exc)[:120]})")
+        if not isinstance(data, dict):
+            return error(400, "invalid_request", "the body must be a JSON object {prompt, client_id, prompt_id, ...}")
+        size = graph_size(data.get("prompt"))
+        if size > state.config.max_nodes:
+            return error(400, "graph_too_large", f"the graph has {size} nodes; this server accepts at most "
+                                                 f"{state.config.max_nodes} (ldmgraph serve --max-nodes)")
+        try:
+            body = PromptRequest.model_validate(data)
+        except pydantic.ValidationError as exc:
+            return error(400, "invalid_request", _pydantic_message(exc))
+        if not client_id_ok(body.client_id):
+            return error(400, "invalid_client_id", BAD_CLIENT_ID)
+        return submit(body)
 
     def submit(body: PromptRequest) -> JSONResponse:
         if not plain_json([body.prompt, body.extra_data]):
@@ -132,7 +173,7 @@ def build_router(state: ServerState) -> APIRouter:
         try:
             doc, kind = to_document(body.prompt, state.registry)
         except ValidationError as exc:
-            return JSONResponse(error_body(exc, body.prompt), status_code=400)
+            return JSONResponse(state.redact(error_body(exc, body.prompt)), status_code=400)
         return enqueue(body.prompt, doc, kind=kind, client_id=body.client_id, prompt_id=body.prompt_id,
                        front=body.front, extra_data=body.extra_data, outputs=body.partial_execution_targets,
                        number=body.number)
@@ -193,40 +234,76 @@ def build_router(state: ServerState) -> APIRouter:
     def get_embeddings() -> list[str]:
         return []
 
-    @router.get("/models", summary="Model folder kinds")
+    @router.get("/models", summary="Model folder kinds (ComfyUI's names)")
     def get_models() -> list[str]:
-        return ["checkpoints"]
+        return list(MODEL_FOLDERS)
 
-    @router.get("/models/{folder}", summary="Model files of a kind")
+    @router.get("/models/{folder}", summary="Model files of a kind ([] for kinds ldmgraph has no files of)")
     def get_models_folder(folder: str) -> Any:
-        if folder != "checkpoints":
-            return error(404, "unknown_folder", f"no model folder {folder[:60]!r}; known: checkpoints")
-        from ldmgraph.nodes.common import available_models
+        if folder not in MODEL_FOLDERS:
+            return error(404, "unknown_folder", f"no model folder {folder[:60]!r}; known: {', '.join(MODEL_FOLDERS)}")
+        return model_files(state, folder)
 
-        return available_models(state.env.model_dirs)
+    @router.get("/view_metadata/{folder}", summary="A safetensors model's __metadata__ (404 when it has none)")
+    def get_view_metadata(folder: str, filename: str = Query("", max_length=400)) -> Any:
+        if folder not in MODEL_FOLDERS or filename not in model_files(state, folder):
+            return error(404, "not_found", f"no model {filename[:100]!r} in {folder[:60]!r}")
+        from ldmgraph.nodes.common import find_model
+
+        metadata = safetensors_metadata(find_model(filename, state.env.model_dirs))
+        if metadata is None:
+            return error(404, "no_metadata", f"{filename[:100]!r} is not a safetensors file with __metadata__")
+        return metadata
+
+    # -- ComfyUI's /internal routes (its editor's file lists, folders and log panel) ----------------
+    @router.get("/internal/files/{directory_type}", summary="Files of input, output or temp, newest first")
+    def get_internal_files(directory_type: str) -> Any:
+        folder = state.folder(directory_type)
+        if folder is None:
+            return error(400, "invalid_type", "directory_type is input, output or temp")
+        entries = [e for e in os.scandir(folder) if e.is_file(follow_symlinks=False) and not e.name.startswith(".")]
+        return [e.name for e in sorted(entries, key=lambda e: -e.stat(follow_symlinks=False).st_mtime)]
+
+    @router.get("/internal/folder_paths", summary="Model folder kinds -> folders (server paths hidden)")
+    def get_folder_paths() -> dict[str, list[str]]:
+        shown = [state.redact(str(d)) for d in state.env.model_dirs]
+        return {name: shown if name in ("checkpoints", "vae") else [] for name in MODEL_FOLDERS}
+
+    @router.get("/internal/logs", summary="Recent server log lines as one text")
+    def get_logs() -> str:
+        return "".join(f"{e['t']} - {e['m']}" for e in list(state.logs.entries))
+
+    @router.get("/internal/logs/raw", summary="Recent server log entries")
+    def get_logs_raw() -> dict[str, Any]:
+        return {"entries": list(state.logs.entries), "size": {"cols": 80, "rows": 24}}
+
+    @router.patch("/internal/logs/subscribe", summary="Live log subscription (accepted; logs are not pushed)")
+    def subscribe_logs() -> Response:
+        return Response(status_code=200)
 
     @router.get("/system_stats", summary="Versions, memory, device, and the worker's health")
     def get_system_stats() -> dict[str, Any]:
         return system_stats(state)
 
     # -- files ------------------------------------------------------------------------------------
-    @router.get("/view", summary="A file the server wrote or received (never a client-chosen path)")
+    @router.get("/view", summary="A file of input, output or temp (preview=webp;90 or jpeg;90, channel=rgb|a)")
     def get_view(filename: str = Query(..., max_length=255), type: str = Query("output", max_length=16),
-                 subfolder: str = Query("", max_length=255)) -> Any:
-        path = store.file(type, subfolder, filename)
-        if path is None or not path.is_file():
-            return error(404, "not_found", "no such file: /view serves only files this server wrote or received")
-        return FileResponse(path, media_type=MEDIA.get(path.suffix.lower(), "application/octet-stream"))
+                 subfolder: str = Query("", max_length=255), preview: str | None = Query(None, max_length=32),
+                 channel: str | None = Query(None, max_length=8)) -> Any:
+        path = file_path(state, type, subfolder, filename)
+        if path is None:
+            return error(404, "not_found", "no such file in the input, output or temp folder")
+        return view_response(path, preview, channel)
 
-    @router.post("/upload/image", summary="Upload an image (it must decode; the server names it)")
+    @router.post("/upload/image", summary="Upload an image under its own name (ComfyUI's overwrite / rename rules)")
     def upload_image(image: UploadFile = File(...), type: str = Form("input"), subfolder: str = Form(""),
                      overwrite: str = Form("false")) -> Any:
-        return receive_image(state, image, type, subfolder, None)
+        return receive_image(state, image, type, subfolder, None, overwrite in ("true", "1"))
 
     @router.post("/upload/mask", summary="Upload a mask; with original_ref, its alpha is applied to that image")
     def upload_mask(image: UploadFile = File(...), type: str = Form("input"), subfolder: str = Form(""),
-                    original_ref: str = Form("")) -> Any:
-        return receive_image(state, image, type, subfolder, original_ref or None)
+                    original_ref: str = Form(""), overwrite: str = Form("false")) -> Any:
+        return receive_image(state, image, type, subfolder, original_ref or None, overwrite in ("true", "1"))
 
     # -- jobs by id (beyond ComfyUI; also what the editor's queue panel reads) -------------------
     @router.get("/jobs", summary="Jobs by status, as the editor's queue panel reads them")
@@ -305,7 +382,10 @@ def build_router(state: ServerState) -> APIRouter:
     # -- websocket --------------------------------------------------------------------------------
     @router.websocket("/ws")
     async def websocket(ws: WebSocket, clientId: str | None = None, previews: str | None = None) -> None:  # noqa: N803
-        sid = clientId if clientId and len(clientId) <= 200 else uuid.uuid4().hex
+        if clientId and not client_id_ok(clientId):
+            await ws.close(code=1008, reason=BAD_CLIENT_ID[:120])
+            return
+        sid = clientId or uuid.uuid4().hex
         await ws.accept()
         client = state.hub.add(sid, json_previews=previews == "json")
         await ws.send_text(json.dumps({"type": "status", "data": {**state.status_message(), "sid": sid}}))
@@ -409,54 +489,51 @@ def system_stats(state: ServerState) -> dict[str, Any]:
     }
 
 
-# -- uploads ----------------------------------------------------------------------------------------
-def receive_image(state: ServerState, upload: UploadFile, kind: str, subfolder: str,
-                  original_ref: str | None) -> Any:
-    """Decode an uploaded image (refusing anything that is not one), re-encode it as PNG, name it by content."""
-    from PIL import Image, UnidentifiedImageError
+# -- helpers ----------------------------------------------------------------------------------------
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(NOT_PLAIN)
 
-    if kind not in ("input", "temp"):
-        return error(400, "invalid_type", "uploads go to type 'input' (or 'temp')")
-    if not SUBFOLDER.match(subfolder or ""):
-        return error(400, "invalid_subfolder", "subfolder may hold only letters, digits, '_' and '-'")
-    data = upload.file.read()
+
+def _pydantic_message(exc: pydantic.ValidationError) -> str:
+    problems = exc.errors()[:10]
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in problems)
+
+
+def graph_size(prompt: Any) -> int:
+    """Nodes in a submitted graph (API format, UI format with its subgraphs, or ldmgraph/1), counted
+    without looking inside them: what bounds the work and memory a request can cause."""
+    if not isinstance(prompt, dict):
+        return 0
+    nodes = prompt.get("nodes")
+    if not isinstance(nodes, list | dict) or not ("links" in prompt or "format" in prompt):
+        return len(prompt)
+    definitions = prompt.get("definitions")
+    subgraphs = definitions.get("subgraphs") if isinstance(definitions, dict) else None
+    inner = sum(len(g.get("nodes") or ()) for g in subgraphs if isinstance(g, dict)) if isinstance(
+        subgraphs, list) else 0
+    return len(nodes) + inner
+
+
+def model_files(state: ServerState, folder: str) -> list[str]:
+    """The files of a model folder kind: checkpoints (which also hold VAEs here); none of the others."""
+    if folder not in ("checkpoints", "vae"):
+        return []
+    from ldmgraph.nodes.common import available_models
+
+    return available_models(state.env.model_dirs)
+
+
+def safetensors_metadata(path: Any) -> dict[str, Any] | None:
+    """The ``__metadata__`` of a safetensors file's header (read with a bound), or None."""
+    import struct
+
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            if opened.width * opened.height > state.config.max_image_pixels:
-                return error(413, "image_too_large", f"images may have at most {state.config.max_image_pixels} pixels")
-            opened.load()
-            image = opened.convert("RGBA") if "A" in opened.getbands() or "transparency" in opened.info \
-                else opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return error(400, "not_an_image", "the upload is not an image Pillow can decode (PNG, JPEG, WebP, ...)")
-    if original_ref is not None:
-        image = _apply_mask(state, image, original_ref)
-        if isinstance(image, JSONResponse):
-            return image
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    payload = buffer.getvalue()
-    name = f"{hashlib.sha256(payload).hexdigest()[:24]}.png"
-    folder = (state.input_dir if kind == "input" else state.config.data_dir.resolve() / "temp") / subfolder
-    path = atomic_write_bytes(folder / name, payload)
-    state.store.add_file(kind, subfolder, name, path)
-    return {"name": name, "subfolder": subfolder, "type": kind}
-
-
-def _apply_mask(state: ServerState, mask: Any, original_ref: str) -> Any:
-    """ComfyUI's mask upload: the original image with the mask's alpha channel."""
-    from PIL import Image
-
-    try:
-        ref = json.loads(original_ref)
-        name = ref.get("filename", ref.get("name"))  # the editor sends filename; an upload reply says name
-        path = state.store.file(str(ref.get("type", "input")), str(ref.get("subfolder", "")), str(name))
-    except (ValueError, KeyError, AttributeError, TypeError):
-        path = None
-    if path is None or not path.is_file():
-        return error(400, "unknown_original", "original_ref must name an image this server received or wrote")
-    with Image.open(path) as original:
-        rgba = original.convert("RGBA")
-    alpha = mask.getchannel("A") if "A" in mask.getbands() else mask.convert("L")
-    rgba.putalpha(alpha.resize(rgba.size))
-    return rgba
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            if size > 64 * 1024 * 1024:
+                return None
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError, struct.error, IsADirectoryError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else None

@@ -74,6 +74,30 @@ def create_app(state: ServerState) -> FastAPI:
 
         app.add_middleware(CORSMiddleware, allow_origins=list(state.config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodyLimit, max_bytes=state.config.max_body_bytes)
-    app.add_middleware(Guard, token=state.config.token, allowed_origins=state.config.cors_origins)
+    app.add_middleware(Guard, token=state.config.token, allowed_origins=state.config.cors_origins,
+                       bound_host=state.config.host, allowed_hosts=state.config.allowed_hosts)
     return app
+
+
+class JsonBodies:
+    """Read every request body that is not a form as JSON, whatever its Content-Type says.
+
+    ComfyUI reads its JSON endpoints with ``await request.json()``, which ignores the header, and
+    its clients rely on that: its own script examples post JSON with urllib's default
+    ``application/x-www-form-urlencoded``, client libraries with none or ``application/octet-stream``.
+    FastAPI parses a body model only under a JSON Content-Type, so the header is set to JSON here
+    for every body but multipart forms (the uploads).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+            kind = next((v for k, v in scope.get("headers", []) if k.lower() == b"content-type"), b"")
+            if not kind.lower().startswith(b"multipart/"):
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

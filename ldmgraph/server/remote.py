@@ -8,7 +8,8 @@ cache for its life, so a checkpoint loads once per actor) and turns what the act
 into the same websocket messages and records as the in-process worker:
 
 - the actor streams each executor event, and the files a node wrote just before that node's
-  ``done`` event; the server writes the files into the job's output folder and hands the events
+  ``done`` event; the server writes the files into its output folder (numbered on from the files
+  already there, as the in-process worker's are) and hands the events
   to :class:`~.worker.JobRun`, so ``executing``, ``progress``, ``progress_state``, ``executed``
   and previews read exactly as with the in-process worker;
 - ``POST /interrupt`` reaches the actor (its ``cancel`` runs beside the job), the job stops at its
@@ -23,18 +24,21 @@ into the same websocket messages and records as the in-process worker:
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ldmgraph.graph.files import atomic_write_bytes, safe_join
+from ldmgraph.graph.files import atomic_write_bytes, atomic_write_new, safe_join
 from ldmgraph.graph.validate import CompiledWorkflow
 
 from .hub import Hub
 from .store import Job, Store
 from .worker import JobRun, WorkerHealth, _ms
+
+COUNTED = re.compile(r"^(.+)_\d{5}_(\.[A-Za-z0-9]+)$")  # SaveImage's {prefix}_{counter:05d}_{suffix}
 
 
 class RemoteWorker:
@@ -142,6 +146,7 @@ class RemoteRun(JobRun):
 
     future: concurrent.futures.Future[Any] | None = None
     cancel_requested: bool = False
+    written: dict[str, list[Path]] = field(default_factory=dict)
 
     def start(self) -> None:
         self.send("execution_start", {"timestamp": _ms()}, record=True)
@@ -158,9 +163,19 @@ class RemoteRun(JobRun):
         if item[0] == "files":
             for name, data in item[2]:
                 if data is not None:
-                    atomic_write_bytes(safe_join(self.folder, name), data)
+                    self.written.setdefault(str(item[1]), []).append(self._write(name, data))
         elif item[0] == "event":
             self.on_event(item[1])
+
+    def _write(self, name: str, data: bytes) -> Path:
+        """A file from the actor, under its name, or numbered on from the files already here."""
+        numbered = COUNTED.match(name)
+        if numbered:
+            return atomic_write_new(self.folder, numbered[1], numbered[2], data)
+        return atomic_write_bytes(safe_join(self.folder, name), data)
+
+    def _files_of(self, event: Any) -> tuple[Any, ...]:
+        return tuple(self.written.pop(event.node_id, ()))
 
     def _done(self, future: concurrent.futures.Future[Any]) -> None:
         try:

@@ -43,7 +43,10 @@ class ServerConfig:
     plugin_dirs: tuple[str, ...] = ()
     device: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 64 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # an upload's width x height, read from its header before decoding
+    max_nodes: int = 5000  # nodes in one submitted graph, counted before any other work
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides the bound address and loopback
+    preview_method: str = "none"  # latent previews: none (ComfyUI's default) unless started with one
     cors_origins: tuple[str, ...] = ()
     frontend: bool = True
     precision: str | None = None  # a concrete precision written into every job's loaders (None: as sent)
@@ -65,6 +68,9 @@ class ServerState:
     input_dir: Path
     output_dir: Path
     userdata_dir: Path
+    temp_dir: Path
+    redact: Any = None  # hides server paths in messages that leave the server (security.path_redactor)
+    logs: Any = None  # recent log records for /internal/logs (security.LogBuffer)
     _info_cache: tuple[Any, dict[str, Any]] | None = None
     _status_pending: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -72,14 +78,19 @@ class ServerState:
 
     @classmethod
     def build(cls, config: ServerConfig, registry: Registry) -> ServerState:
+        from .security import LogBuffer, path_redactor
+
         data = config.data_dir.resolve()
         input_dir, output_dir, userdata_dir = data / "input", data / "output", data / "userdata"
+        temp_dir = fresh_temp_folder(data / "temp")
         for folder in (input_dir, output_dir, userdata_dir / "workflows"):
             folder.mkdir(parents=True, exist_ok=True)
         store = Store(data / "server.sqlite3")
         store.recover()
-        env = Environment(input_dir=input_dir, output_dir=output_dir,
+        env = Environment(input_dir=input_dir, output_dir=output_dir, temp_dir=temp_dir,
                           model_dirs=(*config.model_dirs, BUNDLED_MODELS), device=config.device)
+        redact = path_redactor({data: "<data>", BUNDLED_MODELS: "<bundled models>",
+                                **{Path(d): f"<models {i}>" for i, d in enumerate(config.model_dirs)}})
         hub = Hub()
         state_box: list[ServerState] = []
         worker: Any
@@ -90,8 +101,10 @@ class ServerState:
                                   lambda: state_box[0].broadcast_status())
         else:
             worker = Worker(Executor(registry, env), store, hub, env, output_dir,
-                            lambda: state_box[0].broadcast_status())
-        state = cls(config, registry, store, hub, env, worker, input_dir, output_dir, userdata_dir)
+                            lambda: state_box[0].broadcast_status(), preview_method=config.preview_method,
+                            redact=redact)
+        state = cls(config, registry, store, hub, env, worker, input_dir, output_dir, userdata_dir, temp_dir,
+                    redact, LogBuffer.install(redact))
         state_box.append(state)
         state.receive_workflow_inputs()
         state.first_start()
@@ -159,6 +172,10 @@ class ServerState:
                 shutil.copyfile(path, target)
             self.store.add_file("input", "", path.name, target)
 
+    def folder(self, kind: str) -> Path | None:
+        """The data folder of a file type (ComfyUI's ``type``: input, output, temp)."""
+        return {"input": self.input_dir, "output": self.output_dir, "temp": self.temp_dir}.get(kind)
+
     def workflows(self) -> dict[str, dict[str, Any]]:
         return saved_workflows(self.config.workflows_dir)
 
@@ -172,6 +189,16 @@ class ServerState:
             if self._info_cache is None or self._info_cache[0] != key:
                 self._info_cache = (key, object_info(self.registry, files))
             return self._info_cache[1]
+
+
+def fresh_temp_folder(folder: Path) -> Path:
+    """The temp folder (previews), emptied at start-up as ComfyUI empties its own; a link planted
+    in its place is removed, never followed."""
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    shutil.rmtree(folder, ignore_errors=True)  # rmtree removes links inside, never what they point to
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def ray_pool(config: ServerConfig, env: Environment) -> Any:

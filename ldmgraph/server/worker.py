@@ -3,8 +3,12 @@
 The worker owns the server's :class:`Executor` (and so its output cache and model cache, which
 live as long as the server: a second job on the same checkpoint loads nothing). It claims the
 next pending job in one transaction, runs it, turns the executor's progress events into
-ComfyUI's websocket messages (asking for a latent preview per sampler step while a client is
-connected to receive it), and records the outcome. A failing job is recorded with its error
+ComfyUI's websocket messages, and records the outcome. As ComfyUI does: output nodes write into
+the output folder itself (file names count on across jobs; no folder per job), ``PreviewImage``
+into ``temp``; cache hits are announced in one ``execution_cached`` message; latent previews are
+drawn only when the server was started with a preview method or the job asks for one
+(``extra_data.preview_method``, the editor's setting), and go only to the job's own client, as do
+``SaveImageWebsocket``'s full-size frames; saved images are not sent again as previews. A failing job is recorded with its error
 and the worker goes on; anything that escapes a job (a node raising ``SystemExit``, a bug) ends
 the thread, and the supervisor marks that job failed, counts the restart (``/system_stats``
 shows it) and starts a new worker.
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import gc
 import io
-import os
+import json
+import re
 import threading
 import time
 import traceback
@@ -26,7 +31,7 @@ from typing import Any
 from ldmgraph.graph.context import CancelToken, Environment
 from ldmgraph.graph.errors import Cancelled, ExecutionError, ValidationError
 from ldmgraph.graph.events import Event
-from ldmgraph.graph.executor import Executor, RunResult
+from ldmgraph.graph.executor import Executor
 from ldmgraph.graph.validate import CompiledWorkflow, recheck_environment
 
 from .hub import Hub
@@ -36,7 +41,10 @@ from .store import Job, Store
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PREVIEW_MAX_SIDE = 512
 PREVIEW_EVERY = 1  # a latent preview per sampler step, as ComfyUI sends them
+PREVIEW_OFF = ("none", "")  # ComfyUI's --preview-method none; "default" means the server's setting
+WEBSOCKET_IMAGE_NODE = "SaveImageWebsocket"
 PREPARED_LIMIT = 4096
+PNG_KEY = re.compile(r"^[\x20-\x7e]{1,79}$")  # a PNG tEXt keyword: 1-79 Latin-1 printable characters
 
 
 @dataclass
@@ -54,8 +62,10 @@ class Worker:
     """Runs jobs one at a time on a thread; see the module docstring."""
 
     def __init__(self, executor: Executor, store: Store, hub: Hub, base_env: Environment, output_root: Path,
-                 on_queue_change: Any) -> None:
+                 on_queue_change: Any, *, preview_method: str = "none", redact: Any = None) -> None:
         self.executor = executor
+        self.preview_method = preview_method
+        self.redact = redact or (lambda value: value)
         self.store = store
         self.hub = hub
         self.base_env = base_env
@@ -125,11 +135,12 @@ class Worker:
                 self._record_death(current[0], reason)
             self._current = None
             self.health.restarts += 1
-            self.health.last_death = reason
+            self.health.last_death = self.redact(reason)
             self.store.set_meta("worker_restarts", self.health.restarts)
             self._spawn()
 
     def _record_death(self, job: Job, reason: str) -> None:
+        reason = self.redact(reason)
         error: dict[str, Any] = {"exception_type": "WorkerDied", "exception_message": f"the worker died running this job: {reason}",
                  "node_id": None, "node_type": None, "traceback": []}
         self.store.finish(job.id, "error", outputs={}, messages=[["execution_error", {"prompt_id": job.id, **error}]],
@@ -191,13 +202,20 @@ class JobRun:
     outputs: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     executed: list[str] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
+    cached: list[str] = field(default_factory=list)  # cache hits (the executor reports them before anything runs)
+    announced: bool = False
+    cached_files: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     current: str | None = None
 
     @property
     def folder(self) -> Path:
-        return self.worker.output_root / self.job.folder
+        """Where output nodes write: the output folder itself, as in ComfyUI (prefixes name subfolders)."""
+        return self.worker.output_root
+
+    @property
+    def temp_folder(self) -> Path:
+        return self.worker.base_env.temp_dir or self.worker.output_root.parent / "temp"
 
     def send(self, kind: str, data: dict[str, Any], record: bool = False) -> None:
         data = {**data, "prompt_id": self.job.id}
@@ -207,14 +225,15 @@ class JobRun:
 
     def execute(self, token: CancelToken) -> None:
         worker, job = self.worker, self.job
-        worker.executor.env = replace(worker.base_env, output_dir=self.folder)
+        worker.executor.env = replace(worker.base_env, output_dir=self.folder, temp_dir=self.temp_folder,
+                                      png_text=comfyui_png_text(job))
         self.send("execution_start", {"timestamp": _ms()}, record=True)
         status: str = "success"
         error: dict[str, Any] | None = None
         try:
             compiled = self._compiled()
-            result = worker.executor.execute(compiled, on_event=self.on_event, cancel=token, previews=self._previews())
-            self._attribute_cached(result)
+            worker.executor.execute(compiled, on_event=self.on_event, cancel=token, previews=self._previews())
+            self._announce_cached()
             self.send("execution_success", {"timestamp": _ms()}, record=True)
         except Cancelled:
             status = "interrupted"
@@ -223,9 +242,9 @@ class JobRun:
             self.send("execution_interrupted", {"node_id": self.current, "node_type": self._type(self.current),
                                                 "executed": self.executed, "timestamp": _ms()}, record=True)
         except ValidationError as exc:
-            status, error = "error", {"exception_type": "ValidationError", "exception_message": str(exc),
-                                      "node_id": None, "node_type": None, "traceback": [],
-                                      **error_body(exc, job.prompt)}
+            status, error = "error", worker.redact({"exception_type": "ValidationError", "exception_message": str(exc),
+                                                    "node_id": None, "node_type": None, "traceback": [],
+                                                    **error_body(exc, job.prompt)})
             self.send("execution_error", {**error, "executed": self.executed, "timestamp": _ms()}, record=True)
         except ExecutionError as exc:
             status, error = "error", self._error(exc.node_id, exc.node_type, exc.cause)
@@ -241,9 +260,11 @@ class JobRun:
         self.send("executing", {"node": None, "display_node": None})
 
     def _previews(self) -> int:
-        """Sampler previews every PREVIEW_EVERY steps while a websocket client would receive them, else none."""
-        clients = self.worker.hub.clients
-        wanted = bool(clients) if self.job.client_id is None else self.job.client_id in clients
+        """Sampler previews every PREVIEW_EVERY steps when previews are on for this job (the server's
+        ``--preview-method``, or the job's ``extra_data.preview_method``) and its client is connected."""
+        asked = self.job.extra_data.get("preview_method")
+        method = self.worker.preview_method if asked in (None, "default") else str(asked)
+        wanted = method not in PREVIEW_OFF and self.job.client_id in self.worker.hub.clients
         return PREVIEW_EVERY if wanted else 0
 
     def _compiled(self) -> CompiledWorkflow:
@@ -254,10 +275,12 @@ class JobRun:
         return executor.validate(self.job.workflow, outputs=self.job.outputs_to_execute or None)
 
     def _error(self, node_id: str | None, node_type: str | None, cause: BaseException) -> dict[str, Any]:
-        return {"node_id": node_id, "node_type": node_type, "exception_message": str(cause),
-                "exception_type": type(cause).__name__,
-                "traceback": traceback.format_exception(type(cause), cause, cause.__traceback__)[-8:],
-                "current_inputs": {}, "current_outputs": {}}
+        """ComfyUI's execution_error fields; server paths in the message and traceback are hidden."""
+        return self.worker.redact({"node_id": node_id, "node_type": node_type, "exception_message": str(cause),
+                                   "exception_type": type(cause).__name__,
+                                   "traceback": traceback.format_exception(type(cause), cause,
+                                                                           cause.__traceback__)[-8:],
+                                   "current_inputs": {}, "current_outputs": {}})
 
     def _type(self, node_id: str | None) -> str | None:
         node = self.job.workflow.get("nodes", {}).get(node_id) if node_id else None
@@ -266,12 +289,15 @@ class JobRun:
     # -- executor events -> ComfyUI messages ------------------------------------------------------
     def on_event(self, event: Event) -> None:
         node = event.node_id
+        if event.kind == "cached":
+            self.cached.append(node)
+            self.cached_files[node] = event.files
+            return
+        self._announce_cached()
         if event.kind == "start":
             self.current = node
             self._state(node, "running", 0, 1)
             self.send("executing", {"node": node, "display_node": node})
-        elif event.kind == "cached":
-            self.send("execution_cached", {"nodes": [node], "timestamp": _ms()}, record=True)
         elif event.kind == "progress":
             self.send("progress", {"value": event.k, "max": event.n, "node": node})
             self._state(node, "running", event.k, event.n)
@@ -279,15 +305,31 @@ class JobRun:
             self.timings[node] = round(event.seconds, 6)
             self.executed.append(node)
             self._state(node, "finished", 1, 1)
-            images = self._new_files(node)
-            if images:
-                self.outputs[node] = {"images": images}
-                self.send("executed", {"node": node, "display_node": node, "output": {"images": images}})
+            self._report_files(node, self._files_of(event))
         elif event.kind != "error":
             self.send("ldmgraph.event", event.to_dict())
         preview = getattr(event, "preview", None)
         if preview is not None:
-            self._send_preview(node, preview)
+            self._send_preview(node, preview, full_size=event.node_type == WEBSOCKET_IMAGE_NODE)
+
+    def _announce_cached(self) -> None:
+        """ComfyUI's one ``execution_cached`` message listing every cache hit, then ``executed`` for
+        the hits that had written files (their files, as when they first ran)."""
+        if self.announced:
+            return
+        self.announced = True
+        self.send("execution_cached", {"nodes": self.cached, "timestamp": _ms()}, record=True)
+        for node in self.cached:
+            self._report_files(node, self.cached_files.get(node, ()))
+
+    def _files_of(self, event: Event) -> tuple[Any, ...]:
+        return event.files
+
+    def _report_files(self, node: str, files: Any) -> None:
+        images = [item for item in (self._register(Path(path), node) for path in files) if item is not None]
+        if images:
+            self.outputs[node] = {"images": images}
+            self.send("executed", {"node": node, "display_node": node, "output": {"images": images}})
 
     def _state(self, node: str, state: str, value: int, maximum: int) -> None:
         """ComfyUI's ``progress_state``: per-node progress, which the editor draws on each node."""
@@ -296,55 +338,49 @@ class JobRun:
                              "real_node_id": node}
         self.send("progress_state", {"nodes": self.states})
 
-    def _new_files(self, node: str) -> list[dict[str, str]]:
-        """Files that appeared in the job's folder since the last node: this node wrote them."""
-        if not self.folder.is_dir():
-            return []
-        found = []
-        for root, _dirs, names in os.walk(self.folder):
-            for name in sorted(names):
-                path = Path(root) / name
-                key = str(path)
-                if key in self.seen or name.startswith("."):
-                    continue
-                self.seen.add(key)
-                found.append(self._register(path, node))
-        for item in found:
-            if item["filename"].lower().endswith(IMAGE_SUFFIXES):
-                self._send_preview(node, Path(self.worker.output_root, item["subfolder"], item["filename"]))
-                break
-        return found
+    def _register(self, path: Path, node: str) -> dict[str, str] | None:
+        """A file a node wrote -> ComfyUI's ``{filename, subfolder, type}``, remembered for ``/view``;
+        None for a file outside the output and temp folders (nothing a client could fetch)."""
+        resolved = path.resolve()
+        for kind, root in (("output", self.worker.output_root.resolve()), ("temp", self.temp_folder.resolve())):
+            if root in resolved.parents:
+                subfolder = resolved.parent.relative_to(root).as_posix()
+                subfolder = "" if subfolder == "." else subfolder
+                self.worker.store.add_file(kind, subfolder, resolved.name, resolved, self.job.id, node)
+                return {"filename": resolved.name, "subfolder": subfolder, "type": kind}
+        return None
 
-    def _register(self, path: Path, node: str) -> dict[str, str]:
-        relative = path.relative_to(self.worker.output_root)
-        subfolder = relative.parent.as_posix()
-        self.worker.store.add_file("output", subfolder, path.name, path, self.job.id, node)
-        return {"filename": path.name, "subfolder": subfolder, "type": "output"}
-
-    def _attribute_cached(self, result: RunResult) -> None:
-        """Files of output nodes served from the cache (written by an earlier job) go to those nodes."""
-        root = self.worker.output_root.resolve()
-        leftover = [f for f in result.files if str(f) not in self.seen and root in f.resolve().parents]
-        owners = [n for n in result.cached if n in result.outputs]
-        if not leftover or not owners:
+    def _send_preview(self, node: str, source: Any, full_size: bool = False) -> None:
+        """A preview frame for the job's own client (none for a job without a client id)."""
+        if self.job.client_id is None or self.job.client_id not in self.worker.hub.clients:
             return
-        images = []
-        for path in leftover:
-            relative = path.resolve().relative_to(root)
-            images.append({"filename": path.name, "subfolder": relative.parent.as_posix(), "type": "output"})
-        self.outputs[owners[0]] = {"images": images}
-        self.send("executed", {"node": owners[0], "display_node": owners[0], "output": {"images": images}})
-
-    def _send_preview(self, node: str, source: Any) -> None:
         try:
-            kind, payload = encode_preview(source)
+            kind, payload = encode_preview(source, None if full_size else PREVIEW_MAX_SIDE)
         except Exception:  # noqa: BLE001 - a preview that cannot be encoded is skipped, the job goes on
             return
         self.worker.hub.preview(kind, payload, {"prompt_id": self.job.id, "node": node}, self.job.client_id)
 
 
-def encode_preview(source: Any) -> tuple[str, bytes]:
-    """A preview image as (format, bytes): from a file path, encoded bytes, a PIL image or an array."""
+def comfyui_png_text(job: Job) -> tuple[tuple[str, str], ...]:
+    """ComfyUI's PNG text chunks for a job's saved images: ``prompt`` (the API-format graph as
+    submitted) and each entry of ``extra_data.extra_pnginfo`` (the editor sends ``workflow``, its
+    UI-format graph), so ComfyUI's editor restores the graph from an output."""
+    chunks: list[tuple[str, str]] = []
+    prompt = job.prompt
+    if isinstance(prompt, dict) and prompt and all(isinstance(v, dict) and "class_type" in v for v in prompt.values()):
+        chunks.append(("prompt", json.dumps(prompt)))
+    extra = job.extra_data.get("extra_pnginfo")
+    if isinstance(extra, dict):
+        chunks.extend((key, json.dumps(value)) for key, value in extra.items()
+                      if isinstance(key, str) and PNG_KEY.match(key) and key != "prompt")
+    if isinstance(prompt, dict) and isinstance(prompt.get("nodes"), list) and not any(k == "workflow" for k, _ in chunks):
+        chunks.append(("workflow", json.dumps(prompt)))  # a UI-format graph queued as it is
+    return tuple(chunks)
+
+
+def encode_preview(source: Any, max_side: int | None = PREVIEW_MAX_SIDE) -> tuple[str, bytes]:
+    """A preview image as (format, bytes): from a file path, encoded bytes, a PIL image or an array;
+    shrunk to ``max_side`` pixels (None: full size)."""
     from PIL import Image
 
     if isinstance(source, bytes):
@@ -363,7 +399,8 @@ def encode_preview(source: Any) -> tuple[str, bytes]:
         if array.dtype != np.uint8:
             array = (np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
         image = Image.fromarray(array)
-    image.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
+    if max_side is not None:
+        image.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "PNG", buffer.getvalue()

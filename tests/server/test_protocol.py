@@ -46,7 +46,8 @@ def test_submit_events_history_and_output(server: ServerProcess) -> None:
     with connect(server.ws_url(client)) as ws:
         hello = json.loads(ws.recv(timeout=10))
         assert hello["type"] == "status" and hello["data"]["sid"] == client
-        reply = server.submit(txt2img_api(seed=11, steps=2), client)
+        # latent previews are off unless asked for: the job asks, as the editor does with its setting
+        reply = server.submit(txt2img_api(seed=11, steps=2), client, extra_data={"preview_method": "auto"})
         assert set(reply) == {"prompt_id", "number", "node_errors"} and reply["node_errors"] == {}
         messages = collect(ws, reply["prompt_id"])
     order = [k for k in kinds(messages) if k not in ("status", "progress_state", "execution_cached")]
@@ -60,13 +61,15 @@ def test_submit_events_history_and_output(server: ServerProcess) -> None:
     assert executing[:-1] and set(executing[:-1]) <= set(txt2img_api()) and executing[-1] is None
     frames = [m for m in messages if isinstance(m, bytes)]
     assert frames and all(f[:8] == b"\x00\x00\x00\x01\x00\x00\x00\x02" for f in frames)  # preview image, PNG
-    # a latent preview per sampler step (at latent size: 32 px / 4), each after its progress message, then the image
-    assert [Image.open(io.BytesIO(f[8:])).size for f in frames] == [(8, 8), (8, 8), (32, 32)]
+    # a latent preview per sampler step (at latent size: 32 px / 4), each after its progress message; the
+    # saved image is not sent again as a preview (clients collecting frames would take it for another image)
+    assert [Image.open(io.BytesIO(f[8:])).size for f in frames] == [(8, 8), (8, 8)]
     order = kinds(messages)
     assert order.index("progress") < order.index("<binary>") < order.index("executed")
+    assert order.count("execution_cached") == 1  # one message listing every cache hit, as ComfyUI
     executed = next(m["data"] for m in messages if not isinstance(m, bytes) and m["type"] == "executed")
     image = executed["output"]["images"][0]
-    assert executed["node"] == "7" and image["type"] == "output"
+    assert executed["node"] == "7" and image["type"] == "output" and image["subfolder"] == ""
 
     history = server.http.get(f"/history/{reply['prompt_id']}").json()[reply["prompt_id"]]
     assert history["status"]["status_str"] == "success" and history["status"]["completed"] is True
@@ -227,23 +230,25 @@ def test_previews_as_json_for_clients_without_binary_frames(server: ServerProces
     client = uuid.uuid4().hex
     with connect(server.ws_url(client, previews="json")) as ws:
         ws.recv(timeout=10)
-        reply = server.submit(txt2img_api(seed=21), client)
+        reply = server.submit(txt2img_api(seed=21), client, extra_data={"preview_method": "latent2rgb"})
         messages = collect(ws, reply["prompt_id"])
     assert not any(isinstance(m, bytes) for m in messages)
     previews = [m["data"] for m in messages if m["type"] == "preview"]
     assert all(p["mime_type"] == "image/png" and p["prompt_id"] == reply["prompt_id"] for p in previews)
     sizes = [(p["node"], Image.open(io.BytesIO(base64.b64decode(p["image"]))).size) for p in previews]
-    assert sizes == [("5", (8, 8)), ("7", (32, 32))]  # the sampler's step (latent size), the saved image
+    assert sizes == [("5", (8, 8))]  # the sampler's step (latent size); never the saved image
 
 
 def test_upload_then_load_image_in_a_graph(server: ServerProcess) -> None:
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 40, 3), dtype=np.uint8))
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    upload = server.http.post("/upload/image", files={"image": ("../../evil name.png", buffer.getvalue(), "image/png")})
+    escaping = server.http.post("/upload/image", files={"image": ("../../evil.png", buffer.getvalue(), "image/png")})
+    assert escaping.status_code == 400 and escaping.json()["error"]["type"] == "invalid_filename"
+    upload = server.http.post("/upload/image", files={"image": ("my picture.png", buffer.getvalue(), "image/png")})
     assert upload.status_code == 200
     name = upload.json()["name"]
-    assert name.endswith(".png") and "evil" not in name and upload.json()["type"] == "input"
+    assert name == "my picture.png" and upload.json() == {"name": name, "subfolder": "", "type": "input"}
     graph = {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
              "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
              "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}}}
