@@ -132,10 +132,12 @@ class MicroConditioning:
         features = fourier_features(numbers, layout.fourier_dim)
         return torch.cat([torch.zeros(1, layout.pooled_dim), features], dim=1)
 
-    def __add__(self, other: Any) -> VectorSum:
-        return VectorSum((self, other))
+    def __add__(self, other: Any) -> Any:
+        """A later micro-conditioning replaces this one (sizes are facts); other contributions add."""
+        return other if isinstance(other, MicroConditioning) else VectorSum((self, other))
 
-    __radd__ = __add__
+    def __radd__(self, other: Any) -> VectorSum:
+        return VectorSum((other, self))
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,12 @@ class VectorSum:
         return sum((r.float().expand(batch, -1) for r in resolved), torch.zeros(batch, resolved[0].shape[1]))
 
     def __add__(self, other: Any) -> VectorSum:
+        if isinstance(other, MicroConditioning):
+            return VectorSum((*(p for p in self.parts if not isinstance(p, MicroConditioning)), other))
         return VectorSum((*self.parts, other))
 
-    __radd__ = __add__
+    def __radd__(self, other: Any) -> VectorSum:
+        return VectorSum((other, *self.parts))
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,7 @@ class SDXLTextEncoder(TextEncoder):
 
     def __init__(self, clip_g: ClipTextEncoder, clip_l: ClipTextEncoder | None = None, *, kind: str = "sdxl") -> None:
         super().__init__()
+        self.windowed = True
         self.clip_g = clip_g
         self.clip_l = clip_l
         self.kind = kind

@@ -64,6 +64,7 @@ class TextEncoder(nn.Module):
     """
 
     kind: str = "text-encoder"
+    windowed: bool = False  # CLIP: 75-token windows, and BREAK may start one (`encode(..., breaks=True)`)
     context_dim: int = 0
     num_layers: int = 1
     default_clip_skip: int = 1
@@ -72,13 +73,17 @@ class TextEncoder(nn.Module):
         """Encode a batch of prompts; `clip_skip` k uses the output of the k-th layer from the end (1 = last)."""
         raise NotImplementedError
 
-    def encode_prompt(self, text: str, clip_skip: int | None = None, embeddings: Any = None) -> TextEncoding:
+    def encode_prompt(
+        self, text: str, clip_skip: int | None = None, embeddings: Any = None, breaks: bool = False
+    ) -> TextEncoding:
         """Encode one prompt written with weights and embedding references (`ldmgraph.models.prompt_weights`):
         `(word:1.2)`, `(word)`, `[word]`, `\\(`, `embedding:name` (`embeddings`: name -> `Embedding`).
-        A prompt without them encodes exactly as `encode` encodes its text."""
+        A prompt without them encodes exactly as `encode` encodes its text (`breaks`: the word BREAK starts
+        a new window, for the windowed CLIP encoders)."""
         pieces = parse_prompt(text)
         if is_plain(pieces):
-            return self.encode([plain_text(pieces)], clip_skip=clip_skip)
+            extra = {"breaks": True} if breaks and self.windowed else {}
+            return self.encode([plain_text(pieces)], clip_skip=clip_skip, **extra)
         return self.encode_pieces(pieces, clip_skip, dict(embeddings or {}))
 
     def encode_pieces(self, pieces: list[Piece], clip_skip: int | None, embeddings: dict[str, Any]) -> TextEncoding:
@@ -119,6 +124,8 @@ class ClipTextEncoder(TextEncoder):
     layer's normalised state at the first EOS of the first window, times `text_projection` if the
     checkpoint has one (OpenCLIP).
     """
+
+    windowed = True
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ from ldmgraph.graph import Node, NodeContext, NodeInputs, NodeOutputs
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.estimate import Estimate
 from ldmgraph.graph.node import InputField, OutputField
-from ldmgraph.graph.sockets import CONDITIONING, FLOAT, INT, STRING, TEXT_ENCODER, VAE
+from ldmgraph.graph.sockets import BOOLEAN, CONDITIONING, FLOAT, INT, STRING, TEXT_ENCODER, VAE
 from ldmgraph.nodes.common import SD_DOWNSCALE, NodeInputError
 from ldmgraph.plugins import hookimpl
 
@@ -46,6 +46,8 @@ class TextEncode(Conditioner):
         text_encoder: Any = InputField(TEXT_ENCODER, description="text encoder from a loader")
         text: str = InputField(STRING, "", description="the prompt")
         clip_skip: int = InputField(INT, 1, ge=1, le=24, description="layer from the end to use (1 = last)")
+        breaks: bool = InputField(BOOLEAN, True, description="the word BREAK starts a new 75-token window (A1111's "
+                                  "convention, CLIP encoders); off in imported ComfyUI graphs, where BREAK is a word")
 
     def contribute(self, inputs: Any, ctx: NodeContext) -> Any:
         if inputs.text_encoder is None:
@@ -57,7 +59,7 @@ class TextEncode(Conditioner):
         # (num_classes "sequential", e.g. models trained with the vector conditioning route) take it
         # by the vector route; SD 1.x/2.x and the shipped bundled models ignore it.
         encoding = inputs.text_encoder.encode_prompt(
-            inputs.text, clip_skip=inputs.clip_skip, embeddings=prompt_embeddings(inputs.text, ctx)
+            inputs.text, clip_skip=inputs.clip_skip, embeddings=prompt_embeddings(inputs.text, ctx), breaks=inputs.breaks
         )
         return Contribution(encoding.context, pooled=encoding.pooled)
 
