@@ -34,6 +34,9 @@ BAD_MODEL = "bad_model"
 DEVICE_UNAVAILABLE = "device_unavailable"
 INPUT_MISMATCH = "input_mismatch"
 MODEL_LIMITS = "model_limits"
+PICKLE_REFUSED = "pickle_refused"
+BAD_TENSOR = "bad_tensor"
+ZIP_BOMB = "zip_bomb"
 
 CODES: dict[str, str] = {
     BAD_DOCUMENT: "not a workflow: not JSON or a PNG with one, wrong shape, wrong format version, "
@@ -72,4 +75,10 @@ CODES: dict[str, str] = {
     INPUT_MISMATCH: "an input file named in a re-run PNG differs from the one it was made with",
     MODEL_LIMITS: "warning: a prompt word or image size outside what the bundled models were trained on, or a "
     "sampler, cfg and step count that draw part of the prompts wrong on them",
+    PICKLE_REFUSED: "`convert`: the pickle names a global outside the allow-list or forges an object's "
+    "state (BUILD); named, nothing executed",
+    BAD_TENSOR: "`convert`: a tensor's size, stride or offset is impossible, reaches outside its storage, "
+    "or expands one stored value into many (stride 0)",
+    ZIP_BOMB: "`convert`: a zip entry or the weights would inflate far beyond what the file declares; "
+    "refused before inflating",
 }

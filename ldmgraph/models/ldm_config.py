@@ -125,15 +125,59 @@ def parse_ldm_config(data: Any, path: str | Path) -> LdmConfig:
     )
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""The releases' configs are a few KB; a larger file is refused before it is read."""
+MAX_CONFIG_DEPTH = 64
+"""Deepest nesting of mappings and lists accepted (the releases' configs reach 6)."""
+
+
+class ConfigTooDeepError(ModelError):
+    """A YAML config nested deeper than MAX_CONFIG_DEPTH (refused before it is built, so no recursion)."""
+
+
 def read_ldm_config(text: str, path: str | Path) -> LdmConfig:
-    """Parse YAML text (safe loader: plain data only) into an `LdmConfig`."""
+    """Parse YAML text (safe loader: plain data only) into an `LdmConfig`.
+
+    The nesting depth is measured on the parser's event stream (a loop, not a recursion) before the
+    document is built, so a config of 50,000 nested lists is a clear error rather than a crash.
+    """
     import yaml
 
+    if len(text) > MAX_CONFIG_BYTES:
+        raise _fail(path, f"{len(text)} characters; a model config is a few KB (at most {MAX_CONFIG_BYTES})")
     try:
+        depth = 0
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_CONFIG_DEPTH:
+                    raise ConfigTooDeepError(path, f"config: nested deeper than {MAX_CONFIG_DEPTH} levels; "
+                                                   "not a model config")
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise _fail(path, f"not valid YAML ({exc})") from exc
+        raise _fail(path, f"not valid YAML ({str(exc)[:200]})") from exc
     return parse_ldm_config(data, path)
+
+
+def read_config_file(path: str | Path) -> str:
+    """The text of a config file: a regular file of at most MAX_CONFIG_BYTES (never a FIFO or device)."""
+    import stat
+
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ModelError(path, "no such config file (the config input names a YAML file)") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise ModelError(path, "config: not a regular file (a folder, device or FIFO)")
+    if info.st_size > MAX_CONFIG_BYTES:
+        raise _fail(path, f"{info.st_size} bytes; a model config is a few KB (at most {MAX_CONFIG_BYTES})")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"cannot read it as UTF-8 text ({exc})") from exc
 
 
 def config_for(path: str | Path, metadata: dict[str, str], given: str | Path | None = None) -> LdmConfig | None:
@@ -141,12 +185,10 @@ def config_for(path: str | Path, metadata: dict[str, str], given: str | Path | N
     YAML that `ldmgraph convert` stored in its metadata; None when there is none."""
     if given is not None:
         given = Path(given)
-        if not given.is_file():
-            raise ModelError(given, "no such config file (the config input names a YAML file)")
-        return read_ldm_config(given.read_text(encoding="utf-8"), given)
+        return read_ldm_config(read_config_file(given), given)
     beside = Path(path).parent / "config.yaml"
     if Path(path).is_file() and beside.is_file():
-        return read_ldm_config(beside.read_text(encoding="utf-8"), beside)
+        return read_ldm_config(read_config_file(beside), beside)
     if LDM_CONFIG_KEY in metadata:
         return read_ldm_config(metadata[LDM_CONFIG_KEY], f"{path} (stored config)")
     return None

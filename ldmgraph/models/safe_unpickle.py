@@ -13,15 +13,31 @@ Only the zip format of `torch.save` (PyTorch >= 1.6: `<name>/data.pkl` plus one 
 storage under `<name>/data/`) carries tensors; the storages are read from the zip as bytes, so a
 tensor comes back bit for bit as saved, and only the storages of the kept weights (`state_dict`) are
 read: optimizer states and other training leftovers cost no memory.
+
+Everything a hostile file can make us allocate is bounded before it is allocated:
+- the pickle runs on Python's pure-Python unpickler, whose BUILD opcode (set an object's state) is
+  allowed only on the inert stand-ins and on dicts, so no state can be forced into a tensor, a
+  storage or one of our functions;
+- a tensor's size, stride and offset are checked against its storage with exact integers (no
+  overflow), and a view may not hold more elements than its storage (a stride-0 "expanded" tensor of
+  2^28 elements over one stored number is refused, never written out as gigabytes);
+- a zip entry is inflated only when its header size is the size the pickle declared for it, and a
+  compressed entry only up to a small ratio (torch.save never compresses: a deflated gigabyte of
+  zeros in an 8 MB file is a zip bomb); `data.pkl` itself is bounded the same way;
+- the weights written out may not exceed a few times the storages they come from (tied weights are
+  written as copies; many views of one storage are an amplification attack).
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import io
+import math
 import pickle
+import struct
 import sys
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,6 +79,39 @@ class RefusedGlobalError(ModelError):
         )
 
 
+class PickleRefusedOpcodeError(ModelError):
+    """The pickle uses an operation that only code-running or state-forging pickles need (BUILD on a
+    tensor, a storage or a function)."""
+
+    def __init__(self, path: str | Path, what: str) -> None:
+        self.what = what
+        super().__init__(
+            path,
+            f"refused: the pickle {what}, which tensor data never needs; nothing was executed. Get the weights "
+            "as .safetensors from a source you trust",
+        )
+
+
+class TensorGeometryError(ModelError):
+    """A tensor's size, stride or offset is impossible or reaches outside its storage."""
+
+
+class ZipBombError(ModelError):
+    """A zip entry would inflate far beyond what the checkpoint declares or what torch.save writes."""
+
+
+MAX_PICKLE_BYTES = 64 << 20
+"""Largest `data.pkl` read: it holds only the structure (names, sizes), never tensor data."""
+MAX_DEFLATE_RATIO = 10
+"""torch.save stores entries uncompressed; a compressed entry may inflate at most this much."""
+DEFLATE_SLACK = 1 << 20
+MAX_AMPLIFICATION = 4
+"""The weights written may total at most this many times the bytes of the storages they view
+(plus `AMPLIFICATION_SLACK`): tied and transposed copies of one weight are fine, 64 copies are not."""
+AMPLIFICATION_SLACK = 16 << 20
+MAX_DIMS = 32
+
+
 class StandIn:
     """An inert placeholder for a training-framework object: accepts any construction, keeps nothing."""
 
@@ -96,14 +145,14 @@ class _Storage:
 
     def __init__(self, read: Any, numel: int, dtype: torch.dtype) -> None:
         self.read, self.numel, self.dtype = read, numel, dtype
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
         self._flat: Tensor | None = None
 
     @property
     def flat(self) -> Tensor:
         if self._flat is None:
-            data = bytearray(self.read())
-            itemsize = torch.empty(0, dtype=self.dtype).element_size()
-            if len(data) != self.numel * itemsize:
+            data = bytearray(self.read(self.numel * self.itemsize))
+            if len(data) != self.numel * self.itemsize:
                 raise ValueError(f"a storage holds {len(data)} bytes, not {self.numel} elements")
             self._flat = torch.frombuffer(data, dtype=self.dtype) if data else torch.empty(0, dtype=self.dtype)
         return self._flat
@@ -120,6 +169,10 @@ class PendingTensor:
     def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> None:
         self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.size) * self.storage.itemsize
+
     def materialize(self) -> Tensor:
         """The tensor: the storage's memory when it is the whole storage, else a copy of its part."""
         if any(n == 0 for n in self.size):
@@ -134,15 +187,25 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: An
     """Our `torch._utils._rebuild_tensor_v2`: checks the view against its storage; reads nothing yet."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor without a storage")
-    if not (isinstance(offset, int) and _int_tuple(size) and _int_tuple(stride)):
-        raise pickle.UnpicklingError("a tensor with a malformed size, stride or offset")
-    if len(size) != len(stride):
-        raise pickle.UnpicklingError("a tensor whose size and stride differ in length")
-    if all(n > 0 for n in size):
+    if not (_small_int(offset) and _int_tuple(size) and _int_tuple(stride)):
+        raise _Geometry("a tensor with a malformed or negative size, stride or offset")
+    if len(size) != len(stride) or len(size) > MAX_DIMS:
+        raise _Geometry(f"a tensor with {len(size)} sizes and {len(stride)} strides")
+    numel = math.prod(size)  # exact: Python integers do not overflow
+    if numel > 0:
         needed = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
-        if offset < 0 or needed > storage.numel:
-            raise pickle.UnpicklingError("a tensor that reaches beyond its storage")
+        if needed > storage.numel:
+            raise _Geometry(f"a tensor of size {tuple(size)} that reaches beyond its storage of {storage.numel}")
+    if numel > storage.numel:
+        raise _Geometry(
+            f"a tensor of {numel} elements viewing a storage of {storage.numel} (a stride-0 expansion); "
+            "written out it would be larger than the file declares"
+        )
     return PendingTensor(storage, offset, tuple(size), tuple(stride))
+
+
+class _Geometry(pickle.UnpicklingError):
+    """Raised inside the unpickler for an impossible tensor view; reported as TensorGeometryError."""
 
 
 def _rebuild_parameter(data: Any, *rest: Any) -> PendingTensor:
@@ -152,8 +215,15 @@ def _rebuild_parameter(data: Any, *rest: Any) -> PendingTensor:
     return data
 
 
+_INT_LIMIT = 1 << 62
+
+
+def _small_int(value: Any) -> bool:
+    return type(value) is int and 0 <= value < _INT_LIMIT
+
+
 def _int_tuple(value: Any) -> bool:
-    return isinstance(value, tuple) and all(isinstance(v, int) and v >= 0 for v in value)
+    return isinstance(value, tuple) and all(_small_int(v) for v in value)
 
 
 def _latin1(text: Any, encoding: Any = "latin1") -> bytes:
@@ -172,11 +242,26 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(pickle._Unpickler):  # the pure-Python unpickler: its opcodes can be overridden
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file: Any, path: Path, storages: Any) -> None:
         super().__init__(file)
         self.path, self.storages = path, storages
         self.loaded: dict[str, _Storage] = {}
+
+    def load_build(self) -> None:
+        """BUILD (set an object's state) only on dicts and inert stand-ins; never on a tensor, a storage,
+        a storage type or one of the allow-listed functions, whose attributes it could overwrite."""
+        state, target = self.stack[-1], self.stack[-2]
+        if not isinstance(target, (StandIn, dict)) or (isinstance(target, dict) and not isinstance(state, dict)):
+            raise PickleRefusedOpcodeError(self.path, f"sets the state of a {_kind(target)} (BUILD)")
+        if isinstance(target, dict):
+            self.stack.pop()  # a dict's state is its attributes (OrderedDict._metadata): kept out, inert
+            return
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         # protocol 0-2 pickles spell Python 2 names (__builtin__.eval): judge and report the Python 3 ones
@@ -197,45 +282,99 @@ class _Unpickler(pickle.Unpickler):
         if not isinstance(storage_type, _StorageType) or not isinstance(key, str):
             raise pickle.UnpicklingError("a storage of an unknown type")
         numel = pid[4]
-        if not isinstance(numel, int) or numel < 0:
-            raise pickle.UnpicklingError("a storage of a malformed size")
+        if not _small_int(numel):
+            raise _Geometry("a storage of a malformed size")
         if key not in self.loaded:
-            self.loaded[key] = _Storage(lambda: self.storages(key), numel, storage_type.dtype)
+            self.loaded[key] = _Storage(lambda size: self.storages(key, size), numel, storage_type.dtype)
+        elif self.loaded[key].numel != numel or self.loaded[key].dtype != storage_type.dtype:
+            raise _Geometry(f"storage {key!r} declared twice with different sizes or types")
         return self.loaded[key]
 
 
-def load_pickled_weights(path: str | Path) -> dict[str, Tensor]:
+def _kind(obj: Any) -> str:
+    if isinstance(obj, PendingTensor):
+        return "tensor"
+    if isinstance(obj, (_Storage, _StorageType)):
+        return "storage"
+    if callable(obj):
+        return f"callable ({getattr(obj, '__name__', type(obj).__name__)})"
+    return type(obj).__name__
+
+
+def load_pickled_weights(path: str | Path, nested: bool = False) -> dict[str, Tensor]:
     """The weights of a `torch.save` file read with the allow-list: its `state_dict` (a Lightning
     checkpoint) or the dict itself, as plain CPU tensors. Only those tensors' storages are read.
+    `nested`: also the tensors of dicts inside it, under dot-joined keys (a textual-inversion `.pt`
+    keeps its vectors at `string_to_param` -> `*`, read as `string_to_param.*`).
 
     Raises RefusedGlobalError (naming the global) for anything outside the allow-list and
     CorruptCheckpointError for files that are not torch's zip format.
     """
     path = Path(path)
-    if not zipfile.is_zipfile(path):
-        _refuse_plain_pickle(path)
+    try:
+        if not zipfile.is_zipfile(path):  # (itself raises BadZipFile for some damaged end records)
+            _refuse_plain_pickle(path)
+        return _load_zip(path, nested)
+    except (zipfile.BadZipFile, zlib.error, struct.error, EOFError, NotImplementedError, RuntimeError, KeyError,
+            ValueError, OverflowError, OSError) as exc:
+        # a damaged container: bad entry headers, CRC mismatch, unsupported compression or encryption
+        raise CorruptCheckpointError(path, f"a damaged zip container ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_zip(path: Path, nested: bool) -> dict[str, Tensor]:
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pkl) != 1:
             raise CorruptCheckpointError(path, "a zip file without one data.pkl: not a torch.save checkpoint")
         root = pkl[0][: -len("data.pkl")]
-        order = archive.read(root + "byteorder").decode().strip() if root + "byteorder" in names else "little"
+        order = "little"
+        if root + "byteorder" in names:
+            order = _read_entry(archive, root + "byteorder", 16, path).decode("ascii", "replace").strip()
         if order != sys.byteorder:
             raise CorruptCheckpointError(path, f"its tensors are {order}-endian; this machine is {sys.byteorder}")
 
-        def storage(key: str) -> bytes:
-            try:
-                return archive.read(f"{root}data/{key}")
-            except KeyError as exc:
-                raise CorruptCheckpointError(path, f"storage {key!r} is missing from the archive") from exc
+        def storage(key: str, size: int) -> bytes:
+            name = f"{root}data/{key}"
+            if name not in names:
+                raise CorruptCheckpointError(path, f"storage {key!r} is missing from the archive")
+            return _read_entry(archive, name, size, path, exact=True)
 
-        obj = _run(_Unpickler(io.BytesIO(archive.read(pkl[0])), path, storage), path)
-        pending = _weights(obj, path)
+        program = _read_entry(archive, pkl[0], MAX_PICKLE_BYTES, path)
+        obj = _run(_Unpickler(io.BytesIO(program), path, storage), path)
+        pending = _weights(_flatten(obj) if nested else obj, path)
+        _check_amplification(pending, path)
         try:
             return {name: tensor.materialize() for name, tensor in pending.items()}
-        except (RuntimeError, ValueError) as exc:
+        except (RuntimeError, ValueError, zipfile.BadZipFile) as exc:
             raise CorruptCheckpointError(path, f"cannot read a tensor: {exc}") from exc
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str, limit: int, path: Path, *, exact: bool = False) -> bytes:
+    """One zip entry, inflated only if its header promises at most `limit` bytes (exactly `limit` for a
+    storage) and, compressed, no more than MAX_DEFLATE_RATIO times its compressed size."""
+    info = archive.getinfo(name)
+    if (info.file_size != limit) if exact else (info.file_size > limit):
+        what = "declares" if exact else "allows"
+        raise ZipBombError(path, f"zip entry {name!r} holds {info.file_size} bytes where the checkpoint {what} "
+                                 f"{limit}: refused before inflating it")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_DEFLATE_RATIO * info.compress_size + DEFLATE_SLACK:
+        raise ZipBombError(path, f"zip entry {name!r} would inflate {info.compress_size} bytes to {info.file_size} "
+                                 "(torch.save never compresses): refused as a zip bomb")
+    with archive.open(info) as f:
+        data = f.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        raise CorruptCheckpointError(path, f"zip entry {name!r} is not the size its header says")
+    return data
+
+
+def _check_amplification(pending: Mapping[str, PendingTensor], path: Path) -> None:
+    """The weights to write must not exceed MAX_AMPLIFICATION times the storages they view."""
+    written = sum(t.nbytes for t in pending.values())
+    stored = sum(s.numel * s.itemsize for s in {id(t.storage): t.storage for t in pending.values()}.values())
+    if written > MAX_AMPLIFICATION * stored + AMPLIFICATION_SLACK:
+        raise ZipBombError(path, f"its weights would write {written} bytes from {stored} bytes of storage "
+                                 "(many tensors viewing one storage): refused")
 
 
 def _refuse_plain_pickle(path: Path) -> None:
@@ -249,7 +388,7 @@ def _refuse_plain_pickle(path: Path) -> None:
     raise CorruptCheckpointError(path, "a plain pickle without tensor data: not a torch checkpoint")
 
 
-def _no_storages(key: str) -> bytes:
+def _no_storages(key: str, size: int) -> bytes:
     raise pickle.UnpicklingError("tensor storages outside torch's zip format")
 
 
@@ -258,9 +397,27 @@ def _run(unpickler: _Unpickler, path: Path) -> Any:
         return unpickler.load()
     except ModelError:
         raise
+    except _Geometry as exc:
+        raise TensorGeometryError(path, f"{exc}: the file is damaged or hostile") from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError(path, "cannot read the pickle: nested too deeply") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             RuntimeError, MemoryError) as exc:
         raise CorruptCheckpointError(path, f"cannot read the pickle: {type(exc).__name__}: {exc}") from exc
+
+
+def _flatten(obj: Any, prefix: str = "", depth: int = 0) -> Any:
+    """A dict of dicts as one dict with dot-joined keys (at most 8 levels; other values kept as they are)."""
+    if not isinstance(obj, Mapping) or depth > 8:
+        return obj
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + ".", depth + 1))
+        else:
+            out[name] = value
+    return out
 
 
 def _weights(obj: Any, path: str | Path) -> dict[str, PendingTensor]:

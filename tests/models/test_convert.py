@@ -171,7 +171,7 @@ def test_code_carrying_pickles_are_refused_by_name_and_never_run(tmp_path: Path,
         else:
             ckpt.write_bytes(pickle.dumps({"state_dict": {"w": payload}}, protocol=2))
         out = tmp_path / "out.safetensors"
-        assert main(["convert", str(ckpt), "-o", str(out), "--json"]) == 1, label
+        assert main(["convert", str(ckpt), "-o", str(out), "--json"]) == 2, label
         report = json.loads(capsys.readouterr().out)
         wanted = "builtins.getattr" if label.endswith("chain") else label
         assert report["ok"] is False and f"'{wanted}'" in report["error"] and "refused" in report["error"], label
@@ -187,17 +187,17 @@ def test_reduce_tricks_through_allowed_names_cannot_smuggle_a_call(tmp_path: Pat
     for i, payload in enumerate([_Reduce(ModelCheckpoint, (system,)), _Reduce(OrderedDict, ([("k", system)],))]):
         ckpt = tmp_path / f"evil{i}.ckpt"
         _zip_checkpoint(ckpt, payload)
-        assert main(["convert", str(ckpt), "-o", str(tmp_path / "o.safetensors")]) == 1
+        assert main(["convert", str(ckpt), "-o", str(tmp_path / "o.safetensors")]) == 2
         assert f"'{os.system.__module__}.system'" in capsys.readouterr().err
         assert not marker.exists()
 
 
 def test_convert_reports_missing_and_non_checkpoint_files(tmp_path: Path, capsys: Any) -> None:
-    assert main(["convert", str(tmp_path / "nope.ckpt")]) == 1
+    assert main(["convert", str(tmp_path / "nope.ckpt")]) == 2
     assert "no such file" in capsys.readouterr().err
     plain = tmp_path / "list.ckpt"
     plain.write_bytes(pickle.dumps([1, 2, 3]))
-    assert main(["convert", str(plain)]) == 1
+    assert main(["convert", str(plain)]) == 2
     assert "not a torch checkpoint" in capsys.readouterr().err
     buf = io.BytesIO()
     torch.save({"state_dict": {"w": torch.ones(2)}}, buf)
@@ -205,7 +205,7 @@ def test_convert_reports_missing_and_non_checkpoint_files(tmp_path: Path, capsys
     good.write_bytes(buf.getvalue())
     assert main(["convert", str(good)]) == 0
     assert (tmp_path / "good.converted.safetensors").is_file()
-    assert main(["convert", str(good)]) == 1  # never over an existing file
+    assert main(["convert", str(good)]) == 2  # never over an existing file
     assert "exists already" in capsys.readouterr().err
 
 
