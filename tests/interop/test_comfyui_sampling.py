@@ -28,14 +28,14 @@ T = 1000
 
 
 def comfy_sigmas() -> torch.Tensor:
-    """ModelSamplingDiscrete: SD's betas in float64, sigmas sqrt((1 - acp) / acp), stored float32."""
+    """ModelSamplingDiscrete: SD's betas in float64, sigmas sqrt((1 - acp) / acp) (float64 here)."""
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, T, dtype=torch.float64) ** 2
     acp = torch.cumprod(1 - betas, 0)
-    return ((1 - acp) / acp).sqrt().float()
+    return ((1 - acp) / acp).sqrt()
 
 
-SIGMAS = comfy_sigmas()
-LOG_SIGMAS = SIGMAS.log()
+SIGMAS = comfy_sigmas().float()  # stored float32
+LOG_SIGMAS = comfy_sigmas().log().float()  # the log taken in float64, then stored float32
 
 
 def timestep(sigma: float) -> int:
