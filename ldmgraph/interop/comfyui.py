@@ -29,6 +29,7 @@ from ldmgraph.interop.comfyui_nodes import (
     VAE_SOURCES,
     NodeMapping,
 )
+from ldmgraph.interop.comfyui_subgraphs import flatten_parts, has_parts
 
 MUTED, BYPASSED = 2, 4
 
@@ -98,8 +99,21 @@ def _widget_inputs(node: dict[str, Any], widgets: tuple[str, ...], seeds: frozen
 _CLIP_SET_LAST_LAYER = NodeMapping("", {}, ("clip",), ("stop_at_clip_layer",))
 
 
+def widget_values_by_name(node: dict[str, Any]) -> dict[str, Any]:
+    """A UI node's widget values by widget name (empty for a class the table does not know)."""
+    kind = node.get("type", "")
+    mapping = COMFYUI_NODES.get(kind) or (_CLIP_SET_LAST_LAYER if kind in PASS_THROUGH_CLASSES else None)
+    return _widget_inputs(node, mapping.widgets, mapping.seed_widgets) if mapping is not None else {}
+
+
 def ui_to_api(doc: dict[str, Any]) -> dict[str, Any]:
-    """Flatten the editor's UI format into the API format, as the editor does before queueing."""
+    """Flatten the editor's UI format into the API format, as the editor does before queueing.
+
+    Subgraphs (``definitions.subgraphs``) and group nodes (``extra.groupNodes``) are expanded first,
+    into nodes with ids such as ``12:5`` (instance 12, inner node 5), as the editor submits them.
+    """
+    if has_parts(doc):
+        doc = flatten_parts(doc)
     nodes = {str(n["id"]): n for n in doc["nodes"] if isinstance(n, dict) and "id" in n}
     links = _link_table(doc)
     api: dict[str, Any] = {}
