@@ -38,7 +38,8 @@ EXIT_SIGINT, EXIT_SIGTERM = 128 + 2, 128 + 15
 # Subcommands of other layers, imported only when used: name -> (module with register(subparsers),
 # one-line help for the command list). A bare module name is accepted too (generic help).
 LAZY_SUBCOMMANDS: dict[str, tuple[str, str] | str] = {
-    "train": ("ldmgraph.train.cli", "train the bundled models (autoencoder, ldm, superres, inpaint)"),
+    "train": ("ldmgraph.train.cli", "train the bundled models (autoencoder, ldm, superres, inpaint, controlnet) "
+              "or a LoRA"),
     "evaluate": ("ldmgraph.train.cli", "score the bundled models with the procedural judge"),
     "import": ("ldmgraph.interop.cli", "convert a ComfyUI workflow (API or UI JSON, or PNG) to ldmgraph/1"),
     "batch": ("ldmgraph.batch.cli", "run a saved workflow once per row of a CSV/JSONL table, locally or on Ray"),
@@ -68,6 +69,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 BUNDLED_MODELS = Path(__file__).resolve().parent / "assets" / "models"
+WORKFLOW_HELP = "workflow file: ldmgraph/1 JSON, a PNG that ldmgraph saved, or a ComfyUI graph (JSON or PNG)"
+LONG_CHOICES = 12  # text output abbreviates longer choice lists (--json has them all)
 
 
 # -- argument parsing ---------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         return command_parser
 
     run = add("run", cmd_run, "run a workflow (JSON, a PNG saved by ldmgraph, or a ComfyUI file)", [common, paths])
-    run.add_argument("workflow", type=Path)
+    run.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--profile", action="store_true", help="print where the time went on stderr: interpreter "
                      "start, imports, plugin discovery, validation, each node (wall, CPU and import seconds); "
@@ -117,14 +120,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--preview-every", type=int, default=1, metavar="N",
                      help="with --preview-dir: a preview every N steps and at the last (default 1)")
     add_precision_argument(run)
+    add_threads_argument(run)
     validate = add("validate", cmd_validate, "check a workflow without running it (every problem at once)",
                    [common, paths])
-    validate.add_argument("workflow", type=Path)
+    validate.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
     params = add("params", cmd_params, "list a workflow's parameters: type, value, bounds, choices, help",
                  [common])
-    params.add_argument("workflow", type=Path)
-    add("nodes", cmd_nodes, "list node types: inputs with type, default, bounds, choices and help; outputs",
-        [common])
+    params.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
+    nodes = add("nodes", cmd_nodes, "list node types: inputs with type, default, bounds, choices and help; outputs",
+                [common])
+    nodes.add_argument("filter", nargs="?", metavar="FILTER",
+                       help="only node types whose name or category contains this text (any case), e.g. sampler")
     add("schema", cmd_schema, "print the workflow file's JSON Schema", [common])
     add("plugins", cmd_plugins, "list plugins, where they came from, and whether they loaded", [common])
 
@@ -145,6 +151,18 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights' precision, written into every loader's dtype input (auto: bf16 on "
                         "CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32; default: the workflow's)")
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's CPU threads for this command (default one, waiting passively)."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU compute threads (default 1, or $OMP_NUM_THREADS: fast on a machine doing other "
+                        "work; more threads help only on an idle machine). CPU results depend on it: same N, "
+                        "same bytes")
+
+
+# commands whose --threads (or its default) this module applies before anything imports torch
+THREADED_COMMANDS = ("run", "serve", "evaluate")
 
 
 def set_precision(document: Any, args: argparse.Namespace) -> None:
@@ -355,8 +373,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     """``ldmgraph nodes``: every node type with inputs, outputs, bounds, defaults and help."""
     registry = _manager(args).registry
     listing = {}
+    wanted = (getattr(args, "filter", None) or "").lower()
     for name in sorted(registry.nodes):
         entry = registry.nodes[name].spec.describe(registry)
+        if wanted and wanted not in name.lower() and wanted not in entry["category"].lower():
+            continue
         entry["plugin"] = registry.owner("node type", name)
         if getattr(registry.nodes[name], "route", None):
             entry["route"] = registry.nodes[name].route  # type: ignore[attr-defined]  # a conditioner's node
@@ -364,6 +385,9 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(listing)
         return EXIT_OK
+    if not listing:
+        print(f"no node type matches {args.filter!r} (`ldmgraph nodes` lists them all)", file=sys.stderr)
+        return EXIT_FAILED
     by_category: dict[str, list[str]] = {}
     for name, entry in listing.items():
         by_category.setdefault(entry["category"], []).append(name)
@@ -371,8 +395,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         print(f"{category}:")
         for name in by_category[category]:
             entry = listing[name]
-            first_line = (entry["description"].splitlines() or [""])[0]
-            print(f"  {name}  {first_line}")
+            print(f"  {name}  {_first_paragraph(entry['description'])}")
             for input_name, spec in entry["inputs"].items():
                 print(f"      {input_name}: {_input_line(spec)}")
             outs = ", ".join(f"{k}: {v['type']}" for k, v in entry["outputs"].items())
@@ -400,10 +423,23 @@ def _input_line(spec: dict[str, Any]) -> str:
     if spec.get("multiple_of"):
         text += f", multiple of {_number(spec['multiple_of'])}"
     if spec.get("choices") is not None:
-        text += f", one of {', '.join(spec['choices'])}"
+        text += f", one of {_choices_text(spec['choices'])}"
     if spec.get("description"):
         text += f"  {spec['description']}"
     return text
+
+
+def _first_paragraph(description: str) -> str:
+    """A node's description up to its first blank line, on one line (a wrapped line is never cut)."""
+    return " ".join(description.strip().split("\n\n", 1)[0].split())
+
+
+def _choices_text(choices: Sequence[Any]) -> str:
+    """Choices for text output: all of a short list; the first few of a long one, and how many there are."""
+    if len(choices) <= LONG_CHOICES:
+        return ", ".join(map(str, choices))
+    shown = ", ".join(map(str, choices[:LONG_CHOICES]))
+    return f"{shown}, ... ({len(choices)} choices; --json lists them all)"
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -566,6 +602,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldmgraph: the {args.command!r} command is not available", file=sys.stderr)
         return EXIT_FAILED
     args.running = None
+    if args.command in THREADED_COMMANDS:
+        from .threads import configure_threads
+
+        try:
+            configure_threads(getattr(args, "threads", None))
+        except ValueError as exc:
+            print(f"ldmgraph: usage error: {exc}", file=sys.stderr)
+            return EXIT_INVALID
     try:
         with _sigterm_as_interrupt():
             return int(args.func(args))

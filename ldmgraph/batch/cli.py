@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
                         "default: $RAY_ADDRESS, else a local cluster started for this batch")
     parser.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per --threads CPUs)")
     parser.add_argument("--threads", type=int, metavar="N",
-                        help="torch CPU threads per worker (local default: torch's own; ray default 1, and "
+                        help="torch CPU threads per worker (default 1, or $OMP_NUM_THREADS locally; on Ray "
                         "each actor reserves N CPUs). CPU results depend on it: same N, same bytes")
     parser.add_argument("--shared-output", action="store_true",
                         help="Ray: workers write outputs straight into --output-dir (a folder every worker "
@@ -114,7 +114,9 @@ def _backend(args: argparse.Namespace, env: Any) -> Any:
     from .driver import LocalBackend, RayBackend
 
     if args.backend == "local":
-        return LocalBackend(env, args.plugin_dir, threads=args.threads)
+        from ldmgraph.threads import configure_threads
+
+        return LocalBackend(env, args.plugin_dir, threads=configure_threads(args.threads))
     from .ray_pool import RayWorkerPool
 
     write_dir = env.output_dir if args.shared_output else None

@@ -40,9 +40,10 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto; default: start a "
                        "local one)")
     serve.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
-    from ldmgraph.cli import add_precision_argument
+    from ldmgraph.cli import add_precision_argument, add_threads_argument
 
     add_precision_argument(serve)
+    add_threads_argument(serve)
     serve.set_defaults(func=cmd_serve)
 
 

@@ -17,7 +17,7 @@ def register(subparsers: Any) -> None:
                                   description="Train ldmgraph's models on the procedural shapes data set: "
                                   "first the autoencoder, then ldm (text-to-image), superres, inpaint; "
                                   "controlnet trains a ControlNet for the bundled text-to-image model.")
-    train.add_argument("kind", choices=TRAIN_KINDS)
+    train.add_argument("kind", choices=TRAIN_KINDS, help="what to train: " + ", ".join(TRAIN_KINDS))
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 / 2000)")
     train.add_argument("--minutes", type=float, default=0.0, help="stop and save after this wall time (0: no limit)")
     train.add_argument("--batch-size", type=int, default=None, help="images per step (default 32 / 64)")
@@ -73,21 +73,24 @@ def register(subparsers: Any) -> None:
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--base", type=Path, default=None, metavar="PATH",
                        help="controlnet: the frozen text-to-image model (default: the bundled one)")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
     ev = subparsers.add_parser("evaluate", help="score the bundled models with the judge",
                                description="Autoencoder PSNR, judge scores of text-to-image on held-out "
                                "captions, super-resolution gain over bicubic, inpainting; figures last.")
-    ev.add_argument("--models", type=Path, default=None, help="folder of the three bundled files "
+    ev.add_argument("--models", type=Path, default=None, help="folder of the four bundled files "
                     "(default: the shipped ones)")
     ev.add_argument("--samples", type=int, default=256, help="generated images per figure (fewer: quicker)")
     ev.add_argument("--steps", type=int, default=20, help="sampler steps (dpmpp_2m, karras)")
     ev.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
-    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument("--seed", type=int, default=1234, help="seed of the held-out captions' images (default 1234)")
     ev.add_argument("--grid", type=Path, default=None, help="also save sample grids (PNG) here")
     ev.add_argument("--only", choices=("control",), action="append", default=[],
                     help="compute only these figures (control: the ControlNet's control_iou and colour)")
+    from ldmgraph.cli import add_threads_argument
+
+    add_threads_argument(ev)
     ev.set_defaults(func=cmd_evaluate)
 
 

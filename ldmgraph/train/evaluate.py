@@ -123,8 +123,8 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
              batch_size: int = 64, grid: Path | None = None, log: Any = print,
              only: tuple[str, ...] = ()) -> Figures:
     """Score the bundled checkpoints in folder ``models``; see the module docstring. ``only`` limits
-    the run to some figure groups ("control" alone: the ControlNet's figures)."""
-    import torch
+    the run to some figure groups ("control" alone: the ControlNet's figures); CPU threads are the
+    caller's (``ldmgraph evaluate --threads N``)."""
     from PIL import Image
 
     from ldmgraph.models.checkpoint import load_checkpoint
@@ -135,7 +135,6 @@ def evaluate(models: Path, samples: int = 256, steps: int = 20, cfg: float = 4.0
     from .common import psnr, save_grid
     from .export import BUNDLED_NAMES
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     figures = Figures()
     txt = load_checkpoint(models / BUNDLED_NAMES["ldm"])
     if "control" in only or not only:

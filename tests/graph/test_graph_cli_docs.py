@@ -1,5 +1,6 @@
-"""The command line and the README tell the truth: codes, flags, subcommand help, --version,
-params, nodes listing, usage errors, the torch install line and the bundled models' limits."""
+"""The command line and its documentation tell the truth: codes, flags, subcommand help, --version,
+params, nodes listing, usage errors, the torch install line and the bundled models' limits. The
+README is the front page; the detail lives in docs/ (the guide, the error codes, the bundled models)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from ldmgraph.graph import codes
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+GUIDE = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+ERRORS = (ROOT / "docs" / "reference" / "errors.md").read_text(encoding="utf-8")
+BUNDLED = (ROOT / "docs" / "bundled-models.md").read_text(encoding="utf-8")
 CORE_COMMANDS = ("run", "validate", "params", "nodes", "schema", "plugins")
 
 
@@ -34,14 +38,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
 
 # -- codes ---------------------------------------------------------------------------------------------
 def test_readme_code_table_is_the_code_table() -> None:
-    rows = re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", section("The workflow format"), re.MULTILINE)
+    rows = re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", ERRORS, re.MULTILINE)
     assert dict(rows) == codes.CODES
 
 
 def test_every_code_constant_is_in_the_table() -> None:
     constants = {v for k, v in vars(codes).items() if k.isupper() and isinstance(v, str)}
     assert constants == set(codes.CODES)
-    assert "not_a_choice" not in README
+    assert "not_a_choice" not in README + ERRORS
 
 
 def test_every_code_the_package_emits_is_a_documented_constant() -> None:
@@ -51,7 +55,7 @@ def test_every_code_the_package_emits_is_a_documented_constant() -> None:
         used |= set(re.findall(r"\bcodes\.([A-Z_]+)\b", path.read_text(encoding="utf-8")))
     assert used and all(getattr(codes, name, None) in codes.CODES for name in used - {"CODES"})
     for emitted in ("bad_document", "link_required", "unknown_input", "unknown_output", "check_failed"):
-        assert f"| `{emitted}` |" in README
+        assert f"| `{emitted}` |" in ERRORS
 
 
 # -- flags and subcommands -----------------------------------------------------------------------------
@@ -59,10 +63,10 @@ def options_of(parser: argparse.ArgumentParser) -> set[str]:
     return {opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")} - {"--help"}
 
 
-def test_every_flag_of_the_core_commands_is_in_the_readme() -> None:
+def test_every_flag_of_the_core_commands_is_in_the_guide() -> None:
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    text = section("The command line")
+    text = GUIDE
     flags = options_of(parser)
     for command in CORE_COMMANDS:
         assert f"ldmgraph {command}" in text
@@ -146,7 +150,7 @@ def test_readme_install_line_says_what_torch_takes_per_platform() -> None:
 def test_readme_documents_the_bundled_models_vocabulary_and_native_size() -> None:
     from ldmgraph.train.data.vocab import COLOURS, IMAGE_SIZE, POSITION_PHRASES, SHAPES, SIZES
 
-    models = section("Bundled models and training")
+    models = BUNDLED
     assert f"{IMAGE_SIZE}x{IMAGE_SIZE} images (their native size" in models
     vocabulary = models.split("What the bundled models know", 1)[1].split("- **Data**", 1)[0]
     vocabulary = " ".join(vocabulary.split())

@@ -2,7 +2,7 @@
 
 `ldmgraph evaluate --samples 8` in-process: the autoencoder's PSNR on 100 held-out images, the
 judge's reading of text-to-image on held-out captions, the super-resolution workflow's gain over
-bicubic and the inpainting scores. Margins sit below the measured figures (README, "Status"), so
+bicubic and the inpainting scores. Margins sit below the measured figures (docs/bundled-models.md, "Status"), so
 a change of weights, sampler or loader that makes the shipped models worse fails here.
 """
 
@@ -50,7 +50,7 @@ def test_inpainting_paints_the_requested_object_and_keeps_the_rest(figures):
     assert figures.inpaint_outside_delta <= 2.0
 
 
-def test_readme_says_how_the_shipped_text_to_image_model_reads_its_caption():
+def test_docs_say_how_the_shipped_text_to_image_model_reads_its_caption():
     import json
     from pathlib import Path
 
@@ -58,7 +58,7 @@ def test_readme_says_how_the_shipped_text_to_image_model_reads_its_caption():
 
     with safe_open(str(assets_dir() / BUNDLED_NAMES["ldm"]), "pt") as f:
         meta = json.loads(f.metadata()["ldmgraph"])
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "bundled-models.md").read_text()
     assert meta["text_encoder"] == "minilm-l6-v2" and meta.get("clause_only") is True
     assert f"--clause-tokens {meta['clause_tokens']} --clause-only" in readme
     # the training record goes back to the run the clause tokens were fine-tuned from
