@@ -33,6 +33,7 @@ from ldmgraph.models.errors import (
     UnknownArchitectureError,
     convert_hint,
 )
+from ldmgraph.models.families import UnsupportedFamilyError, diffusers_family, refuse
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -171,6 +172,8 @@ def _inspect(path_text: str, size: int, mtime: int, need_unet: bool) -> ModelSum
     if kind != "safetensors":
         raise CorruptCheckpointError(path, "not a safetensors file (bad header); the file is damaged or of another format")
     tensors, metadata = read_header(path)
+    if "ldmgraph" not in metadata:  # a family ldmgraph does not run (SD3, Flux, ...) is named, not mis-read
+        refuse(path, {k: t.shape for k, t in tensors.items()})
     weight_bytes = sum(math.prod(t.shape) * DTYPE_BYTES[t.dtype] for t in tensors.values())
     floats = [t.dtype for t in tensors.values() if t.dtype in FLOAT_DTYPES]
     dtype_bytes = DTYPE_BYTES[max(set(floats), key=floats.count)] if floats else 4
@@ -386,6 +389,10 @@ def _typed(path: Path, cfg: dict[str, Any], key: str, kind: str, default: Any) -
 
 
 def _diffusers(path: Path, need_unet: bool) -> ModelSummary:
+    index = path / "model_index.json"
+    refused = diffusers_family(_read_config(index) if index.is_file() else {}, (path / "transformer").is_dir())
+    if refused is not None:
+        raise UnsupportedFamilyError(path, refused)
     unet_dir = path / "unet" if (path / "unet").is_dir() else path
     unet = vae = None
     weight_bytes = 0
