@@ -952,6 +952,7 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         "PreviewImage",
         {"images": "images"},
         (),
+        extra={"quantize": "truncate"},  # as ComfyUI's clip(255 x)
         shape=ComfyShape(
             "image",
             (link("images", "IMAGE"),),

@@ -131,6 +131,8 @@ class PreviewImage(Node):
 
     class Inputs(NodeInputs):
         images: Any = InputField(IMAGE, description="images to preview")
+        quantize: str = InputField(ENUM, "round", choices=("round", "truncate"),
+                                   description="8-bit conversion: round (ldmgraph) or truncate (ComfyUI's)")
 
     class Outputs(NodeOutputs):
         pass
@@ -138,7 +140,7 @@ class PreviewImage(Node):
     def run(self, inputs: Inputs, ctx: NodeContext) -> None:
         from PIL import Image
 
-        from ldmgraph.nodes.image import png_info
+        from ldmgraph.nodes.image import png_info, to_uint8
 
         # the server's temp folder, or a private folder per executor session (mkdtemp: a new name,
         # mode 0700), never a fixed name in the shared temporary folder that another user could plant a link in
@@ -148,7 +150,7 @@ class PreviewImage(Node):
         info = png_info(ctx) if ctx.env.png_text else None
         for picture in inputs.images:
             buffer = io.BytesIO()
-            pixels = (np.clip(picture, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            pixels = to_uint8(picture, inputs.quantize)
             Image.fromarray(pixels[..., :3] if pixels.shape[-1] > 1 else pixels[..., 0]).save(
                 buffer, "PNG", pnginfo=info, compress_level=1)
             ctx.add_file(atomic_write_new(folder, stem, ".png", buffer.getvalue()))
