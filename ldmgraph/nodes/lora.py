@@ -100,6 +100,8 @@ def architecture_problems(
     config = getattr(summary, "unet", None)
     if not isinstance(config, dict):
         return [], []
+    if config.get("num_heads", -1) == -1 and config.get("num_head_channels", -1) == -1:
+        config = {**config, "num_heads": 1}  # heads do not change any weight's shape
     try:
         unet = build_on_meta(UNetModel, **config)
     except Exception:  # noqa: BLE001 - an unusual config: the run-time check still applies

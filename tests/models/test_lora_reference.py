@@ -1,0 +1,268 @@
+"""LoRA through the executor against diffusers' `load_lora_weights` + `fuse_lora` on a tiny SD1 pipeline.
+
+One tiny random diffusers folder is the checkpoint; a LoRA file in the kohya format (written here
+from random factors, diffusers' module names) and one in the PEFT format (made by peft on
+diffusers' own modules, saved by `save_lora_weights`) go into `loras/`. The workflow is
+CheckpointLoader -> LoraLoader -> TextEncode / sampling -> VAEDecode; diffusers' pipeline gets the
+same folder's modules with the LoRA loaded and fused at the same strengths, the same seed and the
+same Euler schedule. Decoded images must agree within 1e-3. The same fixtures check what users
+notice about applying LoRAs: strength 0 is the base bit for bit, the base is restored after a run,
+stacked LoRAs commute, a strength change does not reload the checkpoint, unmatched keys warn, and
+a LoRA for another architecture is refused at validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+STEPS, SEED, CFG, SIZE = 6, 5, 3.0, 16
+PROMPT = "a red cube on a blue table"
+RANK = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lora_targets(module: torch.nn.Module, kinds: tuple[str, ...]) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in module.named_modules()
+            if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and n.rsplit(".", 1)[-1] in kinds
+            or (isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and n.endswith(("to_out.0", "ff.net.0.proj", "ff.net.2")))]
+
+
+UNET_KINDS = ("to_q", "to_k", "to_v", "proj_in", "proj_out")
+TEXT_KINDS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def kohya_lora(unet: torch.nn.Module, text: torch.nn.Module, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """Random kohya factors (diffusers' module names, alpha = rank / 2) on attention, feed-forward and
+    projections of the U-Net and on every text-encoder layer."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, module, kinds in (("lora_unet_", unet, UNET_KINDS), ("lora_te_", text, TEXT_KINDS)):
+        for name, layer in _lora_targets(module, kinds):
+            w = layer.weight
+            stem = prefix + name.replace(".", "_")
+            down_shape = (RANK, w.shape[1], *w.shape[2:]) if w.dim() == 4 else (RANK, w.shape[1])
+            up_shape = (w.shape[0], RANK, 1, 1) if w.dim() == 4 else (w.shape[0], RANK)
+            out[stem + ".lora_down.weight"] = torch.randn(down_shape, generator=g) * scale
+            out[stem + ".lora_up.weight"] = torch.randn(up_shape, generator=g) * scale
+            out[stem + ".alpha"] = torch.tensor(RANK / 2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from model_helpers import clip_model
+
+    root = tmp_path_factory.mktemp("models")
+    pipe = root / "pipe"
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), norm_num_groups=32,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32, scaling_factor=0.25,
+    ).eval()
+    text = clip_model(hidden=64, heads=4, layers=2, act="gelu", seed=3)
+    unet.save_pretrained(pipe / "unet")
+    vae.save_pretrained(pipe / "vae")
+    text.save_pretrained(pipe / "text_encoder")
+    (pipe / "tokenizer").mkdir()
+    (pipe / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+    (pipe / "scheduler").mkdir()
+    (pipe / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "DDIMScheduler", **SD, "prediction_type": "epsilon"}))
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    loras = root / "loras"
+    loras.mkdir()
+    save_file(kohya_lora(unet, text, seed=1), str(loras / "kohya_a.safetensors"))
+    save_file(kohya_lora(unet, text, seed=2, scale=0.2), str(loras / "kohya_b.safetensors"))
+    _peft_lora(unet, text, loras / "peft")
+    return root, {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def _peft_lora(unet: Any, text: Any, folder: Path) -> None:
+    """A PEFT LoRA made by peft on copies of diffusers' modules, saved by diffusers."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    unet, text = copy.deepcopy(unet), copy.deepcopy(text)
+    torch.manual_seed(7)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]))
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False,
+                                       target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]), text)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(text), safe_serialization=True,
+    )
+    (folder / "pytorch_lora_weights.safetensors").rename(folder.parent / "peft.safetensors")
+
+
+def _link(node: str, output: str) -> dict[str, str]:
+    return {"node": node, "output": output}
+
+
+def workflow(loras: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """CheckpointLoader, LoraLoader per (name, strength_model, strength_clip), Euler sampling, VAEDecode."""
+    nodes: dict[str, Any] = {"ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": "pipe"}}}
+    model, text = _link("ckpt", "model"), _link("ckpt", "text_encoder")
+    for i, (name, sm, sc) in enumerate(loras):
+        nodes[f"lora{i}"] = {"type": "LoraLoader", "inputs": {
+            "model": model, "text_encoder": text, "lora_name": name, "strength_model": sm, "strength_clip": sc}}
+        model, text = _link(f"lora{i}", "model"), _link(f"lora{i}", "text_encoder")
+    nodes.update({
+        "pos": {"type": "TextEncode", "inputs": {"text_encoder": text, "text": PROMPT}},
+        "neg": {"type": "TextEncode", "inputs": {"text_encoder": text, "text": ""}},
+        "latent": {"type": "EmptyLatent", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
+                                                     "vae": _link("ckpt", "vae")}},
+        "sigmas": {"type": "Scheduler", "inputs": {"model": model, "schedule": "normal", "steps": STEPS}},
+        "sampler": {"type": "SamplerSelect", "inputs": {"sampler": "euler"}},
+        "guider": {"type": "CFGGuider", "inputs": {"model": model, "positive": _link("pos", "conditioning"),
+                                                    "negative": _link("neg", "conditioning"), "cfg": CFG}},
+        "noise": {"type": "RandomNoise", "inputs": {"noise_seed": SEED, "start_noise": "sigma"}},
+        "run": {"type": "SamplerCustomAdvanced", "inputs": {
+            "noise": _link("noise", "noise"), "guider": _link("guider", "guider"), "sampler": _link("sampler", "sampler"),
+            "sigmas": _link("sigmas", "sigmas"), "latent": _link("latent", "latent")}},
+        "decode": {"type": "VAEDecode", "inputs": {"vae": _link("ckpt", "vae"), "latent": _link("run", "output")}},
+    })
+    return {"format": "ldmgraph/1", "nodes": nodes}
+
+
+@pytest.fixture(scope="module")
+def executor(folder):
+    from ldmgraph.graph.context import Environment
+    from ldmgraph.graph.executor import Executor
+    from ldmgraph.plugins import load_registry
+
+    root, _ = folder
+    return Executor(load_registry(), Environment(input_dir=root, output_dir=root / "out", model_dirs=(root,)))
+
+
+def image_of(executor: Any, loras: list[tuple[str, float, float]]) -> np.ndarray:
+    return np.asarray(executor.run(workflow(loras), outputs=["decode"]).outputs["decode"]["image"])
+
+
+def diffusers_image(folder: tuple[Path, dict[str, Any]], lora_file: str, sm: float, sc: float) -> np.ndarray:
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from ldmgraph.models.tokenizer import clip_tokenizer_folder
+
+    root, modules = folder
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=modules["vae"], text_encoder=copy.deepcopy(modules["text_encoder"]),
+        tokenizer=CLIPTokenizer.from_pretrained(str(clip_tokenizer_folder()), pad_token="!"),
+        unet=copy.deepcopy(modules["unet"]),
+        scheduler=diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="linspace"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(root / "loras"), weight_name=lora_file, adapter_name="x")
+    pipe.fuse_lora(components=["unet"], lora_scale=sm, adapter_names=["x"])
+    pipe.fuse_lora(components=["text_encoder"], lora_scale=sc, adapter_names=["x"])
+    pipe.unload_lora_weights()
+    with torch.no_grad():
+        return pipe(prompt=PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG,
+                    height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(SEED), output_type="np").images
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("lora_file", ["kohya_a.safetensors", "peft.safetensors"])
+def test_lora_image_equals_diffusers_load_lora_weights_and_fuse(lora_file, folder, executor):
+    ours = image_of(executor, [(lora_file, 0.8, 0.6)])
+    expected = diffusers_image(folder, lora_file, 0.8, 0.6)
+    base = image_of(executor, [])
+    assert np.abs(ours - base).max() > 1e-2  # the LoRA changes the image
+    assert ours.shape == expected.shape
+    assert np.abs(ours - expected).max() <= 1e-3, np.abs(ours - expected).max()
+
+
+def _unet_bits(executor: Any) -> dict[str, torch.Tensor]:
+    from ldmgraph.nodes.common import MODEL_CACHE_KEY
+
+    cache = executor.resources[MODEL_CACHE_KEY]
+    (checkpoint,) = [cache.get_or_load(k, lambda: None) for k in cache.keys() if k[0] == "checkpoint"]
+    return {**{f"unet.{k}": v.clone() for k, v in checkpoint.unet.diffusion_model.state_dict().items()},
+            **{f"te.{k}": v.clone() for k, v in checkpoint.text_encoder.state_dict().items()}}
+
+
+def test_lora_strength_zero_is_the_base_bit_for_bit_and_the_base_is_restored(executor):
+    base = image_of(executor, [])
+    weights = _unet_bits(executor)
+    assert np.array_equal(image_of(executor, [("kohya_a", 0.0, 0.0)]), base)
+    patched = image_of(executor, [("kohya_a", 1.5, 1.0)])
+    assert not np.array_equal(patched, base)
+    after = _unet_bits(executor)
+    assert all(torch.equal(weights[k], after[k]) for k in weights), "the base was not restored bit for bit"
+    assert np.array_equal(image_of(executor, []), base)
+
+
+def test_stacked_loras_in_either_order_agree(executor):
+    ab = image_of(executor, [("kohya_a", 0.7, 0.5), ("kohya_b", 1.2, 0.9)])
+    ba = image_of(executor, [("kohya_b", 1.2, 0.9), ("kohya_a", 0.7, 0.5)])
+    assert np.abs(ab - ba).max() <= 1e-5
+
+
+def test_lora_strength_change_reruns_from_the_lora_node_without_reloading(executor):
+    from ldmgraph.nodes.common import MODEL_CACHE_KEY
+
+    first = image_of(executor, [("kohya_a", 0.5, 0.5)])
+    loads = executor.resources[MODEL_CACHE_KEY].stats.loads
+    result = executor.run(workflow([("kohya_a", 0.9, 0.5)]), outputs=["decode"])
+    assert executor.resources[MODEL_CACHE_KEY].stats.loads == loads  # neither checkpoint nor LoRA re-read
+    assert "ckpt" in result.cached and {"lora0", "run", "decode"} <= set(result.executed)
+    assert not np.array_equal(np.asarray(result.outputs["decode"]["image"]), first)
+
+
+def test_lora_unmatched_keys_warn_naming_how_many_and_a_sample(folder, executor):
+    from ldmgraph.models.lora import LoraKeysWarning
+
+    root, modules = folder
+    tensors = kohya_lora(modules["unet"], modules["text_encoder"], seed=3)
+    tensors["lora_unet_no_such_block_to_q.lora_down.weight"] = torch.zeros(RANK, 8)
+    tensors["lora_unet_no_such_block_to_q.lora_up.weight"] = torch.zeros(8, RANK)
+    save_file(tensors, str(root / "loras" / "extra_keys.safetensors"))
+    with pytest.warns(LoraKeysWarning, match=r"2 key\(s\) of the LoRA extra_keys.safetensors .*no_such_block"):
+        image_of(executor, [("extra_keys", 1.0, 1.0)])
+
+
+def test_lora_for_another_architecture_is_refused_at_validation(folder, executor):
+    from ldmgraph.graph.errors import ValidationError
+
+    root, modules = folder
+    tensors = kohya_lora(modules["unet"], modules["text_encoder"], seed=4)
+    wide = {k: (torch.zeros(RANK, 1024) if "attn2_to_k.lora_down" in k else v) for k, v in tensors.items()}
+    save_file(wide, str(root / "loras" / "sd2_context.safetensors"))
+    sdxl = dict(tensors)
+    sdxl["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(RANK, 1280)
+    sdxl["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(1280, RANK)
+    save_file(sdxl, str(root / "loras" / "sdxl_te2.safetensors"))
+    for name, words in (("sd2_context", "another shape"), ("sdxl_te2", "second text encoder")):
+        with pytest.raises(ValidationError) as info:
+            executor.validate(workflow([(name, 1.0, 1.0)]), outputs=["decode"])
+        text = str(info.value)
+        assert "lora0" in text and "lora_name" in text and words in text and "another architecture" in text
