@@ -32,6 +32,15 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (default 32 MiB)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow browser requests from this origin (repeatable; default none)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="accept requests whose Host header is NAME (repeatable; default: only the bound address "
+                       "and, on loopback, localhost), e.g. behind a reverse proxy")
+    serve.add_argument("--max-nodes", type=int, default=5000, help="largest graph accepted, in nodes (default 5000)")
+    serve.add_argument("--max-upload-pixels", type=int, default=4096 * 4096,
+                       help="largest uploaded image, width x height (default 4096x4096)")
+    serve.add_argument("--preview-method", choices=["none", "auto", "latent2rgb", "taesd"], default="none",
+                       help="latent previews while sampling: none (default, as ComfyUI) unless a job asks for them "
+                       "(the editor's setting); any other value draws them for every job with a connected client")
     serve.add_argument("--no-editor", action="store_true", help="do not serve the editor at /")
     serve.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
     serve.add_argument("--backend", choices=["local", "ray"], default="local",
@@ -91,7 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_dirs=tuple(args.models_dir), plugin_dirs=tuple(args.plugin_dir), device=args.device,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024), cors_origins=tuple(args.cors_origin),
         frontend=not args.no_editor, precision=precision, backend=args.backend, address=args.address,
-        workers=args.workers)
+        workers=args.workers, allowed_hosts=tuple(args.allow_host), max_nodes=args.max_nodes,
+        max_image_pixels=args.max_upload_pixels, preview_method=args.preview_method)
     manager = PluginManager(plugin_dirs=args.plugin_dir, workflow_dirs=args.workflows_dir)
     for status in manager.statuses:
         if not status.ok:

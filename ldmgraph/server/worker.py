@@ -204,6 +204,7 @@ class JobRun:
     executed: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)  # cache hits (the executor reports them before anything runs)
     announced: bool = False
+    compiled: CompiledWorkflow | None = None
     cached_files: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     states: dict[str, dict[str, Any]] = field(default_factory=dict)
     current: str | None = None
@@ -231,7 +232,7 @@ class JobRun:
         status: str = "success"
         error: dict[str, Any] | None = None
         try:
-            compiled = self._compiled()
+            compiled = self.compiled = self._compiled()
             worker.executor.execute(compiled, on_event=self.on_event, cancel=token, previews=self._previews())
             self._announce_cached()
             self.send("execution_success", {"timestamp": _ms()}, record=True)
@@ -318,7 +319,8 @@ class JobRun:
         if self.announced:
             return
         self.announced = True
-        self.send("execution_cached", {"nodes": self.cached, "timestamp": _ms()}, record=True)
+        skipped = unneeded(self.compiled, set(self.cached)) if self.compiled is not None else []
+        self.send("execution_cached", {"nodes": [*self.cached, *skipped], "timestamp": _ms()}, record=True)
         for node in self.cached:
             self._report_files(node, self.cached_files.get(node, ()))
 
@@ -359,6 +361,19 @@ class JobRun:
         except Exception:  # noqa: BLE001 - a preview that cannot be encoded is skipped, the job goes on
             return
         self.worker.hub.preview(kind, payload, {"prompt_id": self.job.id, "node": node}, self.job.client_id)
+
+
+def unneeded(compiled: CompiledWorkflow, hits: set[str]) -> list[str]:
+    """Nodes that will not run because everything downstream of them was a cache hit: ComfyUI,
+    whose cache holds every node's outputs, lists them as cached too."""
+    needed, stack = set(), [n for n in compiled.outputs if n not in hits]
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(source for _, source, _ in compiled.nodes[node].links if source not in hits)
+    return [n for n in compiled.order if n not in needed and n not in hits]
 
 
 def comfyui_png_text(job: Job) -> tuple[tuple[str, str], ...]:

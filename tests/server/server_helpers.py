@@ -127,3 +127,33 @@ def txt2img_api(seed: int = 1, steps: int = 1, size: int = 32, prefix: str = "se
 
 def wait_graph(ticks: int = 10, tick: float = 0.1) -> dict[str, Any]:
     return {"1": {"class_type": "TestWait", "inputs": {"ticks": ticks, "tick": tick}}}
+
+
+def comfy_graph(seed: int = 5, output: str = "SaveImage", prefix: str = "ComfyUI") -> dict[str, Any]:
+    """ComfyUI's default SD1.5 graph (its examples' prompt_text), with the checkpoint, size and steps changed."""
+    graph: dict[str, Any] = {
+        "3": {"class_type": "KSampler", "inputs": {
+            "cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0], "negative": ["7", 0],
+            "positive": ["6", 0], "sampler_name": "euler", "scheduler": "normal", "seed": seed, "steps": 1}},
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TXT2IMG}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 32, "width": 32}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "bad hands"}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+    }
+    if output == "SaveImageWebsocket":
+        graph["save_image_websocket_node"] = {"class_type": "SaveImageWebsocket", "inputs": {"images": ["8", 0]}}
+    else:
+        graph["9"] = {"class_type": output, "inputs": {"images": ["8", 0], **(
+            {"filename_prefix": prefix} if output == "SaveImage" else {})}}
+    return graph
+
+
+def wait_history(server: ServerProcess, prompt_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entry = server.http.get(f"/history/{prompt_id}").json()
+        if prompt_id in entry:
+            return entry[prompt_id]  # type: ignore[no-any-return]
+        time.sleep(0.1)
+    raise AssertionError(f"job {prompt_id} did not finish: {server.job(prompt_id)}")

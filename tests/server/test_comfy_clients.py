@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -23,29 +22,9 @@ import numpy as np
 import pytest
 import websocket  # the websocket-client package, as ComfyUI's examples use
 from PIL import Image
-from server_helpers import TXT2IMG, ServerProcess
+from server_helpers import ServerProcess, comfy_graph, wait_history
 
 pytestmark = pytest.mark.slow
-
-
-def comfy_graph(seed: int = 5, output: str = "SaveImage", prefix: str = "ComfyUI") -> dict[str, Any]:
-    """ComfyUI's default SD1.5 graph (its examples' prompt_text), with the checkpoint, size and steps changed."""
-    graph: dict[str, Any] = {
-        "3": {"class_type": "KSampler", "inputs": {
-            "cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0], "negative": ["7", 0],
-            "positive": ["6", 0], "sampler_name": "euler", "scheduler": "normal", "seed": seed, "steps": 1}},
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TXT2IMG}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 32, "width": 32}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "bad hands"}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-    }
-    if output == "SaveImageWebsocket":
-        graph["save_image_websocket_node"] = {"class_type": "SaveImageWebsocket", "inputs": {"images": ["8", 0]}}
-    else:
-        graph["9"] = {"class_type": output, "inputs": {"images": ["8", 0], **(
-            {"filename_prefix": prefix} if output == "SaveImage" else {})}}
-    return graph
 
 
 class ExampleClient:
@@ -117,16 +96,6 @@ class ExampleClient:
 
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def wait_history(server: ServerProcess, prompt_id: str, timeout: float = 120.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        entry = server.http.get(f"/history/{prompt_id}").json()
-        if prompt_id in entry:
-            return entry[prompt_id]  # type: ignore[no-any-return]
-        time.sleep(0.1)
-    raise AssertionError(f"job {prompt_id} did not finish: {server.job(prompt_id)}")
 
 
 # -- ComfyUI's script examples ------------------------------------------------------------------------
