@@ -234,3 +234,21 @@ def _runs(text: str, weight_at: list[float], lo: int, hi: int) -> list[Piece]:
         else:
             out.append(Piece(text[i], weight_at[i]))
     return out
+
+
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def split_piece_breaks(pieces: list[Piece]) -> list[list[Piece]]:
+    """The pieces between the word BREAK, each group to start a new 75-token window (as
+    `ldmgraph.models.text_encoders.split_breaks` splits plain text: a leading BREAK keeps an empty first
+    group, a trailing one adds none)."""
+    groups: list[list[Piece]] = [[]]
+    for piece in pieces:
+        parts = [piece.text] if piece.embedding is not None else _BREAK.split(piece.text)
+        for i, part in enumerate(parts):
+            if i:
+                groups.append([])
+            if part:
+                groups[-1].append(Piece(part, piece.weight, piece.embedding))
+    return groups[:-1] if len(groups) > 1 and not groups[-1] else groups

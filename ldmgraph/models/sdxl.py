@@ -260,6 +260,19 @@ class SDXLTextEncoder(TextEncoder):
         context = torch.cat([out_l.context, out_g.context.to(out_l.context.dtype)], dim=-1)
         return TextEncoding(context, out_g.pooled)
 
+    def encode_pieces(
+        self, pieces: list[Any], clip_skip: int | None, embeddings: dict[str, Any], breaks: bool = False
+    ) -> TextEncoding:
+        """A prompt with weights or embeddings (`ldmgraph.models.prompt_weights`): each encoder applies them to
+        its own output (an SDXL embedding file's `clip_l` vectors to ViT-L, `clip_g` to bigG), then as `encode`."""
+        k = self._k(clip_skip)
+        out_g = self.clip_g.encode_pieces(pieces, k, embeddings, breaks=breaks)
+        if self.clip_l is None:
+            return out_g
+        out_l = self.clip_l.encode_pieces(pieces, k, embeddings, breaks=breaks)
+        context = torch.cat([out_l.context, out_g.context.to(out_l.context.dtype)], dim=-1)
+        return TextEncoding(context, out_g.pooled)
+
 
 def _pad_windows(encoder: ClipTextEncoder, ids: Tensor, n: int) -> Tensor:
     """Append empty-prompt windows so that `ids` [B, m, 77] has n windows."""

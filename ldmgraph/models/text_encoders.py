@@ -30,6 +30,7 @@ from ldmgraph.models.prompt_weights import (
     is_plain,
     parse_prompt,
     plain_text,
+    split_piece_breaks,
     token_rows,
     weighted_clauses,
 )
@@ -84,7 +85,8 @@ class TextEncoder(nn.Module):
         if is_plain(pieces):
             extra = {"breaks": True} if breaks and self.windowed else {}
             return self.encode([plain_text(pieces)], clip_skip=clip_skip, **extra)
-        return self.encode_pieces(pieces, clip_skip, dict(embeddings or {}))
+        extra = {"breaks": True} if breaks and self.windowed else {}
+        return self.encode_pieces(pieces, clip_skip, dict(embeddings or {}), **extra)
 
     def encode_pieces(self, pieces: list[Piece], clip_skip: int | None, embeddings: dict[str, Any]) -> TextEncoding:
         """Encode a parsed prompt with weights or embeddings (each encoder that supports them overrides this)."""
@@ -199,11 +201,14 @@ class ClipTextEncoder(TextEncoder):
         return self.encode_ids(self.token_windows(list(texts), breaks), clip_skip=clip_skip)
 
     @torch.no_grad()
-    def encode_pieces(self, pieces: list[Piece], clip_skip: int | None, embeddings: dict[str, Any]) -> TextEncoding:
+    def encode_pieces(
+        self, pieces: list[Piece], clip_skip: int | None, embeddings: dict[str, Any], breaks: bool = False
+    ) -> TextEncoding:
         """A weighted prompt, as ComfyUI encodes it: the text pieces' tokens and the embeddings' vectors in
-        order, cut into 75-token windows as `encode` cuts them; then each token of weight w != 1 is moved
-        from the empty prompt's encoding at its position by w (`apply_weights`). The empty prompt's window
-        is encoded in the same batch; `pooled` is the first window's, as without weights."""
+        order, cut into 75-token windows as `encode` cuts them (`breaks`: BREAK starts a window); then each
+        token of weight w != 1 is moved from the empty prompt's encoding at its position by w
+        (`apply_weights`). The empty prompt's window is encoded in the same batch; `pooled` is the first
+        window's, as without weights."""
         width = int(self.transformer.embeddings.token_embedding.weight.shape[1])
 
         def vectors_of(name: str) -> Tensor:
@@ -211,15 +216,17 @@ class ClipTextEncoder(TextEncoder):
                 raise ValueError(f"embedding:{name} is not loaded: pass it in `embeddings`")
             return embeddings[name].vectors_for(width, self.kind)
 
-        ids, weights, vectors = token_rows(pieces, self.tokenizer.ids, vectors_of)
-        windows, window_weights, placed = [], [], {}
-        for start in range(0, max(len(ids), 1), CHUNK_TOKENS):
-            body = ids[start : start + CHUNK_TOKENS]
-            row = [BOS_ID, *body, EOS_ID]
-            windows.append(row + [self.pad_id] * (CONTEXT_LENGTH - len(row)))
-            window_weights.append([1.0, *weights[start : start + CHUNK_TOKENS]] + [1.0] * (CONTEXT_LENGTH - len(row) + 1))
-            placed.update({(len(windows) - 1, pos - start + 1): v for pos, v in vectors.items()
-                           if start <= pos < start + CHUNK_TOKENS})
+        windows: list[list[int]] = []
+        window_weights: list[list[float]] = []
+        placed: dict[tuple[int, int], Tensor] = {}
+        for group in split_piece_breaks(pieces) if breaks else [pieces]:
+            ids, weights, vectors = token_rows(group, self.tokenizer.ids, vectors_of)
+            for start in range(0, max(len(ids), 1), CHUNK_TOKENS):
+                row = [BOS_ID, *ids[start : start + CHUNK_TOKENS], EOS_ID]
+                windows.append(row + [self.pad_id] * (CONTEXT_LENGTH - len(row)))
+                window_weights.append([1.0, *weights[start : start + CHUNK_TOKENS]] + [1.0] * (CONTEXT_LENGTH - len(row) + 1))
+                placed.update({(len(windows) - 1, pos - start + 1): v for pos, v in vectors.items()
+                               if start <= pos < start + CHUNK_TOKENS})
         n = len(windows)
         input_ids = torch.tensor([[*windows, self.tokenizer.tokenize_chunks("", pad_id=self.pad_id)[0]]])
         token_vectors = None
