@@ -21,8 +21,9 @@ noise, same per-step noise; tests/workflows/test_diffusers_equivalence.py, whole
 | euler_ancestral + normal     | EulerAncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
 | heun + normal / karras       | HeunDiscreteScheduler(timestep_spacing="linspace" / use_karras_sigmas=True)    |
 | lms + normal / karras        | LMSDiscreteScheduler(timestep_spacing="linspace" / use_karras_sigmas=True)     |
-| dpmpp_2m + sgm_uniform       | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,      |
-|                              |   timestep_spacing="linspace")                                                 |
+| dpmpp_2m + linspace_rounded  | DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,      |
+|                              |   timestep_spacing="linspace"): diffusers rounds these timesteps; sgm_uniform  |
+|                              |   is the same unrounded (equal when steps divide 999)                          |
 | dpmpp_2m + karras            | the same with use_karras_sigmas=True (diffusers rounds the network's t)       |
 | dpmpp_2m_sde + karras        | DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2,  |
 |                              |   use_karras_sigmas=True), per-step noise passed as variance_noise             |
@@ -35,8 +36,13 @@ noise, same per-step noise; tests/workflows/test_diffusers_equivalence.py, whole
 | dpm_2_ancestral + normal     | KDPM2AncestralDiscreteScheduler(timestep_spacing="linspace"), same generator   |
 | plms + leading               | PNDMScheduler(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=True;      |
 |                              |   False with final_alpha="first")                                              |
-| uni_pc_bh2 (order 2, 3) + sgm_uniform / karras | UniPCMultistepScheduler(solver_type="bh2", solver_order=2 / 3) |
+| uni_pc_bh2 (order 2, 3) + linspace_rounded / karras | UniPCMultistepScheduler(solver_type="bh2", solver_order=2 / 3) |
 | uni_pc (order 2, 3)          | UniPCMultistepScheduler(solver_type="bh1", final_sigmas_type="sigma_min")      |
+
+With convention "diffusers" (noise.py) one generator serves the whole run, as a pipeline given one
+`torch.Generator`; a latent straight from VAEEncode is then sampled from its posterior first, as
+`StableDiffusionImg2ImgPipeline` does (tests/workflows/test_diffusers_conventions.py; img2img there
+runs the last int(steps * strength) steps: SplitSigmas at steps - int(steps * strength)).
 
 Start noise ("start_noise" of the noise source, noise.py): diffusers' Euler, Heun and LMS with
 "linspace" spacing start at noise * sigma_max ("sigma"); its DDIM, PNDM, DDPM, DPM-Solver and UniPC
