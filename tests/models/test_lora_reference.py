@@ -266,3 +266,125 @@ def test_lora_for_another_architecture_is_refused_at_validation(folder, executor
             executor.validate(workflow([(name, 1.0, 1.0)]), outputs=["decode"])
         text = str(info.value)
         assert "lora0" in text and "lora_name" in text and words in text and "another architecture" in text
+
+
+# ---------------------------------------------------------------------------------- LyCORIS closed forms
+
+
+def _lycoris_modules(unet: Any) -> dict[str, str]:
+    """kohya stem -> diffusers parameter name for one module of each adapter kind."""
+    return {
+        "locon": "down_blocks.0.resnets.0.conv1",
+        "loha": "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "lokr": "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+        "dora_out": "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v",
+        "dora_in": "up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_out.0",
+    }
+
+
+def _closed_forms(weights: dict[str, torch.Tensor], seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LyCORIS tensors, the delta each makes at strength 1), from each format's definition."""
+    g = torch.Generator().manual_seed(seed)
+    r, alpha = 4, 3.0
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    tensors: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    names = _lycoris_modules(None)
+    stem = {k: "lora_unet_" + v.replace(".", "_") for k, v in names.items()}
+
+    w = weights[names["locon"] + ".weight"]  # conv 3x3: LoCon = up @ down on the flattened kernels
+    down, up = rnd(r, w.shape[1], 3, 3), rnd(w.shape[0], r, 1, 1)
+    tensors |= {stem["locon"] + ".lora_down.weight": down, stem["locon"] + ".lora_up.weight": up,
+                stem["locon"] + ".alpha": torch.tensor(alpha)}
+    deltas[names["locon"]] = (up.flatten(1) @ down.flatten(1)).reshape(w.shape) * alpha / r
+
+    w = weights[names["loha"] + ".weight"]  # LoHa = (w1a @ w1b) * (w2a @ w2b) * alpha / r
+    w1a, w1b, w2a, w2b = rnd(w.shape[0], r), rnd(r, w.shape[1]), rnd(w.shape[0], r), rnd(r, w.shape[1])
+    tensors |= {f"{stem['loha']}.hada_{k}": v for k, v in (("w1_a", w1a), ("w1_b", w1b), ("w2_a", w2a), ("w2_b", w2b))}
+    tensors[stem["loha"] + ".alpha"] = torch.tensor(alpha)
+    deltas[names["loha"]] = (w1a @ w1b) * (w2a @ w2b) * alpha / r
+
+    w = weights[names["lokr"] + ".weight"]  # LoKr = kron(w1, w2_a @ w2_b) * alpha / r
+    w1 = rnd(4, 8)
+    w2a, w2b = rnd(w.shape[0] // 4, r), rnd(r, w.shape[1] // 8)
+    tensors |= {stem["lokr"] + ".lokr_w1": w1, stem["lokr"] + ".lokr_w2_a": w2a, stem["lokr"] + ".lokr_w2_b": w2b,
+                stem["lokr"] + ".alpha": torch.tensor(alpha)}
+    deltas[names["lokr"]] = torch.kron(w1, w2a @ w2b) * alpha / r
+
+    for key, axis in (("dora_out", 1), ("dora_in", 0)):  # DoRA = m * V / ||V|| - W, V = W + LoRA delta
+        w = weights[names[key] + ".weight"]
+        down, up = rnd(r, w.shape[1]), rnd(w.shape[0], r)
+        v = w + up @ down * alpha / r
+        norm = v.norm(dim=axis, keepdim=True)
+        m = norm * (1 + rnd(*norm.shape))
+        tensors |= {stem[key] + ".lora_down.weight": down, stem[key] + ".lora_up.weight": up,
+                    stem[key] + ".alpha": torch.tensor(alpha), stem[key] + ".dora_scale": m}
+        deltas[names[key]] = m * v / norm - w
+    return tensors, deltas
+
+
+@pytest.mark.reference
+def test_lora_locon_loha_lokr_dora_equal_their_closed_forms(folder, executor):
+    """LoraLoaderModelOnly with LyCORIS modules gives the image of a checkpoint whose weights are
+    W + strength * (closed-form delta), written by the test."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, _ = folder
+    strength = 0.7
+    weights = load_file(str(root / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"))
+    tensors, deltas = _closed_forms(weights, seed=11)
+    save_file(tensors, str(root / "loras" / "lycoris.safetensors"))
+    expected = root / "pipe_closed_form"
+    if not expected.exists():
+        shutil.copytree(root / "pipe", expected)
+    changed = {k: (v + strength * deltas[k[: -len(".weight")]] if k[: -len(".weight")] in deltas else v)
+               for k, v in weights.items()}
+    save_file(changed, str(expected / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    doc = workflow([])
+    doc["nodes"]["lora"] = {"type": "LoraLoaderModelOnly", "inputs": {
+        "model": _link("ckpt", "model"), "lora_name": "lycoris", "strength_model": strength}}
+    for node in ("sigmas", "guider"):
+        doc["nodes"][node]["inputs"]["model"] = _link("lora", "model")
+    ours = np.asarray(executor.run(doc, outputs=["decode"]).outputs["decode"]["image"])
+    reference = workflow([])
+    reference["nodes"]["ckpt"]["inputs"]["ckpt_name"] = "pipe_closed_form"
+    closed = np.asarray(executor.run(reference, outputs=["decode"]).outputs["decode"]["image"])
+    assert np.abs(ours - image_of(executor, [])).max() > 1e-2
+    assert np.abs(ours - closed).max() <= 1e-4, np.abs(ours - closed).max()
+
+
+# ---------------------------------------------------------------------------------- FreeU
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("factors", [(1.3, 1.4, 0.9, 0.2), (0.8, 1.6, 0.5, 1.5)])
+def test_freeu_model_patch_equals_diffusers_enable_freeu(factors, folder, executor):
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from ldmgraph.models.tokenizer import clip_tokenizer_folder
+
+    b1, b2, s1, s2 = factors
+    doc = workflow([])
+    doc["nodes"]["freeu"] = {"type": "FreeU", "inputs": {
+        "model": _link("ckpt", "model"), "b1": b1, "b2": b2, "s1": s1, "s2": s2, "rule": "levels"}}
+    for node in ("sigmas", "guider"):
+        doc["nodes"][node]["inputs"]["model"] = _link("freeu", "model")
+    ours = np.asarray(executor.run(doc, outputs=["decode"]).outputs["decode"]["image"])
+    _, modules = folder
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=modules["vae"], text_encoder=modules["text_encoder"],
+        tokenizer=CLIPTokenizer.from_pretrained(str(clip_tokenizer_folder()), pad_token="!"),
+        unet=copy.deepcopy(modules["unet"]), scheduler=diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="linspace"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG,
+                        height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    assert np.abs(ours - image_of(executor, [])).max() > 1e-2
+    assert np.abs(ours - expected).max() <= 1e-3, np.abs(ours - expected).max()
