@@ -333,6 +333,7 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         {"text": "text", "clip": "text_encoder"},
         ("conditioning",),
         ("text",),
+        extra={"breaks": False},  # ComfyUI reads BREAK as a word, not as a new 75-token window
         shape=ComfyShape(
             "conditioning",
             (
@@ -974,6 +975,44 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
             (),
             output_node=True,
             python_module="custom_nodes.websocket_image_save",
+        ),
+    ),
+    "CLIPTextEncodeSDXL": NodeMapping(
+        "CLIPTextEncodeSDXL",
+        {"clip": "text_encoder", **{n: n for n in ("width", "height", "crop_w", "crop_h", "target_width",
+                                                   "target_height", "text_g", "text_l")}},
+        ("conditioning",),
+        shape=ComfyShape(
+            "advanced/conditioning",
+            (
+                *(widget(n, "INT", default=d, min=0, max=16384) for n, d in (
+                    ("width", 1024.0), ("height", 1024.0), ("crop_w", 0), ("crop_h", 0),
+                    ("target_width", 1024.0), ("target_height", 1024.0))),
+                widget("text_g", "STRING", multiline=True, dynamicPrompts=True),
+                link("clip", "CLIP"),
+                widget("text_l", "STRING", multiline=True, dynamicPrompts=True),
+            ),
+            (_CONDITIONING,),
+            description="Encodes SDXL's two prompts (OpenCLIP bigG, CLIP ViT-L) with size and crop conditioning.",
+            python_module="comfy_extras.nodes_clip_sdxl",
+        ),
+    ),
+    "CLIPTextEncodeSDXLRefiner": NodeMapping(
+        "CLIPTextEncodeSDXLRefiner",
+        {"ascore": "ascore", "width": "width", "height": "height", "text": "text", "clip": "text_encoder"},
+        ("conditioning",),
+        shape=ComfyShape(
+            "advanced/conditioning",
+            (
+                widget("ascore", "FLOAT", default=6.0, min=0.0, max=1000.0, step=0.01),
+                widget("width", "INT", default=1024.0, min=0, max=16384),
+                widget("height", "INT", default=1024.0, min=0, max=16384),
+                widget("text", "STRING", multiline=True, dynamicPrompts=True),
+                link("clip", "CLIP"),
+            ),
+            (_CONDITIONING,),
+            description="Encodes a prompt for the SDXL refiner with its aesthetic score and size conditioning.",
+            python_module="comfy_extras.nodes_clip_sdxl",
         ),
     ),
 }
