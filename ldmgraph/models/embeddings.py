@@ -19,10 +19,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from ldmgraph.models.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
 
 EMBEDDING_FOLDER = "embeddings"
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth", ".ckpt")

@@ -230,9 +230,11 @@ def build_router(state: ServerState) -> APIRouter:
             return error(404, "unknown_node_type", f"no node type named {node_class[:100]!r}")
         return {node_class: info[node_class]}
 
-    @router.get("/embeddings", summary="Textual-inversion embeddings (none)")
+    @router.get("/embeddings", summary="Textual-inversion embeddings a prompt can name as embedding:<name>")
     def get_embeddings() -> list[str]:
-        return []
+        from ldmgraph.models.embeddings import available_embeddings  # torch-free: a folder listing
+
+        return available_embeddings(state.env.model_dirs)
 
     @router.get("/models", summary="Model folder kinds (ComfyUI's names)")
     def get_models() -> list[str]:

@@ -133,3 +133,20 @@ def test_textual_inversion_files_are_listed_and_widths_checked(models, vectors):
     assert torch.equal(pair.vectors_for(WIDTH, "clip-l"), vectors) and pair.vectors_for(96, "openclip-bigg").shape == (2, 96)
     with pytest.raises(EmbeddingError, match="trained for another model family"):
         load_embedding(files["emb_params"]).vectors_for(1024, "openclip-h")
+
+
+def test_textual_inversion_server_lists_embeddings(models, tmp_path):
+    """GET /embeddings (ComfyUI's route, and under /api) names the files of the embeddings/ folders."""
+    from fastapi.testclient import TestClient
+
+    from ldmgraph.server.app import create_app
+    from ldmgraph.server.state import ServerConfig, ServerState
+
+    folder, _ = models
+    config = ServerConfig(data_dir=tmp_path / "data", model_dirs=(folder,), allowed_hosts=("testserver",),
+                          frontend=False)
+    with TestClient(create_app(ServerState.build(config, load_registry()))) as client:
+        for route in ("/embeddings", "/api/embeddings"):
+            reply = client.get(route)
+            assert reply.status_code == 200
+            assert reply.json() == ["a1111", "diffusers_style", "emb_params", "learned_embeds", "sdxl_pair"]
