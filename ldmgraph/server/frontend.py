@@ -4,17 +4,26 @@ The editor is ComfyUI's published front end, installed as its own package (``pip
 "ldmgraph[ui]"``, GPL-3.0) and served from its ``static`` folder; nothing of it is copied here.
 At start-up it reads the user mode (``/users``: single user), settings (``/settings``, persisted
 in the server's database), user data (``/userdata``: saved editor workflows, files under the data
-folder's ``userdata/``), extensions (none: ldmgraph ships no editor extensions), translations
-(none), model folders and templates (none). The saved workflows of the workflows folder appear in
-its workflow list as ``workflows/<name>.json``, drawn in its UI format; a file the user saves
-under that name takes precedence.
+folder's ``userdata/``), extensions (one: ldmgraph's, which gives the editor its first graph),
+translations (none), model folders and the template index. The saved workflows of the workflows
+folder appear in its workflow list as ``workflows/<name>.json``, drawn in its UI format; a file the
+user saves under that name takes precedence.
+
+The first view: when it has no open workflow to restore, the editor loads a default graph built into
+it (made for models this server does not have, so its nodes would be marked missing). ldmgraph's
+extension (``assets/editor/ldmgraph.js``) replaces that graph's contents with ``comfyui_txt2img.json``:
+ComfyUI's classic text-to-image graph on the bundled model, which runs here as it is. The template
+browser (``/templates/index.json``, ``/templates/<name>.json``, ``/templates/<name>-1.png``) lists that
+graph and every saved workflow, each with a drawing of its graph as the thumbnail.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,10 @@ from .workflows import to_ui
 
 SEGMENT = re.compile(r"^(?!\.\.?$)[^\x00-\x1f/\\:*?\"<>|]{1,200}$")  # no "." or "..", no control characters
 SAVED_PREFIX = "workflows/"
+EDITOR_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "editor"
+EXTENSION_FILES = {"ldmgraph.js": "text/javascript", "default_graph.json": "application/json"}
+DEFAULT_GRAPH = "comfyui_txt2img"  # the editor's first graph, also the first template
+TEMPLATE_FILE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{0,99}?)(?:-(?P<index>[1-9])\.png|\.json)$")
 
 
 def frontend_static() -> Path | None:
@@ -171,9 +184,9 @@ def build_router(state: ServerState) -> APIRouter:
         path.unlink()
         return Response(status_code=204)
 
-    @router.get("/extensions", summary="Editor extension scripts (none)")
+    @router.get("/extensions", summary="Editor extension scripts (ldmgraph's: the editor's first graph)")
     def get_extensions() -> list[str]:
-        return []
+        return ["/extensions/ldmgraph/ldmgraph.js"] if (EDITOR_ASSETS / "ldmgraph.js").is_file() else []
 
     @router.get("/i18n", summary="Translations of node names (none)")
     def get_i18n() -> dict[str, Any]:
@@ -210,9 +223,26 @@ def build_root_router(state: ServerState) -> APIRouter:
     """Routes outside ``/api`` that the page reads: the template index."""
     router = APIRouter()
 
+    @router.get("/extensions/ldmgraph/{name}", include_in_schema=False)
+    def get_extension_file(name: str) -> Response:
+        if name not in EXTENSION_FILES:
+            return error(404, "not_found", f"no editor extension file {name[:60]!r}")
+        path = EDITOR_ASSETS / ("comfyui_txt2img.json" if name == "default_graph.json" else name)
+        return Response(path.read_bytes(), media_type=EXTENSION_FILES[name], headers={"Cache-Control": "no-store"})
+
     @router.get("/templates/index.json", include_in_schema=False)
     def get_templates() -> list[Any]:
-        return []
+        return template_index(state)
+
+    @router.get("/templates/{file}", include_in_schema=False)
+    def get_template(file: str) -> Response:
+        match = TEMPLATE_FILE.match(file)
+        graph = template_graph(state, match["name"]) if match else None
+        if graph is None:
+            return error(404, "not_found", f"no template {file[:100]!r}")
+        if match and match["index"]:
+            return Response(graph_thumbnail(json.dumps(graph, sort_keys=True)), media_type="image/png")
+        return JSONResponse(graph)
 
     @router.get("/templates/index_logo.json", include_in_schema=False)
     def get_template_logos() -> dict[str, Any]:
@@ -224,6 +254,63 @@ def build_root_router(state: ServerState) -> APIRouter:
         return Response(path.read_bytes() if path.is_file() else b"", media_type="text/css")
 
     return router
+
+
+def template_index(state: ServerState) -> list[dict[str, Any]]:
+    """The template browser's index: the default graph, then the saved workflows (the front end's format)."""
+    templates = [_template(DEFAULT_GRAPH, "Text to image (ComfyUI nodes)",
+                           "ComfyUI's classic text-to-image graph on the bundled model: checkpoint loader, two "
+                           "prompts, empty latent, KSampler, VAE decode, save.")]
+    for name, doc in state.workflows().items():
+        if name != DEFAULT_GRAPH:
+            templates.append(_template(name, name, str((doc.get("metadata") or {}).get("description", ""))))
+    return [{"moduleName": "default", "title": "ldmgraph", "type": "image", "category": "ldmgraph",
+             "templates": templates}]
+
+
+def _template(name: str, title: str, description: str) -> dict[str, Any]:
+    return {"name": name, "title": title, "description": description, "mediaType": "image",
+            "mediaSubtype": "png", "tags": ["ldmgraph"], "models": ["ldmgraph-shapes"]}
+
+
+def template_graph(state: ServerState, name: str) -> dict[str, Any] | None:
+    """A template's graph in the editor's UI format (None when there is no such template)."""
+    if name == DEFAULT_GRAPH:
+        return json.loads((EDITOR_ASSETS / f"{DEFAULT_GRAPH}.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    doc = state.workflows().get(name)
+    return to_ui(doc, state.registry) if doc is not None else None
+
+
+@lru_cache(maxsize=64)
+def graph_thumbnail(graph_json: str) -> bytes:
+    """A drawing of a UI-format graph (its nodes as boxes with their titles, its links as lines): the
+    template's thumbnail, made from the graph itself so every saved workflow has one."""
+    from PIL import Image, ImageDraw
+
+    graph = json.loads(graph_json)
+    boxes = {n["id"]: (*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in graph["nodes"] if isinstance(n.get("pos"), list) and isinstance(n.get("size"), list)}
+    width, height, margin = 512, 384, 16
+    left, top = min(b[0] for b in boxes.values()), min(b[1] for b in boxes.values())
+    right, bottom = max(b[2] for b in boxes.values()), max(b[3] for b in boxes.values())
+    scale = min((width - 2 * margin) / max(right - left, 1), (height - 2 * margin) / max(bottom - top, 1))
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return margin + (x - left) * scale, margin + (y - top) * scale
+
+    image = Image.new("RGB", (width, height), (32, 32, 36))
+    draw = ImageDraw.Draw(image)
+    for link in graph.get("links") or []:
+        src, dst = boxes.get(link[1]), boxes.get(link[3])
+        if src and dst:
+            draw.line([at(src[2], (src[1] + src[3]) / 2), at(dst[0], (dst[1] + dst[3]) / 2)], fill=(120, 160, 200), width=2)
+    titles = {n["id"]: str(n.get("title") or n.get("type")) for n in graph["nodes"]}
+    for node_id, (x0, y0, x1, y1) in boxes.items():
+        draw.rounded_rectangle([at(x0, y0), at(x1, y1)], radius=6, fill=(53, 53, 58), outline=(90, 90, 98))
+        draw.text((at(x0, y0)[0] + 5, at(x0, y0)[1] + 4), titles[node_id][:28], fill=(220, 220, 220))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _saved_workflow(state: ServerState, name: str) -> dict[str, Any] | None:

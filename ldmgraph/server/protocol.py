@@ -7,10 +7,17 @@ What ComfyUI 0.3.x sends and expects (its ``server.py`` and ``execution.py``), r
 * a rejected prompt is answered 400 with ``{"error": {type, message, details, extra_info},
   "node_errors": {node_id: {"errors": [{type, message, details, extra_info}],
   "dependent_outputs": [...], "class_type"}}}``;
-* ``/object_info`` describes each node as ``input`` (``required`` / ``optional``, each input a
-  ``[TYPE, options]`` pair or ``[[choices], options]`` for a list), ``input_order``, ``output``,
-  ``output_is_list``, ``output_name``, ``name``, ``display_name``, ``description``,
-  ``python_module``, ``category`` and ``output_node``.
+* ``/object_info`` describes each node as ``input`` (``required`` / ``optional`` / ``hidden``, each
+  input a ``[TYPE]`` or ``[TYPE, options]`` list, ``[[choices], options]`` for a list widget),
+  ``input_order``, ``output``, ``output_is_list``, ``output_name``, ``name``, ``display_name``,
+  ``description``, ``python_module``, ``category`` and ``output_node``.
+
+The catalogue holds two kinds of node. ComfyUI's classes that the importer maps are served under
+their ComfyUI names, in ComfyUI's exact shape, from the same table the importer reads
+(``ldmgraph.interop.comfyui_nodes``); a graph of them is queued through the importer. ldmgraph's
+own node types are served in their own shape; one whose name is also a ComfyUI class there (such
+as ``VAEDecode``, whose input is ``latent`` here and ``samples`` in ComfyUI) is served as
+``ldmgraph.VAEDecode``, a name the server reads back as the native type.
 """
 
 from __future__ import annotations
@@ -24,6 +31,14 @@ from ldmgraph.graph.loading import convert_comfyui
 from ldmgraph.graph.node import InputSpec, Node
 from ldmgraph.graph.registry import Registry
 from ldmgraph.graph.workflow import FORMAT
+from ldmgraph.interop.comfyui_nodes import (
+    COMFYUI_NODES,
+    PASS_THROUGH_SHAPES,
+    ComfyInput,
+    ComfyShape,
+    Files,
+    NodeMapping,
+)
 
 CATEGORY_ROOT = "ldmgraph"
 # Inputs that name a file: shown in the editor as a list of what the server has (ComfyUI's combos).
@@ -32,9 +47,28 @@ FILE_INPUTS: dict[tuple[str, str], str] = {
     ("LoadMask", "image"): "input",
     ("CheckpointLoader", "ckpt_name"): "checkpoints",
     ("VAELoader", "vae_name"): "checkpoints",
+    ("ControlNetLoader", "control_net_name"): "checkpoints",
 }
 MULTILINE_INPUTS = {"text", "prompt"}
 SEED_INPUTS = {"seed", "noise_seed"}
+NATIVE_PREFIX = "ldmgraph."
+COMFY_CLASSES: dict[str, ComfyShape] = {
+    **PASS_THROUGH_SHAPES,
+    **{name: m.shape for name, m in COMFYUI_NODES.items() if m.shape is not None},
+}
+"""Every ComfyUI class the server describes and the importer accepts, with its shape."""
+
+
+def served_name(type_name: str) -> str:
+    """The catalogue name of an ldmgraph node type: its own, unless a ComfyUI class has that name."""
+    return NATIVE_PREFIX + type_name if type_name in COMFY_CLASSES else type_name
+
+
+def native_name(class_type: str) -> str:
+    """The ldmgraph node type behind a catalogue name (the inverse of :func:`served_name`)."""
+    if class_type.startswith(NATIVE_PREFIX) and class_type[len(NATIVE_PREFIX):] in COMFY_CLASSES:
+        return class_type[len(NATIVE_PREFIX):]
+    return class_type
 
 
 # -- prompts in -------------------------------------------------------------------------------------
@@ -50,7 +84,8 @@ def to_document(prompt: Any, registry: Registry) -> tuple[dict[str, Any], str]:
                    f"or an {FORMAT} document")
     if prompt.get("format") == FORMAT:
         return prompt, "ldmgraph"
-    if all(isinstance(v, dict) and "class_type" in v for v in prompt.values()) and _is_native(prompt, registry):
+    api_shaped = all(isinstance(v, dict) and "class_type" in v for v in prompt.values())
+    if api_shaped and not _is_comfyui(prompt) and _is_native(prompt, registry):
         return native_to_document(prompt, registry), "ldmgraph-api"
     if (isinstance(prompt.get("nodes"), list) and "links" in prompt) or all(
             isinstance(v, dict) and "class_type" in v for v in prompt.values()):
@@ -59,10 +94,24 @@ def to_document(prompt: Any, registry: Registry) -> tuple[dict[str, Any], str]:
                f"{FORMAT} document")
 
 
+def _is_comfyui(prompt: dict[str, Any]) -> bool:
+    """True when every node is a served ComfyUI class with ComfyUI's input names: the catalogue
+    describes those names as ComfyUI's nodes, so such a graph means what it means in ComfyUI."""
+    for node in prompt.values():
+        shape = COMFY_CLASSES.get(str(node.get("class_type")))
+        inputs = node.get("inputs")
+        if shape is None or not isinstance(inputs, dict):
+            return False
+        names = {i.name for i in shape.inputs} | {"upload"}
+        if any(k not in names for k in inputs):
+            return False
+    return True
+
+
 def _is_native(prompt: dict[str, Any], registry: Registry) -> bool:
     """True when every node is an ldmgraph type and every input name is one it declares."""
     for node in prompt.values():
-        cls = registry.node(str(node.get("class_type")))
+        cls = registry.node(native_name(str(node.get("class_type"))))
         inputs = node.get("inputs")
         if cls is None or not isinstance(inputs, dict) or any(k not in cls.spec.inputs for k in inputs):
             return False
@@ -78,7 +127,8 @@ def native_to_document(prompt: dict[str, Any], registry: Registry) -> dict[str, 
         for name, value in node["inputs"].items():
             if _is_link(value):
                 source = prompt.get(str(value[0]))
-                source_cls = registry.node(str(source.get("class_type"))) if isinstance(source, dict) else None
+                source_cls = (registry.node(native_name(str(source.get("class_type"))))
+                              if isinstance(source, dict) else None)
                 names = list(source_cls.spec.outputs) if source_cls is not None else []
                 if source_cls is None or not 0 <= value[1] < len(names):
                     problems.append(Problem(str(node_id), name, codes.DANGLING_LINK,
@@ -89,7 +139,7 @@ def native_to_document(prompt: dict[str, Any], registry: Registry) -> dict[str, 
                 inputs[name] = value["__value__"]
             else:
                 inputs[name] = value
-        entry: dict[str, Any] = {"type": node["class_type"], "inputs": inputs}
+        entry: dict[str, Any] = {"type": native_name(node["class_type"]), "inputs": inputs}
         title = (node.get("_meta") or {}).get("title") if isinstance(node.get("_meta"), dict) else None
         if isinstance(title, str) and title:
             entry["title"] = title
@@ -167,12 +217,79 @@ def request_error(kind: str, message: str) -> dict[str, Any]:
 
 # -- the node catalogue -----------------------------------------------------------------------------
 def object_info(registry: Registry, files: dict[str, list[str]]) -> dict[str, Any]:
-    """Every node type in ComfyUI's ``/object_info`` format; ``files`` lists choices for file inputs."""
-    return {name: node_info(cls, registry, files) for name, cls in sorted(registry.nodes.items())}
+    """The catalogue in ComfyUI's ``/object_info`` format: ldmgraph's node types and the ComfyUI
+    classes the importer maps; ``files`` lists the choices of file inputs by folder."""
+    info = {served_name(name): node_info(cls, registry, files) for name, cls in registry.nodes.items()}
+    for name, mapping in COMFYUI_NODES.items():
+        if mapping.shape is not None and registry.node(mapping.our_type) is not None:
+            info[name] = comfy_node_info(name, mapping.shape, mapping, registry, files)
+    if registry.node("TextEncode") is not None:  # CLIPSetLastLayer folds into TextEncode's clip_skip
+        for name, shape in PASS_THROUGH_SHAPES.items():
+            info[name] = comfy_node_info(name, shape, None, registry, files)
+    return dict(sorted(info.items()))
+
+
+def comfy_node_info(name: str, shape: ComfyShape, mapping: NodeMapping | None, registry: Registry,
+                    files: dict[str, list[str]]) -> dict[str, Any]:
+    """One ComfyUI class as ComfyUI 0.3.64 describes it, its choices cut to what ldmgraph honours."""
+    ours = registry.node(mapping.our_type) if mapping is not None else None
+    inputs: dict[str, dict[str, Any]] = {"required": {}}
+    for item in shape.inputs:
+        section = inputs.setdefault("optional", {}) if item.optional else inputs["required"]
+        section[item.name] = _comfy_input(item, mapping, ours, registry, files)
+    if shape.hidden:
+        inputs["hidden"] = dict(shape.hidden)
+    count = len(shape.outputs)
+    info: dict[str, Any] = {
+        "input": inputs,
+        "input_order": {section: list(items) for section, items in inputs.items()},
+        "output": list(shape.outputs),
+        "output_is_list": [False] * count,
+        "output_name": list(shape.output_names or shape.outputs),
+        "name": name,
+        "display_name": name if shape.display_name == "" else shape.display_name,
+        "description": shape.description,
+        "python_module": shape.python_module,
+        "category": shape.category,
+        "output_node": shape.output_node,
+    }
+    if shape.schema_v3:
+        info.update(output_tooltips=[None] * count, deprecated=shape.deprecated, experimental=False,
+                    api_node=False)
+    elif shape.output_tooltips and ours is not None:
+        info["output_tooltips"] = [o.description for o in ours.spec.outputs.values()][:count]
+    if shape.deprecated:
+        info["deprecated"] = True
+    return info
+
+
+def _comfy_input(item: ComfyInput, mapping: NodeMapping | None, ours: type[Node] | None, registry: Registry,
+                 files: dict[str, list[str]]) -> list[Any]:
+    kind: Any = item.type
+    if isinstance(kind, Files):
+        kind = list(files.get(kind.folder, files.get("checkpoints", [])))
+    elif isinstance(kind, tuple):
+        kind = _honoured_choices(item, mapping, ours, registry)
+    return [kind] if item.options is None else [kind, dict(item.options)]
+
+
+def _honoured_choices(item: ComfyInput, mapping: NodeMapping | None, ours: type[Node] | None,
+                      registry: Registry) -> list[Any]:
+    """ComfyUI's choices, less those ldmgraph would refuse or not honour (served lists never lie)."""
+    values = list(item.type) if isinstance(item.type, tuple) else []
+    if item.honoured is not None:
+        return [v for v in values if v in item.honoured]
+    our_name = mapping.inputs.get(item.name) if mapping is not None else None
+    spec = ours.spec.inputs.get(our_name) if ours is not None and our_name is not None else None
+    allowed = spec.allowed_choices(registry) if spec is not None else None
+    if allowed is None:
+        return values
+    convert = mapping.convert.get(item.name, lambda v: v) if mapping is not None else (lambda v: v)
+    return [v for v in values if convert(v) in allowed]
 
 
 def node_info(cls: type[Node], registry: Registry, files: dict[str, list[str]]) -> dict[str, Any]:
-    """One node type in ComfyUI's format."""
+    """One ldmgraph node type in ComfyUI's format (under :func:`served_name`)."""
     spec = cls.spec
     required: dict[str, Any] = {}
     optional: dict[str, Any] = {}
@@ -188,8 +305,8 @@ def node_info(cls: type[Node], registry: Registry, files: dict[str, list[str]]) 
         "output_is_list": [False] * len(spec.outputs),
         "output_name": list(spec.outputs),
         "output_tooltips": [o.description for o in spec.outputs.values()],
-        "name": spec.type_name,
-        "display_name": spec.type_name,
+        "name": served_name(spec.type_name),
+        "display_name": spec.type_name if spec.type_name not in COMFY_CLASSES else f"{spec.type_name} (ldmgraph)",
         "description": spec.description or first_line,
         "python_module": "nodes" if owner.startswith("ldmgraph") else f"custom_nodes.{owner}",
         "category": f"{CATEGORY_ROOT}/{spec.category}",

@@ -24,7 +24,7 @@ from ldmgraph.graph.node import InputSpec
 from ldmgraph.graph.registry import Registry
 from ldmgraph.graph.workflow import FORMAT
 
-from .protocol import SEED_INPUTS, _is_required
+from .protocol import SEED_INPUTS, _is_required, served_name
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 COLUMN_WIDTH, NODE_WIDTH, ROW_GAP, SLOT_HEIGHT, TITLE_HEIGHT = 380, 320, 40, 24, 30
@@ -142,9 +142,10 @@ def _ui_node(node_id: str, entry: dict[str, Any], number: int, registry: Registr
         outputs = [{"name": name, "type": o.socket.name, "links": [], "slot_index": i}
                    for i, (name, o) in enumerate(cls.spec.outputs.items())]
     height = TITLE_HEIGHT + SLOT_HEIGHT * (max(len(inputs), len(outputs)) + len(widgets))
-    node: dict[str, Any] = {"id": number, "type": entry.get("type", ""), "pos": [0, 0], "size": [NODE_WIDTH, height],
+    kind = served_name(entry.get("type", ""))  # the catalogue's name (ldmgraph.VAEDecode beside ComfyUI's)
+    node: dict[str, Any] = {"id": number, "type": kind, "pos": [0, 0], "size": [NODE_WIDTH, height],
                             "flags": {}, "order": number - 1, "mode": 0, "inputs": inputs, "outputs": outputs,
-                            "properties": {"Node name for S&R": entry.get("type", "")}, "widgets_values": widgets,
+                            "properties": {"Node name for S&R": kind}, "widgets_values": widgets,
                             "title": entry.get("title") or node_id}
     return node
 
