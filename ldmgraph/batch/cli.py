@@ -22,7 +22,8 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "batch", help="run a workflow once per row of a CSV/JSONL table (and sweeps), locally or on Ray",
         description="Run a saved workflow once per row of a parameter table (columns: the workflow's "
-        "parameters) times the product of --sweep lists. Every row is validated first; outputs are "
+        "parameters) times the product of --sweep lists. Every row's values are checked first (the whole "
+        "graph with the first row, then each row again just before it runs); outputs are "
         "named rowNNNNN_*.png; OUTPUT_DIR/manifest.jsonl records each finished row, and running the "
         "same command again skips them.")
     from ldmgraph.cli import add_precision_argument, add_workflows_dir_argument
@@ -53,6 +54,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--output", dest="outputs", action="append", metavar="NODE_ID",
                         help="run only these output nodes (repeatable)")
     parser.add_argument("--no-resume", action="store_true", help="run every row, even those the manifest has")
+    parser.add_argument("--max-rows", type=int, default=1_000_000, metavar="N",
+                        help="refuse a batch whose table times its sweeps makes more than N rows (default 1000000)")
     parser.add_argument("--plugin-dir", action="append", default=[], metavar="DIR", help="extra plugin folder")
     parser.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -70,8 +73,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from ldmgraph.plugins import PluginManager
 
     from .driver import BatchSummary, run_batch
-    from .params import BatchInputError, read_rows, text_parameters
-    from .plan import plan_rows
+    from .manifest import Manifest, ManifestError
+    from .params import BatchInputError, open_rows, text_parameters
+    from .plan import check_rows, plan_lazily
 
     manager = PluginManager(plugin_dirs=args.plugin_dir, workflow_dirs=args.workflows_dirs)
     env = _absolute(environment(args))
@@ -88,18 +92,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
         text_params = text_parameters(doc, lambda t, i: _socket_name(registry, t, i))
         if args.params is None and not args.sweep:
             raise BatchInputError(["give a parameter table (--params FILE.csv or .jsonl), a --sweep, or both"])
-        rows = read_rows(args.params, args.sweep, declared, text_params)
-        constant = parse_overrides(args.overrides)
-        for row in rows:
-            row.values = {**constant, **row.values}
-        planned = plan_rows(doc, rows, registry, env, label=str(args.params or ""))
-    except (BatchInputError, ValidationError) as exc:
+        source = open_rows(args.params, args.sweep, declared, text_params,
+                           constant=parse_overrides(args.overrides), max_rows=args.max_rows)
+        label = str(args.params or "")
+        check_rows(doc, source, registry, env, label=label, total=source.total,
+                   progress=not (args.json or args.no_progress))
+        Manifest(env.output_dir).check()  # a link, FIFO or folder there is refused before any row runs
+    except (BatchInputError, ValidationError, ManifestError) as exc:
         return _invalid(args, exc)
+    planned = plan_lazily(doc, source, registry, env, label=label)
     backend = _backend(args, env)
     summary = BatchSummary()
     try:
         run_batch(doc, planned, backend, env.output_dir, resume=not args.no_resume,
-                  progress=not (args.json or args.no_progress), summary=summary)
+                  progress=not (args.json or args.no_progress), summary=summary, total=source.total)
     except KeyboardInterrupt:
         print(f"interrupted: {summary.done} row(s) finished in this run, {summary.skipped} before; run the "
               "same command again to finish the rest", file=sys.stderr)

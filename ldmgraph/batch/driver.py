@@ -10,9 +10,10 @@ again (retried, or re-run after an interruption) replaces its files instead of a
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,11 +22,14 @@ from ldmgraph.graph.context import Environment
 from ldmgraph.graph.files import atomic_write_bytes, safe_join
 
 from .manifest import Manifest
-from .plan import PlannedRow, group_by_model
+from .plan import PlannedRow, UnplannedRow, group_by_model
 from .ray_pool import RayWorkerPool, RowFailed
 from .runner import RowFailure, RowOutput, RowRunner
 
 Outcome = tuple[PlannedRow, "RowOutput | RowFailed"]
+CHUNK = 256
+"""Rows are handed to the backend (and grouped by checkpoint) this many at a time, so a table of a
+million rows streams through without being held whole."""
 
 
 def row_prefix(number: int) -> str:
@@ -110,28 +114,37 @@ class BatchSummary:
                 "seconds": round(self.seconds, 3), "manifest": self.manifest, "model_loads": self.model_loads}
 
 
-def run_batch(doc: Mapping[str, Any], rows: Sequence[PlannedRow], backend: Backend, output_dir: Path, *,
-              resume: bool = True, progress: bool = True, summary: BatchSummary | None = None) -> BatchSummary:
-    """Run the rows not yet finished (per the manifest) and record each as it finishes."""
+def run_batch(doc: Mapping[str, Any], rows: Iterable[PlannedRow | UnplannedRow], backend: Backend,
+              output_dir: Path, *, resume: bool = True, progress: bool = True,
+              summary: BatchSummary | None = None, total: int | None = None) -> BatchSummary:
+    """Run the rows not yet finished (per the manifest) and record each as it finishes.
+
+    `rows` may be a stream (see `plan.plan_lazily`); `total` is its length when it has none. The
+    manifest is checked before anything runs (a regular file or absent; never a link, FIFO or folder).
+    """
     summary = summary if summary is not None else BatchSummary()
     output_dir = Path(output_dir)
     manifest = Manifest(output_dir)
+    manifest.check()
     finished = manifest.finished(output_dir) if resume else {}
-    todo = [row for row in rows if finished.get(row.number) != row.key]
-    summary.total, summary.skipped, summary.manifest = len(rows), len(rows) - len(todo), str(manifest.path)
-    bar = _bar(len(todo), progress, summary.skipped)
+    total = total if total is not None else len(rows)  # type: ignore[arg-type]
+    done_before = sum(1 for number, key in finished.items() if number <= total and key)
+    summary.total, summary.manifest = total, str(manifest.path)
+    bar = _bar(total - done_before, progress, done_before)
     started = time.perf_counter()
     try:
-        for row, result in backend.run(doc, todo):
-            manifest.append(_record(row, result, output_dir))
-            if isinstance(result, RowOutput):
-                summary.ok += 1
-                summary.retried += result.attempts > 1
-            else:
-                summary.failed += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"done={summary.ok} failed={summary.failed}", refresh=False)
+        stream = iter(rows)
+        while chunk := list(itertools.islice(stream, CHUNK)):
+            todo: list[PlannedRow] = []
+            for row in chunk:
+                if finished.get(row.number) == row.key:
+                    summary.skipped += 1
+                elif isinstance(row, UnplannedRow):
+                    _finish(manifest, summary, bar, _unplanned_record(row))
+                else:
+                    todo.append(row)
+            for row, result in backend.run(doc, todo):
+                _finish(manifest, summary, bar, _record(row, result, output_dir), result)
     finally:
         summary.seconds = time.perf_counter() - started
         summary.model_loads = backend.model_loads()
@@ -139,6 +152,25 @@ def run_batch(doc: Mapping[str, Any], rows: Sequence[PlannedRow], backend: Backe
         if bar is not None:
             bar.close()
     return summary
+
+
+def _finish(manifest: Manifest, summary: BatchSummary, bar: Any, record: dict[str, Any],
+            result: Any = None) -> None:
+    manifest.append(record)
+    if isinstance(result, RowOutput):
+        summary.ok += 1
+        summary.retried += result.attempts > 1
+    else:
+        summary.failed += 1
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix_str(f"done={summary.ok} failed={summary.failed}", refresh=False)
+
+
+def _unplanned_record(row: UnplannedRow) -> dict[str, Any]:
+    return {"row": row.number, "key": row.key, "params": row.params, "status": "failed",
+            "seed": row.params.get("seed"), "outputs": [], "seconds": None, "worker": None, "attempts": 0,
+            "error": "invalid: " + "; ".join(row.problems), "retried": []}
 
 
 def _record(row: PlannedRow, result: RowOutput | RowFailed, output_dir: Path) -> dict[str, Any]:

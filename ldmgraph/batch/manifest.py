@@ -5,16 +5,27 @@ row it finished. Fields: ``row``, ``status`` ("ok" | "failed"), ``key`` (digest 
 the row's values), ``params``, ``seed``, ``outputs`` (file names in the output folder),
 ``seconds``, ``worker``, ``attempts``, ``error`` and ``retried`` (errors of earlier attempts). A
 row's latest line wins; a torn last line (the process killed mid-write) is ignored.
+
+The manifest is checked before any row runs (:meth:`Manifest.check`): it must be absent or a
+regular file. A symbolic link planted there is never followed (it could point at any file the user
+can write), and a FIFO or a folder would block or fail after the first row had run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
+from ldmgraph.graph.errors import LdmGraphError
+
 MANIFEST_NAME = "manifest.jsonl"
+
+
+class ManifestError(LdmGraphError):
+    """The output folder's manifest is not a regular file (a link, FIFO, folder or device)."""
 
 
 class Manifest:
@@ -24,12 +35,28 @@ class Manifest:
         self.path = Path(output_dir) / MANIFEST_NAME
         self._handle: Any = None
 
+    def check(self) -> None:
+        """Raise ManifestError unless the manifest is absent or a regular file (links not followed)."""
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ManifestError(f"{self.path}: [output_not_writable] cannot inspect the manifest ({exc.strerror})") from exc
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a symbolic link" if stat.S_ISLNK(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode)
+                    else "a FIFO" if stat.S_ISFIFO(info.st_mode) else "not a regular file")
+            raise ManifestError(f"{self.path}: [output_not_writable] the batch manifest is {kind}; remove it or "
+                                "choose another --output-dir (nothing ran)")
+
     def latest(self) -> dict[int, dict[str, Any]]:
         """Each row's latest record (unreadable lines skipped)."""
         records: dict[int, dict[str, Any]] = {}
-        if not self.path.is_file():
+        self.check()
+        if not self.path.exists():
             return records
-        with self.path.open("r", encoding="utf-8", errors="replace") as handle:
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "r", encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 try:
                     record = json.loads(line)
@@ -52,9 +79,15 @@ class Manifest:
         """Write one record and push it to disk before returning."""
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.check()
             if self.path.is_file() and self.path.stat().st_size:
                 _end_torn_line(self.path)
-            self._handle = self.path.open("a", encoding="utf-8")
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            fd = os.open(self.path, flags, 0o644)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the check
+                os.close(fd)
+                raise ManifestError(f"{self.path}: [output_not_writable] the batch manifest is not a regular file")
+            self._handle = os.fdopen(fd, "a", encoding="utf-8")
         self._handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         self._handle.flush()
         os.fsync(self._handle.fileno())
