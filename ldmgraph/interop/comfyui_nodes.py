@@ -164,8 +164,9 @@ class ComfyShape:
     output_node: bool = False
     hidden: tuple[tuple[str, str], ...] = ()
     """Hidden inputs the server fills in (e.g. ("prompt", "PROMPT") on the nodes that save images)."""
-    output_tooltips: bool = False
-    """ComfyUI lists output tooltips for the class (we serve our own output descriptions)."""
+    output_tooltips: bool | int = False
+    """ComfyUI lists output tooltips for the class (we serve our own output descriptions); a number when
+    it lists another count than its outputs (LoraLoaderModelOnly inherits LoraLoader's two)."""
     deprecated: bool = False
     schema_v3: bool = False
     """Declared with ComfyUI's newer node schema, whose info also carries deprecated / experimental /
@@ -985,16 +986,25 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         shape=ComfyShape(
             "advanced/conditioning",
             (
-                *(widget(n, "INT", default=d, min=0, max=16384) for n, d in (
-                    ("width", 1024.0), ("height", 1024.0), ("crop_w", 0), ("crop_h", 0),
-                    ("target_width", 1024.0), ("target_height", 1024.0))),
+                link("clip", "CLIP", declared=True),
+                *(
+                    widget(n, "INT", default=d, min=0, max=16384)
+                    for n, d in (
+                        ("width", 1024),
+                        ("height", 1024),
+                        ("crop_w", 0),
+                        ("crop_h", 0),
+                        ("target_width", 1024),
+                        ("target_height", 1024),
+                    )
+                ),
                 widget("text_g", "STRING", multiline=True, dynamicPrompts=True),
-                link("clip", "CLIP"),
                 widget("text_l", "STRING", multiline=True, dynamicPrompts=True),
             ),
             (_CONDITIONING,),
-            description="Encodes SDXL's two prompts (OpenCLIP bigG, CLIP ViT-L) with size and crop conditioning.",
+            display_name=None,
             python_module="comfy_extras.nodes_clip_sdxl",
+            schema_v3=True,
         ),
     ),
     "CLIPTextEncodeSDXLRefiner": NodeMapping(
@@ -1005,16 +1015,71 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
             "advanced/conditioning",
             (
                 widget("ascore", "FLOAT", default=6.0, min=0.0, max=1000.0, step=0.01),
-                widget("width", "INT", default=1024.0, min=0, max=16384),
-                widget("height", "INT", default=1024.0, min=0, max=16384),
+                widget("width", "INT", default=1024, min=0, max=16384),
+                widget("height", "INT", default=1024, min=0, max=16384),
                 widget("text", "STRING", multiline=True, dynamicPrompts=True),
-                link("clip", "CLIP"),
+                link("clip", "CLIP", declared=True),
             ),
             (_CONDITIONING,),
-            description="Encodes a prompt for the SDXL refiner with its aesthetic score and size conditioning.",
+            display_name=None,
             python_module="comfy_extras.nodes_clip_sdxl",
+            schema_v3=True,
         ),
     ),
+    # LoRA and model patches (ldmgraph/nodes/lora.py, ldmgraph/nodes/patches.py)
+    "LoraLoader": NodeMapping(
+        "LoraLoader",
+        {"model": "model", "clip": "text_encoder", "lora_name": "lora_name", "strength_model": "strength_model",
+         "strength_clip": "strength_clip"},
+        ("model", "text_encoder"),
+        shape=ComfyShape(
+            "loaders",
+            (
+                link("model", "MODEL", declared=True),
+                link("clip", "CLIP", declared=True),
+                choice("lora_name", Files("loras"), declared=True),
+                widget("strength_model", "FLOAT", default=1.0, min=-100.0, max=100.0, step=0.01),
+                widget("strength_clip", "FLOAT", default=1.0, min=-100.0, max=100.0, step=0.01),
+            ),
+            ("MODEL", "CLIP"),
+            display_name="Load LoRA",
+            description="Patches a diffusion model and its text encoder with a LoRA file (no copy of the model).",
+            output_tooltips=True,
+        ),
+    ),
+    "LoraLoaderModelOnly": NodeMapping(
+        "LoraLoaderModelOnly",
+        {"model": "model", "lora_name": "lora_name", "strength_model": "strength_model"},
+        ("model",),
+        shape=ComfyShape(
+            "loaders",
+            (
+                link("model", "MODEL"),
+                choice("lora_name", Files("loras")),
+                widget("strength_model", "FLOAT", default=1.0, min=-100.0, max=100.0, step=0.01),
+            ),
+            ("MODEL",),
+            description="Patches a diffusion model with a LoRA file (its text-encoder keys are left aside).",
+            output_tooltips=2,  # ComfyUI's class inherits LoraLoader's two output tooltips
+        ),
+    ),
+    **{
+        name: NodeMapping(
+            name, {"model": "model", "b1": "b1", "b2": "b2", "s1": "s1", "s2": "s2"}, ("model",),
+            extra={"rule": "channels"},  # ComfyUI picks FreeU's blocks by their backbone width
+            shape=ComfyShape(
+                "model_patches/unet",
+                (
+                    link("model", "MODEL"),
+                    *(widget(n, "FLOAT", default=d, min=0.0, max=10.0, step=0.01)
+                      for n, d in zip(("b1", "b2", "s1", "s2"), defaults, strict=True)),
+                ),
+                ("MODEL",),
+                python_module="comfy_extras.nodes_freelunch",
+            ),
+        )
+        for name, defaults in (("FreeU", (1.1, 1.2, 0.9, 0.2)), ("FreeU_V2", (1.3, 1.4, 0.9, 0.2)))
+    },
 }
 """ComfyUI class -> our node. `CLIPSetLastLayer` is not here: it folds into `TextEncode.clip_skip`."""
 
