@@ -257,7 +257,9 @@ def comfy_node_info(name: str, shape: ComfyShape, mapping: NodeMapping | None, r
         info.update(output_tooltips=[None] * count, deprecated=shape.deprecated, experimental=False,
                     api_node=False)
     elif shape.output_tooltips and ours is not None:
-        info["output_tooltips"] = [o.description for o in ours.spec.outputs.values()][:count]
+        listed = count if shape.output_tooltips is True else int(shape.output_tooltips)
+        descriptions = [o.description for o in ours.spec.outputs.values()][:count]
+        info["output_tooltips"] = (descriptions + [""] * listed)[:listed]
     if shape.deprecated:
         info["deprecated"] = True
     return info
