@@ -55,6 +55,7 @@ class CompiledWorkflow:
     overrides: dict[str, Any]
     env_dependent: list[str] = field(default_factory=list)  # nodes with file checks or fingerprints
     warnings: list[Problem] = field(default_factory=list)  # worth saying, not worth refusing (model limits)
+    expanded: bool = False  # component instances were expanded: ``workflow`` is not the document given
 
     def to_networkx(self) -> Any:
         """The needed part of the workflow as a ``networkx.DiGraph`` (edge: source -> consumer)."""
@@ -83,7 +84,8 @@ def validate_workflow(
 
     Raises :class:`ValidationError` listing every problem (node id, input, code, how to fix).
     """
-    workflow, expansion_problems = expand_components(parse_workflow(doc), registry)
+    parsed = parse_workflow(doc)
+    workflow, expansion_problems = expand_components(parsed, registry)
     env = env or Environment()
     checker = _Checker(workflow, registry, env)
     checker.problems += expansion_problems
@@ -105,7 +107,8 @@ def validate_workflow(
     needed = ancestors_and_self(graph, wanted)
     order = [node_id for node_id in order if node_id in needed]
     env_dependent = [n for n in order if _depends_on_env(compiled[n].cls)]
-    result = CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent)
+    result = CompiledWorkflow(workflow, compiled, order, wanted, checker.parameter_values, overrides, env_dependent,
+                              expanded=workflow is not parsed)
     over_budget, result.warnings = estimate_workflow(result, env)
     if over_budget:
         raise ValidationError(over_budget)

@@ -111,7 +111,8 @@ def build_router(state: ServerState) -> APIRouter:
             compiled = validate_workflow(doc, state.registry, state.env, overrides, outputs)
         except ValidationError as exc:
             return JSONResponse(state.redact(error_body(exc, prompt)), status_code=400)
-        resolved = compiled.resolved_document() if overrides else doc
+        # with components expanded, the stored workflow needs no component folder (Ray actors, restarts)
+        resolved = compiled.resolved_document() if overrides or compiled.expanded else doc
         if client_id is not None:
             extra_data = {**extra_data, "client_id": client_id}  # ComfyUI's history shows who queued it
         worker.prepare(job_id, compiled)  # before the job is visible to the worker
