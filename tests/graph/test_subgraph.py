@@ -258,3 +258,25 @@ def test_subgraph_cli_run_and_validate_with_workflows_dir(tmp_path, capsys):
     (saved,) = (tmp_path / "out").glob("twice_*.png")
     with Image.open(saved) as image:
         assert image.getpixel((0, 0)) == (10, 20, 30)  # inverted twice
+
+
+def test_subgraph_cli_batch_with_workflows_dir_sweeps_a_component_input(tmp_path, capsys):
+    from PIL import Image
+
+    write(tmp_path / "mine", "scaler", SCALER)
+    (tmp_path / "input").mkdir()
+    Image.new("RGB", (4, 2), (200, 100, 50)).save(tmp_path / "input" / "in.png")
+    doc = write(tmp_path, "outer", outer({
+        "load": {"type": "LoadImage", "inputs": {"image": "in.png"}},
+        "s": {"type": "workflow/scaler", "inputs": {"image": link("load", "image"), "method": "nearest"}},
+        "save": {"type": "SaveImage", "inputs": {"images": link("s", "image"), "filename_prefix": "scaled"}}},
+        parameters={"factor": param(("s", "factor"))}))
+    code = main(["batch", str(doc), "--sweep", "factor=1,2", "--workflows-dir", str(tmp_path / "mine"),
+                 "--input-dir", str(tmp_path / "input"), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    sizes = []
+    for path in sorted((tmp_path / "out").glob("row*.png")):
+        with Image.open(path) as image:
+            sizes.append(image.size)
+            assert image.getpixel((0, 0)) == (55, 155, 205)  # inverted inside the component
+    assert sizes == [(4, 2), (8, 4)]
