@@ -12,6 +12,14 @@ built in. Two plugins registering the same name is an error that names both. An 
 longer than SLOW_IMPORT_SECONDS is reported by name while it runs; ``ldmgraph plugins`` shows how
 long each plugin took.
 
+A third-party plugin is also time-boxed: its import and each of its hook calls run in a worker
+thread bounded by ``LDMGRAPH_PLUGIN_TIMEOUT`` seconds (default PLUGIN_TIMEOUT_SECONDS; 0 = no
+bound). Past it the plugin is reported as hung, skipped (nothing of it registered) and the command
+goes on. What no in-process bound can defend against: a plugin that calls ``os._exit`` or crashes
+the interpreter, one that holds the GIL in a C loop, or one whose hung thread later changes global
+state of its own; run untrusted plugins in a separate process (``ldmgraph serve`` workers) or not
+at all.
+
 Writing a plugin::
 
     from ldmgraph.plugins import hookimpl
@@ -63,6 +71,45 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 SLOW_IMPORT_SECONDS = 3.0  # a plugin import still running after this long is reported by name
+PLUGIN_TIMEOUT_ENV = "LDMGRAPH_PLUGIN_TIMEOUT"
+PLUGIN_TIMEOUT_SECONDS = 10.0  # a third-party plugin's import or hook call running this long is skipped
+
+
+class PluginHungError(PluginError):
+    """A third-party plugin's import or hook call ran past the time box; it was skipped."""
+
+
+def plugin_timeout() -> float:
+    """The time box for third-party plugins, from LDMGRAPH_PLUGIN_TIMEOUT (seconds; 0 = unbounded)."""
+    text = os.environ.get(PLUGIN_TIMEOUT_ENV, "")
+    try:
+        return max(float(text), 0.0) if text else PLUGIN_TIMEOUT_SECONDS
+    except ValueError:
+        return PLUGIN_TIMEOUT_SECONDS
+
+
+def bounded(name: str, what: str, call: Callable[[], Any], seconds: float) -> Any:
+    """``call()`` in a daemon thread, waited for at most ``seconds`` (its result or its exception);
+    PluginHungError if it is still running then (the thread is abandoned, never joined)."""
+    if seconds <= 0:
+        return call()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"ldmgraph plugin {name}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise PluginHungError(f"plugin {name} hung: its {what} was still running after {seconds:g} s, so it was "
+                              f"skipped (raise {PLUGIN_TIMEOUT_ENV} if it is only slow)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 HOOK_PREFIX = "ldmgraph_"
 
 
@@ -117,6 +164,7 @@ class PluginManager:
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(HookSpecs)
         self._on_slow = on_slow or _report_slow
+        self.timeout = plugin_timeout()
         own, others = _entry_points(entry_points_group or ENTRY_POINT_GROUP)
         if builtins is None:
             if not own:
@@ -171,9 +219,9 @@ class PluginManager:
         try:
             _check_hook_names(plugin, name)
             self._pm.register(plugin, name=name)
-            self._collect(plugin, status)
+            self._collect(plugin, status, source != "builtin")
             self._derive()
-            for folder in _call_one(self._pm.hook.ldmgraph_workflows, plugin) or []:
+            for folder in self._call(self._pm.hook.ldmgraph_workflows, plugin, name, source != "builtin") or []:
                 self._plugin_workflow_dirs.append((name, Path(folder)))
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
             self.registry.restore(snapshot)  # all or nothing: no half-registered plugin
@@ -223,7 +271,7 @@ class PluginManager:
     def _import_and_register(self, name: str, source: str, load: Callable[[], Any]) -> None:
         started = time.perf_counter()
         try:
-            plugin, seconds = self._timed(name, load)
+            plugin, seconds = self._timed(name, lambda: bounded(name, "import", load, self.timeout))
         except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt-free plugins only
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -234,10 +282,16 @@ class PluginManager:
         self.register(plugin, name, source).seconds += seconds
 
     # -- collection ------------------------------------------------------------------------------
-    def _collect(self, plugin: object, status: PluginStatus) -> None:
+    def _call(self, hook: Any, plugin: object, name: str, boxed: bool) -> Any:
+        """One hook of one plugin; a third-party plugin's call is time-boxed."""
+        if not boxed:
+            return _call_one(hook, plugin)
+        return bounded(name, f"hook {hook.name}", lambda: _call_one(hook, plugin), self.timeout)
+
+    def _collect(self, plugin: object, status: PluginStatus, boxed: bool = False) -> None:
         """Call this plugin's hooks only, so one plugin's failure is attributed to it alone."""
         for table in HOOK_TABLES:
-            entries = _call_one(getattr(self._pm.hook, HOOK_PREFIX + table), plugin)
+            entries = self._call(getattr(self._pm.hook, HOOK_PREFIX + table), plugin, status.name, boxed)
             if entries is not None:
                 self._add(table, entries, status)
 
@@ -271,7 +325,17 @@ class PluginManager:
     def _derive(self) -> None:
         """Add the derived nodes that the registry's current contents call for."""
         for impl in self._pm.hook.ldmgraph_derived_nodes.get_hookimpls():
-            for cls in impl.function(registry=self.registry) or []:
+            call = lambda impl=impl: impl.function(registry=self.registry)  # noqa: E731
+            boxed = impl.plugin_name not in self.registry.builtins
+            try:
+                derived = bounded(impl.plugin_name, "hook ldmgraph_derived_nodes", call, self.timeout) if boxed else call()
+            except PluginHungError as exc:  # that plugin is dropped from here on, not the one registering
+                self._pm.unregister(impl.plugin)
+                for status in self.registry.plugins:
+                    if status.name == impl.plugin_name:
+                        self._fail(status, exc)
+                continue
+            for cls in derived or []:
                 kind, name = getattr(cls, "derived_from", ("", ""))
                 owner = self.registry.owner(kind, name) or impl.plugin_name
                 self.registry.add_node(cls, owner)
