@@ -2,7 +2,8 @@
 
 `Conv2d` is `torch.nn.Conv2d` with one dispatch added: on CPU, a convolution whose output has at
 most `SMALL_MAP_ROWS` positions over the batch (the U-Net's deepest levels: 4x4 and 8x8 maps at
-256 px) runs as one matrix product over the unfolded input (im2col), rows = output positions,
+256 px) and whose weight has at least `SMALL_MAP_MIN_WEIGHT` elements (SD's 1280-channel levels,
+not a small model's 256) runs as one matrix product over the unfolded input (im2col), rows = output positions,
 columns = input patches (Chellapilla et al. 2006, "High Performance Convolutional Neural
 Networks for Document Processing"). There oneDNN's direct convolution spends most of its time
 reordering the large weight (1280 x 2560 x 3 x 3) into its blocked layout on every call, while
@@ -29,6 +30,10 @@ from torch import Tensor, nn
 
 # output positions (batch x height x width) up to which a CPU convolution runs as a matrix product
 SMALL_MAP_ROWS = 128
+# ... and only when its weight is this large: the reorder the product avoids costs little on small
+# weights, where oneDNN's direct convolution wins (fp32, one thread, batch 2, 8x8, CPU time: 256 ->
+# 256 direct 1.5 / gemm 2.2 ms, 640 -> 640 10.8 / 13.1, 1024 -> 1024 47.0 / 32.0, 1280 -> 1280 65.7 / 47.6)
+SMALL_MAP_MIN_WEIGHT = 1 << 23
 
 
 def conv_as_matmul(x: Tensor, conv: nn.Conv2d) -> Tensor:
@@ -48,6 +53,8 @@ def _small_map(x: Tensor, conv: nn.Conv2d) -> bool:
     if x.device.type != "cpu" or x.dim() != 4 or conv.groups != 1 or conv.padding_mode != "zeros":
         return False
     if isinstance(conv.padding, str) or conv.kernel_size == (1, 1) or not conv.weight.is_contiguous():
+        return False
+    if conv.weight.numel() < SMALL_MAP_MIN_WEIGHT:
         return False
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation  # type: ignore[misc]
     ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1

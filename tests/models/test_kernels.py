@@ -7,13 +7,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ldmgraph.models import pages
+from ldmgraph.models import kernels, pages
 from ldmgraph.models.kernels import SMALL_MAP_ROWS, Conv2d, conv_as_matmul
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("stride, side", [(1, 4), (1, 8), (2, 8), (1, 5)])
-def test_small_map_conv_matches_direct_convolution(dtype: torch.dtype, tol: float, stride: int, side: int) -> None:
+def test_small_map_conv_matches_direct_convolution(
+    dtype: torch.dtype, tol: float, stride: int, side: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernels, "SMALL_MAP_MIN_WEIGHT", 0)  # this small layer takes the product path too
     torch.manual_seed(0)
     conv = Conv2d(48, 40, 3, stride=stride, padding=1).to(dtype).requires_grad_(False)
     x = torch.randn(2, 48, side, side).to(dtype)
@@ -51,3 +54,12 @@ def test_released_pages_of_a_mapped_file_read_back_intact(tmp_path) -> None:
     anonymous = values.clone()
     assert not pages.release(anonymous, ranges)  # never anonymous memory
     assert torch.equal(anonymous, values)
+
+
+def test_small_maps_take_the_product_path_only_for_large_weights() -> None:
+    """SD's deepest levels (1280 channels) do; a small model's (256 channels) stay direct, where
+    oneDNN is faster."""
+    sd = torch.nn.Conv2d(1280, 1280, 3, padding=1, device="meta")
+    small = torch.nn.Conv2d(256, 256, 3, padding=1, device="meta")
+    assert kernels._small_map(torch.zeros(2, 1280, 4, 4), sd)
+    assert not kernels._small_map(torch.zeros(2, 256, 4, 4), small)
