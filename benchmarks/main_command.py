@@ -1,6 +1,6 @@
 """Wall time of the README's main command, start-up and model loading included, and where it goes.
 
-    python benchmarks/main_command.py [--runs 3] [--prompt "a red circle on the left"] [--threads N]
+    python benchmarks/main_command.py [--runs 3] [--prompt "a red circle on the left"] [--threads N] [--busy K]
 
 Runs ``ldmgraph run workflows/txt2img.json --set prompt=... --output-dir D --profile --json`` in a
 fresh process each time (the console script of the interpreter's environment, as a user would type
@@ -13,9 +13,16 @@ median is the figure a user sees on an idle 2-core machine (target: at most 4 s)
 machine, wall time counts the wait for a CPU and two torch threads spin against other processes:
 compare CPU seconds there (``--threads 1`` gives the CPU cost without that spinning).
 
+``--busy K`` measures the default settings on a machine doing other work: each idle run is
+followed by the same run while K busy processes (pure-Python loops, one core each) hold the cores
+(interleaved, so that other jobs on a shared machine weigh on both alike); the
+last line then adds ``loaded_s`` (median of the loaded runs) and ``loaded_vs_idle`` (median loaded
+over median idle, in the same invocation).
+
 Last line: ``first_s=.. median_s=.. cpu_s=.. runs=.. interpreter_s=.. imports_s=.. plugins_s=..
 validation_s=.. load_s=.. encode_s=.. sampling_s=.. decode_s=.. png_s=.. other_s=..``
-(medians over the runs; the parts in wall seconds).
+(medians over the runs; the parts in wall seconds), with ``--busy K``: ``... busy=K loaded_s=..
+loaded_vs_idle=..``.
 """
 
 from __future__ import annotations
@@ -72,11 +79,11 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_once(k: int, prompt: str, env: dict[str, str]) -> tuple[float, float, dict]:
+def run_once(k: int, prompt: str, env: dict[str, str], extra: list[str]) -> tuple[float, float, dict]:
     out = Path(tempfile.mkdtemp(prefix="ldmgraph-main-"))
     try:
         command = [*ldmgraph_command(), "run", "workflows/txt2img.json", "--set", f"prompt={prompt}",
-                   "--output-dir", str(out), "--no-progress", "--profile", "--json"]
+                   "--output-dir", str(out), "--no-progress", "--profile", "--json", *extra]
         cpu_before, start = children_cpu(), time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True, env=env)
         wall, cpu = time.perf_counter() - start, children_cpu() - cpu_before
@@ -94,13 +101,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", default="a red circle on the left")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="pass --threads N to the runs (default: ldmgraph's default)")
+    parser.add_argument("--busy", type=int, default=0, metavar="K",
+                        help="also run while K busy processes hold the cores; prints loaded_vs_idle")
     args = parser.parse_args()
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}  # the defaults a user gets
+    extra = ["--threads", str(args.threads)] if args.threads else []
 
-    runs = [run_once(k, args.prompt, env) for k in range(args.runs)]
+    runs, loaded = [], []
+    for k in range(args.runs):  # idle and loaded runs interleaved: other jobs' load drifts alike for both
+        runs.append(run_once(k, args.prompt, env, extra))
+        if args.busy:
+            loaded.append(loaded_run(k, args, env, extra))
     walls = [wall for wall, _, _ in runs]
     cpus = [cpu for _, cpu, _ in runs]
     wall_parts = {p: statistics.median(breakdown(r[2], "wall_s")[p] for r in runs) for p in PARTS}
@@ -112,9 +124,25 @@ def main() -> None:
         print(f"{part:<12}{wall_parts[part]:>8.2f}{cpu_parts[part]:>8.2f}")
     print(f"{'total':<12}{statistics.median(walls):>8.2f}{statistics.median(cpus):>8.2f}")
     figures = " ".join(f"{part}_s={wall_parts[part]:.2f}" for part in PARTS)
-    print(f"first_s={walls[0]:.2f} median_s={statistics.median(walls):.2f} cpu_s={statistics.median(cpus):.2f} "
-          f"runs={len(runs)} {figures}")
+    line = (f"first_s={walls[0]:.2f} median_s={statistics.median(walls):.2f} cpu_s={statistics.median(cpus):.2f} "
+            f"runs={len(runs)} {figures}")
+    if args.busy:
+        print(f"loaded by {args.busy} busy processes: {', '.join(f'{w:.2f}' for w in loaded)} s wall", file=sys.stderr)
+        line += (f" busy={args.busy} loaded_s={statistics.median(loaded):.2f} "
+                 f"loaded_vs_idle={statistics.median(loaded) / statistics.median(walls):.2f}")
+    print(line)
 
+
+def loaded_run(k: int, args: argparse.Namespace, env: dict[str, str], extra: list[str]) -> float:
+    """Wall seconds of one run while ``args.busy`` processes spin on the cores."""
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        time.sleep(0.5)  # let the busy processes take their cores
+        return run_once(k, args.prompt, env, extra)[0]
+    finally:
+        for process in spin:
+            process.kill()
+            process.wait()
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,8 @@ def input_file_problem(folder: str | os.PathLike[str], name: object) -> tuple[st
     try:
         path = safe_join(folder, name)
     except UnsafePathError as exc:
-        return codes.UNSAFE_PATH, f"{exc}; name a file inside the input folder {folder}"
+        return codes.UNSAFE_PATH, (f"{exc}; name a file inside the input folder {folder}, pass its folder "
+                                   "with --input-dir, or name the file itself on the command line (--set NAME=PATH)")
     try:
         kind = not_a_regular_file(path)
     except OSError:

@@ -165,7 +165,8 @@ class _Checker:
             if name not in declared:
                 known = ", ".join(sorted(declared)) or "none"
                 self.add(None, None, codes.BAD_PARAMETER,
-                         f"--set {name}=...: the workflow declares no parameter {name!r} (declared: {known})")
+                         f"--set {name}=...: the workflow declares no parameter {name!r}{_did_you_mean(name, declared)} "
+                         f"(declared: {known}; NODE.INPUT=... sets any node's input)")
         for name, param in declared.items():
             for target in param.targets:
                 value = self._check_target(name, target.node, target.input, overrides)
@@ -213,7 +214,8 @@ class _Checker:
         for name in given:
             if name not in spec.inputs:
                 self.add(node_id, name, codes.UNKNOWN_INPUT,
-                         f"{spec.type_name} has no input {name!r}; its inputs are: {', '.join(spec.inputs) or 'none'}")
+                         f"{spec.type_name} has no input {name!r}{_did_you_mean(name, spec.inputs)}; its inputs are: "
+                         f"{', '.join(spec.inputs) or 'none'}")
         literals: dict[str, Any] = {}
         links: list[tuple[str, str, str]] = []
         enum_checks: list[InputSpec] = []
@@ -409,3 +411,11 @@ def describe_parameters(workflow: Workflow, registry: Registry) -> dict[str, dic
         entry["description"] = param.description or entry.get("description", "")
         listing[name] = entry
     return listing
+
+
+def _did_you_mean(word: str, names: Any) -> str:
+    """`` (did you mean 'steps'?)`` for a misspelt name among ``names``, or ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(word, [str(n) for n in names], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""

@@ -94,13 +94,28 @@ def converted_name(path: Path) -> Path:
     return path.with_name(f"{path.stem}.converted.safetensors")
 
 
+def safetensors_twin(path: Path) -> Path:
+    """The safetensors file a loader looks for in place of a pickle: same folder, same stem
+    (``model.ckpt`` -> ``model.safetensors``; a diffusers folder's ``.bin`` -> its ``.safetensors``)."""
+    return path.with_suffix(".safetensors")
+
+
+def convert_command(path: Path, target: Path) -> str:
+    """The exact command that converts the pickle ``path`` into ``target``."""
+    return f"ldmgraph convert '{path}' -o '{target}'"
+
+
 def convert_hint(path: Path) -> str:
-    """How to turn a refused pickle into safetensors: a command that writes a new file beside it."""
+    """How to turn a refused pickle into safetensors: the exact command that writes the file a loader
+    looks for (same name, ``.safetensors``) beside it, then how to point the workflow at it."""
+    target = safetensors_twin(path)
+    if target.exists():
+        target = converted_name(path)
     return (
         "pickled checkpoints can run code when loaded and are refused. Convert it once to safetensors "
-        f"(an allow-list reader runs none of its code; writes {converted_name(path).name}, the input is left "
-        "as it is):\n"
-        f"  ldmgraph convert '{path}'   (or: python -m ldmgraph.models.convert '{path}')\n"
-        "then load the converted file (from Python, allow_pickle=True loads it with "
-        "torch.load(weights_only=True))"
+        "(an allow-list reader runs none of its code; the input is left as it is; without -o it writes "
+        f"{converted_name(path).name}):\n"
+        f"  {convert_command(path, target)}\n"
+        f"then name {target.name} instead of {path.name} (e.g. --set ckpt_name=...{target.name}); from Python, "
+        "allow_pickle=True loads the pickle with torch.load(weights_only=True)"
     )

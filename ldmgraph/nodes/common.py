@@ -74,8 +74,26 @@ def find_model(name: str, model_dirs: tuple[Path, ...] | list[Path]) -> Path:
     listing = ", ".join(found) if found else "none"
     raise FileNotFoundError(
         f"no model named {name!r} in the model folders ({where}); available: {listing}. "
-        "Put the file in one of those folders or pass --models-dir"
+        + (pickle_beside(name, model_dirs) or "Put the file in one of those folders or pass --models-dir")
     )
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def pickle_beside(name: str, model_dirs: tuple[Path, ...] | list[Path]) -> str | None:
+    """For a missing ``.safetensors`` model: a pickle of the same stem where it was expected (the
+    paper's releases ship ``model.ckpt``), with the exact command that writes the expected file."""
+    from ldmgraph.models.errors import convert_command
+
+    for folder in model_dirs:
+        wanted = model_join(folder, name if name.endswith(".safetensors") else f"{name}.safetensors")
+        for suffix in PICKLE_SUFFIXES:
+            pickle = wanted.with_suffix(suffix)
+            if pickle.is_file():
+                return (f"{pickle} is there: a pickled checkpoint, which ldmgraph does not load. Convert it to "
+                        f"the file this workflow loads (nothing in it is executed):\n  {convert_command(pickle, wanted)}")
+    return None
 
 
 def model_join(folder: str | os.PathLike[str], name: str) -> Path:
