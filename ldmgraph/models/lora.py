@@ -235,8 +235,32 @@ def _mm_shape(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> tuple[int
 # ---------------------------------------------------------------------------------- adapters
 
 
+class _Mapped:
+    """Adapters whose tensors are views of the LoRA file's memory map give their resident pages back
+    after each use (`release`), so applying a large LoRA keeps only the current layer's factors in RAM."""
+
+    ranges: list[tuple[int, int]] | None = None
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return tuple(v for v in vars(self).values() if isinstance(v, Tensor))
+
+    def release(self) -> None:
+        from ldmgraph.models.pages import release
+
+        for tensor in self.tensors():
+            release(tensor, self.ranges or [])
+        inner = getattr(self, "inner", None)
+        if inner is not None:
+            inner.ranges = self.ranges
+            inner.release()
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(*self.tensors()) + int(getattr(getattr(self, "inner", None), "nbytes", 0))
+
+
 @dataclass(eq=False)
-class LoraAdapter:
+class LoraAdapter(_Mapped):
     """up @ down * scale (LoCon: the kernels flattened), reshaped to the weight's shape."""
 
     up: Tensor
@@ -248,13 +272,10 @@ class LoraAdapter:
         up = self.up.flatten(1)[rows].float() * self.scale
         return (up @ self.down.flatten(1).float()).reshape(-1, *weight.shape[1:])
 
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.up, self.down)
 
 
 @dataclass(eq=False)
-class LohaAdapter:
+class LohaAdapter(_Mapped):
     """The Hadamard product of two low-rank products (LyCORIS LoHa)."""
 
     w1a: Tensor
@@ -269,13 +290,10 @@ class LohaAdapter:
         two = self.w2a[rows].float() @ self.w2b.flatten(1).float()
         return (one * two * self.scale).reshape(-1, *weight.shape[1:])
 
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.w1a, self.w1b, self.w2a, self.w2b)
 
 
 @dataclass(eq=False)
-class LokrAdapter:
+class LokrAdapter(_Mapped):
     """The Kronecker product of two factors, each whole or low-rank (LyCORIS LoKr)."""
 
     w1: Tensor
@@ -288,13 +306,10 @@ class LokrAdapter:
         full = torch.kron(w1.flatten(1), w2.flatten(1)) * self.scale
         return full[rows].reshape(-1, *weight.shape[1:])
 
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.w1, self.w2)
 
 
 @dataclass(eq=False)
-class DiffAdapter:
+class DiffAdapter(_Mapped):
     """A full difference of the weight (LyCORIS `diff`)."""
 
     diff: Tensor
@@ -304,13 +319,10 @@ class DiffAdapter:
     def delta(self, weight: Tensor, rows: slice) -> Tensor:
         return self.diff.reshape(weight.shape[0], -1)[rows].float().reshape(-1, *weight.shape[1:])
 
-    @property
-    def nbytes(self) -> int:
-        return _nbytes(self.diff)
 
 
 @dataclass(eq=False)
-class DoraAdapter:
+class DoraAdapter(_Mapped):
     """DoRA: m * V / ||V|| with V = W + inner delta; the delta returned is that minus W."""
 
     inner: Any
@@ -330,9 +342,6 @@ class DoraAdapter:
             m = m.reshape(norm.shape)
         return (m * combined / norm - weight)[rows]
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.inner.nbytes) + _nbytes(self.magnitude)
 
 
 def _nbytes(*tensors: Tensor) -> int:
@@ -395,6 +404,8 @@ class LoraFile:
     path: Path
     tensors: dict[str, Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    """Where this process maps the file (the adapters give their pages back after use)."""
 
     @property
     def nbytes(self) -> int:
@@ -408,9 +419,10 @@ class LoraFile:
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA safetensors file (pickles refused, as for checkpoints)."""
     from ldmgraph.models.files import read_state_dict
+    from ldmgraph.models.pages import file_ranges
 
     state = read_state_dict(path)
-    return LoraFile(Path(path), dict(state.tensors), dict(state.metadata))
+    return LoraFile(Path(path), dict(state.tensors), dict(state.metadata), file_ranges(path))
 
 
 def model_parts(unet: Any = None, text_encoder: Any = None) -> dict[str, tuple[dict[str, str], dict[str, tuple[int, ...]]]]:
@@ -483,8 +495,9 @@ def lora_patches(
     for part, groups in plan.groups.items():
         for group in groups:
             tensors = {s: lora.tensors[group.key + "." + s] for s in group.tensors}
-            made[part].append(WeightPatch(group.target + ".weight", make_adapter(tensors, group.key),
-                                          float(strengths[part])))
+            adapter = make_adapter(tensors, group.key)
+            adapter.ranges = lora.ranges
+            made[part].append(WeightPatch(group.target + ".weight", adapter, float(strengths[part])))
     return made["unet"], made["te"], plan
 
 

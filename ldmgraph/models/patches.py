@@ -36,8 +36,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-CHUNK_ELEMENTS = 1 << 22
-"""Rows of a weight are patched in chunks of about this many elements (16 MiB in float32), so the
+CHUNK_ELEMENTS = 1 << 20
+"""Rows of a weight are patched in chunks of about this many elements (4 MiB in float32), so the
 temporaries of the largest layer stay small next to the patch's own tensors."""
 
 STATE_ATTR = "_ldmgraph_patch_state"
@@ -216,6 +216,7 @@ class _Undo:
     does not round back, or the whole original when a delta reads the weight."""
 
     patches: list[WeightPatch]
+    checksum: int = 0
     index: Tensor | None = None
     values: Tensor | None = None
     original: Tensor | None = None
@@ -299,43 +300,64 @@ def _bits(t: Tensor) -> Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def _checksum(weight: Tensor) -> int:
+    return int(_bits(weight).sum(dtype=torch.int64))
+
+
+def _release(group: list[WeightPatch]) -> None:
+    """Let the adapters drop their memory-mapped pages once used (re-read from the file if needed again)."""
+    for patch in group:
+        release = getattr(patch.adapter, "release", None)
+        if release is not None:
+            release()
+
+
 def _apply_weight(param: nn.Parameter, group: list[WeightPatch]) -> _Undo:
+    """W <- W + delta in row chunks, noting the elements where W + delta - delta does not round back."""
     weight = param.data
-    undo = _Undo(group)
+    undo = _Undo(group, checksum=_checksum(weight))
     if any(getattr(p.adapter, "uses_weight", False) for p in group):
         undo.original = weight.clone()
         base = weight.float()
         weight.copy_((base + _delta(group, base, slice(None))).to(weight.dtype))
+        _release(group)
         return undo
     index, values = [], []
-    flat_width = weight.numel() // max(weight.shape[0], 1) if weight.dim() else 1
+    width = weight.numel() // max(weight.shape[0], 1) if weight.dim() else 1
+    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
     for rows in _chunks(weight, whole=False):
         part = weight[rows]
-        base = part.float()
-        delta = _delta(group, base, rows).reshape(part.shape)
-        new = (base + delta).to(weight.dtype)
-        back = (new.float() - delta).to(weight.dtype)
+        delta = _delta(group, part, rows).reshape(part.shape)
+        new = (part.float() + delta).to(weight.dtype)
+        back = torch.sub(new.float(), delta, out=delta).to(weight.dtype)
         wrong = (_bits(back) != _bits(part)).flatten().nonzero().flatten()
         if wrong.numel():
-            index.append(wrong + rows.start * flat_width)
-            values.append(part.flatten()[wrong].clone())
+            index.append((wrong + rows.start * width).to(index_dtype))
+            values.append(part.flatten()[wrong])
         part.copy_(new)
     if index:
         undo.index, undo.values = torch.cat(index), torch.cat(values)
+    _release(group)
     return undo
 
 
 def _restore_weight(param: nn.Parameter, undo: _Undo) -> None:
+    """W <- W - delta in row chunks, then the noted elements; checked against the original's checksum."""
     weight = param.data
     if undo.original is not None:
         weight.copy_(undo.original)
-        return
-    for rows in _chunks(weight, whole=False):
-        part = weight[rows]
-        delta = _delta(undo.patches, part.float(), rows).reshape(part.shape)
-        part.copy_((part.float() - delta).to(weight.dtype))
-    if undo.index is not None:
-        weight.view(-1)[undo.index] = undo.values  # type: ignore[index]
+    else:
+        for rows in _chunks(weight, whole=False):
+            part = weight[rows]
+            delta = _delta(undo.patches, part, rows).reshape(part.shape)
+            part.copy_(torch.sub(part.float(), delta, out=delta).to(weight.dtype))
+        if undo.index is not None:
+            weight.view(-1)[undo.index.long()] = undo.values  # type: ignore[index]
+        _release(undo.patches)
+    if _checksum(weight) != undo.checksum:
+        raise RuntimeError(
+            "a patched weight did not come back bit for bit (its delta computed differently on restore); "
+            "load the model again")
 
 
 # ---------------------------------------------------------------------------------- hooks
