@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TRAIN_KINDS = ("autoencoder", "ldm", "superres", "inpaint", "controlnet")
+TRAIN_KINDS = ("autoencoder", "ldm", "superres", "inpaint", "controlnet", "lora")
 
 
 def register(subparsers: Any) -> None:
@@ -16,7 +16,8 @@ def register(subparsers: Any) -> None:
     train = subparsers.add_parser("train", help="train the autoencoder or a latent diffusion model",
                                   description="Train ldmgraph's models on the procedural shapes data set: "
                                   "first the autoencoder, then ldm (text-to-image), superres, inpaint; "
-                                  "controlnet trains a ControlNet for the bundled text-to-image model.")
+                                  "controlnet trains a ControlNet for the bundled text-to-image model; "
+                                  "lora trains a LoRA for it from a folder of captioned images.")
     train.add_argument("kind", choices=TRAIN_KINDS, help="what to train: " + ", ".join(TRAIN_KINDS))
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000 / 2000)")
     train.add_argument("--minutes", type=float, default=0.0, help="stop and save after this wall time (0: no limit)")
@@ -73,6 +74,16 @@ def register(subparsers: Any) -> None:
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--base", type=Path, default=None, metavar="PATH",
                        help="controlnet: the frozen text-to-image model (default: the bundled one)")
+    train.add_argument("--data", type=Path, default=None, metavar="FOLDER",
+                       help="lora: images with same-named .txt captions (kohya's layout)")
+    train.add_argument("--make-data", choices=("outlined",), default=None, metavar="STYLE",
+                       help="lora: first draw --count procedural shapes in STYLE (outlined) into --data")
+    train.add_argument("--count", type=int, default=2000, help="lora: images --make-data draws (default 2000)")
+    train.add_argument("--rank", type=int, default=8, help="lora: rank of the factors (default 8)")
+    train.add_argument("--conv-rank", type=int, default=0, help="lora: also factor the residual blocks' 3x3 "
+                       "convolutions at this rank (LoCon; 0: linear layers only)")
+    train.add_argument("--alpha", type=float, default=None, help="lora: the delta's scale is alpha / rank "
+                       "(default alpha = rank)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -108,6 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .controlnet import cmd_train_controlnet
 
         return cmd_train_controlnet(args)
+    if args.kind == "lora":
+        return cmd_train_lora(args, out)
     if args.kind == "autoencoder":
         from .autoencoder import AEConfig, train_autoencoder
 
@@ -192,6 +205,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         if path.name != name:
             path.replace(args.export)
         print(f"exported: {args.export}")
+    return 0
+
+
+def cmd_train_lora(args: argparse.Namespace, out: Path) -> int:
+    """``ldmgraph train lora``: draw the data when asked, then train and write the kohya file."""
+    from .lora import LoraConfig, train_lora, write_style_dataset
+
+    if args.data is None:
+        print("ldmgraph train lora: give --data FOLDER (images with .txt captions)", file=sys.stderr)
+        return 2
+    cfg = LoraConfig(base=str(args.base or ""), rank=args.rank, alpha=float(args.alpha or args.rank),
+                     seed=args.seed, minutes=args.minutes, conv_rank=args.conv_rank)
+    for name in ("steps", "batch_size", "lr"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    try:
+        cfg.check()
+        if args.make_data and not any(args.data.glob("*.txt")):
+            write_style_dataset(args.data, args.make_data, args.count, seed=args.seed + 7)
+        path = train_lora(cfg, args.data, out, resume=args.resume, progress=not args.no_progress,
+                          threads=args.threads, export=args.export)
+    except ValueError as exc:
+        print(f"ldmgraph train lora: {exc}", file=sys.stderr)
+        return 2
+    print(f"lora run: {out}\nlora: {args.export or path}")
     return 0
 
 
