@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tomllib
 from PIL import Image
-from server_helpers import TXT2IMG, ServerProcess, comfy_graph
+from server_helpers import ROOT, TXT2IMG, ServerProcess, comfy_graph
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +90,17 @@ def test_pycomfy_text_to_image(server: ServerProcess) -> None:
     [written] = set((server.data_dir / "output").glob("ComfyUI_*.png")) - before
     assert len(images) == 1 and images[0].size == (32, 32)
     assert np.array_equal(np.asarray(images[0].convert("RGB")), np.asarray(Image.open(written).convert("RGB")))
+
+
+def test_readme_names_the_client_libraries_tested_here() -> None:
+    """The README's claim: the libraries it names are the ones this file drives, all in the test extra."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    named = re.search(r"client libraries (.+?) work against it unchanged", readme)
+    assert named is not None
+    libraries = re.split(r", | and ", named[1])
+    assert libraries == ["comfy-api-simplified", "comfyapi", "pycomfy"]
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    source = Path(__file__).read_text()
+    for library in libraries:
+        assert any(re.match(rf"{re.escape(library)}\b", requirement) for requirement in extra), library
+        assert f"from {library.replace('-', '_')} import" in source, library
