@@ -234,6 +234,10 @@ def build_root_router(state: ServerState) -> APIRouter:
     def get_templates() -> list[Any]:
         return template_index(state)
 
+    @router.get("/templates/index_logo.json", include_in_schema=False)
+    def get_template_logos() -> dict[str, Any]:
+        return {}
+
     @router.get("/templates/{file}", include_in_schema=False)
     def get_template(file: str) -> Response:
         match = TEMPLATE_FILE.match(file)
@@ -243,10 +247,6 @@ def build_root_router(state: ServerState) -> APIRouter:
         if match and match["index"]:
             return Response(graph_thumbnail(json.dumps(graph, sort_keys=True)), media_type="image/png")
         return JSONResponse(graph)
-
-    @router.get("/templates/index_logo.json", include_in_schema=False)
-    def get_template_logos() -> dict[str, Any]:
-        return {}
 
     @router.get("/user.css", include_in_schema=False)
     def get_user_css() -> Response:
@@ -278,7 +278,12 @@ def template_graph(state: ServerState, name: str) -> dict[str, Any] | None:
     if name == DEFAULT_GRAPH:
         return json.loads((EDITOR_ASSETS / f"{DEFAULT_GRAPH}.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
     doc = state.workflows().get(name)
-    return to_ui(doc, state.registry) if doc is not None else None
+    if doc is None:
+        return None
+    graph = to_ui(doc, state.registry)
+    if graph.get("id") is None:  # the template loader's schema wants a workflow id as a string, or none
+        graph.pop("id", None)
+    return graph
 
 
 @lru_cache(maxsize=64)

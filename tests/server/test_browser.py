@@ -1,9 +1,13 @@
 """ComfyUI's published editor against the real server, in headless Chromium (Selenium + chromedriver).
 
-The page loads without console errors, ldmgraph's nodes are in its node library, a saved workflow
-opens from its workflow list, and Run produces an image that the page shows. Needs Debian's
-`chromium` and `chromium-driver` (installed by .ci/run) and `ldmgraph[ui]`. Set
-LDMGRAPH_SERVER_SCREENSHOT=path to keep a screenshot of the editor (docs/server-editor.png).
+On a new data folder the editor opens on a graph that runs here, with nothing marked missing, and its
+template browser lists the saved workflows. A classic ComfyUI graph (CheckpointLoaderSimple,
+CLIPTextEncode x2, EmptyLatentImage, KSampler, VAEDecode, SaveImage) on the bundled model, loaded
+from a ComfyUI UI-format file, queues from the page, shows its image, and that image is the one
+`ldmgraph run` makes from the same file; the output PNG dropped back on the page restores the graph.
+A saved workflow opens from the workflow list and runs. Needs Debian's `chromium` and
+`chromium-driver` (installed by .ci/run) and `ldmgraph[ui]`. Set LDMGRAPH_EDITOR_SCREENSHOTS=folder
+to keep screenshots of each step (the ones in docs/ come from here).
 """
 
 from __future__ import annotations
@@ -11,22 +15,34 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from server_helpers import ROOT, ServerProcess
 
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("comfyui_frontend_package")
+from PIL import Image  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (Path(CHROMIUM).exists() and DRIVER), reason="needs chromium + chromedriver")]
 FLAGS = ("--no-sandbox --headless --disable-gpu --no-first-run --disable-background-networking "
          "--disable-component-update --disable-sync --window-size=1600,1000").split()
+COMFY_GRAPH = ROOT / "ldmgraph" / "assets" / "editor" / "comfyui_txt2img.json"
+CLASSIC = sorted(["CheckpointLoaderSimple", "CLIPTextEncode", "CLIPTextEncode", "EmptyLatentImage", "KSampler",
+                  "VAEDecode", "SaveImage"])
+SHOWN_IMAGES = ("return Array.from(document.images).filter(i => i.src.includes('/api/view') && i.complete "
+                "&& i.naturalWidth > 0).map(i => [i.src, i.naturalWidth, i.naturalHeight])")
 
 
 def wait_for(condition, timeout: float, what: str):  # noqa: ANN001, ANN201 - a polling helper
@@ -60,9 +76,20 @@ def click_when_ready(find, timeout: float, what: str) -> None:  # noqa: ANN001 -
                 raise
 
 
+def visible_text(browser: Any, text: str) -> list[Any]:
+    return [e for e in browser.find_elements(By.XPATH, f"//*[normalize-space(.)={json.dumps(text)}]")
+            if e.is_displayed()]
+
+
+def screenshot(browser: Any, name: str) -> None:
+    folder = os.environ.get("LDMGRAPH_EDITOR_SCREENSHOTS")
+    if folder:
+        browser.save_screenshot(str(Path(folder) / name))
+
+
 @pytest.fixture(scope="module")
-def editor_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    """A server whose saved workflows are the repository's txt2img with 3 steps (fast on a CPU)."""
+def editor_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server on a new data folder whose saved workflows are the repository's txt2img with 3 steps."""
     folder = tmp_path_factory.mktemp("browser")
     workflows = folder / "workflows"
     workflows.mkdir()
@@ -75,50 +102,141 @@ def editor_server(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     server.stop()
 
 
-def test_editor_loads_shows_nodes_opens_workflow_and_runs(editor_server: ServerProcess) -> None:
+@pytest.fixture(scope="module")
+def browser(editor_server: ServerProcess) -> Iterator[Any]:
     options = webdriver.ChromeOptions()
     for flag in FLAGS:
         options.add_argument(flag)
     options.binary_location = CHROMIUM
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    browser = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     try:
-        browser.get(editor_server.base + "/")
-        wait_for(lambda: browser.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
-                                                "&& window.app.graph.nodes.length)"), 90, "the editor to start")
-        click_when_ready(lambda: browser.find_elements(By.CSS_SELECTOR, "button[aria-label^='Node Library']"),
-                         30, "the editor's sidebar")
-        wait_for(lambda: [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(.)='ldmgraph']")
-                          if e.is_displayed()], 30, "the ldmgraph category in the node library")
-
-        click_when_ready(lambda: browser.find_elements(By.CSS_SELECTOR, "button[aria-label^='Workflows']"),
-                         20, "the workflows button")
-        click_when_ready(lambda: [e for e in browser.find_elements(By.XPATH, "//*[normalize-space(.)='txt2img']")
-                                  if e.is_displayed()], 20, "the saved workflow in the workflow list")
-        types = wait_for(lambda: browser.execute_script(
-            "return window.app && window.app.graph.nodes.some(n => n.type === 'Sampler') "
-            "&& window.app.graph.nodes.map(n => n.type)"), 20, "the workflow's nodes on the canvas")
-        assert sorted(types) == sorted(["CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
-                                        "VAEDecode", "SaveImage"])
-
-        click_when_ready(lambda: [b for b in browser.find_elements(By.CSS_SELECTOR, "button")
-                                  if b.text.strip() == "Run" and b.is_displayed()], 20, "the Run button")
-        shown = wait_for(lambda: browser.execute_script(
-            "return Array.from(document.images).filter(i => i.src.includes('/api/view') && i.complete "
-            "&& i.naturalWidth > 0).map(i => [i.src, i.naturalWidth, i.naturalHeight])"), 120,
-            "the output image on the page")
-        assert shown[0][1:] == [64, 64] and "filename=txt2img_" in shown[0][0]
-        history = editor_server.http.get("/api/history").json()
-        assert [h["status"]["status_str"] for h in history.values()] == ["success"]
-        severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-        assert severe == []
-        if os.environ.get("LDMGRAPH_SERVER_SCREENSHOT"):
-            browser.find_element(By.CSS_SELECTOR, "button[aria-label^='Workflows']").click()
-            time.sleep(1)
-            browser.save_screenshot(os.environ["LDMGRAPH_SERVER_SCREENSHOT"])
-    except BaseException:
-        browser.save_screenshot(str(editor_server.data_dir.parent / "failure.png"))
-        print("screenshot of the failure:", editor_server.data_dir.parent / "failure.png")
-        raise
+        yield driver
     finally:
-        browser.quit()
+        driver.quit()
+
+
+@pytest.fixture
+def page(browser: Any, editor_server: ServerProcess) -> Iterator[Any]:
+    """The browser, with a screenshot of the page kept when the test fails and no severe console error
+    allowed when it passes."""
+    failed = True
+    try:
+        yield browser
+        failed = False
+    finally:
+        if failed:
+            browser.save_screenshot(str(editor_server.data_dir.parent / "failure.png"))
+            print("screenshot of the failure:", editor_server.data_dir.parent / "failure.png")
+    severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+
+
+def graph_types(browser: Any) -> list[str]:
+    return sorted(browser.execute_script("return window.app.graph.nodes.map(n => n.type)"))
+
+
+def test_editor_first_view_runs_nothing_missing_and_templates_list_saved_workflows(
+        page: Any, editor_server: ServerProcess) -> None:
+    page.get(editor_server.base + "/")
+    wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
+                                         "&& window.app.graph.nodes.length)"), 90, "the editor to start")
+    assert graph_types(page) == CLASSIC
+    unknown = page.execute_script("return window.app.graph.nodes.filter(n => !(n.type in "
+                                  "LiteGraph.registered_node_types) || n.has_errors).map(n => n.type)")
+    assert unknown == []
+    time.sleep(2)  # the page reports missing nodes and models in a dialog or toast once it has loaded
+    body = page.find_element(By.TAG_NAME, "body").text
+    assert "Missing" not in body and "missing" not in body
+    ckpt = page.execute_script("return window.app.graph.nodes.find(n => n.type === 'CheckpointLoaderSimple')"
+                               ".widgets[0].value")
+    assert ckpt == "ldmgraph-shapes-txt2img.safetensors"
+    screenshot(page, "editor-first-view.png")
+
+    page.execute_script("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    for title in ("Text to image (ComfyUI nodes)", "txt2img"):
+        wait_for(lambda t=title: visible_text(page, t), 30, f"the template {title!r} in the template browser")
+    screenshot(page, "editor-templates.png")
+    click_when_ready(lambda: visible_text(page, "txt2img"), 20, "the saved workflow's template card")
+    types = wait_for(lambda: page.execute_script("return window.app.graph.nodes.some(n => n.type === 'Sampler') "
+                                                 "&& window.app.graph.nodes.map(n => n.type)"), 30,
+                     "the template's graph on the canvas")
+    assert sorted(types) == sorted(["CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
+                                    "ldmgraph.VAEDecode", "ldmgraph.SaveImage"])
+    page.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+
+
+def test_comfyui_graph_from_a_ui_file_runs_like_ldmgraph_run_and_its_png_restores_it(
+        page: Any, editor_server: ServerProcess, tmp_path: Path) -> None:
+    graph = json.loads(COMFY_GRAPH.read_text())
+    sampler = next(n for n in graph["nodes"] if n["type"] == "KSampler")
+    steps = 20 if os.environ.get("LDMGRAPH_EDITOR_SCREENSHOTS") else 3  # the file's 20 for the pictures in docs/
+    sampler["widgets_values"][2] = steps  # [seed, control after generate, steps, cfg, sampler, scheduler, denoise]
+    ui_file = tmp_path / "classic_sd15_graph.json"
+    ui_file.write_text(json.dumps(graph))
+
+    page.get(editor_server.base + "/")
+    wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.graph.nodes.length)"),
+             90, "the editor to start")
+    page.find_element(By.ID, "comfy-file-input").send_keys(str(ui_file))
+    wait_for(lambda: page.execute_script("const k = window.app.graph.nodes.find(n => n.type === 'KSampler'); "
+                                         f"return k && k.widgets.find(w => w.name === 'steps').value === {steps}"),
+             30, "the UI-format file on the canvas")
+    assert graph_types(page) == CLASSIC
+
+    click_when_ready(lambda: [b for b in page.find_elements(By.CSS_SELECTOR, "button")
+                              if b.text.strip() == "Run" and b.is_displayed()], 20, "the Run button")
+    shown = wait_for(lambda: page.execute_script(SHOWN_IMAGES), 180, "the output image on the page")
+    assert shown[0][1:] == [64, 64] and "filename=ldmgraph_" in shown[0][0]
+    history = editor_server.http.get("/api/history").json()
+    [entry] = [h for h in history.values() if h["prompt"][2].get("3", {}).get("class_type") == "KSampler"]
+    assert entry["status"]["status_str"] == "success"
+    [saved] = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    png = tmp_path / saved["filename"]
+    png.write_bytes(editor_server.http.get("/api/view", params=saved).content)
+    screenshot(page, "editor-comfyui-graph.png")
+
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "ldmgraph.cli", "run", str(ui_file), "--output-dir", str(out),
+                    "--no-progress"], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    [cli_png] = sorted(out.glob("*.png"))
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(Image.open(cli_png).convert("RGB")))
+
+    page.execute_script("window.app.extensionManager.command.execute('Comfy.NewBlankWorkflow')")
+    wait_for(lambda: page.execute_script("return window.app.graph.nodes.length === 0"), 20, "a blank graph")
+    page.find_element(By.ID, "comfy-file-input").send_keys(str(png))
+    wait_for(lambda: page.execute_script("return window.app.graph.nodes.length === 7"), 30,
+             "the graph restored from the output PNG")
+    assert graph_types(page) == CLASSIC
+    widgets = page.execute_script("return window.app.graph.nodes.find(n => n.type === 'KSampler')"
+                                  ".widgets.map(w => [w.name, w.value])")
+    expected = {"seed": 42, "steps": steps, "cfg": 4.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
+    assert {k: v for k, v in widgets if k in expected} == expected
+    screenshot(page, "editor-restored-from-png.png")
+
+
+def test_saved_workflow_opens_from_the_workflow_list_and_runs(page: Any, editor_server: ServerProcess) -> None:
+    page.get(editor_server.base + "/")
+    wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
+                                         "&& window.app.graph.nodes.length)"), 90, "the editor to start")
+    click_when_ready(lambda: page.find_elements(By.CSS_SELECTOR, "button[aria-label^='Node Library']"),
+                     30, "the editor's sidebar")
+    wait_for(lambda: visible_text(page, "ldmgraph"), 30, "the ldmgraph category in the node library")
+
+    click_when_ready(lambda: page.find_elements(By.CSS_SELECTOR, "button[aria-label^='Workflows']"),
+                     20, "the workflows button")
+    click_when_ready(lambda: visible_text(page, "txt2img"), 20, "the saved workflow in the workflow list")
+    types = wait_for(lambda: page.execute_script(
+        "return window.app && window.app.graph.nodes.some(n => n.type === 'Sampler') "
+        "&& window.app.graph.nodes.map(n => n.type)"), 20, "the workflow's nodes on the canvas")
+    assert sorted(types) == sorted(["CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
+                                    "ldmgraph.VAEDecode", "ldmgraph.SaveImage"])
+    before = {tuple(i) for i in page.execute_script(SHOWN_IMAGES)}
+    click_when_ready(lambda: [b for b in page.find_elements(By.CSS_SELECTOR, "button")
+                              if b.text.strip() == "Run" and b.is_displayed()], 20, "the Run button")
+    shown = wait_for(lambda: [i for i in page.execute_script(SHOWN_IMAGES) if tuple(i) not in before], 180,
+                     "the output image on the page")
+    assert shown[0][1:] == [64, 64] and "filename=txt2img_" in shown[0][0]
+    history = editor_server.http.get("/api/history").json()
+    assert all(h["status"]["status_str"] == "success" for h in history.values())
+    screenshot(page, "server-editor.png")
