@@ -191,6 +191,10 @@ def detect_vae_config(vae: Mapping[str, Tensor], path: str | Path) -> dict[str, 
 def detect_text_encoder(state: StateDict) -> dict[str, Any] | None:
     """The text encoder family and its transformers config kwargs, or None when the file has none."""
     t = state.tensors
+    if state.has_prefix("conditioner.embedders."):  # SDXL: ViT-L + bigG (base) or bigG alone (refiner)
+        from ldmgraph.models import sdxl
+
+        return sdxl.text_config(state, "sdxl-refiner" if state.has_prefix(sdxl.REFINER_G_PREFIX) else "sdxl-base")
     for level in ("text_model.", ""):  # the second: files re-saved from transformers 5 (no text_model level)
         if CLIP_PREFIX + level + "embeddings.token_embedding.weight" in t:
             sub = state.sub(CLIP_PREFIX + level)

@@ -2,8 +2,8 @@
 High-Resolution Image Synthesis"): configs, the two text encoders, micro-conditioning, detection.
 
 The U-Net is `unet.UNetModel` with SDXL's config: three levels 320/640/1280 with transformer depth
-0/2/10 (refiner: 384/768/1536/1536, depth 0/4/4/0), 64 channels per head, linear projections, and
-the `adm` MLP `label_emb` that takes a vector of 2816 (refiner 2560) numbers added to the time
+0/2/10 (refiner: 384/768/1536/1536, depth 4 on the middle two levels and in the middle block), 64
+channels per head, linear projections, and the `adm` MLP `label_emb` that takes a vector of 2816 (refiner 2560) numbers added to the time
 embedding. That vector is the pooled text embedding (1280) followed by 256-wide sinusoidal features
 (`unet.timestep_embedding`) of six numbers: original height and width, crop top and left, target
 height and width (Sec. 2.2 of the paper; the refiner: height, width, crop top, crop left and an
@@ -66,7 +66,7 @@ _BASE_UNET: dict[str, Any] = {
     "context_dim": 2048, "use_linear_in_transformer": True, "num_classes": "sequential", "adm_in_channels": 2816,
 }
 _REFINER_UNET: dict[str, Any] = {
-    **_BASE_UNET, "model_channels": 384, "channel_mult": [1, 2, 4, 4], "transformer_depth": [0, 4, 4, 0],
+    **_BASE_UNET, "model_channels": 384, "channel_mult": [1, 2, 4, 4], "transformer_depth": 4,
     "context_dim": 1280, "adm_in_channels": 2560,
 }
 
