@@ -36,8 +36,9 @@ def register(subparsers: Any) -> None:
                         help="a parameter value for every row (a row's own column wins)")
     parser.add_argument("--backend", choices=["local", "ray"], default="local",
                         help="local: one executor in this process; ray: one actor per worker on a Ray cluster")
-    parser.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); "
-                        "default: $RAY_ADDRESS, else a local cluster started for this batch")
+    parser.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001, HOST:6379, or auto: the "
+                        "cluster `ray start` recorded); default: $RAY_ADDRESS, else a private local cluster "
+                        "started for this batch and stopped with it")
     parser.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per --threads CPUs)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads per worker (default 1, or $OMP_NUM_THREADS locally; on Ray "

@@ -31,6 +31,7 @@ import concurrent.futures
 import gc
 import itertools
 import json
+import os
 import queue
 import threading
 from collections import OrderedDict, deque
@@ -114,11 +115,12 @@ class RayWorkerPool:
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            address = cluster_address(address)
             try:
                 ray.init(address=address, **dict(init_kwargs or {}))
             except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; the user needs one line
-                raise RayUnavailable(f"cannot start or reach the Ray cluster at {address or 'local'}: "
-                                     f"{type(exc).__name__}: {exc}") from exc
+                where = "a new local cluster" if address == "local" else f"the Ray cluster at {address}"
+                raise RayUnavailable(f"cannot start or reach {where}: {type(exc).__name__}: {exc}") from exc
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // threads)
         options = {"num_gpus": 1, "num_cpus": threads} if gpus else {"num_cpus": threads}
@@ -454,6 +456,18 @@ class _BatchActor:
 
         return {"worker": self.runner.worker, "model_loads": self.runner.model_loads,
                 "cpu_seconds": time.process_time()}
+
+
+def cluster_address(address: str | None) -> str:
+    """The cluster a pool joins: the one it was told (``address``, else ``$RAY_ADDRESS``), else a new,
+    private local cluster (``"local"``), stopped with the pool.
+
+    Never Ray's own default: without an address, ``ray.init`` joins the cluster named in the address
+    file of Ray's temporary folder (left by an earlier ``ray start``, and still there when that
+    cluster was stopped by killing its processes), and with a stale file it waits minutes for a
+    cluster that is gone.
+    """
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def _import_ray() -> Any:
