@@ -206,4 +206,6 @@ def conditioner_node(cls: type[Conditioner]) -> type[Node]:
     for hook in ("check_inputs", "fingerprint", "is_deterministic", "estimate", "constant_outputs"):
         if hook in cls.__dict__:
             attrs[hook] = cls.__dict__[hook]
+    if getattr(cls, "estimate_rule", None):  # how its memory is declared (see Node.estimate_rule)
+        attrs["estimate_rule"] = cls.estimate_rule
     return type(cls.__name__, (Node,), attrs)

@@ -61,6 +61,8 @@ class Component:
 class ComponentNode(Node):
     """Base of the node types made from workflows; validation expands them, so none ever runs."""
 
+    estimate_rule = "expanded"  # validation replaces it by its nodes before estimates are made
+
     component: ClassVar[Component]
 
     def run(self, inputs: Any, ctx: NodeContext) -> None:

@@ -33,6 +33,7 @@ class Environment:
     model_dirs: tuple[Path, ...] = ()
     device: str | None = None
     memory_budget: int | None = None  # bytes a run may allocate; None: the machine's available memory, 0: no limit
+    disk_budget: int | None = None  # bytes a run may write; None: DEFAULT_DISK_BUDGET (1 GiB), 0: no limit
     max_image_pixels: int = 64_000_000  # largest input image (width x height) decoded, checked from its header
     carried_inputs: Path | None = None  # input files carried by a PNG being re-run, searched before input_dir
     temp_dir: Path | None = None  # where previews (PreviewImage) go; None: a private temporary folder

@@ -13,6 +13,7 @@ Nodes also return warnings here (a prompt outside a model's vocabulary): they do
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -67,6 +68,23 @@ class Estimate:
     problems: tuple[tuple[str | None, str, str], ...] = ()
     """``(input name or None, code, message)``: errors seen only from what flows in (a LoRA made for
     another architecture than the model linked to it); they refuse the workflow like any problem."""
+    writes: int = 0
+    """Bytes the node writes to disk (saved images), summed against the disk budget (``--disk-budget``)."""
+    files: int = 0
+    """Files the node writes; each also embeds the workflow (counted once per file)."""
+
+
+DEFAULT_DISK_BUDGET = GIB
+"""What one run may write when ``--disk-budget`` is not given: ample for any real workflow, and a
+refusal for one crafted to fill a disk (5,000 SaveImage nodes each embedding a large workflow)."""
+
+
+def png_bytes(shape: Shape, env: Environment) -> int:
+    """An upper bound of what saving ``shape`` as PNGs writes: 8-bit pixels, uncompressed (PNG never
+    grows them by more than a few bytes per row), plus the text chunks each file embeds."""
+    metadata = sum(len(k) + len(v) for k, v in getattr(env, "png_text", ()))
+    per_image = shape.height * (shape.width * min(shape.channels, 4) + 1) + 1024 + metadata
+    return shape.batch * per_image
 
 
 def available_memory() -> int | None:
@@ -113,6 +131,7 @@ def estimate_workflow(compiled: CompiledWorkflow, env: Environment) -> tuple[lis
     warnings: list[Problem] = []
     problems: list[Problem] = []
     kept, largest, worst = 0, 0, (0, "", "")
+    written, writers, document_bytes = 0, [], None
     for node_id in compiled.order:
         node = compiled.nodes[node_id]
         inputs = dict(node.literals)
@@ -130,16 +149,23 @@ def estimate_workflow(compiled: CompiledWorkflow, env: Environment) -> tuple[lis
             facts[(node_id, name)] = value
         warnings += [Problem(node_id, name, codes.MODEL_LIMITS, message) for name, message in found.warnings]
         problems += [Problem(node_id, name, code, message) for name, code, message in found.problems]
+        if found.writes > 0 or found.files > 0:
+            if document_bytes is None:
+                document_bytes = len(json.dumps(compiled.resolved_document(), default=str))
+            writes = max(0, found.writes) + max(0, found.files) * document_bytes
+            written += writes
+            writers.append((writes, node_id))
         kept += max(0, found.keeps)
         largest = max(largest, max(0, found.works))
         if found.keeps + found.works > worst[0]:
             worst = (found.keeps + found.works, node_id, found.what)
     if problems:
         return problems, warnings
+    found_problems = _disk_problems(env, written, writers)
     total = kept + largest
     budget = env.memory_budget if env.memory_budget is not None else available_memory()
     if not budget or total <= budget:
-        return [], warnings
+        return found_problems, warnings
     node_id, what = worst[1], worst[2]
     node_type = compiled.nodes[node_id].spec.type_name
     source = "--memory-budget" if env.memory_budget is not None else "this machine's available memory"
@@ -147,5 +173,18 @@ def estimate_workflow(compiled: CompiledWorkflow, env: Environment) -> tuple[lis
     message = (f"the workflow needs about {human(total)}, more than the budget of {human(budget)} ({source}); "
                f"node {node_id!r} ({node_type}) alone needs about {human(worst[0])}{detail}: make images "
                "smaller, batches or repeats fewer, or raise --memory-budget")
-    return [Problem(node_id, None, codes.OVER_BUDGET, message)], warnings
+    return [Problem(node_id, None, codes.OVER_BUDGET, message), *found_problems], warnings
+
+
+def _disk_problems(env: Environment, written: int, writers: list[tuple[int, str]]) -> list[Problem]:
+    """``over_budget`` when the nodes would write more than the disk budget, naming the biggest writers."""
+    disk = env.disk_budget if getattr(env, "disk_budget", None) is not None else DEFAULT_DISK_BUDGET
+    if not disk or written <= disk:
+        return []
+    ranked = sorted(writers, reverse=True)
+    names = ", ".join(repr(n) for _, n in ranked[:5]) + (f" and {len(ranked) - 5} more" if len(ranked) > 5 else "")
+    return [Problem(ranked[0][1], None, codes.OVER_BUDGET,
+                    f"the workflow would write about {human(written)} to disk, more than the disk budget of "
+                    f"{human(disk)} (--disk-budget); the nodes writing most: {names}: save fewer or smaller "
+                    "images, or raise --disk-budget")]
 

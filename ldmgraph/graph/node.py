@@ -241,6 +241,13 @@ class Node:
     description: ClassVar[str] = ""
     deterministic: ClassVar[bool] = True
     output_node: ClassVar[bool] = False
+    estimate_rule: ClassVar[str | None] = None
+    """How a node that does not override :meth:`estimate` declares its memory (every node declares
+    one or the other; a test walks the catalogue): ``"small"`` (nothing worth counting: scalars,
+    sigmas, guiders, conditioning entries, file names), ``"same:<input>"`` (each output is the size
+    of that linked input, e.g. a threshold of an image: the shape flows on), ``"writes:<input>"``
+    (an output node writing that image input to disk: counted against the disk budget), or
+    ``"expanded"`` (a workflow component, replaced by its nodes before estimates are made)."""
     Inputs: ClassVar[type[NodeInputs]] = NodeInputs
     Outputs: ClassVar[type[NodeOutputs]] = NodeOutputs
     spec: ClassVar[NodeSpec]
@@ -294,7 +301,22 @@ class Node:
         ``inputs`` holds the literals and, for each linked input, what the upstream node's estimate
         said about that output (a :class:`~ldmgraph.graph.estimate.Shape`, a model summary, ...;
         None when unknown). Validation sums the figures and refuses a workflow over its budget.
+        The default follows :attr:`estimate_rule`.
         """
+        from .estimate import Estimate, Shape, png_bytes
+
+        rule = cls.estimate_rule or ""
+        kind, _, name = rule.partition(":")
+        shape = inputs.get(name) if name else None
+        if not isinstance(shape, Shape):
+            return None
+        if kind == "same":
+            outs = {out: shape for out in cls.spec.outputs}
+            return Estimate(keeps=shape.nbytes * len(outs), works=shape.nbytes, outputs=outs,
+                            what=f"{len(outs)} output(s) the size of {name}")
+        if kind == "writes":
+            return Estimate(works=shape.nbytes, writes=png_bytes(shape, env), files=shape.batch,
+                            what=f"{shape.batch} PNG(s) of {shape.width}x{shape.height}")
         return None
 
 

@@ -82,6 +82,8 @@ class ClassLabel(Conditioner):
     an embedding added to the time embedding, Dhariwal & Nichol 2021)."""
 
     type_name = "ClassLabel"
+
+    estimate_rule = "small"
     route = "vector"
     sides = "new"
 
@@ -122,6 +124,8 @@ class ConditioningCombine(Node):
     """Join two conditioning lists: the sampler averages their predictions (a composition)."""
 
     type_name = "ConditioningCombine"
+
+    estimate_rule = "small"
     category = "conditioning"
 
     class Inputs(NodeInputs):
@@ -149,6 +153,8 @@ class ConditioningAverage(Node):
     """Blend two prompts: context = w * to + (1 - w) * from (the first entry of `from`)."""
 
     type_name = "ConditioningAverage"
+
+    estimate_rule = "small"
     category = "conditioning"
 
     class Inputs(NodeInputs):
@@ -178,6 +184,8 @@ class ConditioningConcat(Node):
     """Append the tokens of `from` to each entry of `to` (a longer context, both prompts attended)."""
 
     type_name = "ConditioningConcat"
+
+    estimate_rule = "small"
     category = "conditioning"
 
     class Inputs(NodeInputs):
@@ -212,6 +220,8 @@ class ConditioningSetArea(Node):
     """
 
     type_name = "ConditioningSetArea"
+
+    estimate_rule = "small"
     category = "conditioning"
 
     class Inputs(NodeInputs):
@@ -238,6 +248,8 @@ class ConditioningZeroOut(Node):
     """Zero the context and pooled vectors (an "empty" negative for models trained that way)."""
 
     type_name = "ConditioningZeroOut"
+
+    estimate_rule = "small"
     category = "conditioning"
 
     class Inputs(NodeInputs):

@@ -77,6 +77,19 @@ class ControlNetLoader(Node):
         stat = (path / "config.json" if path.is_dir() else path).stat()
         return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Any:
+        """The weights kept: the file's size (a diffusers folder: its weight files)."""
+        from ldmgraph.graph.estimate import Estimate
+
+        try:
+            path = find_controlnet(str(inputs.get("control_net_name")), env.model_dirs)
+            files = [p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin")] if path.is_dir() else [path]
+            size = sum(p.stat().st_size for p in files)
+        except (OSError, ValueError):
+            return None
+        return Estimate(keeps=size, what="the ControlNet's weights")
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.models.controlnet import load_controlnet
 
@@ -116,6 +129,8 @@ class ControlNetApply(Conditioner):
     """Add a ControlNet with its hint image to a conditioning (the control route)."""
 
     type_name = "ControlNetApply"
+
+    estimate_rule = "small"
     route = "control"
     sides = "one"
 
@@ -132,6 +147,8 @@ class ControlNetApplyAdvanced(Conditioner):
     """Add a ControlNet to the positive and negative conditioning, for a part of the schedule."""
 
     type_name = "ControlNetApplyAdvanced"
+
+    estimate_rule = "small"
     route = "control"
     sides = "both"
 
@@ -160,6 +177,8 @@ class Canny(Node):
     gradient magnitude of the 0..1 grey image, as ComfyUI's Canny node (kornia)."""
 
     type_name = "Canny"
+
+    estimate_rule = "same:image"
     category = "image/preprocessors"
 
     class Inputs(NodeInputs):
@@ -185,6 +204,8 @@ class LineArtThreshold(Node):
     becomes white (with `invert`, dark lines on white paper become white lines on black)."""
 
     type_name = "LineArtThreshold"
+
+    estimate_rule = "same:image"
     category = "image/preprocessors"
 
     class Inputs(NodeInputs):

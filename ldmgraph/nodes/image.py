@@ -195,6 +195,8 @@ class SaveImage(Node):
     """
 
     type_name = "SaveImage"
+
+    estimate_rule = "writes:images"
     category = "image"
     output_node = True
 
@@ -229,6 +231,8 @@ class SaveImageWebsocket(Node):
     """
 
     type_name = "SaveImageWebsocket"
+
+    estimate_rule = "small"
     category = "image"
     output_node = True
     deterministic = False

@@ -126,6 +126,8 @@ class PreviewImage(Node):
     """
 
     type_name = "PreviewImage"
+
+    estimate_rule = "writes:images"
     category = "image"
     output_node = True
 
@@ -302,6 +304,8 @@ class ImageMatchLowRes(Node):
     """
 
     type_name = "ImageMatchLowRes"
+
+    estimate_rule = "same:image"
     category = "image"
 
     class Inputs(NodeInputs):

@@ -174,6 +174,13 @@ class TextEncoderLoader(Node):
     def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
         return None if literals.get("name") == MINILM else model_fingerprint(literals.get("name"), env)
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        if inputs.get("name") == MINILM:
+            return Estimate(keeps=MINILM_BYTES, what="MiniLM's weights")
+        summary = model_summary(inputs.get("name"), env)
+        return None if summary is None else Estimate(keeps=summary.weight_bytes, what="the checkpoint's weights")
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.models.checkpoint import load_text_encoder
 

@@ -28,6 +28,7 @@ from ldmgraph.nodes.common import (
     step_reporter,
 )
 from ldmgraph.nodes.paper_conditioning import ldsr_concat
+from ldmgraph.nodes.sampling import _SamplerNode
 from ldmgraph.plugins import hookimpl
 
 
@@ -57,6 +58,24 @@ class LDSRUpscale(Node):
     class Outputs(NodeOutputs):
         image: Any = OutputField(IMAGE, description="the x4 image")
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Any) -> Any:
+        """The x4 image kept; working memory: the U-Net on one tile (cfg 1) and the VQ decoder's
+        full-resolution activations (128 channels at the output size, a few alive at once)."""
+        from ldmgraph.graph.estimate import Estimate, Shape
+        from ldmgraph.models.memory import unet_bytes
+
+        image, model = inputs.get("image"), inputs.get("model")
+        if not isinstance(image, Shape):
+            return None
+        out = Shape(image.batch, image.channels, image.height * 4, image.width * 4)
+        decode = image.batch * out.height * out.width * 128 * 4 * 3
+        tile = min(int(inputs.get("tile") or 128), max(image.height, image.width))
+        unet = getattr(model, "unet", None)
+        works = decode + (unet_bytes(unet, image.batch, tile, tile, model.dtype_bytes) if unet else 0)
+        return Estimate(keeps=out.nbytes, works=works, outputs={"image": out},
+                        what=f"decoding {out.width}x{out.height} from the VQ latent")
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         import torch
 
@@ -85,7 +104,7 @@ class LDSRUpscale(Node):
 DISCRETIZATIONS = {"uniform": "ddim_uniform", "trailing": "simple"}
 
 
-class DDIMSampler(Node):
+class DDIMSampler(_SamplerNode):
     """DDIM as the paper's code samples (Song et al. 2021, eq. 12): `eta` 0 deterministic, 1 ancestral.
 
     Starts from unit-variance noise at the first timestep, as the original `DDIMSampler` and

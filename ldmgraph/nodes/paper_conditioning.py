@@ -65,6 +65,8 @@ class ClassConditioning(_PaperConditioner):
     """
 
     type_name = "ClassConditioning"
+
+    estimate_rule = "small"
     route = "crossattn"
 
     class Inputs(NodeInputs):
@@ -97,6 +99,8 @@ class UnconditionalConditioning(Conditioner):
     carries nothing; sample with cfg 1."""
 
     type_name = "UnconditionalConditioning"
+
+    estimate_rule = "small"
     route = "crossattn"
     sides = "new"
 
@@ -118,6 +122,8 @@ class PaperInpaintConditioning(_PaperConditioner):
     """
 
     type_name = "PaperInpaintConditioning"
+
+    estimate_rule = "small"
     route = "concat"
 
     class Inputs(NodeInputs):
@@ -164,6 +170,23 @@ class SegmentationConditioning(_PaperConditioner):
     class Outputs(NodeOutputs):
         latent: Any = OutputField(LATENT, description="an empty latent of the map's latent size")
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Any:
+        """The one-hot map (classes x H x W floats, and its int64 labels) is the working memory; the
+        rescaled map and the empty latent are kept (the rescaler's factor read from the model)."""
+        from ldmgraph.graph.estimate import Estimate, Shape
+
+        seg, model = inputs.get("segmentation"), inputs.get("model")
+        if not isinstance(seg, Shape):
+            return None
+        classes = int(getattr(model, "seg_classes", None) or 182)
+        pixels = seg.batch * seg.height * seg.width
+        f = int(getattr(model, "downscale", None) or 4)
+        latent = Shape(seg.batch, int(getattr(model, "latent_channels", None) or 3), -(-seg.height // f), -(-seg.width // f))
+        works = pixels * (classes * 4 * 2 + 8 + 4)
+        return Estimate(keeps=2 * latent.nbytes, works=works, outputs={"latent": latent},
+                        what=f"a {classes}-class one-hot map of {seg.width}x{seg.height}")
+
     def contribute(self, inputs: Any, ctx: NodeContext) -> Contribution:
         import torch
         import torch.nn.functional as F
@@ -202,6 +225,8 @@ class LDSRConditioning(_PaperConditioner):
     """
 
     type_name = "LDSRConditioning"
+
+    estimate_rule = "small"
     route = "concat"
 
     class Inputs(NodeInputs):
@@ -236,6 +261,8 @@ class LayoutConditioning(_PaperConditioner):
     """
 
     type_name = "LayoutConditioning"
+
+    estimate_rule = "small"
     route = "crossattn"
 
     class Inputs(NodeInputs):

@@ -22,6 +22,8 @@ class IntValue(Node):
     """An integer constant."""
 
     type_name = "Int"
+
+    estimate_rule = "small"
     category = "primitives"
 
     class Inputs(NodeInputs):
@@ -42,6 +44,8 @@ class FloatValue(Node):
     """A floating-point constant."""
 
     type_name = "Float"
+
+    estimate_rule = "small"
     category = "primitives"
 
     class Inputs(NodeInputs):
@@ -62,6 +66,8 @@ class StringValue(Node):
     """A text constant (a prompt, a file name prefix, ...)."""
 
     type_name = "String"
+
+    estimate_rule = "small"
     category = "primitives"
 
     class Inputs(NodeInputs):
@@ -82,6 +88,8 @@ class BooleanValue(Node):
     """A true/false constant."""
 
     type_name = "Boolean"
+
+    estimate_rule = "small"
     category = "primitives"
 
     class Inputs(NodeInputs):
@@ -107,6 +115,8 @@ class Seed(Node):
     """
 
     type_name = "Seed"
+
+    estimate_rule = "small"
     category = "primitives"
 
     class Inputs(NodeInputs):

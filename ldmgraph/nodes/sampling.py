@@ -16,6 +16,7 @@ node, made from the options the sampler declares (ldmgraph/diffusion/registry.py
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import create_model
@@ -264,6 +265,7 @@ class SamplerSelect(Node):
     use the `SamplerSelect.<name>` node."""
 
     type_name = "SamplerSelect"
+    estimate_rule = "small"
     category = "sampling/custom"
 
     class Inputs(NodeInputs):
@@ -318,6 +320,7 @@ def sampler_select_node(name: str, options: dict[str, Any]) -> type[Node]:
         (Node,),
         {
             "type_name": f"SamplerSelect.{name}",
+            "estimate_rule": "small",
             "category": "sampling/custom/samplers",
             "description": f"The sampler {name!r} with its own options (declared by the sampler).",
             "Inputs": inputs,
@@ -348,6 +351,7 @@ class Scheduler(Node):
     schedule of steps / denoise steps (so always `steps` steps, even for ddim_uniform)."""
 
     type_name = "Scheduler"
+    estimate_rule = "small"
     category = "sampling/custom/sigmas"
 
     class Inputs(NodeInputs):
@@ -374,6 +378,7 @@ class KarrasScheduler(Node):
     """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho), from sigma_max to sigma_min, then 0."""
 
     type_name = "KarrasScheduler"
+    estimate_rule = "small"
     category = "sampling/custom/sigmas"
 
     class Inputs(_SigmaRangeInputs):
@@ -391,6 +396,7 @@ class ExponentialScheduler(Node):
     """Sigmas evenly spaced in log-sigma from sigma_max to sigma_min, then 0."""
 
     type_name = "ExponentialScheduler"
+    estimate_rule = "small"
     category = "sampling/custom/sigmas"
 
     Inputs = _SigmaRangeInputs
@@ -408,6 +414,7 @@ class SplitSigmas(Node):
     the sigma at the split ends the first part and starts the second."""
 
     type_name = "SplitSigmas"
+    estimate_rule = "small"
     category = "sampling/custom/sigmas"
 
     class Inputs(NodeInputs):
@@ -427,6 +434,7 @@ class FlipSigmas(Node):
     """Reverse a schedule (from clean to noisy, for inversion); a leading 0 becomes 1e-4."""
 
     type_name = "FlipSigmas"
+    estimate_rule = "small"
     category = "sampling/custom/sigmas"
 
     class Inputs(NodeInputs):
@@ -446,6 +454,7 @@ class ConcatSigmas(Node):
     """Join two schedules; when the second starts where the first ends, that sigma appears once."""
 
     type_name = "ConcatSigmas"
+    estimate_rule = "small"
     category = "sampling/custom/sigmas"
 
     class Inputs(NodeInputs):
@@ -467,6 +476,35 @@ class ConcatSigmas(Node):
 # ---------------------------------------------------------------- GUIDER
 
 
+@dataclass(frozen=True)
+class GuiderFacts:
+    """What a guider's estimate tells the sampler below it: the model and its calls per latent per step."""
+
+    model: Any
+    calls: int
+
+
+def guider_estimate(model: Any, calls: int) -> Estimate:
+    return Estimate(outputs={"guider": GuiderFacts(model, calls)})
+
+
+def sampling_estimate(cls: type[Node], model: Any, latent: Any, calls: int,
+                      warnings: tuple[tuple[str | None, str], ...] = ()) -> Estimate | None:
+    """The memory of sampling ``latent`` with ``calls`` network calls per latent per step: the outputs
+    (each a latent of that shape) kept, and the U-Net's activations as working memory."""
+    from ldmgraph.models.memory import unet_bytes
+
+    if not isinstance(latent, Shape):
+        return Estimate(warnings=warnings) if warnings else None
+    outs = {name: latent for name in cls.spec.outputs}
+    if getattr(model, "unet", None) is None:
+        return Estimate(keeps=latent.nbytes * len(outs), works=8 * latent.nbytes, outputs=outs, warnings=warnings)
+    total = latent.batch * calls
+    works = unet_bytes(model.unet, total, latent.height, latent.width, model.dtype_bytes) + 8 * latent.nbytes
+    what = f"U-Net activations for {total} latent(s) of {latent.channels}x{latent.height}x{latent.width}"
+    return Estimate(keeps=latent.nbytes * len(outs), works=works, outputs=outs, warnings=warnings, what=what)
+
+
 class CFGGuider(Node):
     """Classifier-free guidance: D = D_neg + cfg (D_pos - D_neg) (Ho & Salimans 2022)."""
 
@@ -481,6 +519,10 @@ class CFGGuider(Node):
 
     class Outputs(NodeOutputs):
         guider: Any = OutputField(GUIDER, description="the guided model")
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate:
+        return guider_estimate(inputs.get("model"), 1 if inputs.get("cfg") == 1 else 2)
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion.sampling import Guider
@@ -500,6 +542,10 @@ class BasicGuider(Node):
 
     class Outputs(NodeOutputs):
         guider: Any = OutputField(GUIDER, description="the conditioned model")
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate:
+        return guider_estimate(inputs.get("model"), 1)
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion.sampling import Guider
@@ -527,6 +573,10 @@ class DualCFGGuider(Node):
     class Outputs(NodeOutputs):
         guider: Any = OutputField(GUIDER, description="the guided model")
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate:
+        return guider_estimate(inputs.get("model"), 3)
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         from ldmgraph.diffusion.sampling import Guider
 
@@ -543,6 +593,7 @@ class RandomNoise(Node):
     """Seeded starting noise (and the per-step noise of ancestral and SDE samplers)."""
 
     type_name = "RandomNoise"
+    estimate_rule = "small"
     category = "sampling/custom/noise"
 
     class Inputs(NodeInputs):
@@ -563,6 +614,7 @@ class DisableNoise(Node):
     """No starting noise: continue from a latent that still holds noise (per-step noise uses seed 0)."""
 
     type_name = "DisableNoise"
+    estimate_rule = "small"
     category = "sampling/custom/noise"
 
     class Inputs(NodeInputs):
@@ -600,6 +652,13 @@ class SamplerCustomAdvanced(Node):
         device: str = _device_field()
 
     Outputs = _CustomOutputs
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        guider = inputs.get("guider")
+        if not isinstance(guider, GuiderFacts):
+            return sampling_estimate(cls, None, inputs.get("latent"), 2)
+        return sampling_estimate(cls, guider.model, inputs.get("latent"), guider.calls)
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> _CustomOutputs:
         out, denoised = _run(ctx, inputs.guider, inputs.sampler, inputs.sigmas, inputs.latent, inputs.noise,

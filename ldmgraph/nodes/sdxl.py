@@ -49,6 +49,8 @@ class CLIPTextEncodeSDXL(Node):
     size and crop conditioning, as ComfyUI's node of this name (its inputs and defaults)."""
 
     type_name = "CLIPTextEncodeSDXL"
+
+    estimate_rule = "small"
     category = "conditioning"
 
     class Inputs(NodeInputs):
@@ -80,6 +82,8 @@ class CLIPTextEncodeSDXLRefiner(Node):
     this name (ascore 6 by default; ComfyUI's SDXL example gives the negative prompt 2.5)."""
 
     type_name = "CLIPTextEncodeSDXLRefiner"
+
+    estimate_rule = "small"
     category = "conditioning"
 
     class Inputs(NodeInputs):
@@ -110,6 +114,8 @@ class SDXLSizeConditioning(Conditioner):
     """
 
     type_name = "SDXLSizeConditioning"
+
+    estimate_rule = "small"
     route = "vector"
     sides = "one"
 

@@ -33,7 +33,6 @@ def main() -> None:
 
     from ldmgraph.graph.context import Environment
     from ldmgraph.graph.executor import Executor
-    from ldmgraph.graph.node import Node
     from ldmgraph.plugins import load_registry
 
     torch.set_num_threads(1)
@@ -49,7 +48,7 @@ def main() -> None:
         inputs = dict(node.literals)
         for name, source, output in node.links:
             inputs[name] = facts.get((source, output))
-        found = node.cls.estimate(inputs, env) if node.cls.estimate.__func__ is not Node.estimate.__func__ else None
+        found = node.cls.estimate(inputs, env)
         if found is not None:
             facts.update({(node_id, k): v for k, v in found.outputs.items()})
             kept, works = kept + found.keeps, max(works, found.works)

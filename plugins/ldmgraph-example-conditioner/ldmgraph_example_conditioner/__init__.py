@@ -23,6 +23,7 @@ class PromptAppend(Conditioner):
     """Append a second prompt's tokens, scaled by `weight`, to the conditioning's context."""
 
     type_name = "PromptAppend"
+    estimate_rule = "small"  # memory: a few token embeddings (ldmgraph's budget reads this)
     route = "crossattn"
     sides = "one"
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ldmgraph.graph import InputField, Node, NodeContext, NodeInputs, NodeOutputs, OutputField
+from ldmgraph.graph.estimate import Estimate, Shape
 from ldmgraph.graph.sockets import FLOAT, IMAGE, INT
 from ldmgraph.plugins import hookimpl
 
@@ -28,6 +31,13 @@ class ExampleCheckerboard(Node):
     class Outputs(NodeOutputs):
         image: np.ndarray = OutputField(IMAGE, description="[1, H, W, 3] checkerboard")
 
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Any) -> Estimate:
+        """What the budget counts: the [1, H, W, 3] float32 board, and the index grids made on the way."""
+        shape = Shape(1, 3, inputs["height"], inputs["width"])
+        return Estimate(keeps=shape.nbytes, works=4 * shape.nbytes, outputs={"image": shape},
+                        what=f"a {inputs['width']}x{inputs['height']} board")
+
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         y, x = np.mgrid[0 : inputs.height, 0 : inputs.width]
         light = ((y // inputs.tile + x // inputs.tile) % 2).astype(bool)
@@ -39,6 +49,7 @@ class ExampleGrayscale(Node):
     """Convert RGB images to grey with the Rec. 709 luma weights (kept as 3 channels)."""
 
     type_name = "ExampleGrayscale"
+    estimate_rule = "same:image"  # memory: one output the size of its input (ldmgraph's budget reads it)
     category = "example"
 
     class Inputs(NodeInputs):
