@@ -3,7 +3,9 @@
 ComfyUI's websocket protocol: JSON text frames ``{"type", "data"}``, and binary frames for preview
 images laid out as a 4-byte big-endian event number (1 = preview image), a 4-byte big-endian image
 format (1 = JPEG, 2 = PNG), then the encoded image. Execution messages go to the client that
-queued the job (all clients when it gave no id); ``status`` goes to everyone. A client that asked
+queued the job (all clients when it gave no id, as ComfyUI sends them); ``status`` goes to everyone;
+image frames go only to the job's own client (the worker sends none for a job without one, so a
+client collecting frames never receives another job's images). A client that asked
 for ``previews=json`` on connecting gets each preview as a JSON message with a base64 PNG instead
 of a binary frame.
 """

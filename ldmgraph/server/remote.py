@@ -36,16 +36,21 @@ from ldmgraph.graph.validate import CompiledWorkflow
 
 from .hub import Hub
 from .store import Job, Store
-from .worker import JobRun, WorkerHealth, _ms
+from .worker import JobRun, WorkerHealth, _ms, comfyui_png_text
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
 COUNTED = re.compile(r"^(.+)_\d{5}_(\.[A-Za-z0-9]+)$")  # SaveImage's {prefix}_{counter:05d}_{suffix}
 
 
 class RemoteWorker:
     """Runs queued jobs on a :class:`~ldmgraph.batch.ray_pool.RayWorkerPool` (see the module docstring)."""
 
-    def __init__(self, pool: Any, store: Store, hub: Hub, output_root: Path, on_queue_change: Any) -> None:
+    def __init__(self, pool: Any, store: Store, hub: Hub, output_root: Path, on_queue_change: Any,
+                 redact: Any = None) -> None:
         self.pool = pool
+        self.redact = redact or (lambda value: value)
+        self.base_env: Any = None  # the actors hold the environment; temp files stay on them
         self.store = store
         self.hub = hub
         self.output_root = output_root
@@ -168,7 +173,10 @@ class RemoteRun(JobRun):
             self.on_event(item[1])
 
     def _write(self, name: str, data: bytes) -> Path:
-        """A file from the actor, under its name, or numbered on from the files already here."""
+        """A file from the actor, under its name, or numbered on from the files already here; a PNG
+        gets the job's ComfyUI text chunks (the actor does not have them)."""
+        if data.startswith(PNG_SIGNATURE) and data.endswith(PNG_END):
+            data = with_png_text(data, comfyui_png_text(self.job))
         numbered = COUNTED.match(name)
         if numbered:
             return atomic_write_new(self.folder, numbered[1], numbered[2], data)
@@ -220,9 +228,10 @@ class RemoteRun(JobRun):
                     "exception_message": "; ".join(errors) or "the worker died running this job",
                     "traceback": [], "current_inputs": {}, "current_outputs": {}}
         node_id = detail["node_id"] or (self.current if detail["kind"] != "validation" else None)
-        return {"node_id": node_id, "node_type": detail["node_type"] or self._type(node_id),
-                "exception_type": detail["exception_type"], "exception_message": detail["exception_message"],
-                "traceback": detail["traceback"], "current_inputs": {}, "current_outputs": {}}
+        return self.worker.redact({
+            "node_id": node_id, "node_type": detail["node_type"] or self._type(node_id),
+            "exception_type": detail["exception_type"], "exception_message": detail["exception_message"],
+            "traceback": detail["traceback"], "current_inputs": {}, "current_outputs": {}})
 
 
 def _shut_down(future: concurrent.futures.Future[Any]) -> bool:
@@ -233,3 +242,15 @@ def _shut_down(future: concurrent.futures.Future[Any]) -> bool:
         return False
     exc = future.exception()
     return exc is not None and not isinstance(exc, RowFailed)
+
+
+def with_png_text(data: bytes, chunks: tuple[tuple[str, str], ...]) -> bytes:
+    """A PNG with ``tEXt`` chunks added before its end (the pixels are not re-encoded)."""
+    import struct
+    import zlib
+
+    extra = b""
+    for key, text in chunks:
+        body = key.encode("latin-1") + b"\x00" + text.encode("latin-1", "replace")
+        extra += struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    return data[: -len(PNG_END)] + extra + PNG_END

@@ -98,7 +98,7 @@ class ServerState:
             from .remote import RemoteWorker
 
             worker = RemoteWorker(ray_pool(config, env), store, hub, output_dir,
-                                  lambda: state_box[0].broadcast_status())
+                                  lambda: state_box[0].broadcast_status(), redact=redact)
         else:
             worker = Worker(Executor(registry, env), store, hub, env, output_dir,
                             lambda: state_box[0].broadcast_status(), preview_method=config.preview_method,

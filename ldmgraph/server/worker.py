@@ -216,7 +216,8 @@ class JobRun:
 
     @property
     def temp_folder(self) -> Path:
-        return self.worker.base_env.temp_dir or self.worker.output_root.parent / "temp"
+        env = self.worker.base_env
+        return (env.temp_dir if env is not None else None) or self.worker.output_root.parent / "temp"
 
     def send(self, kind: str, data: dict[str, Any], record: bool = False) -> None:
         data = {**data, "prompt_id": self.job.id}
