@@ -142,3 +142,33 @@ def test_mkdocs_build_strict_passes(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "nodes" / "index.html").is_file()
     assert "RayWorkerPool" in (tmp_path / "site" / "api" / "batch" / "index.html").read_text()
+
+
+def test_paper_workflows_load_the_files_the_models_page_names() -> None:
+    """Each paper workflow's row in docs/models.md names the release and the exact file it loads."""
+    page = (DOCS / "models.md").read_text(encoding="utf-8")
+    for path in sorted((ROOT / "workflows" / "paper").glob("*.json")):
+        doc = json.loads(path.read_text())
+        [ckpt] = [n["inputs"]["ckpt_name"] for n in doc["nodes"].values() if n["type"] == "CheckpointLoader"]
+        row = next(line for line in page.splitlines() if f"`paper/{path.name}`" in line)
+        assert f"`{ckpt}`" in row, (path.name, ckpt)
+    row = next(line for line in page.splitlines() if "`paper/txt2img.json`" in line)
+    assert "txt2img-f8-large" in row and "text2img-large" in row  # the release's name and its folder
+
+
+def test_site_home_page_is_the_readme() -> None:
+    hooks = ROOT / "scripts" / "mkdocs_hooks.py"
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", hooks)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class File:
+        src_uri = "index.md"
+
+    class Page:
+        file = File()
+
+    text = module.on_page_read_source(Page(), {"config_file_path": str(ROOT / "mkdocs.yml")})
+    assert text.startswith("# ldmgraph") and "](docs/" not in text and "## Quick start" in text
+    linked = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    assert [link for link in linked if "://" not in link and not (DOCS / link).exists()] == []
