@@ -1,6 +1,7 @@
 """Wall time of the README's main command, start-up and model loading included, and where it goes.
 
     python benchmarks/main_command.py [--runs 3] [--prompt "a red circle on the left"] [--threads N] [--busy K]
+                                      [--env NAME=VALUE]
 
 Runs ``ldmgraph run workflows/txt2img.json --set prompt=... --output-dir D --profile --json`` in a
 fresh process each time (the console script of the interpreter's environment, as a user would type
@@ -102,10 +103,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", default="a red circle on the left")
     parser.add_argument("--threads", type=int, help="pass --threads N to the runs (default: ldmgraph's default)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment of the runs (e.g. OMP_WAIT_POLICY=ACTIVE with --threads 2: torch's "
+                        "own default on a 2-core machine, to compare)")
     parser.add_argument("--busy", type=int, default=0, metavar="K",
                         help="also run while K busy processes hold the cores; prints loaded_vs_idle")
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}  # the defaults a user gets
+    env.update(item.split("=", 1) for item in args.env)
     extra = ["--threads", str(args.threads)] if args.threads else []
 
     runs, loaded = [], []
