@@ -17,6 +17,7 @@ class, as one `ValidationError`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ldmgraph.graph import codes
@@ -190,9 +191,13 @@ def _problem(node_id: str | None, code: str, message: str, input_name: str | Non
     return Problem(node_id=node_id, input=input_name, code=code, message=message)
 
 
-def api_to_workflow(api: dict[str, Any]) -> dict[str, Any]:
-    """Map an API-format graph onto our nodes; all unsupported nodes are reported together."""
-    problems = _check_classes(api)
+def api_to_workflow(api: dict[str, Any], classes: Mapping[str, NodeMapping] | None = None) -> dict[str, Any]:
+    """Map an API-format graph onto our nodes; all unsupported nodes are reported together.
+
+    `classes` replaces the table (the server adds ldmgraph's own node types, mapped to themselves, so
+    a graph that mixes them with ComfyUI's classes in the editor converts in one pass)."""
+    classes = COMFYUI_NODES if classes is None else classes
+    problems = _check_classes(api, classes)
     if problems:
         raise ValidationError(problems)
     vae_link = _vae_source(api)
@@ -201,7 +206,7 @@ def api_to_workflow(api: dict[str, Any]) -> dict[str, Any]:
         kind = node["class_type"]
         if kind in PASS_THROUGH_CLASSES:
             continue
-        mapping = COMFYUI_NODES[kind]
+        mapping = classes[kind]
         inputs = dict(mapping.extra)
         for name, value in (node.get("inputs") or {}).items():
             if name not in mapping.inputs:
@@ -211,7 +216,7 @@ def api_to_workflow(api: dict[str, Any]) -> dict[str, Any]:
                 link, clip_skip = _follow_pass_through(api, value)
                 if clip_skip is not None and kind == "CLIPTextEncode":
                     inputs["clip_skip"] = clip_skip
-                inputs[our_name] = _our_link(api, link, node_id, our_name, problems)
+                inputs[our_name] = _our_link(api, link, node_id, our_name, problems, classes)
             else:
                 if isinstance(value, dict) and "__value__" in value:
                     value = value["__value__"]
@@ -228,13 +233,13 @@ def api_to_workflow(api: dict[str, Any]) -> dict[str, Any]:
     return {"format": "ldmgraph/1", "nodes": nodes, "parameters": _parameters(nodes)}
 
 
-def _check_classes(api: Any) -> list[Problem]:
+def _check_classes(api: Any, classes: Mapping[str, NodeMapping]) -> list[Problem]:
     if not isinstance(api, dict) or not api:
         return [_problem(None, codes.BAD_DOCUMENT, "not a ComfyUI graph: expected API or UI format")]
     problems = []
     for node_id, node in api.items():
         kind = node.get("class_type") if isinstance(node, dict) else None
-        if kind in COMFYUI_NODES or kind in PASS_THROUGH_CLASSES:
+        if kind in classes or kind in PASS_THROUGH_CLASSES:
             continue
         problems.append(
             _problem(
@@ -266,18 +271,23 @@ def _follow_pass_through(api: dict[str, Any], link: list[Any]) -> tuple[list[Any
 
 
 def _our_link(
-    api: dict[str, Any], link: list[Any], node_id: str, input_name: str, problems: list[Problem]
+    api: dict[str, Any],
+    link: list[Any],
+    node_id: str,
+    input_name: str,
+    problems: list[Problem],
+    classes: Mapping[str, NodeMapping],
 ) -> dict[str, str] | None:
     src_id, index = str(link[0]), int(link[1])
     source = api.get(src_id)
-    if source is None or source["class_type"] not in COMFYUI_NODES:
+    if source is None or source["class_type"] not in classes:
         problems.append(
             _problem(
                 node_id, codes.DANGLING_LINK, f"links to node {src_id}, which is not in the graph", input_name
             )
         )
         return None
-    outputs = COMFYUI_NODES[source["class_type"]].outputs
+    outputs = classes[source["class_type"]].outputs
     if not 0 <= index < len(outputs):
         problems.append(
             _problem(

@@ -31,6 +31,7 @@ from ldmgraph.graph.loading import convert_comfyui
 from ldmgraph.graph.node import InputSpec, Node
 from ldmgraph.graph.registry import Registry
 from ldmgraph.graph.workflow import FORMAT
+from ldmgraph.interop.comfyui import api_to_workflow
 from ldmgraph.interop.comfyui_nodes import (
     COMFYUI_NODES,
     PASS_THROUGH_SHAPES,
@@ -87,11 +88,29 @@ def to_document(prompt: Any, registry: Registry) -> tuple[dict[str, Any], str]:
     api_shaped = all(isinstance(v, dict) and "class_type" in v for v in prompt.values())
     if api_shaped and not _is_comfyui(prompt) and _is_native(prompt, registry):
         return native_to_document(prompt, registry), "ldmgraph-api"
-    if (isinstance(prompt.get("nodes"), list) and "links" in prompt) or all(
-            isinstance(v, dict) and "class_type" in v for v in prompt.values()):
+    if api_shaped:
+        return _mixed_to_document(prompt, registry), "comfyui"
+    if isinstance(prompt.get("nodes"), list) and "links" in prompt:
         return convert_comfyui(prompt, "prompt"), "comfyui"
     raise _bad("'prompt' is neither an API-format graph ({node_id: {class_type, inputs}}) nor an "
                f"{FORMAT} document")
+
+
+def _mixed_to_document(prompt: dict[str, Any], registry: Registry) -> dict[str, Any]:
+    """A graph of ComfyUI's classes, maybe with ldmgraph's own node types among them (the editor lists
+    both), through the importer: ComfyUI names mean ComfyUI's classes, the others map to themselves."""
+    classes: dict[str, NodeMapping] = {}
+    for node in prompt.values():
+        kind = str(node.get("class_type"))
+        cls = registry.node(native_name(kind)) if kind not in COMFY_CLASSES else None
+        if cls is not None:
+            classes[kind] = NodeMapping(cls.spec.type_name, {n: n for n in cls.spec.inputs}, tuple(cls.spec.outputs))
+    try:
+        return api_to_workflow(prompt, {**classes, **COMFYUI_NODES})
+    except ValidationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed graph is a 400, never a 500
+        raise _bad(f"prompt: cannot convert the ComfyUI graph: {type(exc).__name__}: {exc}") from exc
 
 
 def _is_comfyui(prompt: dict[str, Any]) -> bool:

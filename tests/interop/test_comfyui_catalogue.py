@@ -23,7 +23,7 @@ from ldmgraph.plugins import load_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 pytest.importorskip("fastapi")
-from server_helpers import ServerProcess  # noqa: E402
+from server_helpers import ServerProcess, comfy_graph, wait_history  # noqa: E402
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "comfyui_object_info.json").read_text())
 FILE_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("VAELoader", "vae_name"), ("LoadImage", "image"),
@@ -33,13 +33,16 @@ SERVED = sorted(set(COMFYUI_NODES) | PASS_THROUGH_CLASSES)
 
 
 @pytest.fixture(scope="module")
-def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    server = ServerProcess(tmp_path_factory.mktemp("catalogue") / "data").start()
-    try:
-        yield server.http.get("/object_info").json() | {"_one": {
-            name: server.http.get(f"/api/object_info/{name}").json() for name in ("KSampler", "LoadImage")}}
-    finally:
-        server.stop()
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    process = ServerProcess(tmp_path_factory.mktemp("catalogue") / "data").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def catalogue(server: ServerProcess) -> dict[str, Any]:
+    return server.http.get("/object_info").json() | {"_one": {  # type: ignore[no-any-return]
+        name: server.http.get(f"/api/object_info/{name}").json() for name in ("KSampler", "LoadImage")}}
 
 
 def test_every_mapped_comfyui_class_is_served_in_comfyuis_shape(catalogue: dict[str, Any]) -> None:
@@ -134,3 +137,27 @@ def _named(names: list[str], values: list[Any]) -> list[Any]:
         while position < len(values) and (values[position] == "image" or values[position] in SEED_CONTROL_VALUES):
             position += 1
     return out
+
+
+def _saved_pixels(server: ServerProcess, prompt: dict[str, Any]) -> Any:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    entry = wait_history(server, server.submit(prompt)["prompt_id"])
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    [image] = [i for out in entry["outputs"].values() for i in out.get("images", [])]
+    return np.asarray(Image.open(io.BytesIO(server.http.get("/view", params=image).content)))
+
+
+def test_a_graph_mixing_comfyui_classes_and_ldmgraph_nodes_queues(server: ServerProcess) -> None:
+    """The editor lists both kinds; a graph with ldmgraph's VAEDecode in place of ComfyUI's (other input
+    names, same node behind them) queues and draws the same pixels."""
+    comfy = comfy_graph(seed=11, prefix="pure")
+    mixed = comfy_graph(seed=11, prefix="mixed")
+    mixed["8"] = {"class_type": "ldmgraph.VAEDecode", "inputs": {"latent": ["3", 0], "vae": ["4", 2]}}
+    assert (_saved_pixels(server, comfy) == _saved_pixels(server, mixed)).all()
+    mixed["8"]["class_type"] = "VAEDecode"  # ComfyUI's class: its input is samples, not latent
+    reply = server.http.post("/prompt", json={"prompt": mixed})
+    assert reply.status_code == 400 and "8" in reply.json()["node_errors"]
