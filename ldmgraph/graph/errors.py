@@ -14,6 +14,18 @@ class LdmGraphError(Exception):
     """Root of every error ldmgraph raises deliberately."""
 
 
+SHOWN_PROBLEMS = 50
+"""Problems listed in full (CLI lines, ``--json``, HTTP); the rest are counted."""
+ECHO_CHARS = 200
+"""Longest node id or input name echoed back; messages are cut at ``MESSAGE_CHARS``."""
+MESSAGE_CHARS = 800
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was (hostile input can be megabytes)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters, cut)"
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with a workflow: where (node id, input name), a stable code, and how to fix it.
@@ -25,6 +37,12 @@ class Problem:
     input: str | None
     code: str
     message: str
+
+    def __post_init__(self) -> None:
+        for name, limit in (("node_id", ECHO_CHARS), ("input", ECHO_CHARS), ("message", MESSAGE_CHARS)):
+            value = getattr(self, name)
+            if isinstance(value, str) and len(value) > limit:
+                object.__setattr__(self, name, cut(value, limit))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as printed by ``ldmgraph validate --json``."""
@@ -46,8 +64,20 @@ class ValidationError(LdmGraphError):
 
     def _summary(self) -> str:
         lines = [f"{len(self.problems)} problem(s) in the workflow:"]
-        lines += [f"  {p}" for p in self.problems]
+        lines += [f"  {p}" for p in self.shown]
+        if self.more:
+            lines.append(f"  ... and {self.more} more problem(s)")
         return "\n".join(lines)
+
+    @property
+    def shown(self) -> list[Problem]:
+        """The problems listed in full (the first SHOWN_PROBLEMS)."""
+        return self.problems[:SHOWN_PROBLEMS]
+
+    @property
+    def more(self) -> int:
+        """How many problems are counted but not listed."""
+        return max(0, len(self.problems) - SHOWN_PROBLEMS)
 
     @property
     def codes(self) -> set[str]:
@@ -56,7 +86,10 @@ class ValidationError(LdmGraphError):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``{"ok": false, "problems": [...]}``."""
-        return {"ok": False, "problems": [p.to_dict() for p in self.problems]}
+        out: dict[str, Any] = {"ok": False, "problems": [p.to_dict() for p in self.shown]}
+        if self.more:
+            out["more_problems"] = self.more
+        return out
 
 
 class ExecutionError(LdmGraphError):

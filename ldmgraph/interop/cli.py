@@ -48,8 +48,10 @@ def _handle(args: argparse.Namespace) -> int:
         if getattr(args, "json", False):
             print(json.dumps(error.to_dict(), indent=2))
         else:
-            for problem in error.problems:
+            for problem in error.shown:
                 print(f"{source}: {problem}", file=sys.stderr)
+            if error.more:
+                print(f"{source}: ... and {error.more} more problem(s)", file=sys.stderr)
         return 2
     except (OSError, ValueError) as error:
         print(f"{source}: cannot read the ComfyUI graph: {error}", file=sys.stderr)

@@ -89,13 +89,41 @@ def _close_matches(name: str) -> str:
     return "; close matches: " + ", ".join(repr(by_lower[c]) for c in close)
 
 
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting of JSON text (strings skipped), in one loop: no parser recursion."""
+    depth = deepest = 0
+    quoted = escaped = False
+    for char in text:
+        if quoted:
+            escaped, quoted = (False, True) if escaped else (char == "\\", char != '"')
+        elif char == '"':
+            quoted = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+MAX_OBJECTS = 30
+"""Objects the released layout-to-image model takes (its 92 tokens: 30 objects and a crop)."""
+MAX_LAYOUT_CHARS = 64 * 1024
+
+
 def parse_layout(text: str, *, n_numbers: int | None = None) -> list[LayoutObject]:
     """The objects of a layout given as JSON text (see the module docstring); raises `LayoutError`
     naming the object (counted from 1) and what is wrong with it."""
+    if len(text) > MAX_LAYOUT_CHARS:
+        raise LayoutError(f"{len(text)} characters; a layout of at most {MAX_OBJECTS} objects is a few KB")
+    if _nesting(text) > 3:
+        raise LayoutError("nested deeper than a list of [class, x, y, width, height] lists")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LayoutError(f"not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits, ...
+        raise LayoutError(f"not a usable JSON layout ({str(exc)[:120]})") from None
     if not isinstance(data, list):
         raise LayoutError("must be a JSON list of [class, x, y, width, height]")
     objects = []

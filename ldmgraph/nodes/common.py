@@ -128,6 +128,9 @@ def check_model_name(name: Any, env: Environment, *, need_unet: bool = False) ->
         return [(codes.UNSAFE_PATH, f"{error}: name a file inside the model folders")]
     except FileNotFoundError as error:
         return [(codes.FILE_NOT_FOUND, str(error))]
+    except OSError as error:  # a name too long for the filesystem, a folder that cannot be listed
+        return [(codes.FILE_NOT_FOUND, f"cannot look for {name[:80]!r}{'...' if len(name) > 80 else ''} in the "
+                                       f"model folders: {error.strerror or error}; name a file that is there")]
     try:
         inspect_model(path, need_unet=need_unet)
     except PickleRefusedError as error:

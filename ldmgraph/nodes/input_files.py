@@ -30,12 +30,22 @@ def input_path(env: Environment, name: str) -> Path:
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from an image file's header, decoding nothing; None if Pillow cannot tell."""
+    """(width, height) from an image file's header, decoding nothing; None if Pillow cannot tell.
+
+    Pillow refuses to open a header claiming more than twice its own pixel limit (a decompression
+    bomb); such a file is reported with the pixel count Pillow read, as one row of that many pixels,
+    so the limit check below refuses it as `image_too_large` rather than letting it pass unseen.
+    """
+    import re
+
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             return int(image.size[0]), int(image.size[1])
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        return (int(found.group(1)), 1) if found else (2**31, 1)
     except Exception:  # noqa: BLE001 - not an image: the loader reports it with its own message
         return None
 
@@ -45,7 +55,8 @@ def too_many_pixels(size: tuple[int, int], env: Environment, name: str) -> str |
     width, height = size
     if width * height <= env.max_image_pixels:
         return None
-    return (f"{name!r} is {width}x{height} = {width * height / 1e6:.1f} megapixels, more than the limit of "
+    shape = f"{width}x{height} = " if height > 1 else "a decompression bomb of "  # (see image_size)
+    return (f"{name!r} is {shape}{width * height / 1e6:.1f} megapixels, more than the limit of "
             f"{env.max_image_pixels / 1e6:.1f} (about {human(width * height * 16)} once decoded); "
             "scale it down, or raise the limit (--max-image-pixels)")
 

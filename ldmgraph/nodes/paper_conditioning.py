@@ -22,10 +22,12 @@ from ldmgraph.graph import NodeContext, NodeInputs, NodeOutputs, codes
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.node import InputField, OutputField
 from ldmgraph.graph.sockets import ENUM, IMAGE, LATENT, MASK, MODEL, STRING, TEXT_ENCODER, VAE
-from ldmgraph.models.layouts import LayoutError, layout_tokens, parse_layout
+from ldmgraph.models.layouts import MAX_OBJECTS, LayoutError, layout_tokens, parse_layout
 from ldmgraph.nodes.common import NodeInputError, check_mask_size, image_to_torch, mask_to_torch
 from ldmgraph.plugins import hookimpl
 
+LAYOUT_VOCAB = 8192
+"""Tokens of the released layout-to-image model's transformer (class numbers 0..8190, 8191 = none)."""
 CLASSES_FILE = Path(__file__).resolve().parent.parent / "assets" / "data" / "imagenet_classes.tsv"
 UNCONDITIONAL = "(unconditional)"
 
@@ -275,10 +277,13 @@ class LayoutConditioning(_PaperConditioner):
         text = literals.get("layout")
         if not isinstance(text, str):
             return []
-        try:
-            parse_layout(text)
+        try:  # the released model's ranges (8192 tokens: class numbers 0..8190; 30 objects), checked again at run
+            objects = parse_layout(text, n_numbers=LAYOUT_VOCAB - 1)
         except LayoutError as exc:
             return [("layout", codes.NOT_IN_CHOICES, f"LayoutConditioning: input 'layout': {exc}")]
+        if len(objects) > MAX_OBJECTS:
+            return [("layout", codes.OUT_OF_BOUNDS, f"LayoutConditioning: input 'layout': {len(objects)} objects; "
+                     f"the layout model takes at most {MAX_OBJECTS}")]
         return []
 
     def contribute(self, inputs: Any, ctx: NodeContext) -> Contribution:
