@@ -130,14 +130,15 @@ def wait_graph(ticks: int = 10, tick: float = 0.1) -> dict[str, Any]:
 
 
 def comfy_graph(seed: int = 5, output: str = "SaveImage", prefix: str = "ComfyUI") -> dict[str, Any]:
-    """ComfyUI's default SD1.5 graph (its examples' prompt_text), with the checkpoint, size and steps changed."""
+    """The graph of ComfyUI's script examples (their prompt_text, with their positive prompt and seed 5
+    set as they set them), with only the checkpoint (the bundled model), the size and the steps changed."""
     graph: dict[str, Any] = {
         "3": {"class_type": "KSampler", "inputs": {
             "cfg": 8, "denoise": 1, "latent_image": ["5", 0], "model": ["4", 0], "negative": ["7", 0],
             "positive": ["6", 0], "sampler_name": "euler", "scheduler": "normal", "seed": seed, "steps": 1}},
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": TXT2IMG}},
         "5": {"class_type": "EmptyLatentImage", "inputs": {"batch_size": 1, "height": 32, "width": 32}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "a red circle on the left"}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "masterpiece best quality man"}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["4", 1], "text": "bad hands"}},
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
     }

@@ -118,7 +118,7 @@ def test_script_example_websockets_api_reads_images_from_history(server: ServerP
     ws = client.connect()
     try:
         for prompt_id in (None, str(uuid.uuid4())):
-            reply = client.queue_prompt(comfy_graph(seed=7, prefix="ws_example"), prompt_id)
+            reply = client.queue_prompt(comfy_graph(seed=5, prefix="ws_example"), prompt_id)
             assert prompt_id is None or reply["prompt_id"] == prompt_id
             client.wait_done(ws, reply["prompt_id"])
             images = client.history_images(reply["prompt_id"])
@@ -136,7 +136,7 @@ def test_script_example_ws_images_receives_the_image_over_the_websocket(server: 
     client = ExampleClient(server, api="/api")
     ws = client.connect()
     try:
-        reply = client.queue_prompt(comfy_graph(seed=9, output="SaveImageWebsocket"))
+        reply = client.queue_prompt(comfy_graph(seed=5, output="SaveImageWebsocket"))
         frames = client.ws_images(ws, reply["prompt_id"])
     finally:
         ws.close()
@@ -145,7 +145,7 @@ def test_script_example_ws_images_receives_the_image_over_the_websocket(server: 
     entry = wait_history(server, reply["prompt_id"])
     assert entry["status"]["status_str"] == "success" and entry["outputs"] == {}  # nothing kept, as ComfyUI
     saved = ExampleClient(server)
-    saved_reply = saved.queue_prompt(comfy_graph(seed=9, prefix="ws_images_reference"))
+    saved_reply = saved.queue_prompt(comfy_graph(seed=5, prefix="ws_images_reference"))
     wait_history(server, saved_reply["prompt_id"])
     reference = pixels(saved.history_images(saved_reply["prompt_id"])["9"][0])
     assert received.shape == (32, 32, 3) and np.array_equal(received, reference)
