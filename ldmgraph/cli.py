@@ -11,6 +11,7 @@ by nodes that need it, when they run; ``validate``, ``params``, ``nodes``, ``sch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -638,23 +639,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ldmgraph: the {args.command!r} command is not available", file=sys.stderr)
         return EXIT_FAILED
     args.running = None
+    threads: Any = contextlib.nullcontext()
     if args.command in THREADED_COMMANDS:
-        from .threads import configure_threads
+        from .threads import command_threads, resolve_threads
 
         try:
-            configure_threads(getattr(args, "threads", None))
+            resolve_threads(getattr(args, "threads", None))
         except ValueError as exc:
             print(f"ldmgraph: usage error: {exc}", file=sys.stderr)
             return EXIT_INVALID
+        threads = command_threads(getattr(args, "threads", None))
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), threads:
             return int(args.func(args))
     except ValidationError as exc:
         if getattr(args, "json", False):
             _print_json(exc.to_dict())
         else:
-            for problem in exc.problems:
+            for problem in exc.shown:
                 print(f"error: {problem}", file=sys.stderr)
+            if exc.more:
+                print(f"error: ... and {exc.more} more problem(s)", file=sys.stderr)
         return EXIT_INVALID
     except ExecutionError as exc:
         _report_failure(args, exc.to_dict(), str(exc))

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 DEFAULT_THREADS = 1
+ENV_NAMES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 def resolve_threads(requested: int | None) -> int:
@@ -41,3 +44,23 @@ def configure_threads(requested: int | None) -> int:
     if torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+@contextmanager
+def command_threads(requested: int | None) -> Iterator[int]:
+    """`configure_threads` for one command, undone afterwards (the environment and torch's count), so
+    that calling the CLI's ``main`` from Python leaves the caller's process as it was."""
+    saved_env = {name: os.environ.get(name) for name in ENV_NAMES}
+    torch = sys.modules.get("torch")
+    saved_torch = torch.get_num_threads() if torch is not None else None
+    try:
+        yield configure_threads(requested)
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch = sys.modules.get("torch")
+        if torch is not None and saved_torch is not None and torch.get_num_threads() != saved_torch:
+            torch.set_num_threads(saved_torch)

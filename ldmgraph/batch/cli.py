@@ -121,9 +121,9 @@ def _backend(args: argparse.Namespace, env: Any) -> Any:
     from .driver import LocalBackend, RayBackend
 
     if args.backend == "local":
-        from ldmgraph.threads import configure_threads
+        from ldmgraph.threads import resolve_threads
 
-        return LocalBackend(env, args.plugin_dir, threads=configure_threads(args.threads))
+        return LocalBackend(env, args.plugin_dir, threads=resolve_threads(args.threads))
     from .ray_pool import RayWorkerPool
 
     write_dir = env.output_dir if args.shared_output else None
