@@ -16,7 +16,7 @@ the files on the cycle named.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -412,16 +412,6 @@ class _Expander:
 
 def _prefixed(value: Any, prefix: str) -> Any:
     return Link(node=prefix + value.node, output=value.output) if isinstance(value, Link) else value
-
-
-def folders(paths: Iterable[str | Path]) -> list[Path]:
-    """Folder arguments as paths, in order, without repeats."""
-    seen: list[Path] = []
-    for path in paths:
-        folder = Path(path)
-        if folder not in seen:
-            seen.append(folder)
-    return seen
 
 
 def expanded_document(doc: Any, registry: Registry) -> Any:
