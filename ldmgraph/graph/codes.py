@@ -64,8 +64,8 @@ CODES: dict[str, str] = {
     INVALID_TEXT: "text that is not valid Unicode (a lone surrogate) in an id, name or value",
     TOO_DEEP: "values nested deeper than the format allows (metadata, literals)",
     CHECK_FAILED: "a node's own input check raised an error (a bug in that node, named)",
-    OVER_BUDGET: "the workflow's memory estimate exceeds the budget (`--memory-budget`); the node and "
-    "the figure are named",
+    OVER_BUDGET: "the workflow's memory or disk estimate exceeds its budget (`--memory-budget`, "
+    "`--disk-budget`), or a batch is larger than `--max-rows`; the node and the figure are named",
     IMAGE_TOO_LARGE: "an input image has more pixels than the limit (`--max-image-pixels`), read from "
     "its header before decoding",
     PICKLE_CHECKPOINT: "a model file is a pickle, refused; the message says how to convert it",
