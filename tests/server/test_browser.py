@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from server_helpers import ROOT, ServerProcess
 
+from ldmgraph.interop.comfyui_nodes import COMFYUI_NODES
+
 webdriver = pytest.importorskip("selenium.webdriver")
 pytest.importorskip("comfyui_frontend_package")
 from PIL import Image  # noqa: E402
@@ -136,7 +138,7 @@ def graph_types(browser: Any) -> list[str]:
     return sorted(browser.execute_script("return window.app.graph.nodes.map(n => n.type)"))
 
 
-def test_editor_first_view_runs_nothing_missing_and_templates_list_saved_workflows(
+def test_editor_first_view_runs_nothing_missing_draws_every_comfyui_widget_and_lists_templates(
         page: Any, editor_server: ServerProcess) -> None:
     page.get(editor_server.base + "/")
     wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
@@ -152,6 +154,13 @@ def test_editor_first_view_runs_nothing_missing_and_templates_list_saved_workflo
                                ".widgets[0].value")
     assert ckpt == "ldmgraph-shapes-txt2img.safetensors"
     screenshot(page, "editor-first-view.png")
+
+    drawn = page.execute_script("return Object.fromEntries(arguments[0].map(t => [t, "
+                                "(LiteGraph.createNode(t).widgets || []).map(w => w.name)]))", sorted(COMFYUI_NODES))
+    for name, mapping in COMFYUI_NODES.items():  # every widget, in the order the importer reads them
+        expected = [w for widget in mapping.widgets
+                    for w in ([widget, "control_after_generate"] if widget in mapping.seed_widgets else [widget])]
+        assert drawn[name] == expected, name
 
     page.execute_script("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     for title in ("Text to image (ComfyUI nodes)", "txt2img"):
