@@ -246,3 +246,36 @@ def test_a_ckpt_named_directly_gets_the_command_and_the_name_to_use(tmp_path, ca
     name = re.search(r"then name (\S+) instead of model\.ckpt", err).group(1)
     code, _, err = run(capsys, *argv, "--set", f"ckpt_name=ldm/cin256-v2/{name}")
     assert code == 0, err
+
+
+# -- threads ---------------------------------------------------------------------------------------------
+def test_threads_below_one_is_a_usage_error(capsys) -> None:
+    code, _, err = run(capsys, "run", str(WORKFLOWS / "txt2img.json"), "--threads", "0")
+    assert code == 2 and "--threads must be at least 1" in err
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "evaluate"])
+def test_threads_apply_while_the_command_runs_and_are_undone_after(command, capsys, monkeypatch) -> None:
+    """While the command runs, OpenMP is told N threads waiting passively (set before torch starts its
+    pool); the caller's environment is its own again afterwards. Default: one thread."""
+    import os
+
+    import ldmgraph.cli as cli
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen: list[tuple[Any, Any]] = []
+
+    def spy(args: Any) -> int:
+        seen.append((os.environ.get("OMP_NUM_THREADS"), os.environ.get("OMP_WAIT_POLICY")))
+        return 0
+
+    argv = {"run": ["run", "w.json"], "serve": ["serve"], "evaluate": ["evaluate"]}[command]
+    parser = cli.build_parser(command)
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    sub.choices[command].set_defaults(func=spy)
+    monkeypatch.setattr(cli, "build_parser", lambda name=None: parser)
+    assert cli.main([*argv, "--threads", "3"]) == 0
+    assert cli.main(argv) == 0
+    assert seen == [("3", "PASSIVE"), ("1", "PASSIVE")]
+    assert "OMP_NUM_THREADS" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
