@@ -280,3 +280,13 @@ def test_subgraph_cli_batch_with_workflows_dir_sweeps_a_component_input(tmp_path
             sizes.append(image.size)
             assert image.getpixel((0, 0)) == (55, 155, 205)  # inverted inside the component
     assert sizes == [(4, 2), (8, 4)]
+
+
+def test_subgraph_error_in_the_shipped_hires_fix_names_hires_refine_cfg(tmp_path, capsys):
+    doc = json.loads((ROOT / "workflows" / "hires_fix.json").read_text())
+    doc["nodes"]["hires"]["inputs"]["cfg"] = 500
+    broken = write(tmp_path, "hires_fix_bad_cfg", doc)
+    assert main(["validate", "--json", str(broken)]) == 2
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert [(p["node_id"], p["input"], p["code"]) for p in problems] == [("hires.refine", "cfg", "out_of_bounds")]
+    assert "500" in problems[0]["message"] and "100" in problems[0]["message"]
