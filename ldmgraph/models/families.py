@@ -82,7 +82,8 @@ def _unet(shapes: Shapes, key: str) -> tuple[int, ...] | None:
 
 
 def _sdxl_unet(shapes: Shapes) -> bool:
-    """An SDXL-shaped U-Net: an `adm` MLP and linear (not 1x1 conv) transformer projections."""
+    """An SDXL-shaped U-Net: an `adm` MLP (`label_emb.0.0`) beside cross-attention (the context width
+    then tells base from refiner)."""
     return _unet(shapes, "label_emb.0.0.weight") is not None and any(
         k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight") for k in shapes
     )

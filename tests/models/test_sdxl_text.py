@@ -117,11 +117,14 @@ def test_sdxl_micro_conditioning_vectors_equal_diffusers_add_time_ids(models):
         "xl": {"type": "CLIPTextEncodeSDXL", "inputs": {
             "text_encoder": link, "width": 1024, "height": 768, "crop_w": 16, "crop_h": 32,
             "target_width": 512, "target_height": 640, "text_g": "a cat", "text_l": "a cat"}},
+        "sized": {"type": "SDXLSizeConditioning", "inputs": {  # replaces the numbers of "xl"
+            "conditioning": {"node": "xl", "output": "conditioning"}, "width": 640, "crop_h": 8,
+            "target_height": 256}},
         "refiner": {"type": "CLIPTextEncodeSDXLRefiner", "inputs": {
             "text_encoder": {"node": "ref", "output": "text_encoder"}, "ascore": 2.5, "width": 800,
             "height": 600, "text": "a cat"}},
     }
-    out = _executor(root).run({"format": "ldmgraph/1", "nodes": nodes}, outputs=["plain", "xl", "refiner", "ckpt", "ref"])
+    out = _executor(root).run({"format": "ldmgraph/1", "nodes": nodes}, outputs=["plain", "xl", "sized", "refiner", "ckpt", "ref"])
     base_layout = out.outputs["ckpt"]["model"].diffusion_model.vector_layout
     ref_layout = out.outputs["ref"]["model"].diffusion_model.vector_layout
     pipe = _pipe(modules["base"])
@@ -136,6 +139,8 @@ def test_sdxl_micro_conditioning_vectors_equal_diffusers_add_time_ids(models):
          ids((96, 80), (0, 0), (96, 80)), modules["base"]["unet"]),
         (out.outputs["xl"]["conditioning"][0], base_layout, False,
          ids((768, 1024), (32, 16), (640, 512)), modules["base"]["unet"]),
+        (out.outputs["sized"]["conditioning"][0], base_layout, False,  # height 0: the latent's 96
+         ids((96, 640), (8, 0), (256, 640)), modules["base"]["unet"]),
     ]
     import diffusers
 
