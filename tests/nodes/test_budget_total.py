@@ -166,3 +166,20 @@ def test_fuzz_image_chains_the_budget_accepts_run_within_it(tmp_path_factory: An
         assert result["growth"] <= BUDGET, (steps, result)
     else:
         assert "over_budget" in result["codes"] or result["codes"], (steps, result)
+
+
+def test_a_4096_squared_segmentation_map_is_refused_before_its_one_hot_map_is_made(tmp_path: Path) -> None:
+    """The paper's semantic-synthesis workflow (any checkpoint stands in for the model at validation)."""
+    from PIL import Image
+
+    Image.new("RGB", (4096, 4096)).save(tmp_path / "segmentation.png")
+    doc = json.loads((REPO / "workflows" / "paper" / "semantic.json").read_text())
+    doc["nodes"]["ckpt"]["inputs"]["ckpt_name"] = "ldmgraph-shapes-txt2img.safetensors"
+    doc.pop("parameters")
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(doc))
+    proc = subprocess.run([sys.executable, "-m", "ldmgraph.cli", "validate", str(path), "--json", "--input-dir",
+                           str(tmp_path), "--memory-budget", "16G"], capture_output=True, text=True, timeout=120)
+    result = json.loads(proc.stdout)
+    assert proc.returncode == 2 and "condition" in [p["node_id"] for p in over_budget(result)], result
+    assert "one-hot" in " ".join(p["message"] for p in over_budget(result))
