@@ -272,6 +272,12 @@ class LoraAdapter(_Mapped):
         up = self.up.flatten(1)[rows].float() * self.scale
         return (up @ self.down.flatten(1).float()).reshape(-1, *weight.shape[1:])
 
+    def delta_into(self, weight: Tensor, rows: slice, out: Tensor) -> Tensor:
+        """`delta` written into `out` (no temporary of the weight's size)."""
+        up = self.up.flatten(1)[rows].float() * self.scale
+        torch.mm(up, self.down.flatten(1).float(), out=out.view(up.shape[0], -1))
+        return out
+
 
 
 @dataclass(eq=False)
@@ -419,10 +425,13 @@ class LoraFile:
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA safetensors file (pickles refused, as for checkpoints)."""
     from ldmgraph.models.files import read_state_dict
-    from ldmgraph.models.pages import file_ranges
+    from ldmgraph.models.pages import file_ranges, release
 
     state = read_state_dict(path)
-    return LoraFile(Path(path), dict(state.tensors), dict(state.metadata), file_ranges(path))
+    ranges = file_ranges(path)
+    for tensor in state.tensors.values():  # reading the header may have faulted pages in: give them back
+        release(tensor, ranges)
+    return LoraFile(Path(path), dict(state.tensors), dict(state.metadata), ranges)
 
 
 def model_parts(unet: Any = None, text_encoder: Any = None) -> dict[str, tuple[dict[str, str], dict[str, tuple[int, ...]]]]:
@@ -498,6 +507,8 @@ def lora_patches(
             adapter = make_adapter(tensors, group.key)
             adapter.ranges = lora.ranges
             made[part].append(WeightPatch(group.target + ".weight", adapter, float(strengths[part])))
+    for patch in made["unet"] + made["te"]:
+        patch.adapter.release()  # reading the alphas faulted in the pages around them
     return made["unet"], made["te"], plan
 
 

@@ -13,8 +13,11 @@ Patch kinds (the plugin contract; each is a frozen dataclass, applied in the tup
   summed in float32 and added once, so stacked patches give the same result in any order up to
   float rounding. An adapter whose delta does not depend on W (`uses_weight = False`, every LoRA
   kind but DoRA) is undone without a backup: the delta is computed again and subtracted, and the
-  few elements where subtracting does not round back to the original bits (measured and kept at
-  apply time, as index + value) are written back. Adapters that read W keep that weight whole.
+  few elements where subtracting does not round back to the original bits (found at apply time,
+  kept as an index and a one-byte step in raw bits, about 5 bytes each) are put back. A checksum
+  of the original bits is compared after restoring. Adapters that read W keep that weight whole.
+  Patching works in row chunks through reused buffers, so its peak memory is the notes plus a few
+  MiB.
 - `BlockHook(where, position, fn)`: `fn(h, info) -> h` on the input or output of the U-Net's
   `input_blocks`, `middle_block` or `output_blocks` (optionally only some indices).
 - `SkipHook(fn)`: `fn(h, skip, info) -> (h, skip)` where an output block's backbone features meet
@@ -36,8 +39,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-CHUNK_ELEMENTS = 1 << 20
-"""Rows of a weight are patched in chunks of about this many elements (4 MiB in float32), so the
+CHUNK_ELEMENTS = 1 << 19
+"""Rows of a weight are patched in chunks of about this many elements (2 MiB in float32), so the
 temporaries of the largest layer stay small next to the patch's own tensors."""
 
 STATE_ATTR = "_ldmgraph_patch_state"
@@ -217,8 +220,7 @@ class _Undo:
 
     patches: list[WeightPatch]
     checksum: int = 0
-    index: Tensor | None = None
-    values: Tensor | None = None
+    notes: _Notes | None = None
     original: Tensor | None = None
 
 
@@ -251,8 +253,9 @@ class _PatchState:
                 if patch.target not in params:
                     raise KeyError(f"model patch names the weight {patch.target!r}, which this model does not have")
                 grouped.setdefault(patch.target, []).append(patch)
+        ws = _Workspace()
         for name, group in grouped.items():
-            self.undo[name] = _apply_weight(params[name], group)
+            self.undo[name] = _apply_weight(params[name], group, ws)
         hooks = [p for p in patches if isinstance(p, BlockHook | SkipHook)]
         if hooks:
             if not hasattr(module, "input_blocks"):
@@ -266,8 +269,9 @@ class _PatchState:
     @torch.no_grad()
     def restore(self, module: nn.Module) -> None:
         params = dict(module.named_parameters())
+        ws = _Workspace()
         for name, undo in self.undo.items():
-            _restore_weight(params[name], undo)
+            _restore_weight(params[name], undo, ws)
         self.undo = {}
         if self.hooks:
             module.patch_hooks = None  # type: ignore[assignment]
@@ -286,13 +290,39 @@ def _chunks(weight: Tensor, whole: bool) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
-def _delta(group: list[WeightPatch], weight: Tensor, rows: slice) -> Tensor:
-    total: Tensor | None = None
-    for patch in group:
-        part = patch.adapter.delta(weight, rows) * float(patch.strength)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
+class _Workspace:
+    """Buffers reused by every chunk of every weight: patching allocates no large temporaries (which
+    would also fragment the heap around the notes kept for restoring, and raise the peak RSS)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        key = (name, dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < like.numel() or buffer.device != like.device:
+            buffer = torch.empty(max(like.numel(), CHUNK_ELEMENTS), dtype=dtype, device=like.device)
+            self._buffers[key] = buffer
+        return buffer[: like.numel()].view(like.shape)
+
+
+def _delta(group: list[WeightPatch], weight: Tensor, rows: slice, out: Tensor, ws: _Workspace) -> Tensor:
+    """The summed float32 delta of a weight's patches for `rows`, written into `out`."""
+    for i, patch in enumerate(group):
+        part = _adapter_delta(patch.adapter, weight, rows, out if i == 0 else ws.get("part", out))
+        if i == 0:
+            if patch.strength != 1.0:
+                out.mul_(float(patch.strength))
+        else:
+            out.add_(part, alpha=float(patch.strength))
+    return out
+
+
+def _adapter_delta(adapter: Any, weight: Tensor, rows: slice, out: Tensor) -> Tensor:
+    fill = getattr(adapter, "delta_into", None)
+    if fill is not None:
+        return fill(weight, rows, out)  # type: ignore[no-any-return]
+    return out.copy_(adapter.delta(weight, rows).reshape(out.shape))
 
 
 def _bits(t: Tensor) -> Tensor:
@@ -300,8 +330,14 @@ def _bits(t: Tensor) -> Tensor:
     return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _checksum(weight: Tensor) -> int:
-    return int(_bits(weight).sum(dtype=torch.int64))
+def _checksum(weight: Tensor, ws: _Workspace) -> int:
+    """The sum of the raw bits as 64-bit integers, chunk by chunk."""
+    bits = _bits(weight)
+    total = 0
+    for rows in _chunks(weight, whole=False):
+        chunk = bits[rows]
+        total += int(ws.get("sum", chunk, torch.int64).copy_(chunk).sum())
+    return total
 
 
 def _release(group: list[WeightPatch]) -> None:
@@ -312,36 +348,73 @@ def _release(group: list[WeightPatch]) -> None:
             release()
 
 
-def _apply_weight(param: nn.Parameter, group: list[WeightPatch]) -> _Undo:
-    """W <- W + delta in row chunks, noting the elements where W + delta - delta does not round back."""
+def _apply_weight(param: nn.Parameter, group: list[WeightPatch], ws: _Workspace) -> _Undo:
+    """W <- W + delta in row chunks, noting the elements where W + delta - delta does not round back
+    (as an index and the step, in units in the last place, from what subtracting gives to W)."""
     weight = param.data
-    undo = _Undo(group, checksum=_checksum(weight))
+    undo = _Undo(group, checksum=_checksum(weight, ws))
     if any(getattr(p.adapter, "uses_weight", False) for p in group):
         undo.original = weight.clone()
         base = weight.float()
-        weight.copy_((base + _delta(group, base, slice(None))).to(weight.dtype))
+        weight.copy_((base + _delta(group, base, slice(None), torch.empty_like(base), ws)).to(weight.dtype))
         _release(group)
         return undo
-    index, values = [], []
+    notes: list[tuple[Tensor, Tensor, Tensor]] = []
     width = weight.numel() // max(weight.shape[0], 1) if weight.dim() else 1
-    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
+    exact = weight.dtype == torch.float32
     for rows in _chunks(weight, whole=False):
         part = weight[rows]
-        delta = _delta(group, part, rows).reshape(part.shape)
-        new = (part.float() + delta).to(weight.dtype)
-        back = torch.sub(new.float(), delta, out=delta).to(weight.dtype)
-        wrong = (_bits(back) != _bits(part)).flatten().nonzero().flatten()
+        delta = _delta(group, part, rows, ws.get("delta", part), ws)
+        base = part if exact else ws.get("base", part).copy_(part)
+        new = torch.add(base, delta, out=ws.get("new", part))
+        rounded = new if exact else ws.get("rounded", part, weight.dtype).copy_(new)
+        back = torch.sub(new if exact else new.copy_(rounded), delta, out=delta)
+        back = back if exact else ws.get("back", part, weight.dtype).copy_(back)
+        wrong = torch.ne(_bits(back), _bits(part), out=ws.get("mask", part, torch.bool)).flatten().nonzero().flatten()
         if wrong.numel():
-            index.append((wrong + rows.start * width).to(index_dtype))
-            values.append(part.flatten()[wrong])
-        part.copy_(new)
-    if index:
-        undo.index, undo.values = torch.cat(index), torch.cat(values)
+            steps = _bits(part).flatten()[wrong].long() - _bits(back).flatten()[wrong].long()
+            notes.append((wrong + rows.start * width, steps, part.flatten()[wrong]))
+        part.copy_(rounded)
+    if notes:
+        undo.notes = _Notes.of(notes, weight.numel())
     _release(group)
     return undo
 
 
-def _restore_weight(param: nn.Parameter, undo: _Undo) -> None:
+@dataclass
+class _Notes:
+    """Elements to put back after subtracting: an index, and the step in raw bits from the subtraction's
+    result to the original (one byte when it fits, which is nearly always), else the original value."""
+
+    index: Tensor
+    steps: Tensor
+    far_index: Tensor
+    far_values: Tensor
+
+    @classmethod
+    def of(cls, notes: list[tuple[Tensor, Tensor, Tensor]], numel: int) -> _Notes:
+        """From per-chunk (flat index, step, original value) triples."""
+        index_dtype = torch.int32 if numel < 2**31 else torch.int64
+        near = [s.abs() < 128 for _, s, _ in notes]
+        return cls(
+            torch.cat([i[n] for (i, _, _), n in zip(notes, near, strict=True)]).to(index_dtype),
+            torch.cat([s[n] for (_, s, _), n in zip(notes, near, strict=True)]).to(torch.int8),
+            torch.cat([i[~n] for (i, _, _), n in zip(notes, near, strict=True)]),
+            torch.cat([v[~n] for (_, _, v), n in zip(notes, near, strict=True)]),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.index, self.steps, self.far_index, self.far_values))
+
+    def put_back(self, weight: Tensor) -> None:
+        bits = _bits(weight).view(-1)
+        index = self.index.long()
+        bits[index] = (bits[index].long() + self.steps.long()).to(bits.dtype)
+        weight.view(-1)[self.far_index] = self.far_values
+
+
+def _restore_weight(param: nn.Parameter, undo: _Undo, ws: _Workspace) -> None:
     """W <- W - delta in row chunks, then the noted elements; checked against the original's checksum."""
     weight = param.data
     if undo.original is not None:
@@ -349,12 +422,12 @@ def _restore_weight(param: nn.Parameter, undo: _Undo) -> None:
     else:
         for rows in _chunks(weight, whole=False):
             part = weight[rows]
-            delta = _delta(undo.patches, part, rows).reshape(part.shape)
-            part.copy_(torch.sub(part.float(), delta, out=delta).to(weight.dtype))
-        if undo.index is not None:
-            weight.view(-1)[undo.index.long()] = undo.values  # type: ignore[index]
+            delta = _delta(undo.patches, part, rows, ws.get("delta", part), ws)
+            part.copy_(torch.sub(ws.get("base", part).copy_(part), delta, out=delta))
+        if undo.notes is not None:
+            undo.notes.put_back(weight)
         _release(undo.patches)
-    if _checksum(weight) != undo.checksum:
+    if _checksum(weight, ws) != undo.checksum:
         raise RuntimeError(
             "a patched weight did not come back bit for bit (its delta computed differently on restore); "
             "load the model again")
