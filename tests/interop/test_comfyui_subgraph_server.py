@@ -66,6 +66,7 @@ def test_comfyui_subgraph_editor_node_library_lists_workflow_components(server):
     assert shade["output"] == ["IMAGE"]
 
 
+@pytest.mark.slow
 def test_comfyui_subgraph_server_accepts_the_editors_flattened_ids(server):
     native = prefixed(txt2img_api(seed=4, prefix="flat_native"), "12")
     native["9"] = native.pop("12:7")  # the save node outside the subgraph
