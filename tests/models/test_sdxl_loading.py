@@ -105,3 +105,13 @@ def test_sdxl_text_encoder_loads_alone_from_a_checkpoint(files):
     plain = load_checkpoint(root / "base.safetensors").text_encoder
     assert type(encoder).__name__ == "SDXLTextEncoder" and encoder.context_dim == 128
     assert torch.equal(encoder.encode(["a cat"]).context, plain.encode(["a cat"]).context)
+
+
+def test_sdxl_readme_and_docs_name_every_refused_family():
+    from ldmgraph.models.families import FAMILIES
+
+    root = Path(__file__).resolve().parents[2]
+    pages = [(root / "README.md").read_text(encoding="utf-8"), (root / "docs" / "sdxl.md").read_text(encoding="utf-8")]
+    refused = [f.label for f in FAMILIES if not f.supported]
+    assert len(refused) >= 6
+    assert [(label, i) for label in refused for i, page in enumerate(pages) if label not in page] == []
