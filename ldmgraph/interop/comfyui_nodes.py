@@ -1096,6 +1096,23 @@ PASS_THROUGH_SHAPES: dict[str, ComfyShape] = {
 }
 """How the pass-through classes are served: the editor draws and queues them like any other class."""
 
+UNMAPPED_COMFYUI_CLASSES = frozenset(
+    {
+        "CheckpointLoader",
+        "ConditioningZeroOut",
+        "ImageBlend",
+        "ImageCompositeMasked",
+        "ImageInvert",
+        "ImagePadForOutpaint",
+        "ImageScaleBy",
+        "LatentFromBatch",
+        "RepeatLatentBatch",
+    }
+)
+"""ComfyUI core classes that the table does not map but whose names ldmgraph's own node types use.
+The catalogue serves those node types as `ldmgraph.<name>`, so that no ComfyUI class name describes
+a node of another shape; a row added to the table for one of them takes its name off this list."""
+
 EDITOR_ONLY_CLASSES = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNote"})
 """Classes that exist only in the editor's UI format, never in the API format."""
 

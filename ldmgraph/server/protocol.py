@@ -35,6 +35,7 @@ from ldmgraph.interop.comfyui import api_to_workflow
 from ldmgraph.interop.comfyui_nodes import (
     COMFYUI_NODES,
     PASS_THROUGH_SHAPES,
+    UNMAPPED_COMFYUI_CLASSES,
     ComfyInput,
     ComfyShape,
     Files,
@@ -60,14 +61,18 @@ COMFY_CLASSES: dict[str, ComfyShape] = {
 """Every ComfyUI class the server describes and the importer accepts, with its shape."""
 
 
+TAKEN_NAMES = frozenset(COMFY_CLASSES) | UNMAPPED_COMFYUI_CLASSES
+"""ComfyUI class names: an ldmgraph node type with one of these names is served as ``ldmgraph.<name>``."""
+
+
 def served_name(type_name: str) -> str:
     """The catalogue name of an ldmgraph node type: its own, unless a ComfyUI class has that name."""
-    return NATIVE_PREFIX + type_name if type_name in COMFY_CLASSES else type_name
+    return NATIVE_PREFIX + type_name if type_name in TAKEN_NAMES else type_name
 
 
 def native_name(class_type: str) -> str:
     """The ldmgraph node type behind a catalogue name (the inverse of :func:`served_name`)."""
-    if class_type.startswith(NATIVE_PREFIX) and class_type[len(NATIVE_PREFIX):] in COMFY_CLASSES:
+    if class_type.startswith(NATIVE_PREFIX) and class_type[len(NATIVE_PREFIX):] in TAKEN_NAMES:
         return class_type[len(NATIVE_PREFIX):]
     return class_type
 
@@ -327,7 +332,7 @@ def node_info(cls: type[Node], registry: Registry, files: dict[str, list[str]]) 
         "output_name": list(spec.outputs),
         "output_tooltips": [o.description for o in spec.outputs.values()],
         "name": served_name(spec.type_name),
-        "display_name": spec.type_name if spec.type_name not in COMFY_CLASSES else f"{spec.type_name} (ldmgraph)",
+        "display_name": spec.type_name if spec.type_name not in TAKEN_NAMES else f"{spec.type_name} (ldmgraph)",
         "description": spec.description or first_line,
         "python_module": "nodes" if owner.startswith("ldmgraph") else f"custom_nodes.{owner}",
         "category": f"{CATEGORY_ROOT}/{spec.category}",

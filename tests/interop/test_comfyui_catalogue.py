@@ -18,7 +18,12 @@ from typing import Any
 import pytest
 
 from ldmgraph.interop.comfyui import ui_to_api
-from ldmgraph.interop.comfyui_nodes import COMFYUI_NODES, PASS_THROUGH_CLASSES, SEED_CONTROL_VALUES
+from ldmgraph.interop.comfyui_nodes import (
+    COMFYUI_NODES,
+    PASS_THROUGH_CLASSES,
+    SEED_CONTROL_VALUES,
+    UNMAPPED_COMFYUI_CLASSES,
+)
 from ldmgraph.plugins import load_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
@@ -87,7 +92,7 @@ def test_served_choices_are_those_ldmgraph_honours(catalogue: dict[str, Any]) ->
 def test_ldmgraphs_own_nodes_stay_listed(catalogue: dict[str, Any]) -> None:
     registry = load_registry()
     for name, cls in registry.nodes.items():
-        served = f"ldmgraph.{name}" if name in SERVED else name
+        served = f"ldmgraph.{name}" if name in SERVED or name in UNMAPPED_COMFYUI_CLASSES else name
         entry = catalogue[served]
         assert entry["name"] == served and entry["category"].startswith("ldmgraph/"), name
         listed = entry["input_order"]["required"] + entry["input_order"]["optional"]
@@ -96,6 +101,8 @@ def test_ldmgraphs_own_nodes_stay_listed(catalogue: dict[str, Any]) -> None:
     assert catalogue["VAEDecode"]["input_order"]["required"] == ["samples", "vae"]
     unmapped = {k for k, v in catalogue.items() if k != "_one" and not v["category"].startswith("ldmgraph/")}
     assert unmapped == set(SERVED), "a ComfyUI class is served that the importer does not map"
+    assert not UNMAPPED_COMFYUI_CLASSES & set(catalogue), "a ComfyUI name describes one of ldmgraph's nodes"
+    assert not UNMAPPED_COMFYUI_CLASSES & set(SERVED)
 
 
 def _editor_widgets(info: dict[str, Any]) -> tuple[list[str], list[Any]]:

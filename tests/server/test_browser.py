@@ -170,7 +170,7 @@ def test_editor_first_view_runs_nothing_missing_draws_every_comfyui_widget_and_l
     types = wait_for(lambda: page.execute_script("return window.app.graph.nodes.some(n => n.type === 'Sampler') "
                                                  "&& window.app.graph.nodes.map(n => n.type)"), 30,
                      "the template's graph on the canvas")
-    assert sorted(types) == sorted(["CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
+    assert sorted(types) == sorted(["ldmgraph.CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
                                     "ldmgraph.VAEDecode", "ldmgraph.SaveImage"])
     page.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
 
@@ -238,7 +238,7 @@ def test_saved_workflow_opens_from_the_workflow_list_and_runs(page: Any, editor_
     types = wait_for(lambda: page.execute_script(
         "return window.app && window.app.graph.nodes.some(n => n.type === 'Sampler') "
         "&& window.app.graph.nodes.map(n => n.type)"), 20, "the workflow's nodes on the canvas")
-    assert sorted(types) == sorted(["CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
+    assert sorted(types) == sorted(["ldmgraph.CheckpointLoader", "TextEncode", "TextEncode", "EmptyLatent", "Sampler",
                                     "ldmgraph.VAEDecode", "ldmgraph.SaveImage"])
     before = {tuple(i) for i in page.execute_script(SHOWN_IMAGES)}
     click_when_ready(lambda: [b for b in page.find_elements(By.CSS_SELECTOR, "button")
