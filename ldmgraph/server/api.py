@@ -22,6 +22,7 @@ import time
 import uuid
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+from urllib.parse import urlencode
 
 import pydantic
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
@@ -431,7 +432,8 @@ def _images(job: Job) -> list[dict[str, Any]]:
 def job_summary(job: Job) -> dict[str, Any]:
     """A job as the editor's queue panel reads it (``/api/jobs``)."""
     images = _images(job)
-    preview = ({"filename": images[-1]["filename"], "subfolder": images[-1]["subfolder"], "type": "output",
+    preview = ({"filename": images[-1]["filename"], "subfolder": images[-1]["subfolder"],
+                "type": images[-1].get("type", "output"),
                 "nodeId": images[-1]["nodeId"], "mediaType": "images"} if images else None)
     item: dict[str, Any] = {
         "id": job.id, "status": JOB_STATUS[job.status], "create_time": int(job.created * 1000),
@@ -455,8 +457,8 @@ def job_detail(job: Job) -> dict[str, Any]:
     ok = job.status == "success"
     workflow = (job.extra_data.get("extra_pnginfo") or {}).get("workflow") if isinstance(
         job.extra_data.get("extra_pnginfo"), dict) else None
-    files = [{**i, "url": f"/api/view?filename={i['filename']}&subfolder={i['subfolder']}&type=output"}
-             for i in _images(job)]
+    files = [{**i, "url": "/api/view?" + urlencode({"filename": i["filename"], "subfolder": i["subfolder"],
+                                                    "type": i.get("type", "output")})} for i in _images(job)]
     return {**job_summary(job), "outputs": job.outputs, "update_time": int((job.finished or job.created) * 1000),
             "workflow": {"prompt": job.prompt, "extra_data": {"extra_pnginfo": {"workflow": workflow}}},
             "execution_status": {"status_str": "success" if ok else "error", "completed": ok,

@@ -84,6 +84,9 @@ def test_preview_image_goes_to_temp_with_type_temp(server: ServerProcess) -> Non
     view = server.http.get("/view", params={"filename": image["filename"], "type": "temp"})
     assert view.status_code == 200 and Image.open(io.BytesIO(view.content)).size == (32, 32)
     assert not [m for m in received if isinstance(m, bytes)]  # previews off by default, outputs never previews
+    job = server.job(reply["prompt_id"])
+    assert job["preview_output"]["type"] == "temp" and "type=temp" in job["ldmgraph"]["files"][0]["url"]
+    assert server.http.get(job["ldmgraph"]["files"][0]["url"]).content == view.content
 
 
 def test_execution_cached_is_one_message_listing_every_hit(server: ServerProcess) -> None:
