@@ -72,7 +72,7 @@ def lora_factors(
     for name, module in unet.named_modules():
         if name.endswith(TARGETS) and isinstance(module, torch.nn.Linear):
             o, i = module.weight.shape
-            up_std = relative * float(module.weight.std()) * i**0.5 / rank**0.5
+            up_std = relative * float(module.weight.detach().std()) * i**0.5 / rank**0.5
             out[name] = (torch.randn(rank, i, generator=g) / i**0.5, torch.randn(o, rank, generator=g) * up_std,
                          float(rank))
     return out
@@ -118,7 +118,8 @@ def ours(reference: torch.nn.Module, path: Path) -> tuple[float, float, float]:
     scope = patch_scope(patched(handle, patches))
     apply_s = cpu_seconds(scope.__enter__)
     peak = rss("VmHWM") - base_rss
-    noted = [u.index.numel() for u in unet.__dict__["_ldmgraph_patch_state"].undo.values() if u.index is not None]
+    undo = unet.__dict__["_ldmgraph_patch_state"].undo.values()  # the restore notes, for the report
+    noted = [u.notes.index.numel() + u.notes.far_index.numel() for u in undo if u.notes is not None]
     total = sum(unet.get_parameter(p.target).numel() for p in patches)
     print(f"elements noted for an exact restore: {sum(noted) / total:.2%} of {total / 1e6:.0f}M patched")
     restore_s = cpu_seconds(lambda: scope.__exit__(None, None, None))
