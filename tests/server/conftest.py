@@ -29,3 +29,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = ServerProcess(data, "--max-body-mb", "2").start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def roomy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server started with non-default flags: the default body limit (32 MiB), the Host name
+    studio.example allowed, and latent previews on for every job (--preview-method latent2rgb)."""
+    data = tmp_path_factory.mktemp("roomy") / "data"
+    process = ServerProcess(data, "--allow-host", "studio.example", "--preview-method", "latent2rgb").start()
+    yield process
+    process.stop()

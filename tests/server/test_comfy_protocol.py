@@ -128,6 +128,20 @@ def test_previews_only_when_asked_and_only_to_the_jobs_own_client(server: Server
     assert not [m for m in quiet if isinstance(m, bytes)]
 
 
+def test_preview_method_flag_turns_previews_on_for_every_job(roomy: ServerProcess) -> None:
+    """serve --preview-method latent2rgb: a job that does not ask still gets its latent previews;
+    one that asks for none ("none") gets none."""
+    client = uuid.uuid4().hex
+    with connect(roomy.ws_url(client)) as ws:
+        ws.recv(timeout=10)
+        default = roomy.submit(comfy_graph(seed=61, prefix="flag"), client)
+        on = frames_and_messages(ws, default["prompt_id"])
+        off = roomy.submit(comfy_graph(seed=62, prefix="flag"), client, extra_data={"preview_method": "none"})
+        none = frames_and_messages(ws, off["prompt_id"])
+    assert [Image.open(io.BytesIO(f[8:])).size for f in on if isinstance(f, bytes)] == [(8, 8)]
+    assert not [f for f in none if isinstance(f, bytes)]
+
+
 # -- files ----------------------------------------------------------------------------------------------
 def test_uploads_keep_the_clients_name_with_comfyuis_rename_and_overwrite(server: ServerProcess) -> None:
     first, second = (np.full((8, 8, 3), value, np.uint8) for value in (10, 200))

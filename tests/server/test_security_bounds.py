@@ -15,7 +15,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -41,14 +40,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-@pytest.fixture(scope="module")
-def roomy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A server with the default body limit (32 MiB) that also accepts the Host name studio.example."""
-    process = ServerProcess(tmp_path_factory.mktemp("roomy") / "data", "--allow-host", "studio.example").start()
-    yield process
-    process.stop()
 
 
 def test_origin_null_changes_nothing(server: ServerProcess) -> None:
