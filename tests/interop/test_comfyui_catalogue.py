@@ -103,6 +103,8 @@ def test_ldmgraphs_own_nodes_stay_listed(catalogue: dict[str, Any]) -> None:
     assert unmapped == set(SERVED), "a ComfyUI class is served that the importer does not map"
     assert not UNMAPPED_COMFYUI_CLASSES & set(catalogue), "a ComfyUI name describes one of ldmgraph's nodes"
     assert not UNMAPPED_COMFYUI_CLASSES & set(SERVED)
+    taken = set(registry.nodes) & set(REFERENCE["_class_names"]) - set(SERVED)
+    assert taken <= UNMAPPED_COMFYUI_CLASSES, "an ldmgraph node is named like a ComfyUI class: list it there"
 
 
 def _editor_widgets(info: dict[str, Any]) -> tuple[list[str], list[Any]]:
