@@ -168,6 +168,8 @@ class ServerState:
             if not path.is_file() or path.name.startswith("."):
                 continue
             target = self.input_dir / path.name
+            if target.is_symlink():  # planted in input/: never written through, never served
+                continue
             if not target.exists():
                 shutil.copyfile(path, target)
             self.store.add_file("input", "", path.name, target)

@@ -180,3 +180,21 @@ def test_error_messages_show_no_absolute_server_paths(server: ServerProcess) -> 
                  server.http.get("/internal/logs").text):
         assert not [root for root in roots if root in text], text[:600]
     assert "server_test_nodes.py" in json.dumps(error["traceback"])  # the file's name stays: it helps
+
+
+def test_start_up_never_writes_through_a_link_planted_in_input(tmp_path: Path) -> None:
+    """The saved workflows' inputs are copied into input/ at start-up; a dangling link planted under
+    one of their names must not be written through."""
+    from server_helpers import WORKFLOWS
+
+    name = sorted(p.name for p in (WORKFLOWS / "inputs").iterdir() if p.is_file())[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "data" / "input").mkdir(parents=True)
+    (tmp_path / "data" / "input" / name).symlink_to(outside / name)
+    process = ServerProcess(tmp_path / "data").start()
+    try:
+        assert not (outside / name).exists()
+        assert process.http.get("/view", params={"filename": name, "type": "input"}).status_code == 404
+    finally:
+        process.stop()
