@@ -295,9 +295,10 @@ def graph_thumbnail(graph_json: str) -> bytes:
     graph = json.loads(graph_json)
     boxes = {n["id"]: (*n["pos"], n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
              for n in graph["nodes"] if isinstance(n.get("pos"), list) and isinstance(n.get("size"), list)}
+    corners = list(boxes.values()) or [(0, 0, 1, 1)]
     width, height, margin = 512, 384, 16
-    left, top = min(b[0] for b in boxes.values()), min(b[1] for b in boxes.values())
-    right, bottom = max(b[2] for b in boxes.values()), max(b[3] for b in boxes.values())
+    left, top = min(b[0] for b in corners), min(b[1] for b in corners)
+    right, bottom = max(b[2] for b in corners), max(b[3] for b in corners)
     scale = min((width - 2 * margin) / max(right - left, 1), (height - 2 * margin) / max(bottom - top, 1))
 
     def at(x: float, y: float) -> tuple[float, float]:
