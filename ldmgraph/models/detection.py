@@ -339,11 +339,9 @@ def detect(state: StateDict, *, prediction_type: str | None = None) -> Checkpoin
             dtype=dtype,
             metadata=meta,
         )
-    # the family table: refused families (SD3, Flux, ...) by name, SDXL by its reader, else below
+    # the family table (ldmgraph.models.families): refused families (SD3, Flux, ...) by name, the others by their reader
     family = families.refuse(path, {k: tuple(v.shape) for k, v in state.tensors.items()})
-    if family.name != "ldm":
-        return family.read(state, prediction_type=prediction_type)  # type: ignore[no-any-return]
-    return detect_ldm(state, prediction_type=prediction_type, dtype=dtype)
+    return family.read(state, prediction_type=prediction_type)  # type: ignore[no-any-return]
 
 
 def detect_ldm(state: StateDict, *, prediction_type: str | None = None, dtype: str | None = None) -> CheckpointInfo:

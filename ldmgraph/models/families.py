@@ -141,7 +141,13 @@ FAMILIES: tuple[Family, ...] = (
              lambda s: _any_key(s, "input_blocks.N.0.time_stack.", "input_blocks.N.1.time_stack.", "time_mixer.")),
     Family("sdxl-refiner", "SDXL refiner", is_sdxl_refiner, reader="ldmgraph.models.sdxl:read_single_file"),
     Family("sdxl-base", "SDXL base", is_sdxl_base, reader="ldmgraph.models.sdxl:read_single_file"),
-    Family("ldm", "Stable Diffusion 1.x/2.x and the latent-diffusion paper's models",
+    Family("sd1", "Stable Diffusion 1.x (and its inpainting model)",
+           lambda s: _has(s, "cond_stage_model.transformer.text_model.") and _context_width(s) == 768,
+           reader="ldmgraph.models.detection:detect_ldm"),
+    Family("sd2", "Stable Diffusion 2.x (and its inpainting model; 768-v files need prediction_type v)",
+           lambda s: _has(s, "cond_stage_model.model.") and _context_width(s) == 1024,
+           reader="ldmgraph.models.detection:detect_ldm"),
+    Family("ldm", "the latent-diffusion paper's models and other original-layout U-Nets",
            lambda s: True, reader="ldmgraph.models.detection:detect_ldm"),
 )
 """Tried in order; the first whose signature matches decides (the last matches everything)."""
