@@ -334,7 +334,8 @@ COMFYUI_NODES: dict[str, NodeMapping] = {
         {"text": "text", "clip": "text_encoder"},
         ("conditioning",),
         ("text",),
-        extra={"breaks": False},  # ComfyUI reads BREAK as a word, not as a new 75-token window
+        # ComfyUI reads BREAK as a word, not as a new 75-token window, and [word] as text, not a weight
+        extra={"breaks": False, "brackets": False},
         shape=ComfyShape(
             "conditioning",
             (

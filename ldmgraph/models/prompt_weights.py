@@ -46,12 +46,12 @@ class Piece:
     embedding: str | None = None
 
 
-def _lex(text: str) -> list[tuple[str, bool]]:
+def _lex(text: str, escapable: str = "()[]") -> list[tuple[str, bool]]:
     """The prompt's characters, each with whether it was escaped by a backslash."""
     chars: list[tuple[str, bool]] = []
     i = 0
     while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "()[]":
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in escapable:
             chars.append((text[i + 1], True))
             i += 2
         else:
@@ -60,19 +60,17 @@ def _lex(text: str) -> list[tuple[str, bool]]:
     return chars
 
 
-def _matches(chars: list[tuple[str, bool]]) -> dict[int, int]:
+def _matches(chars: list[tuple[str, bool]], openers: str) -> dict[int, int]:
     """Opener position -> its closer's position, for the brackets that close (innermost first)."""
     stack: list[int] = []
     match: dict[int, int] = {}
     for i, (c, escaped) in enumerate(chars):
-        if escaped:
+        if escaped or (c in _OPENERS and c not in openers) or (c in _CLOSERS and _CLOSERS[c] not in openers):
             continue
         if c in _OPENERS:
             stack.append(i)
         elif c in _CLOSERS and stack and chars[stack[-1]][0] == _CLOSERS[c]:
             match[stack.pop()] = i
-        elif c in _CLOSERS and stack:  # a closer of the other kind: the open group cannot close across it
-            continue
     return match
 
 
@@ -113,15 +111,16 @@ def _weigh(chars: list[tuple[str, bool]], match: dict[int, int], start: int, end
         out.append(("".join(buffer), weight))
 
 
-def parse_weights(text: str) -> list[tuple[str, float]]:
+def parse_weights(text: str, brackets: bool = True) -> list[tuple[str, float]]:
     """The prompt as (text, weight) runs, brackets and escapes resolved, neighbours of equal weight merged.
+    ``brackets`` False reads square brackets as text, as ComfyUI does (only `(`, `)` and their escapes count).
 
     >>> parse_weights("a (red:1.3) circle")
     [('a ', 1.0), ('red', 1.3), (' circle', 1.0)]
     """
-    chars = _lex(text)
+    chars = _lex(text, "()[]" if brackets else "()")
     runs: list[tuple[str, float]] = []
-    _weigh(chars, _matches(chars), 0, len(chars), 1.0, runs)
+    _weigh(chars, _matches(chars, "([" if brackets else "("), 0, len(chars), 1.0, runs)
     merged: list[tuple[str, float]] = []
     for part, weight in runs:
         if merged and merged[-1][1] == weight:
@@ -131,10 +130,10 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
     return merged
 
 
-def parse_prompt(text: str) -> list[Piece]:
-    """The prompt as weighted text and embedding references, in order."""
+def parse_prompt(text: str, brackets: bool = True) -> list[Piece]:
+    """The prompt as weighted text and embedding references, in order (``brackets``: see `parse_weights`)."""
     pieces: list[Piece] = []
-    for part, weight in parse_weights(text):
+    for part, weight in parse_weights(text, brackets):
         last = 0
         for m in _EMBEDDING.finditer(part):
             if m.start() > last:

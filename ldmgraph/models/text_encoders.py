@@ -75,13 +75,14 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
     def encode_prompt(
-        self, text: str, clip_skip: int | None = None, embeddings: Any = None, breaks: bool = False
+        self, text: str, clip_skip: int | None = None, embeddings: Any = None, breaks: bool = False,
+        brackets: bool = True,
     ) -> TextEncoding:
         """Encode one prompt written with weights and embedding references (`ldmgraph.models.prompt_weights`):
         `(word:1.2)`, `(word)`, `[word]`, `\\(`, `embedding:name` (`embeddings`: name -> `Embedding`).
         A prompt without them encodes exactly as `encode` encodes its text (`breaks`: the word BREAK starts
-        a new window, for the windowed CLIP encoders)."""
-        pieces = parse_prompt(text)
+        a new window, for the windowed CLIP encoders; `brackets` False: `[word]` is text, as in ComfyUI)."""
+        pieces = parse_prompt(text, brackets)
         if is_plain(pieces):
             extra = {"breaks": True} if breaks and self.windowed else {}
             return self.encode([plain_text(pieces)], clip_skip=clip_skip, **extra)

@@ -48,6 +48,8 @@ class TextEncode(Conditioner):
         clip_skip: int = InputField(INT, 1, ge=1, le=24, description="layer from the end to use (1 = last)")
         breaks: bool = InputField(BOOLEAN, True, description="the word BREAK starts a new 75-token window (A1111's "
                                   "convention, CLIP encoders); off in imported ComfyUI graphs, where BREAK is a word")
+        brackets: bool = InputField(BOOLEAN, True, description="[word] weighs word by 1/1.1 (A1111's reading); off in "
+                                    "imported ComfyUI graphs, where square brackets are text")
 
     def contribute(self, inputs: Any, ctx: NodeContext) -> Any:
         if inputs.text_encoder is None:
@@ -59,7 +61,8 @@ class TextEncode(Conditioner):
         # (num_classes "sequential", e.g. models trained with the vector conditioning route) take it
         # by the vector route; SD 1.x/2.x and the shipped bundled models ignore it.
         encoding = inputs.text_encoder.encode_prompt(
-            inputs.text, clip_skip=inputs.clip_skip, embeddings=prompt_embeddings(inputs.text, ctx), breaks=inputs.breaks
+            inputs.text, clip_skip=inputs.clip_skip, embeddings=prompt_embeddings(inputs.text, ctx), breaks=inputs.breaks,
+            brackets=inputs.brackets,
         )
         return Contribution(encoding.context, pooled=encoding.pooled)
 

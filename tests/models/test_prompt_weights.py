@@ -53,6 +53,15 @@ def test_prompt_weight_parsing_follows_comfyui(text, expected):
     assert [w for _, w in got] == pytest.approx([w for _, w in expected], abs=0, rel=0)
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[red] (blue)", [("[red] ", 1.0), ("blue", 1.1)]),
+    ("\\[red\\] \\(x\\)", [("\\[red\\] (x)", 1.0)]),  # ComfyUI escapes only round brackets
+    ("[(a])", [("[", 1.0), ("a]", 1.1)]),
+])
+def test_prompt_weight_parsing_without_square_brackets_as_comfyui(text, expected):
+    assert parse_weights(text, brackets=False) == expected
+
+
 def test_prompt_weight_embedding_references_are_pieces():
     pieces = parse_prompt("a (embedding:style.pt:1.2), embedding:other in the centre")
     assert pieces == [Piece("a "), Piece("embedding:style.pt", 1.2, "style.pt"), Piece(", "),
@@ -131,11 +140,15 @@ def test_prompt_weight_in_an_imported_comfyui_graph(sd1_file, tiny_clip):
     api = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sd1_file.name}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a (red:1.3) circle"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a [red] circle"}},
     }
     doc = to_workflow(api)
     env = Environment(input_dir=sd1_file.parent, output_dir=sd1_file.parent / "out", model_dirs=(sd1_file.parent,))
-    result = Executor(load_registry(), env).run(doc, outputs=["2"])
+    result = Executor(load_registry(), env).run(doc, outputs=["2", "3"])
     ours = result.outputs["2"]["conditioning"][0].context
+    # ComfyUI reads square brackets as text: the imported prompt is the plain text "a [red] circle"
+    literal = clip_reference(tiny_clip, [clip_window(default_clip_tokenizer().ids("a [red] circle"))], [[1.0] * 77])
+    assert (result.outputs["3"]["conditioning"][0].context - literal).abs().max().item() < TOL
     tok = default_clip_tokenizer()
     a, red, circle = tok.ids("a"), tok.ids("red"), tok.ids("circle")
     weights = [1.0] * (1 + len(a)) + [1.3] * len(red) + [1.0] * (76 - len(a) - len(red))
