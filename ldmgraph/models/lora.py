@@ -109,11 +109,12 @@ def unet_aliases(unet: nn.Module, config: Mapping[str, Any] | None) -> dict[str,
     return aliases
 
 
-def text_aliases(encoder: nn.Module) -> dict[str, str]:
+def text_aliases(encoder: nn.Module, prefix: str = "") -> dict[str, str]:
     """Names a LoRA may use for a text-encoder module (flat form) -> its path in our encoder handle.
 
     Our CLIP modules carry transformers' names under `transformer.`; kohya and diffusers name them
-    from `text_model.` on (`text_model_encoder_layers_0_self_attn_q_proj`).
+    from `text_model.` on (`text_model_encoder_layers_0_self_attn_q_proj`). `prefix` is the path of
+    `encoder` in the handle (SDXL's `clip_l.` and `clip_g.`).
     """
     aliases: dict[str, str] = {}
     for name, module in encoder.named_modules():
@@ -121,8 +122,25 @@ def text_aliases(encoder: nn.Module) -> dict[str, str]:
             continue
         inner = name.removeprefix("transformer.")
         for alias in (name, inner, "text_model." + inner.removeprefix("text_model.")):
-            aliases.setdefault(flat(alias), name)
+            aliases.setdefault(flat(alias), prefix + name)
     return aliases
+
+
+def text_parts(text_encoder: nn.Module) -> dict[str, tuple[dict[str, str], dict[str, tuple[int, ...]]]]:
+    """The text-encoder parts of a LoRA plan: "te" (SD1, SD2), or SDXL's "te1" (CLIP ViT-L, `clip_l`)
+    and "te2" (OpenCLIP bigG, `clip_g`; the refiner has only this one)."""
+    shapes = _weight_shapes(text_encoder)
+    clip_g = getattr(text_encoder, "clip_g", None)
+    if not isinstance(clip_g, nn.Module):
+        return {"te": (text_aliases(text_encoder), shapes)}
+    parts = {"te2": (text_aliases(clip_g, "clip_g."), shapes)}
+    clip_l = getattr(text_encoder, "clip_l", None)
+    if isinstance(clip_l, nn.Module):
+        parts["te1"] = (text_aliases(clip_l, "clip_l."), shapes)
+    return parts
+
+
+TEXT_PARTS = ("te", "te1", "te2")
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -156,13 +174,19 @@ class LoraPlan:
                 f"applied: {sample}{more}")
 
 
-def split_key(key: str) -> tuple[str, str, str, str] | None:
-    """(part, naming, module path in the file's naming, suffix) or None for a key of no known form."""
+def split_key(key: str, parts: Iterable[str] = ()) -> tuple[str, str, str, str] | None:
+    """(part, naming, module path in the file's naming, suffix) or None for a key of no known form.
+
+    diffusers names SDXL's CLIP ViT-L `text_encoder.` as it names SD1's encoder: with `parts` of an
+    SDXL model ("te1" and no "te"), that prefix is "te1".
+    """
     for suffix in SUFFIXES:
         if key.endswith("." + suffix):
             module = key[: -len(suffix) - 1]
             for prefix, part, naming in PREFIXES:
                 if module.startswith(prefix):
+                    if part == "te" and naming == "dotted" and "te1" in parts and "te" not in parts:
+                        part = "te1"
                     return part, naming, module[len(prefix):], suffix
             return None
     return None
@@ -180,7 +204,7 @@ def plan_lora(
     plan = LoraPlan()
     found: dict[tuple[str, str], Group] = {}
     for key in sorted(shapes):
-        split = split_key(key)
+        split = split_key(key, parts)
         if split is None or split[0] not in parts:
             plan.unmatched.append(key)
             continue
@@ -445,7 +469,7 @@ def model_parts(unet: Any = None, text_encoder: Any = None) -> dict[str, tuple[d
         config = getattr(info, "unet", None)
         parts["unet"] = (unet_aliases(module, config), _weight_shapes(module))
     if text_encoder is not None:
-        parts["te"] = (text_aliases(text_encoder), _weight_shapes(text_encoder))
+        parts.update(text_parts(text_encoder))
     return parts
 
 
@@ -464,17 +488,18 @@ def check_plan(plan: LoraPlan, name: str, present: Iterable[str], file_parts: It
     present = set(present)
     for part in sorted(set(file_parts)):
         if part not in present or (part == "unet" and not plan.groups.get("unet")):
-            what = {"te1": "SDXL's first text encoder (lora_te1_)", "te2": "SDXL's second text encoder",
+            what = {"te1": "SDXL's first text encoder (lora_te1_)", "te2": "SDXL's second text encoder (lora_te2_)",
                     "other": "a transformer (Flux, SD3) model", "unet": "another U-Net",
-                    "te": "a text encoder"}.get(part, part)
+                    "te": "an SD1/SD2 text encoder (lora_te_)"}.get(part, part)
             raise LoraMismatchError(
                 f"the LoRA {name} is for {what}, which this model does not have: it was made for another "
                 "architecture; pick a LoRA trained for this model")
 
 
-def file_parts(shapes: Iterable[str]) -> set[str]:
+def file_parts(shapes: Iterable[str], parts: Iterable[str] = ()) -> set[str]:
     """The model parts a LoRA file's keys address ("unet", "te", "te1", "te2", "other")."""
-    return {split[0] for key in shapes if (split := split_key(key)) is not None}
+    parts = tuple(parts)
+    return {split[0] for key in shapes if (split := split_key(key, parts)) is not None}
 
 
 def lora_patches(
@@ -495,27 +520,28 @@ def lora_patches(
     parts = model_parts(unet, text_encoder)
     shapes = relevant_keys(lora.shapes, with_text=text_encoder is not None)
     plan = plan_lora(shapes, parts)
-    check_plan(plan, name, parts, file_parts(shapes))
+    check_plan(plan, name, parts, file_parts(shapes, parts))
     message = plan.warning(name)
     if message:
         warnings.warn(LoraKeysWarning(message), stacklevel=2)
-    strengths = {"unet": strength_model, "te": strength_clip}
-    made: dict[str, list[WeightPatch]] = {"unet": [], "te": []}
+    made: dict[str, list[WeightPatch]] = {"unet": [], "text": []}
     for part, groups in plan.groups.items():
+        strength = strength_model if part == "unet" else strength_clip
         for group in groups:
             tensors = {s: lora.tensors[group.key + "." + s] for s in group.tensors}
             adapter = make_adapter(tensors, group.key)
             adapter.ranges = lora.ranges
-            made[part].append(WeightPatch(group.target + ".weight", adapter, float(strengths[part])))
-    for patch in made["unet"] + made["te"]:
+            made["unet" if part == "unet" else "text"].append(
+                WeightPatch(group.target + ".weight", adapter, float(strength)))
+    for patch in made["unet"] + made["text"]:
         patch.adapter.release()  # reading the alphas faulted in the pages around them
-    return made["unet"], made["te"], plan
+    return made["unet"], made["text"], plan
 
 
 def relevant_keys(shapes: Mapping[str, Any], *, with_text: bool) -> dict[str, Any]:
     """The keys a loader applies: a model-only loader leaves the text encoders' keys aside (they are
     neither for the U-Net nor unmatched)."""
-    skip = () if with_text else ("te", "te1", "te2")
+    skip = () if with_text else TEXT_PARTS
     return {k: v for k, v in shapes.items() if (split := split_key(k)) is None or split[0] not in skip}
 
 

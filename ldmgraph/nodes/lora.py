@@ -91,33 +91,66 @@ def _estimate(inputs: dict[str, Any], env: Environment, with_text: bool) -> Esti
 def architecture_problems(
     header: dict[str, Any], summary: Any, with_text: bool, name: str
 ) -> tuple[list[tuple[str | None, str, str]], list[tuple[str | None, str]]]:
-    """Validation of a LoRA header against the linked model's summary (its U-Net config): errors
-    for another architecture, a warning for unmatched U-Net keys. Nothing when the config is unknown."""
+    """Validation of a LoRA header against the linked model's summary: errors for another
+    architecture (U-Net deltas of another shape, U-Net keys matching nothing, text-encoder keys for
+    encoders the checkpoint does not have), a warning for unmatched U-Net keys where the summary
+    knows the U-Net's whole layout. Nothing when the model is unknown (the run checks again)."""
     from ldmgraph.models import lora
+
+    config = getattr(summary, "unet", None)
+    unet = _meta_unet(config)
+    if unet is None:
+        return [], []
+    texts = _text_parts_of(summary) if with_text else set()
+    shapes = lora.relevant_keys({k: tuple(v.shape) for k, v in header.items()}, with_text=with_text)
+    parts = {"unet": (lora.unet_aliases(unet, config), lora._weight_shapes(unet))}
+    unet_keys = {k: v for k, v in shapes.items() if (s := lora.split_key(k, texts or ())) is None or s[0] == "unet"}
+    plan = lora.plan_lora(unet_keys, parts)
+    file_parts = lora.file_parts(shapes, texts or ())
+    if texts is None:  # the checkpoint's text encoders are not known here: only the U-Net is checked
+        file_parts -= set(lora.TEXT_PARTS)
+    try:
+        lora.check_plan(plan, name, {"unet", *(texts or ())}, file_parts)
+    except lora.LoraMismatchError as error:
+        return [("lora_name", codes.BAD_MODEL, str(error))], []
+    message = plan.warning(name) if "transformer_depth" in config else None
+    return [], ([("lora_name", message)] if message else [])
+
+
+def _meta_unet(config: Any) -> Any:
+    """The U-Net of a summary's config on the meta device (no memory), or None."""
     from ldmgraph.models.unet import UNetModel
     from ldmgraph.models.weights import build_on_meta
 
-    config = getattr(summary, "unet", None)
     if not isinstance(config, dict):
-        return [], []
+        return None
     if config.get("num_heads", -1) == -1 and config.get("num_head_channels", -1) == -1:
         config = {**config, "num_heads": 1}  # heads do not change any weight's shape
     try:
-        unet = build_on_meta(UNetModel, **config)
+        return build_on_meta(UNetModel, **config)
     except Exception:  # noqa: BLE001 - an unusual config: the run-time check still applies
-        return [], []
-    shapes = {k: tuple(v.shape) for k, v in header.items()}
-    shapes = lora.relevant_keys(shapes, with_text=with_text)
-    unet_keys = {k: v for k, v in shapes.items() if (s := lora.split_key(k)) is None or s[0] == "unet"}
-    parts = {"unet": (lora.unet_aliases(unet, config), lora._weight_shapes(unet))}
-    plan = lora.plan_lora(unet_keys, parts)
-    present = {"unet", "te"} if getattr(summary, "text_encoder", None) and with_text else {"unet"}
+        return None
+
+
+def _text_parts_of(summary: Any) -> set[str] | None:
+    """The LoRA parts of a checkpoint's text encoders ("te"; SDXL's "te1", "te2"), from its files."""
+    from ldmgraph.models.header import read_header
+
+    path = Path(str(getattr(summary, "path", "")))
+    if path.is_dir():
+        found = {"te1" if (path / "text_encoder_2").is_dir() else "te"} if (path / "text_encoder").is_dir() else set()
+        return found | ({"te2"} if (path / "text_encoder_2").is_dir() else set())
     try:
-        lora.check_plan(plan, name, present, lora.file_parts(shapes))
-    except lora.LoraMismatchError as error:
-        return [("lora_name", codes.BAD_MODEL, str(error))], []
-    message = plan.warning(name)
-    return [], ([("lora_name", message)] if message else [])
+        keys = read_header(path)[0]
+    except Exception:  # noqa: BLE001 - unreadable here: the loader reports it
+        return None
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return {"te1", "te2"}
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        return {"te2"}
+    if any(k.startswith("cond_stage_model.") for k in keys):
+        return {"te"}
+    return None
 
 
 def apply_lora(
