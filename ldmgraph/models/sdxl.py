@@ -149,7 +149,7 @@ class VectorSum:
     def resolve(self, layout: VectorLayout, latent_hw: tuple[int, int], negative: bool) -> Tensor:
         resolved = [p.resolve(layout, latent_hw, negative) if hasattr(p, "resolve") else p for p in self.parts]
         batch = max(r.shape[0] for r in resolved)
-        return sum((r.float().expand(batch, -1) for r in resolved), torch.zeros(batch, resolved[0].shape[1]))
+        return sum((r.float().cpu().expand(batch, -1) for r in resolved), torch.zeros(batch, resolved[0].shape[1]))
 
     def __add__(self, other: Any) -> VectorSum:
         if isinstance(other, MicroConditioning):

@@ -115,3 +115,25 @@ def test_sdxl_readme_and_docs_name_every_refused_family():
     refused = [f.label for f in FAMILIES if not f.supported]
     assert len(refused) >= 6
     assert [(label, i) for label in refused for i, page in enumerate(pages) if label not in page] == []
+
+
+def test_sdxl_micro_conditioning_is_replaced_and_other_vector_contributions_add():
+    """Through the conditioner contract's `add_contribution`: a later size conditioning replaces an
+    earlier one; a plugin's tensor on the vector route adds to the resolved features."""
+    from ldmgraph.conditioners import CondEntry, add_contribution
+
+    layout = sdxl.VectorLayout(sdxl.BASE_NUMBERS, 4, 2)
+    pooled = torch.arange(4.0)[None]
+    entry = add_contribution(CondEntry(pooled=pooled), "vector", sdxl.MicroConditioning(16, 16))
+    replaced = add_contribution(entry, "vector", sdxl.MicroConditioning(8, 8))
+    extra = torch.full((1, layout.width), 0.5)
+    added = add_contribution(replaced, "vector", extra)
+
+    def expected(height: int, width: int) -> torch.Tensor:
+        numbers = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+        return torch.cat([pooled, sdxl.fourier_features(numbers, 2)], dim=1)
+
+    assert torch.allclose(layout.vector(pooled, entry.vector, (9, 9), False), expected(16, 16))
+    assert torch.allclose(layout.vector(pooled, replaced.vector, (9, 9), False), expected(8, 8))
+    assert torch.allclose(layout.vector(pooled, added.vector, (9, 9), False), expected(8, 8) + 0.5)
+    assert torch.allclose(layout.vector(pooled, None, (2, 3), False), expected(16, 24))  # latent x 8
