@@ -73,6 +73,16 @@ class Denoiser:
             return x - s * out
         return x * (c_in * c_in) - s * c_in * out
 
+    def prepare(self, sigmas: Tensor) -> None:
+        """Map a run's sigmas to timesteps in one vectorised call, before its first step: the
+        sigma -> t lookup depends only on the schedule, so no step pays for it (samplers that
+        evaluate between the listed sigmas still get theirs on demand)."""
+        positive = sigmas.detach().to("cpu", torch.float32).reshape(-1)
+        positive = positive[positive > 0]
+        if positive.numel():
+            for sigma, t in zip(positive.tolist(), self.noise_schedule.sigma_to_t(positive).tolist(), strict=True):
+                self._timesteps.setdefault(sigma, t)
+
     def sigma_at_percent(self, percent: float) -> float:
         """The sigma where `percent` of the schedule has passed (0 -> above sigma_max, 1 -> 0)."""
         if percent <= 0.0:

@@ -17,6 +17,7 @@ schedule (the tail of a longer one for img2img, a slice for start/end steps) and
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -159,10 +160,13 @@ class Guider:
     middle: Sequence[CondEntry] | None = None
     cfg_middle: float = 1.0
 
-    def denoiser(self, integer_timesteps: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
-        """x0 = D(x, sigma) for the samplers."""
+    def denoiser(self, integer_timesteps: bool = False, sigmas: Tensor | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+        """x0 = D(x, sigma) for the samplers; given the run's `sigmas`, their timesteps are looked
+        up once here rather than at each step."""
         model: Any = _IntegerTimesteps(self.model) if integer_timesteps else self.model
         base = Denoiser(model)
+        if sigmas is not None:
+            base.prepare(sigmas)
         if self.middle is None:
             return CFGDenoiser(base, self.positive, self.negative, self.cfg)
         return _DualCFG(
@@ -227,7 +231,7 @@ def run_sampling(
     scale = start_scale(noise.start_noise, float(sigmas[0]), model.noise_schedule.sigma_max)
     x = known + start_noise * scale
 
-    guided: Callable[..., Tensor] = guider.denoiser(integer_timesteps=noise.convention == "comfyui")
+    guided: Callable[..., Tensor] = guider.denoiser(integer_timesteps=noise.convention == "comfyui", sigmas=sigmas)
     mask = None if latent.noise_mask is None else _latent_mask(latent.noise_mask, known)
     if mask is not None:
         guided = InpaintDenoiser(guided, known, start_noise, mask)  # type: ignore[arg-type]
@@ -242,7 +246,8 @@ def run_sampling(
     noise_sampler = noise.step_sampler(
         generators, tuple(known.shape), target, sigmas, sampler.brownian, latent.batch_index
     )
-    with torch.inference_mode():
+    scope = getattr(model, "sampling_scope", None)  # per-run reuse of conditioning-only work
+    with torch.inference_mode(), scope() if callable(scope) else contextlib.nullcontext():
         x = sampler(guided, x, sigmas.to(target), extra_args=None, callback=report, noise_sampler=noise_sampler)
         # no blend here: InpaintDenoiser already returned D * mask + known * (1 - mask) at every
         # step, as ComfyUI's KSamplerX0Inpaint does; a second blend would square a fractional mask

@@ -14,12 +14,37 @@ Attribute names copy the original checkpoint keys (`transformer_blocks.0.attn1.t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+_CONTEXT_KV: ContextVar[dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = ContextVar(
+    "context_kv", default=None
+)
+
+
+@contextmanager
+def reuse_context_projections() -> Iterator[None]:
+    """Within this scope each cross-attention layer projects a given context tensor to K and V once.
+
+    K = to_k(context) and V = to_v(context) depend only on the conditioning, which a sampling run
+    passes unchanged (the same tensor object) at every step: a run enters this scope (through
+    `DiffusionModelHandle.sampling_scope`) and its later steps reuse the first step's K and V. The
+    cache is keyed by layer and holds the context tensor itself, so another tensor (another entry,
+    another conditioning) is projected anew; it lives only as long as the scope, so weight patches
+    applied between runs are always seen. Not for use across weight changes inside one scope.
+    """
+    token = _CONTEXT_KV.set({})
+    try:
+        yield
+    finally:
+        _CONTEXT_KV.reset(token)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -88,16 +113,28 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
         q = _heads_first(self.to_q(x), self.heads)
-        k = _heads_first(self.to_k(context), self.heads)
-        v = _heads_first(self.to_v(context), self.heads)
+        k, v = self._keys_values(x if context is None else context, cross=context is not None)
         if self.attention_override is None:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = self.attention_override(q, k, v)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _keys_values(self, context: torch.Tensor, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `context`; a cross-attention context's are reused inside
+        `reuse_context_projections` (see there)."""
+        cache = _CONTEXT_KV.get() if cross else None
+        if cache is not None:
+            hit = cache.get(id(self))
+            if hit is not None and hit[0] is context:
+                return hit[1], hit[2]
+        k = _heads_first(self.to_k(context), self.heads)
+        v = _heads_first(self.to_v(context), self.heads)
+        if cache is not None:
+            cache[id(self)] = (context, k, v)
+        return k, v
 
 
 class GEGLU(nn.Module):
