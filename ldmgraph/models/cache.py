@@ -6,7 +6,9 @@ that ask for the same file share one module. The cache is bounded by a byte budg
 buffers, counted once per tensor); when an insertion goes over it, the least recently used entries
 are dropped (Python frees them once no node still holds them). An entry larger than the whole
 budget is returned but not kept. The executor creates one cache per session through
-`NodeContext.resource("model_cache", ModelCache)`; nothing here is global.
+`NodeContext.resource("model_cache", ModelCache)`; nothing here is global. A cache given a
+`runtime` (`ldmgraph.models.manager.ModelRuntime`: `--compile`, `--gpu-memory`) has it adopt every
+model it loads, so compiled calls and device placement are set up once and shared by every hit.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ class ModelCache:
     the tensors of modules, handles and checkpoints).
     """
 
-    def __init__(self, budget_bytes: int | None = None, sizeof: Callable[[Any], int] | None = None) -> None:
+    def __init__(self, budget_bytes: int | None = None, sizeof: Callable[[Any], int] | None = None,
+                 runtime: Any = None) -> None:
         self.budget_bytes = default_budget() if budget_bytes is None else int(budget_bytes)
+        self.runtime = runtime  # the session's ModelRuntime (--compile, --gpu-memory), which adopts every model
         self._sizeof = sizeof
         self._entries: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -103,6 +107,8 @@ class ModelCache:
             if value is not None:
                 return value  # type: ignore[no-any-return]
             loaded = load()
+            if self.runtime is not None:
+                self.runtime.adopt(loaded)
             with self._lock:
                 self.stats.loads += 1
             self.put(key, loaded)

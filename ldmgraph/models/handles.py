@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ldmgraph.models import vae_tiling as tiling
 from ldmgraph.models.cache import module_nbytes
+from ldmgraph.models.manager import managed, placed
 from ldmgraph.models.patches import patch_scope
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
 
@@ -79,6 +80,7 @@ class DiffusionModelHandle(nn.Module):
         params = (out if isinstance(out, nn.Module) else self.diffusion_model).parameters()
         return next(params).dtype
 
+    @managed
     def apply_model(
         self,
         x: Tensor,
@@ -133,7 +135,8 @@ class DiffusionModelHandle(nn.Module):
         for source in control:
             if hasattr(source, "check_model"):
                 source.check_model(self.diffusion_model)
-            parts = source.residuals(x, t, context, y)
+            with placed(getattr(source, "handle", source)):  # a ControlNet's weights, where --gpu-memory puts them
+                parts = source.residuals(x, t, context, y)
             total = list(parts) if total is None else [a + b.to(a) for a, b in zip(total, parts, strict=True)]
         assert total is not None
         return total
@@ -181,6 +184,7 @@ class VAEHandle(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.first_stage_model.parameters()).dtype
 
+    @managed
     @torch.no_grad()
     def encode(
         self,
@@ -224,6 +228,7 @@ class VAEHandle(nn.Module):
             return z, None if std is None else (std * self.scale_factor).to(device="cpu", dtype=torch.float32)
         return z
 
+    @managed
     @torch.no_grad()
     def decode(
         self,

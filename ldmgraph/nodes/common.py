@@ -245,8 +245,10 @@ def pick_device(choice: str, ctx: NodeContext) -> str:
 def load_device(ctx: NodeContext) -> str:
     """Where loaders put a model: the run's `--device`, else CUDA > MPS > CPU, so that the sampler,
     the text encoder and the autoencoder compute where their weights are (a sampler's own device
-    choice moves its latents; the model stays where it was loaded)."""
-    return pick_device("auto", ctx)
+    choice moves its latents; the model stays where it was loaded). Under a device-memory manager
+    (`--gpu-memory`) models are loaded at home, in host memory, and moved when a node calls them."""
+    home = getattr(getattr(model_cache(ctx), "runtime", None), "home", None)
+    return home if home is not None else pick_device("auto", ctx)
 
 
 # --- conversions ------------------------------------------------------------------------------

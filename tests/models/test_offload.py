@@ -1,0 +1,202 @@
+"""The device-memory manager (`--gpu-memory`) decides on the CPU as it would on a card.
+
+Here "device" and host are the same memory, but the manager still copies weights for every move
+(a real copy per block when streaming) and its accountant counts the bytes the card would hold;
+the decisions (`ModelManager.moves`) are checked as data. Each workflow runs through the Executor
+on the bundled text-to-image model and its ControlNet, and each image is compared with the one of
+a session without a manager (the independent reference: eager, weights never moved).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes"))
+
+from ldmgraph_tiny_models import BUNDLED_NAMES, write_tiny_checkpoint  # noqa: E402
+
+from ldmgraph.models.manager import GIB, ModelManager, ModelRuntime  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLED = REPO / "ldmgraph" / "assets" / "models"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    for kind, name in BUNDLED_NAMES.items():
+        if not (BUNDLED / name).is_file():
+            write_tiny_checkpoint(folder / name, kind)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def registry():
+    from ldmgraph.plugins import load_registry
+
+    return load_registry()
+
+
+def link(node: str, output: str) -> dict:
+    return {"node": node, "output": output}
+
+
+def txt2img(lora: str | None = None, strength: float = 1.0) -> dict:
+    """Text to image on the bundled model; optionally through a LoraLoader."""
+    model, text = link("ckpt", "model"), link("ckpt", "text_encoder")
+    nodes: dict = {"ckpt": {"type": "CheckpointLoader", "inputs": {"ckpt_name": BUNDLED_NAMES["txt2img"]}}}
+    if lora:
+        nodes["lora"] = {"type": "LoraLoader", "inputs": {"model": model, "text_encoder": text, "lora_name": lora,
+                                                          "strength_model": strength, "strength_clip": 0.0}}
+        model, text = link("lora", "model"), link("lora", "text_encoder")
+    nodes.update({
+        "pos": {"type": "TextEncode", "inputs": {"text_encoder": text, "text": "a red circle on the left"}},
+        "neg": {"type": "TextEncode", "inputs": {"text_encoder": text, "text": ""}},
+        "latent": {"type": "EmptyLatent", "inputs": {"width": 64, "height": 64, "vae": link("ckpt", "vae")}},
+        "sample": {"type": "Sampler", "inputs": {
+            "model": model, "positive": link("pos", "conditioning"), "negative": link("neg", "conditioning"),
+            "latent": link("latent", "latent"), "seed": 3, "steps": STEPS, "cfg": 4.0, "sampler": "euler",
+            "schedule": "karras"}},
+        "decode": {"type": "VAEDecode", "inputs": {"vae": link("ckpt", "vae"), "latent": link("sample", "latent")}},
+    })
+    return {"format": "ldmgraph/1", "nodes": nodes}
+
+
+def executor(registry, models_dir: Path, tmp_path: Path, runtime: ModelRuntime | None):
+    from ldmgraph.graph.context import Environment
+    from ldmgraph.graph.executor import Executor
+    from ldmgraph.models.cache import ModelCache
+    from ldmgraph.nodes.common import MODEL_CACHE_KEY
+
+    env = Environment(input_dir=tmp_path, output_dir=tmp_path / "out", model_dirs=(models_dir, BUNDLED),
+                      device="cpu")
+    ex = Executor(registry, env)
+    ex.resources[MODEL_CACHE_KEY] = ModelCache(runtime=runtime)
+    return ex
+
+
+def image(ex, doc: dict) -> torch.Tensor:
+    return torch.as_tensor(ex.run(doc, outputs=["decode"]).outputs["decode"]["image"])
+
+
+def unet_bytes(ex) -> int:
+    from ldmgraph.models.cache import module_nbytes
+
+    model = ex.run(txt2img(), outputs=["ckpt"]).outputs["ckpt"]["model"]
+    return module_nbytes(model.diffusion_model)
+
+
+def manager(budget: int) -> ModelManager:
+    return ModelManager(budget, "cpu", working_fraction=0.0)
+
+
+@pytest.fixture(scope="module")
+def reference(registry, models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
+    """The image of a session without a manager."""
+    return image(executor(registry, models_dir, tmp_path_factory.mktemp("ref"), None), txt2img())
+
+
+def test_offload_streams_a_unet_over_the_budget_with_peak_at_most_the_budget(registry, models_dir, tmp_path,
+                                                                          reference):
+    probe = executor(registry, models_dir, tmp_path, None)
+    budget = unet_bytes(probe) // 2  # the U-Net cannot be resident: it runs block by block
+    m = manager(budget)
+    ex = executor(registry, models_dir, tmp_path, ModelRuntime(manager=m))
+    out = image(ex, txt2img())
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    actions = [(mv.action, mv.model) for mv in m.moves]
+    assert ("stream", "UNetModel") in actions
+    assert m.accountant.peak <= m.weights_budget == budget
+    assert m.accountant.bytes == 0 or set(m.resident())  # only residents are left on the device
+    unet_moves = [mv for mv in m.moves if mv.model == "UNetModel" and mv.action == "block_in"]
+    # every block came in once per U-Net call (two CFG halves stacked: one call per step), in forward order
+    blocks = [mv.block for mv in unet_moves]
+    per_call = len(blocks) // STEPS
+    assert per_call and blocks == blocks[:per_call] * STEPS
+    assert blocks[0] == "time_embed" and blocks[-1] == "out"
+    assert blocks[1:4] == ["input_blocks.0", "input_blocks.1", "input_blocks.2"]
+    # a text encoder over the budget computes at home, never on the device
+    assert any(mv.action == "host" for mv in m.moves)
+
+
+def test_offload_eviction_order_is_least_recently_used():
+    """Three models, room for two: the least recently used idle one goes home first."""
+    layers = {name: torch.nn.Linear(64, 64) for name in "abc"}
+    size = sum(p.numel() * 4 for p in layers["a"].parameters())
+    m = manager(2 * size + size // 2)
+    x = torch.randn(1, 64)
+    expected = {name: layer(x) for name, layer in layers.items()}
+    for name in ["a", "b", "c", "b", "a"]:
+        with m.use(layers[name], name):
+            torch.testing.assert_close(layers[name](x), expected[name], rtol=0, atol=0)
+    assert [(mv.action, mv.model) for mv in m.moves] == [
+        ("load", "a"), ("load", "b"), ("evict", "a"), ("load", "c"), ("evict", "c"), ("load", "a")]
+    assert m.resident() == ["b", "a"]
+    assert m.accountant.peak <= m.weights_budget
+
+
+def test_offload_never_evicts_a_model_in_use():
+    """A model used inside another's use (a ControlNet inside the U-Net's call) is streamed or kept
+    at home rather than evicting the caller."""
+    outer, inner = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+    size = sum(p.numel() * 4 for p in outer.parameters())
+    m = manager(size + size // 2)
+    with m.use(outer, "outer"), m.use(inner, "inner"):
+        assert m.resident() == ["outer"]
+    assert [(mv.action, mv.model) for mv in m.moves] == [("load", "outer"), ("host", "inner")]
+
+
+def test_gpu_memory_models_stay_resident_between_jobs(registry, models_dir, tmp_path, reference):
+    m = manager(4 * GIB)
+    ex = executor(registry, models_dir, tmp_path, ModelRuntime(manager=m))
+    first = image(ex, txt2img())
+    loads = [(mv.action, mv.model) for mv in m.moves]
+    assert {"UNetModel", "AutoencoderKL"} <= {model for action, model in loads if action == "load"}
+    doc = txt2img()
+    doc["nodes"]["sample"]["inputs"]["seed"] = 4  # a new job: the sampler and the decoder run again
+    second = image(ex, doc)
+    assert [(mv.action, mv.model) for mv in m.moves] == loads  # nothing moved: they stayed on the device
+    torch.testing.assert_close(first, reference, rtol=0, atol=0)
+    assert not torch.equal(first, second)
+    assert not any(mv.action == "evict" for mv in m.moves)
+
+
+def _lora_file(folder: Path, ex) -> str:
+    """A kohya LoRA on every attention projection of the bundled U-Net (seeded random factors)."""
+    from ldmgraph.models.lora import write_kohya_lora
+
+    model = ex.run(txt2img(), outputs=["ckpt"]).outputs["ckpt"]["model"]
+    g = torch.Generator().manual_seed(0)
+    modules = {}
+    for name, module in model.diffusion_model.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_v")) and isinstance(module, torch.nn.Linear):
+            out_features, in_features = module.weight.shape
+            modules[name] = (torch.randn(4, in_features, generator=g) * 0.2,
+                             torch.randn(out_features, 4, generator=g) * 0.2, 4.0)
+    assert modules
+    (folder / "loras").mkdir(exist_ok=True)
+    path = folder / "loras" / "offload-lora.safetensors"
+    write_kohya_lora(path, modules)
+    return path.name
+
+
+def test_offload_lora_patches_apply_to_streamed_weights(registry, models_dir, tmp_path, reference):
+    probe = executor(registry, models_dir, tmp_path, None)
+    lora = _lora_file(models_dir, probe)
+    patched_reference = image(probe, txt2img(lora))  # eager, weights never moved
+    assert not torch.equal(patched_reference, reference)  # the LoRA changes the image
+    m = manager(unet_bytes(probe) // 2)
+    ex = executor(registry, models_dir, tmp_path, ModelRuntime(manager=m))
+    streamed = image(ex, txt2img(lora))
+    assert ("stream", "UNetModel") in [(mv.action, mv.model) for mv in m.moves]
+    torch.testing.assert_close(streamed, patched_reference, rtol=0, atol=1e-6)  # applied once: not skipped, not doubled
+    # the base model is restored where it lives: the unpatched workflow gives the unpatched image
+    torch.testing.assert_close(image(ex, txt2img()), reference, rtol=0, atol=0)
+    assert m.accountant.peak <= m.weights_budget
