@@ -233,6 +233,16 @@ class _PatchState:
     attention: list[nn.Module] = field(default_factory=list)
     hooks: bool = False
 
+    # a copied or pickled module (deepcopy, torch.save) starts with no scope and no notes of its own
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PatchState:
+        return _PatchState()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
     def ensure(self, module: nn.Module, patches: tuple[Any, ...]) -> None:
         if len(patches) == len(self.applied) and all(a is b for a, b in zip(patches, self.applied, strict=True)):
             return
