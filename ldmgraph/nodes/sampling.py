@@ -79,13 +79,16 @@ def _device_field() -> Any:
 
 def _run(ctx: NodeContext, guider: Any, sampler: Any, sigmas: Any, latent: Any, noise: Any, device: str) -> Any:
     from ldmgraph.diffusion.sampling import run_sampling
+    from ldmgraph.models.patches import in_use
 
     ctx.check_cancelled()
     total = max(1, len(sigmas) - 1)
-    return run_sampling(
-        guider, sampler, sigmas, latent, noise, device=pick_device(device, ctx),
-        callback=step_reporter(ctx, total, getattr(guider, "model", None)),
-    )
+    model = getattr(guider, "model", None)
+    with in_use(model):  # a patched model (LoRA, FreeU, ...) is patched once for the whole run
+        return run_sampling(
+            guider, sampler, sigmas, latent, noise, device=pick_device(device, ctx),
+            callback=step_reporter(ctx, total, model),
+        )
 
 
 # ---------------------------------------------------------------- convenience samplers

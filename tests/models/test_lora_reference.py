@@ -414,3 +414,19 @@ def test_two_branches_on_one_base_with_different_loras_each_get_their_own(execut
     for name in ("a", "b", "base"):
         assert np.array_equal(np.asarray(result.outputs[f"{name}.decode"]["image"]), alone[name]), name
     assert not np.array_equal(alone["a"], alone["b"])
+
+
+def test_lora_is_applied_once_per_sampling_run_not_per_step(executor, monkeypatch):
+    from ldmgraph.models import patches
+
+    applied: list[str] = []
+    original = patches._PatchState.apply
+
+    def counting(self, module, chosen):
+        if chosen:
+            applied.append(type(module).__name__)
+        return original(self, module, chosen)
+
+    monkeypatch.setattr(patches._PatchState, "apply", counting)
+    image_of(executor, [("kohya_a", 0.35, 0.45)])  # strengths no other test uses: nothing cached
+    assert applied.count("UNetModel") == 1, applied  # STEPS steps with cfg: 2 * STEPS model calls
