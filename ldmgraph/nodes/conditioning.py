@@ -51,6 +51,42 @@ class TextEncode(Conditioner):
         brackets: bool = InputField(BOOLEAN, True, description="[word] weighs word by 1/1.1 (A1111's reading); off in "
                                     "imported ComfyUI graphs, where square brackets are text")
 
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
+        """Each `embedding:name` of a known prompt names a file of the embeddings/ folders (before anything runs)."""
+        from ldmgraph.graph import codes
+        from ldmgraph.graph.errors import UnsafePathError
+        from ldmgraph.models.embeddings import find_embedding
+        from ldmgraph.models.prompt_weights import embedding_names
+
+        text = literals.get("text")
+        problems: list[tuple[str | None, str, str]] = []
+        for name in embedding_names(text) if isinstance(text, str) else []:
+            try:
+                find_embedding(name, env.model_dirs)
+            except UnsafePathError as error:
+                problems.append(("text", codes.UNSAFE_PATH, f"embedding:{name}: {error}"))
+            except FileNotFoundError as error:
+                problems.append(("text", codes.FILE_NOT_FOUND, str(error)))
+        return problems
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        """The named embedding files' identities join the cache key, so a replaced file re-encodes."""
+        from ldmgraph.models.embeddings import find_embedding
+        from ldmgraph.models.prompt_weights import embedding_names
+
+        text = literals.get("text")
+        parts = []
+        for name in embedding_names(text) if isinstance(text, str) else []:
+            try:
+                path = find_embedding(name, env.model_dirs)
+            except (OSError, ValueError):
+                continue
+            stat = path.stat()
+            parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+        return ";".join(parts) or None
+
     def contribute(self, inputs: Any, ctx: NodeContext) -> Any:
         if inputs.text_encoder is None:
             raise NodeInputError(

@@ -15,8 +15,9 @@ import pytest
 import torch
 from model_helpers import write
 
+from ldmgraph.graph import codes
 from ldmgraph.graph.context import Environment
-from ldmgraph.graph.errors import ExecutionError
+from ldmgraph.graph.errors import ValidationError
 from ldmgraph.graph.executor import Executor
 from ldmgraph.models.embeddings import EmbeddingError, available_embeddings, load_embedding
 from ldmgraph.plugins import load_registry
@@ -49,7 +50,7 @@ def save_formats(folder: Path, vectors: torch.Tensor) -> dict[str, Path]:
     }
 
 
-def encode_through_executor(models: Path, ckpt: Path, text: str) -> torch.Tensor:
+def encode_through_executor(models: Path, ckpt: Path, text: str, executor: Executor | None = None) -> torch.Tensor:
     doc = {
         "format": "ldmgraph/1",
         "nodes": {
@@ -58,9 +59,12 @@ def encode_through_executor(models: Path, ckpt: Path, text: str) -> torch.Tensor
                 "text_encoder": {"node": "ckpt", "output": "text_encoder"}, "text": text}},
         },
     }
-    env = Environment(input_dir=models, output_dir=models / "out", model_dirs=(models,))
-    result = Executor(load_registry(), env).run(doc, outputs=["positive"])
+    result = (executor or make_executor(models)).run(doc, outputs=["positive"])
     return result.outputs["positive"]["conditioning"][0].context
+
+
+def make_executor(models: Path) -> Executor:
+    return Executor(load_registry(), Environment(input_dir=models, output_dir=models / "out", model_dirs=(models,)))
 
 
 @torch.no_grad()
@@ -116,14 +120,25 @@ def test_textual_inversion_name_without_extension_and_weighted(models, sd1_file,
     assert (weighted - expected).abs().max().item() < TOL
 
 
-def test_textual_inversion_missing_name_is_an_error_naming_the_node_and_what_exists(models, sd1_file):
+def test_textual_inversion_missing_name_is_a_validation_error_naming_the_node_and_what_exists(models, sd1_file):
     folder, _ = models
-    with pytest.raises(ExecutionError) as info:
+    with pytest.raises(ValidationError) as info:
         encode_through_executor(folder, sd1_file, "a photo of embedding:nope")
-    message = str(info.value)
-    assert "TextEncode" in message and "'nope'" in message and "emb_params" in message
-    with pytest.raises(ExecutionError, match="may not contain"):
+    (problem,) = info.value.problems
+    assert (problem.node_id, problem.input, problem.code) == ("positive", "text", codes.FILE_NOT_FOUND)
+    assert "'nope'" in problem.message and "emb_params" in problem.message
+    with pytest.raises(ValidationError) as info:
         encode_through_executor(folder, sd1_file, "embedding:../tiny-sd1")
+    assert info.value.problems[0].code == codes.UNSAFE_PATH
+
+
+def test_textual_inversion_replaced_file_is_read_again(models, sd1_file, vectors):
+    folder, files = models
+    executor = make_executor(folder)  # one executor: its cache would serve an unchanged file
+    first = encode_through_executor(folder, sd1_file, "embedding:emb_params", executor)
+    write(files["emb_params"], {"emb_params": vectors.flip(0).clone()})
+    second = encode_through_executor(folder, sd1_file, "embedding:emb_params", executor)
+    assert (first - second).abs().max().item() > 1e-4
 
 
 def test_textual_inversion_files_are_listed_and_widths_checked(models, vectors):
