@@ -254,7 +254,12 @@ def build_router(state: ServerState) -> APIRouter:
             return error(404, "not_found", f"no model {filename[:100]!r} in {folder[:60]!r}")
         from ldmgraph.nodes.common import find_model
 
-        metadata = safetensors_metadata(find_model(filename, state.env.model_dirs))
+        dirs = state.env.model_dirs
+        if folder == "loras":
+            from ldmgraph.nodes.lora import lora_dirs
+
+            dirs = lora_dirs(dirs)
+        metadata = safetensors_metadata(find_model(filename, dirs))
         if metadata is None:
             return error(404, "no_metadata", f"{filename[:100]!r} is not a safetensors file with __metadata__")
         return metadata
@@ -520,11 +525,16 @@ def graph_size(prompt: Any) -> int:
 
 
 def model_files(state: ServerState, folder: str) -> list[str]:
-    """The files of a model folder kind: checkpoints (which also hold VAEs here); none of the others."""
-    if folder not in ("checkpoints", "vae"):
-        return []
+    """The files of a model folder kind: checkpoints (which also hold VAEs here) and loras (the
+    loras/ folder of each model folder); none of the others."""
     from ldmgraph.nodes.common import available_models
 
+    if folder == "loras":
+        from ldmgraph.nodes.lora import lora_dirs
+
+        return available_models(lora_dirs(state.env.model_dirs))
+    if folder not in ("checkpoints", "vae"):
+        return []
     return available_models(state.env.model_dirs)
 
 

@@ -184,9 +184,11 @@ class ServerState:
     def object_info(self) -> dict[str, Any]:
         """The node catalogue, rebuilt when the registry or the lists of files change."""
         from ldmgraph.nodes.common import available_models
+        from ldmgraph.nodes.lora import lora_dirs
 
-        files = {"input": self.store.file_names("input"), "checkpoints": available_models(self.env.model_dirs)}
-        key = (self.registry.version, tuple(files["input"]), tuple(files["checkpoints"]))
+        files = {"input": self.store.file_names("input"), "checkpoints": available_models(self.env.model_dirs),
+                 "loras": available_models(lora_dirs(self.env.model_dirs))}
+        key = (self.registry.version, *(tuple(names) for names in files.values()))
         with self._lock:
             if self._info_cache is None or self._info_cache[0] != key:
                 self._info_cache = (key, object_info(self.registry, files))
