@@ -188,12 +188,16 @@ class CFGDenoiser:
         self.cfg = float(cfg)
         self.noise_schedule = denoiser.noise_schedule
         self._plans: dict[tuple, _Plan] = {}
+        # which entries take part depends only on the conditioning when none has a schedule range
+        everywhere = all(e.start_percent <= 0.0 and e.end_percent >= 1.0 for e in (*self.positive, *self.negative))
+        self._all_active = (tuple(range(len(self.positive))), tuple(range(len(self.negative)))) if everywhere else None
         unet = getattr(denoiser.model, "diffusion_model", None)
         self._pooled_as_vector = getattr(unet, "num_classes", None) == "sequential"
         self._vector_layout = getattr(unet, "vector_layout", None)
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        plan = self._plan(x, self._active(float(sigma.reshape(-1)[0])))
+        active = self._all_active or self._active(float(sigma.reshape(-1)[0]))
+        plan = self._plan(x, active)
         preds = self._run(plan, x, sigma)
         if plan.simple:
             cond = preds[0]
@@ -219,7 +223,7 @@ class CFGDenoiser:
     def _plan(self, x: Tensor, active: tuple[tuple[int, ...], tuple[int, ...]]) -> _Plan:
         """Pieces and batched network inputs for latents of x's shape and the active entries
         (built once per shape and set of entries)."""
-        key = (tuple(x.shape), x.device, x.dtype, active)
+        key = (x.shape, x.device, x.dtype, active)
         if key not in self._plans:
             positive = [self.positive[i] for i in active[0]]
             negative = [self.negative[i] for i in active[1]]
