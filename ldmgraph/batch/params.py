@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ldmgraph.graph.errors import LdmGraphError
+from ldmgraph.graph.limits import json_nesting
 
 TEXT_SOCKETS = frozenset({"STRING", "ENUM"})
 MAX_PARAMS_BYTES = 1024 * 1024 * 1024
@@ -209,20 +210,8 @@ def typed_cell(name: str, cell: str, text_params: set[str]) -> Any:
 
 def _check_nesting(text: str) -> None:
     """Refuse JSON text nested deeper than MAX_NESTING (measured in a loop, before any parser recurses)."""
-    if text.count("[") + text.count("{") <= MAX_NESTING:
-        return
-    depth, quoted, escaped = 0, False, False
-    for char in text:
-        if quoted:
-            escaped, quoted = (False, True) if escaped else (char == "\\", char != '"')
-        elif char == '"':
-            quoted = True
-        elif char in "[{":
-            depth += 1
-            if depth > MAX_NESTING:
-                raise CellError(f"[too_deep] a value nested deeper than {MAX_NESTING} levels")
-        elif char in "]}":
-            depth -= 1
+    if text.count("[") + text.count("{") > MAX_NESTING and json_nesting(text) > MAX_NESTING:
+        raise CellError(f"[too_deep] a value nested deeper than {MAX_NESTING} levels")
 
 
 # -- files ------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ldmgraph.graph.limits import json_nesting
+
 LAYOUT_CLASSES_FILE = Path(__file__).resolve().parent.parent / "assets" / "data" / "openimages_layout_classes.tsv"
 
 MERGED_CLASSES = {
@@ -89,23 +91,6 @@ def _close_matches(name: str) -> str:
     return "; close matches: " + ", ".join(repr(by_lower[c]) for c in close)
 
 
-def _nesting(text: str) -> int:
-    """The deepest bracket nesting of JSON text (strings skipped), in one loop: no parser recursion."""
-    depth = deepest = 0
-    quoted = escaped = False
-    for char in text:
-        if quoted:
-            escaped, quoted = (False, True) if escaped else (char == "\\", char != '"')
-        elif char == '"':
-            quoted = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
-
-
 MAX_OBJECTS = 30
 """Objects the released layout-to-image model takes (its 92 tokens: 30 objects and a crop)."""
 MAX_LAYOUT_CHARS = 64 * 1024
@@ -116,7 +101,7 @@ def parse_layout(text: str, *, n_numbers: int | None = None) -> list[LayoutObjec
     naming the object (counted from 1) and what is wrong with it."""
     if len(text) > MAX_LAYOUT_CHARS:
         raise LayoutError(f"{len(text)} characters; a layout of at most {MAX_OBJECTS} objects is a few KB")
-    if _nesting(text) > 3:
+    if json_nesting(text) > 3:
         raise LayoutError("nested deeper than a list of [class, x, y, width, height] lists")
     try:
         data = json.loads(text)
