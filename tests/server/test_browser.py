@@ -142,7 +142,7 @@ def test_editor_first_view_runs_nothing_missing_draws_every_comfyui_widget_and_l
         page: Any, editor_server: ServerProcess) -> None:
     page.get(editor_server.base + "/")
     wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
-                                         "&& window.app.graph.nodes.length)"), 90, "the editor to start")
+                                         "&& window.app.graph.nodes.length)"), 180, "the editor to start")
     assert graph_types(page) == CLASSIC
     unknown = page.execute_script("return window.app.graph.nodes.filter(n => !(n.type in "
                                   "LiteGraph.registered_node_types) || n.has_errors).map(n => n.type)")
@@ -186,7 +186,7 @@ def test_comfyui_graph_from_a_ui_file_runs_like_ldmgraph_run_and_its_png_restore
 
     page.get(editor_server.base + "/")
     wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.graph.nodes.length)"),
-             90, "the editor to start")
+             180, "the editor to start")
     page.find_element(By.ID, "comfy-file-input").send_keys(str(ui_file))
     wait_for(lambda: page.execute_script("const k = window.app.graph.nodes.find(n => n.type === 'KSampler'); "
                                          f"return k && k.widgets.find(w => w.name === 'steps').value === {steps}"),
@@ -195,7 +195,7 @@ def test_comfyui_graph_from_a_ui_file_runs_like_ldmgraph_run_and_its_png_restore
 
     click_when_ready(lambda: [b for b in page.find_elements(By.CSS_SELECTOR, "button")
                               if b.text.strip() == "Run" and b.is_displayed()], 20, "the Run button")
-    shown = wait_for(lambda: page.execute_script(SHOWN_IMAGES), 180, "the output image on the page")
+    shown = wait_for(lambda: page.execute_script(SHOWN_IMAGES), 300, "the output image on the page")
     assert shown[0][1:] == [64, 64] and "filename=ldmgraph_" in shown[0][0]
     history = editor_server.http.get("/api/history").json()
     [entry] = [h for h in history.values() if h["prompt"][2].get("3", {}).get("class_type") == "KSampler"]
@@ -227,7 +227,7 @@ def test_comfyui_graph_from_a_ui_file_runs_like_ldmgraph_run_and_its_png_restore
 def test_saved_workflow_opens_from_the_workflow_list_and_runs(page: Any, editor_server: ServerProcess) -> None:
     page.get(editor_server.base + "/")
     wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
-                                         "&& window.app.graph.nodes.length)"), 90, "the editor to start")
+                                         "&& window.app.graph.nodes.length)"), 180, "the editor to start")
     click_when_ready(lambda: page.find_elements(By.CSS_SELECTOR, "button[aria-label^='Node Library']"),
                      30, "the editor's sidebar")
     wait_for(lambda: visible_text(page, "ldmgraph"), 30, "the ldmgraph category in the node library")
@@ -243,7 +243,7 @@ def test_saved_workflow_opens_from_the_workflow_list_and_runs(page: Any, editor_
     before = {tuple(i) for i in page.execute_script(SHOWN_IMAGES)}
     click_when_ready(lambda: [b for b in page.find_elements(By.CSS_SELECTOR, "button")
                               if b.text.strip() == "Run" and b.is_displayed()], 20, "the Run button")
-    shown = wait_for(lambda: [i for i in page.execute_script(SHOWN_IMAGES) if tuple(i) not in before], 180,
+    shown = wait_for(lambda: [i for i in page.execute_script(SHOWN_IMAGES) if tuple(i) not in before], 300,
                      "the output image on the page")
     assert shown[0][1:] == [64, 64] and "filename=txt2img_" in shown[0][0]
     history = editor_server.http.get("/api/history").json()
