@@ -193,6 +193,9 @@ def _inspect(path_text: str, size: int, mtime: int, need_unet: bool) -> ModelSum
     summary = ModelSummary(str(path), "single-file", "checkpoint" if unet else "weights", unet, vae, None,
                            weight_bytes, dtype_bytes)
     _check_weights(path, tensors, summary)
+    from ldmgraph.models.ldm_config import config_for
+
+    config_for(path, metadata)  # the loader reads config.yaml beside the file (or the stored one): so does validation
     return summary
 
 

@@ -91,3 +91,22 @@ def test_error_output_is_bounded_however_many_problems_and_however_long_the_valu
     assert all(len(p["message"]) <= 900 for p in data["problems"])
     code, _, err = validate(doc, tmp_path)
     assert code == 2 and len(err) < 60_000 and "and 451 more problem(s)" in err, len(err)
+
+
+def test_a_config_yaml_beside_a_model_is_read_at_validation(tmp_path: Path) -> None:
+    """The loader reads config.yaml beside a single-file checkpoint; a broken one is found before anything runs."""
+    sys.path.insert(0, str(REPO / "tests" / "models"))
+    from model_helpers import prefixed, tiny_unet, unet_state, vae_state, write
+
+    models = tmp_path / "models"
+    models.mkdir()
+    write(models / "tiny.safetensors", {**prefixed("model.diffusion_model.", unet_state(tiny_unet())),
+                                        **prefixed("first_stage_model.", vae_state())})
+    (models / "config.yaml").write_text("[" * 50_000 + "]" * 50_000)
+    doc = json.loads((REPO / "workflows" / "txt2img.json").read_text())
+    doc["nodes"]["ckpt"]["inputs"]["ckpt_name"] = "tiny.safetensors"
+    doc.pop("parameters")
+    code, data, _ = validate(doc, tmp_path, "--json", "--models-dir", str(models))
+    found = [p for p in data["problems"] if p["node_id"] == "ckpt"]
+    assert code == 2 and [p["code"] for p in found] == ["bad_model"], data
+    assert "nested deeper than 64 levels" in found[0]["message"]
