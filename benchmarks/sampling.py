@@ -11,7 +11,10 @@ through `ldmgraph.models.diffusers_keys` (no copy) inside a `DiffusionModelHandl
 from the same noise (drawn from the seed on the CPU, scaled by sqrt(1 + sigma_max^2)); the final
 latents' max |difference| is printed as a check. Per-step time: differences of timestamps taken
 once per step (after a device sync), median over interleaved runs (ours, theirs, theirs, ours, ...)
-after a warm-up run each. The last line is `step_ratio_small=<x> step_ratio_sd15=<x>`
+after a warm-up run each. The clock is this process's CPU time (`time.process_time`), not the wall
+clock, so that other work on a shared machine does not land in either loop's figures; with one
+torch thread on the CPU that is the loops' own compute. (On a GPU the CPU clock does not see the
+device's work: use an idle machine and read the wall-clock figures of `benchmarks/gpu.py` there.) The last line is `step_ratio_small=<x> step_ratio_sd15=<x>`
 (ldmgraph / diffusers; below 1.0 means ldmgraph is faster).
 """
 
@@ -73,7 +76,7 @@ def run_ours(handle: Any, positive: list, negative: list, device: str) -> tuple[
 
     def stamp(info: dict[str, Any]) -> None:
         _sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append(time.process_time())
 
     latent = Latent(torch.zeros(1, 4, SIDE, SIDE))
     out = sample(
@@ -110,7 +113,7 @@ def run_diffusers(
             eps = unet(model_in, t, encoder_hidden_states=context).sample
             uncond, cond = eps.chunk(2)
             _sync(device)
-            stamps.append(time.perf_counter())
+            stamps.append(time.process_time())
             x = scheduler.step(uncond + CFG * (cond - uncond), t, x).prev_sample
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)], x.cpu()
 

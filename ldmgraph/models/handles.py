@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ldmgraph.models import vae_tiling as tiling
+from ldmgraph.models.attention import reuse_context_projections
 from ldmgraph.models.cache import module_nbytes
 from ldmgraph.models.manager import managed, placed
-from ldmgraph.models.patches import patch_scope
+from ldmgraph.models.patches import patch_output, patch_scope
 from ldmgraph.models.text_encoders import TextEncoder, TextEncoding
 
 TextEncoderHandle = TextEncoder
@@ -124,10 +125,16 @@ class DiffusionModelHandle(nn.Module):
         y = None if y is None or not self._takes_y else (y.to(device=device, dtype=dtype) if y.is_floating_point() else y.to(device))
         extra = {} if not control else {"control": self._residuals(control, model_in, t.to(device), context, y)}
         out = self.diffusion_model(model_in, t.to(device), context=context, y=y, **extra)
+        out = patch_output(self, out, model_in[:, : self.latent_channels], t)
         return out.to(device=x.device, dtype=x.dtype)
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.apply_model(*args, **kwargs)
+
+    def sampling_scope(self) -> Any:
+        """Entered by a sampling run around all its steps: cross-attention projects each context
+        to K and V once per run instead of once per step (`attention.reuse_context_projections`)."""
+        return reuse_context_projections()
 
     def _residuals(self, control: Any, x: Tensor, t: Tensor, context: Tensor | None, y: Tensor | None) -> list[Tensor]:
         """The sum of every control source's residuals (each checked against this U-Net first)."""
