@@ -138,6 +138,7 @@ _OPTIONS: dict[str, dict[str, SamplerOption]] = {
     },
     "ddim": {"eta": _eta(0.0, "0 = deterministic DDIM, 1 = DDPM-like"), "final_alpha": FINAL_ALPHA},
     "ddpm": {},
+    "lcm": {},
     "plms": {"final_alpha": FINAL_ALPHA},
     "uni_pc": {"order": ORDER_UNIPC},
     "uni_pc_bh2": {"order": ORDER_UNIPC},
@@ -154,6 +155,7 @@ SCHEDULE_NAMES = (
     "leading",
     "trailing",
     "linspace_rounded",
+    "lcm",
 )
 
 BUILTIN_SAMPLERS: dict[str, LazySampler] = {

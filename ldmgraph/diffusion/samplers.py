@@ -428,6 +428,29 @@ def ddpm(
 
 
 @torch.no_grad()
+def lcm(
+    model: Denoise,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: dict | None = None,
+    callback: Callback = None,
+    noise_sampler: NoiseSampler | None = None,
+) -> Tensor:
+    """Latent Consistency Model sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 1;
+    ComfyUI's `lcm`): jump to the model's x0, then noise it afresh to the next level, x0 + sigma_next * z."""
+    extra, levels = extra_args or {}, _levels(sigmas)
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _at(x, sigma), **extra)
+        _report(callback, i, sigma, x, denoised)
+        x = denoised
+        if sigma_next > 0:
+            x = x + noise_sampler(sigma, sigma_next) * sigma_next
+    return x
+
+
+@torch.no_grad()
 def dpmpp_2m_sde(
     model: Denoise,
     x: Tensor,
@@ -604,6 +627,7 @@ def uni_pc_bh2(
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm,
+    "lcm": lcm,
     "ddim": ddim,
     "euler": euler,
     "euler_ancestral": euler_ancestral,

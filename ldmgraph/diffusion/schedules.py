@@ -84,6 +84,16 @@ def leading(n: int, noise_schedule: NoiseSchedule, steps_offset: int = 1) -> Ten
     return _append_zero(noise_schedule.sigmas[timesteps])
 
 
+def lcm(n: int, noise_schedule: NoiseSchedule, original_steps: int = 50) -> Tensor:
+    """The Latent Consistency Model's timesteps (Luo et al. 2023; diffusers' `LCMScheduler`): of the
+    distillation schedule k * (T // original_steps) - 1, k = original_steps..1, the entries at
+    floor(i * original_steps / n), i = 0..n-1 (999, 759, 499, 259 for 4 steps), then 0."""
+    skip = noise_schedule.timesteps // original_steps
+    origin = (torch.arange(original_steps, 0, -1) * skip - 1).long()
+    picks = torch.floor(torch.arange(n, dtype=torch.float64) * (original_steps / n)).long()
+    return _append_zero(noise_schedule.sigmas[origin[picks.clamp(max=original_steps - 1)]])
+
+
 def trailing(n: int, noise_schedule: NoiseSchedule) -> Tensor:
     """diffusers' "trailing" timestep spacing: round(T - k * T / n) - 1, k = 0..n-1, then 0."""
     T = noise_schedule.timesteps

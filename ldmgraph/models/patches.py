@@ -24,6 +24,8 @@ Patch kinds (the plugin contract; each is a frozen dataclass, applied in the tup
   their skip connection, before they are concatenated (FreeU, Si et al. 2024).
 - `AttentionPatch(fn, which)`: `fn(q, k, v, info) -> out` replaces softmax(QK^T/sqrt(d))V in the
   self- (`attn1`) or cross-attention (`attn2`) layers; q, k, v and out are [B, heads, N, d].
+- `OutputPatch(fn)`: `fn(out, x_in, t, model) -> out` on the network's prediction (LCM's boundary
+  condition, `ldmgraph.models.model_sampling`).
 
 A plugin makes patches and returns `patched(handle, patches)` from its node; see docs/lora.md.
 """
@@ -123,8 +125,26 @@ class AttentionPatch:
     names: frozenset[str] | None = None
 
 
-Patch = WeightPatch | BlockHook | SkipHook | AttentionPatch
-PATCH_KINDS = (WeightPatch, BlockHook, SkipHook, AttentionPatch)
+@dataclass(frozen=True, eq=False)
+class OutputPatch:
+    """`fn(out, x_in, t, model) -> out` on the network's prediction: `x_in` is its latent input
+    (x_t, the concat channels left out), `t` the timesteps, `model` the handle (its noise schedule).
+    What the prediction means changes with it (LCM's boundary condition); nothing is changed in the
+    module, so there is nothing to restore."""
+
+    fn: Callable[[Tensor, Tensor, Tensor, Any], Tensor]
+
+
+Patch = WeightPatch | BlockHook | SkipHook | AttentionPatch | OutputPatch
+PATCH_KINDS = (WeightPatch, BlockHook, SkipHook, AttentionPatch, OutputPatch)
+
+
+def patch_output(handle: Any, out: Tensor, x_in: Tensor, t: Tensor) -> Tensor:
+    """The network's prediction after the handle's output patches, in their order."""
+    for patch in getattr(handle, "patches", ()):
+        if isinstance(patch, OutputPatch):
+            out = patch.fn(out, x_in, t, handle)
+    return out
 
 
 # ---------------------------------------------------------------------------------- handles

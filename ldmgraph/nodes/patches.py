@@ -1,5 +1,5 @@
 """Model-patch nodes built on `ldmgraph.models.patches`: FreeU and FreeU v2 (ComfyUI's `FreeU`,
-`FreeU_V2`). Each returns a new MODEL handle on the same U-Net with one more patch; the U-Net is
+`FreeU_V2`) and ComfyUI's `ModelSamplingDiscrete` (eps, v, LCM). Each returns a new MODEL handle on the same U-Net with one more patch; the U-Net is
 changed only while a sampler runs with that handle (see docs/lora.md)."""
 
 from __future__ import annotations
@@ -78,7 +78,34 @@ class FreeU_V2(_PassModel):  # noqa: N801 - ComfyUI's name
         return self.Outputs(model=_freeu_model(inputs, 2))
 
 
+class ModelSamplingDiscrete(_PassModel):
+    """What the model's prediction means (ComfyUI's ModelSamplingDiscrete): eps, v, or a Latent
+    Consistency Model's x0 ("lcm": its boundary condition; use the `lcm` sampler and schedule)."""
+
+    type_name = "ModelSamplingDiscrete"
+    category = "model_patches"
+
+    class Inputs(NodeInputs):
+        model: Any = InputField(MODEL, description="the diffusion model")
+        sampling: str = InputField(ENUM, "eps", choices=["eps", "v_prediction", "lcm"],
+                                   description="eps or v prediction, or lcm (an eps model distilled as a "
+                                   "latent consistency model, e.g. with an LCM LoRA)")
+
+    class Outputs(NodeOutputs):
+        model: Any = OutputField(MODEL, description="the model with that sampling")
+
+    def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
+        from ldmgraph.models.model_sampling import lcm_patch
+        from ldmgraph.models.patches import patched
+
+        if inputs.sampling == "lcm":
+            return self.Outputs(model=patched(inputs.model, [lcm_patch()]))
+        model = patched(inputs.model, [])
+        model.prediction_type = "v" if inputs.sampling == "v_prediction" else "eps"
+        return self.Outputs(model=model)
+
+
 @hookimpl
 def ldmgraph_nodes() -> list[type[Node]]:
     """Register the model-patch nodes."""
-    return [FreeU, FreeU_V2]
+    return [FreeU, FreeU_V2, ModelSamplingDiscrete]

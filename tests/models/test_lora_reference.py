@@ -430,3 +430,45 @@ def test_lora_is_applied_once_per_sampling_run_not_per_step(executor, monkeypatc
     monkeypatch.setattr(patches._PatchState, "apply", counting)
     image_of(executor, [("kohya_a", 0.35, 0.45)])  # strengths no other test uses: nothing cached
     assert applied.count("UNetModel") == 1, applied  # STEPS steps with cfg: 2 * STEPS model calls
+
+
+# ---------------------------------------------------------------------------------- LCM
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_lcm_lora_sampling_equals_diffusers_lcm_scheduler(with_lora, folder, executor):
+    """ModelSamplingDiscrete(lcm) + the `lcm` schedule and sampler (with an LCM-style LoRA or without)
+    against diffusers' LCMScheduler (boundary condition, timesteps 999/759/499/259, fresh noise)."""
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from ldmgraph.models.tokenizer import clip_tokenizer_folder
+
+    steps, cfg = 4, 1.5
+    doc = workflow([("kohya_a", 0.8, 0.6)] if with_lora else [])
+    model = _link("lora0", "model") if with_lora else _link("ckpt", "model")
+    doc["nodes"]["lcm"] = {"type": "ModelSamplingDiscrete", "inputs": {"model": model, "sampling": "lcm"}}
+    doc["nodes"]["sigmas"]["inputs"] |= {"model": _link("lcm", "model"), "schedule": "lcm", "steps": steps}
+    doc["nodes"]["guider"]["inputs"] |= {"model": _link("lcm", "model"), "cfg": cfg}
+    doc["nodes"]["sampler"]["inputs"]["sampler"] = "lcm"
+    doc["nodes"]["noise"]["inputs"] |= {"start_noise": "vp", "convention": "diffusers"}
+    ours = np.asarray(executor.run(doc, outputs=["decode"]).outputs["decode"]["image"])
+
+    root, modules = folder
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=modules["vae"], text_encoder=copy.deepcopy(modules["text_encoder"]),
+        tokenizer=CLIPTokenizer.from_pretrained(str(clip_tokenizer_folder()), pad_token="!"),
+        unet=copy.deepcopy(modules["unet"]), scheduler=diffusers.LCMScheduler(**SD),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if with_lora:
+        pipe.load_lora_weights(str(root / "loras"), weight_name="kohya_a.safetensors", adapter_name="x")
+        pipe.fuse_lora(components=["unet"], lora_scale=0.8, adapter_names=["x"])
+        pipe.fuse_lora(components=["text_encoder"], lora_scale=0.6, adapter_names=["x"])
+        pipe.unload_lora_weights()
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=cfg,
+                        height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    assert np.abs(ours - expected).max() <= 1e-3, np.abs(ours - expected).max()
