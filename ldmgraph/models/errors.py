@@ -111,11 +111,10 @@ def convert_hint(path: Path) -> str:
     target = safetensors_twin(path)
     if target.exists():
         target = converted_name(path)
-    return (
-        "pickled checkpoints can run code when loaded and are refused. Convert it once to safetensors "
-        "(an allow-list reader runs none of its code; the input is left as it is; without -o it writes "
-        f"{converted_name(path).name}):\n"
-        f"  {convert_command(path, target)}\n"
-        f"then name {target.name} instead of {path.name} (e.g. --set ckpt_name=...{target.name}); from Python, "
-        "allow_pickle=True loads the pickle with torch.load(weights_only=True)"
+    return (  # the command first: messages are cut at 800 characters
+        "pickled checkpoints can run code when loaded and are refused. Convert it once, running none of its "
+        f"code:\n  {convert_command(path, target)}\nthen name {target.name} instead of {path.name}. (Or python -m "
+        "ldmgraph.models.convert, same arguments. Without -o, "
+        f"convert writes {converted_name(path).name}; from Python, allow_pickle=True loads the pickle with "
+        "torch.load(weights_only=True).)"
     )

@@ -24,6 +24,8 @@ MODEL_CACHE_KEY = "model_cache"
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+NOT_CHECKPOINT_FOLDERS = ("loras", "embeddings")
+"""Sub-folders of a model folder that are not listed as checkpoints (LoRAs, textual-inversion embeddings)."""
 SD_DOWNSCALE = 8
 """Pixel-to-latent factor assumed when a node is given no VAE (Stable Diffusion's f = 8)."""
 
@@ -54,7 +56,9 @@ def available_models(model_dirs: tuple[Path, ...] | list[Path]) -> list[str]:
                 names.append(rel.as_posix())
                 dirs.clear()
                 continue
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            # loras/ and embeddings/ hold other kinds of files (ComfyUI's layout), not checkpoints
+            skip = NOT_CHECKPOINT_FOLDERS if root == str(folder) else ()
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip)
             names += [(rel / f).as_posix() for f in sorted(files) if f.endswith(CHECKPOINT_SUFFIXES)]
     return sorted(dict.fromkeys(n.removeprefix("./") for n in names))
 
@@ -69,12 +73,15 @@ def find_model(name: str, model_dirs: tuple[Path, ...] | list[Path]) -> Path:
             path = model_join(folder, candidate)
             if path.is_file() or (path / "model_index.json").is_file():
                 return path
-    found = available_models(model_dirs)
     where = ", ".join(str(d) for d in model_dirs) or "(no model folders configured)"
+    convertible = pickle_beside(name, model_dirs)
+    if convertible is not None:  # the fix first: messages are cut at 800 characters
+        raise FileNotFoundError(f"no model named {name!r} in the model folders ({where}), but {convertible}")
+    found = available_models(model_dirs)
     listing = ", ".join(found) if found else "none"
     raise FileNotFoundError(
         f"no model named {name!r} in the model folders ({where}); available: {listing}. "
-        + (pickle_beside(name, model_dirs) or "Put the file in one of those folders or pass --models-dir")
+        "Put the file in one of those folders or pass --models-dir"
     )
 
 
@@ -91,8 +98,9 @@ def pickle_beside(name: str, model_dirs: tuple[Path, ...] | list[Path]) -> str |
         for suffix in PICKLE_SUFFIXES:
             pickle = wanted.with_suffix(suffix)
             if pickle.is_file():
-                return (f"{pickle} is there: a pickled checkpoint, which ldmgraph does not load. Convert it to "
-                        f"the file this workflow loads (nothing in it is executed):\n  {convert_command(pickle, wanted)}")
+                return (f"{pickle.name} is there, a pickled checkpoint (not loaded: pickles can run code). "
+                        "Convert it to the file the workflow loads, running none of its code:\n"
+                        f"  {convert_command(pickle, wanted)}")
     return None
 
 
