@@ -473,7 +473,7 @@ def table(args: argparse.Namespace, results: dict[str, Any], names: list[str]) -
 
 
 def settings_text(args: argparse.Namespace, results: dict[str, Any]) -> str:
-    import torch
+    from importlib.metadata import version  # not torch itself: the report is written without importing it
 
     records = [r for v in results["variants"].values() for r in v.get("seeds", {}).values()]
     cpu_minutes = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in records) / 60
@@ -487,7 +487,7 @@ def settings_text(args: argparse.Namespace, results: dict[str, Any]) -> str:
             f"same {args.samples} one-object and {args.samples} two-object held-out captions; {final}; "
             f"{args.sampler_steps} dpmpp_2m steps, cfg {args.cfg}, the same sampler noise for every checkpoint. "
             f"Machine: {platform.machine()}{' ' + platform.processor() if platform.processor() else ''}, "
-            f"{os.cpu_count()} cores shared with other jobs, torch {torch.__version__}, {args.threads} thread(s); "
+            f"{os.cpu_count()} cores shared with other jobs, torch {version('torch')}, {args.threads} thread(s); "
             f"{cpu_minutes:.0f} CPU minutes so far (training {wall_minutes:.0f} wall minutes); "
             f"{time.strftime('%Y-%m-%d', time.gmtime())}.")
 
@@ -528,12 +528,13 @@ def final_table(args: argparse.Namespace, results: dict[str, Any], names: list[s
         timed, cpu = sum(r.get("timed_steps", 0) for r in runs), sum(r.get("train_cpu_seconds", 0.0) for r in runs)
         speed = f"{args.batch_size * timed / cpu:.1f}" if timed and cpu else "-"
         step_ms = [r["sample_step_cpu_ms"] for r in runs if "sample_step_cpu_ms" in r]
-        r0 = next(r for r in runs if "params_trained" in r)
+        sized = [r for r in runs if "params_trained" in r]
+        params = (f"{sized[0]['params_trained'] / 1e6:.2f}M | {sized[0]['params_inference'] / 1e6:.2f}M"
+                  if sized else "- | -")
         lines.append(f"| {n} | {DESCRIPTIONS[n]} | {len(two)} of {args.seeds} | {shown(mean_interval(list(two.values())))} | "
                      f"{parts[0]:.2f} / {parts[1]:.2f} / {parts[2]:.2f} | "
                      f"{shown(mean_interval(list(headline(results, n, args, 'one_mean').values())))} | {speed} | "
-                     f"{sum(step_ms) / len(step_ms):.0f} | {r0['params_trained'] / 1e6:.2f}M | "
-                     f"{r0['params_inference'] / 1e6:.2f}M |")
+                     f"{f'{sum(step_ms) / len(step_ms):.0f}' if step_ms else '-'} | {params} |")
     return lines
 
 
