@@ -125,6 +125,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                      help="with --preview-dir: a preview every N steps and at the last (default 1)")
     add_precision_argument(run)
     add_threads_argument(run)
+    add_model_runtime_arguments(run)
     validate = add("validate", cmd_validate, "check a workflow without running it (every problem at once)",
                    [common, paths])
     validate.add_argument("workflow", type=Path, help=WORKFLOW_HELP)
@@ -155,6 +156,41 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                         help="weights' precision, written into every loader's dtype input (auto: bf16 on "
                         "CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32; default: the workflow's)")
+
+
+def add_model_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--compile`` and ``--gpu-memory GIB``: how the session's models run (see docs/gpu.md)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the U-Net and ControlNet with torch.compile, once per shape (CUDA graphs on "
+                        "CUDA); where compiling is unavailable they run eager, with a one-line message")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="device memory the models may use, in GiB: weights live in host memory and move to "
+                        "the device when a node needs them (least recently used evicted; a U-Net that does not "
+                        "fit is streamed block by block); 0 = off (loaders place models on the device); default "
+                        "on CUDA: the free memory minus a tenth of it (at least 0.5 GiB)")
+
+
+def install_model_runtime(resources: dict[Any, Any], args: argparse.Namespace) -> Any:
+    """Give an executor's session the model cache that ``--compile`` / ``--gpu-memory`` ask for
+    (returns its runtime, or None: the default cache). Torch is imported only when a flag is given
+    or the machine has CUDA (where the manager is on by default)."""
+    compiling, gib = bool(getattr(args, "compile", False)), getattr(args, "gpu_memory", None)
+    if gib is not None and gib < 0:
+        raise SystemExit(f"ldmgraph: --gpu-memory must be 0 (off) or a positive number of GiB, got {gib}")
+    device = getattr(args, "device", None)
+    if not compiling and gib is None:
+        from .nodes.common import device_problem
+
+        if (device or "cuda").split(":")[0] != "cuda" or device_problem("cuda") is not None:
+            return None
+    from .models.cache import ModelCache
+    from .models.manager import runtime_from_flags
+    from .nodes.common import MODEL_CACHE_KEY
+
+    runtime = runtime_from_flags(compiling, gib, device)
+    if runtime is not None:
+        resources[MODEL_CACHE_KEY] = ModelCache(runtime=runtime)
+    return runtime
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
@@ -305,6 +341,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             applied_overrides(loaded.document, args.overrides, manager.registry, env) as (document, overrides, env):
         with profile.phase("validation"):
             executor = Executor(manager.registry, env)
+            install_model_runtime(executor.resources, args)
             compiled = executor.validate(document, overrides, args.outputs)
         if not args.json:
             _print_warnings(compiled.warnings)

@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
         "graph with the first row, then each row again just before it runs); outputs are "
         "named rowNNNNN_*.png; OUTPUT_DIR/manifest.jsonl records each finished row, and running the "
         "same command again skips them.")
-    from ldmgraph.cli import add_precision_argument, add_workflows_dir_argument
+    from ldmgraph.cli import add_model_runtime_arguments, add_precision_argument, add_workflows_dir_argument
 
     parser.add_argument("workflow", type=Path, help="workflow file (JSON, or a PNG saved by ldmgraph)")
     parser.add_argument("--params", type=Path, metavar="FILE", help="parameter table: .csv (header row) or .jsonl")
@@ -60,6 +60,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--plugin-dir", action="append", default=[], metavar="DIR", help="extra plugin folder")
     parser.add_argument("--json", action="store_true", help="machine-readable summary on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_runtime_arguments(parser)
     add_precision_argument(parser)
     add_workflows_dir_argument(parser)
     parser.set_defaults(func=cmd_batch)
@@ -103,6 +104,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
         return _invalid(args, exc)
     planned = plan_lazily(doc, source, registry, env, label=label)
     backend = _backend(args, env)
+    runner = getattr(backend, "runner", None)
+    if runner is not None:
+        from ldmgraph.cli import install_model_runtime
+
+        install_model_runtime(runner.executor.resources, args)
+    elif args.compile or args.gpu_memory is not None:
+        backend.close()
+        print("ldmgraph batch: --compile and --gpu-memory apply to --backend local only", file=sys.stderr)
+        return EXIT_INVALID
     summary = BatchSummary()
     try:
         run_batch(doc, planned, backend, env.output_dir, resume=not args.no_resume,

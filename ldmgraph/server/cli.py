@@ -49,10 +49,11 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--address", help="Ray cluster address (e.g. ray://head:10001 or auto; default: start a "
                        "local one)")
     serve.add_argument("--workers", type=int, help="Ray actors (default: one per GPU, else one per CPU)")
-    from ldmgraph.cli import add_precision_argument, add_threads_argument
+    from ldmgraph.cli import add_model_runtime_arguments, add_precision_argument, add_threads_argument
 
     add_precision_argument(serve)
     add_threads_argument(serve)
+    add_model_runtime_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -111,6 +112,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except RayUnavailable as exc:
         print(f"ldmgraph serve: {exc}", file=sys.stderr)
         return 1
+    executor = getattr(state.worker, "executor", None)
+    if executor is not None:
+        from ldmgraph.cli import install_model_runtime
+
+        install_model_runtime(executor.resources, args)
+    elif args.compile or args.gpu_memory is not None:
+        print("ldmgraph serve: --compile and --gpu-memory apply to the local backend only", file=sys.stderr)
+        return 2
     app = create_app(state)
     print(f"ldmgraph serve: http://{args.host}:{args.port}/ (data in {config.data_dir.resolve()})",
           file=sys.stderr, flush=True)
