@@ -296,6 +296,7 @@ def score_run(name: str, seed: int, target: int, args: argparse.Namespace, ae_di
         print(f"{name} seed {seed} @ {target}, {args.final_samples} + {args.final_samples} captions: "
               f"{record['final']['scores']}", file=sys.stderr, flush=True)
     record["eval_cpu_seconds"] = record.get("eval_cpu_seconds", 0.0) + time.process_time() - t0
+    record["scored_on"] = time.strftime("%Y-%m-%d", time.gmtime())
     record.update(costs(path, args.threads))
     for old in folder.glob("export_*.safetensors"):  # keep only the latest export
         if old != path:
@@ -479,6 +480,8 @@ def settings_text(args: argparse.Namespace, results: dict[str, Any]) -> str:
     cpu_minutes = sum(r.get("train_cpu_seconds", 0) + r.get("eval_cpu_seconds", 0) for r in records) / 60
     wall_minutes = sum(r.get("train_wall_seconds", 0) for r in records) / 60
     seeds = ", ".join(str(s) for s in training_seeds(args))
+    dates = sorted(r["scored_on"] for r in records if "scored_on" in r)
+    when = f"scored {dates[0]} to {dates[-1]}" if dates else f"report written {time.strftime('%Y-%m-%d', time.gmtime())}"
     final = (f"at the final step also {args.final_samples} one-object and {args.final_samples} two-object captions "
              "(the headline figures)" if args.final_samples else "the headline is the last milestone's score")
     return (f"{args.steps} training steps per run, batch {args.batch_size}, {args.pool_size} training images; "
@@ -488,8 +491,7 @@ def settings_text(args: argparse.Namespace, results: dict[str, Any]) -> str:
             f"{args.sampler_steps} dpmpp_2m steps, cfg {args.cfg}, the same sampler noise for every checkpoint. "
             f"Machine: {platform.machine()}{' ' + platform.processor() if platform.processor() else ''}, "
             f"{os.cpu_count()} cores shared with other jobs, torch {version('torch')}, {args.threads} thread(s); "
-            f"{cpu_minutes:.0f} CPU minutes so far (training {wall_minutes:.0f} wall minutes); "
-            f"{time.strftime('%Y-%m-%d', time.gmtime())}.")
+            f"{cpu_minutes:.0f} CPU minutes so far (training {wall_minutes:.0f} wall minutes); {when}.")
 
 
 def intervals_text(args: argparse.Namespace) -> str:
