@@ -349,10 +349,24 @@ def _delta(group: list[WeightPatch], weight: Tensor, rows: slice, out: Tensor, w
 
 
 def _adapter_delta(adapter: Any, weight: Tensor, rows: slice, out: Tensor) -> Tensor:
+    """The adapter's delta written into `out`. An adapter kept in host memory patching weights on
+    a GPU (a model the device-memory manager moved there) computes on its own device and the
+    result is copied over."""
+    home = _adapter_device(adapter)
     fill = getattr(adapter, "delta_into", None)
-    if fill is not None:
+    if fill is not None and (home is None or home == out.device):
         return fill(weight, rows, out)  # type: ignore[no-any-return]
+    if home is not None and home != weight.device and getattr(adapter, "uses_weight", False):
+        weight = weight.to(home)
     return out.copy_(adapter.delta(weight, rows).reshape(out.shape))
+
+
+def _adapter_device(adapter: Any) -> torch.device | None:
+    """Where an adapter's own tensors are (None: it holds none)."""
+    for value in vars(adapter).values() if hasattr(adapter, "__dict__") else ():
+        if isinstance(value, Tensor):
+            return value.device
+    return None
 
 
 def _bits(t: Tensor) -> Tensor:
