@@ -18,6 +18,7 @@ class, as one `ValidationError`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from ldmgraph.graph import codes
@@ -29,6 +30,8 @@ from ldmgraph.interop.comfyui_nodes import (
     SEED_CONTROL_VALUES,
     VAE_SOURCES,
     NodeMapping,
+    native_mapping,
+    served_name,
 )
 from ldmgraph.interop.comfyui_subgraphs import flatten_parts, has_parts
 
@@ -48,7 +51,10 @@ def to_workflow(doc: dict[str, Any]) -> dict[str, Any]:
     if isinstance(doc.get("prompt"), dict):
         doc = doc["prompt"]
     api = ui_to_api(doc) if _is_ui_format(doc) else doc
-    return api_to_workflow(api)
+    unknown = {str(n.get("class_type")) for n in api.values() if isinstance(n, dict)}
+    unknown -= set(COMFYUI_NODES) | PASS_THROUGH_CLASSES
+    natives = {k: m for k in unknown if (m := _native_mappings().get(k)) is not None}
+    return api_to_workflow(api, {**natives, **COMFYUI_NODES} if natives else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +106,32 @@ def _widget_inputs(node: dict[str, Any], widgets: tuple[str, ...], seeds: frozen
 _CLIP_SET_LAST_LAYER = NodeMapping("", {}, ("clip",), ("stop_at_clip_layer",))
 
 
+def _mapping(kind: str) -> NodeMapping | None:
+    """The table's entry for a class, else ldmgraph's own node type of that name (the editor lists
+    both, so a graph saved from it may use both)."""
+    found = COMFYUI_NODES.get(kind) or (_CLIP_SET_LAST_LAYER if kind in PASS_THROUGH_CLASSES else None)
+    return found if found is not None or kind in EDITOR_ONLY_CLASSES else _native_mappings().get(kind)
+
+
+@lru_cache(maxsize=1)
+def _native_mappings() -> dict[str, NodeMapping]:
+    """ldmgraph's node types (built-ins and installed plugins) by their editor names and their own,
+    each mapped to itself; loaded only when a graph names a class the table does not have."""
+    from ldmgraph.plugins import load_registry
+
+    mappings: dict[str, NodeMapping] = {}
+    for name, cls in load_registry().nodes.items():
+        mapping = native_mapping(cls.spec)
+        mappings[served_name(name)] = mapping
+        if name not in COMFYUI_NODES and name not in PASS_THROUGH_CLASSES:
+            mappings[name] = mapping
+    return mappings
+
+
 def widget_values_by_name(node: dict[str, Any]) -> dict[str, Any]:
     """A UI node's widget values by widget name (empty for a class the table does not know)."""
     kind = node.get("type", "")
-    mapping = COMFYUI_NODES.get(kind) or (_CLIP_SET_LAST_LAYER if kind in PASS_THROUGH_CLASSES else None)
+    mapping = _mapping(kind)
     return _widget_inputs(node, mapping.widgets, mapping.seed_widgets) if mapping is not None else {}
 
 
@@ -122,7 +150,7 @@ def ui_to_api(doc: dict[str, Any]) -> dict[str, Any]:
         kind = node.get("type", "")
         if kind in EDITOR_ONLY_CLASSES or node.get("mode", 0) in (MUTED, BYPASSED):
             continue
-        mapping = COMFYUI_NODES.get(kind) or (_CLIP_SET_LAST_LAYER if kind in PASS_THROUGH_CLASSES else None)
+        mapping = _mapping(kind)
         inputs: dict[str, Any] = {}
         if mapping is not None:
             inputs.update(_widget_inputs(node, mapping.widgets, mapping.seed_widgets))

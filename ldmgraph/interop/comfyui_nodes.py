@@ -41,7 +41,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ldmgraph.graph.node import InputSpec, NodeSpec
 
 SEED_CONTROL_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
 """The editor stores one extra widget value after a seed: what to do with it after each run."""
@@ -173,14 +176,10 @@ class ComfyShape:
     api_node flags and one output tooltip (null) per output."""
 
     def widget_names(self) -> tuple[str, ...]:
-        """Names in `widgets_values` order; an image upload list is followed by its "upload" button."""
-        names: list[str] = []
-        for item in self.inputs:
-            if item.is_widget:
-                names.append(item.name)
-                if (item.options or {}).get("image_upload"):
-                    names.append("upload")
-        return tuple(names)
+        """Names in `widgets_values` order; the editor adds an image upload's "upload" button last."""
+        names = [item.name for item in self.inputs if item.is_widget]
+        uploads = any((item.options or {}).get("image_upload") for item in self.inputs)
+        return (*names, "upload") if uploads else tuple(names)
 
     def seed_names(self) -> frozenset[str]:
         return frozenset(i.name for i in self.inputs if (i.options or {}).get("control_after_generate"))
@@ -1108,6 +1107,7 @@ UNMAPPED_COMFYUI_CLASSES = frozenset(
         "ImagePadForOutpaint",
         "ImageScaleBy",
         "LatentFromBatch",
+        "ModelSamplingDiscrete",
         "RepeatLatentBatch",
     }
 )
@@ -1120,3 +1120,48 @@ EDITOR_ONLY_CLASSES = frozenset({"Reroute", "PrimitiveNode", "Note", "MarkdownNo
 
 VAE_SOURCES = ("VAELoader", "CheckpointLoaderSimple")
 """Where an imported EmptyLatent / LatentUpscale takes its latent geometry from, in preference order."""
+
+
+# -- ldmgraph's own node types, as the editor shows them beside ComfyUI's classes -------------------
+NATIVE_PREFIX = "ldmgraph."
+"""An ldmgraph node type named like a ComfyUI class is shown as `ldmgraph.<name>`."""
+
+SEED_INPUTS = frozenset({"seed", "noise_seed"})
+"""ldmgraph's INT inputs that the editor draws as seeds (followed by "control after generate")."""
+
+UPLOAD_INPUTS = frozenset({("LoadImage", "image"), ("LoadMask", "image")})
+"""ldmgraph's inputs that name an uploaded file: the editor adds an "upload" button widget to the node."""
+
+
+def taken_names() -> frozenset[str]:
+    """ComfyUI class names, which ldmgraph's own node types do not use in the editor."""
+    return frozenset(COMFYUI_NODES) | PASS_THROUGH_CLASSES | UNMAPPED_COMFYUI_CLASSES
+
+
+def served_name(type_name: str) -> str:
+    """The editor's name of an ldmgraph node type: its own, unless a ComfyUI class has that name."""
+    return NATIVE_PREFIX + type_name if type_name in taken_names() else type_name
+
+
+def native_name(class_type: str) -> str:
+    """The ldmgraph node type behind an editor name (the inverse of `served_name`)."""
+    bare = class_type[len(NATIVE_PREFIX) :] if class_type.startswith(NATIVE_PREFIX) else None
+    return bare if bare is not None and bare in taken_names() else class_type
+
+
+def editor_required(item: InputSpec) -> bool:
+    """ComfyUI's "required" means "always has a value": declared required, or a widget with a default."""
+    return item.required or (item.socket.literal and item.default is not None)
+
+
+def native_mapping(spec: NodeSpec) -> NodeMapping:
+    """An ldmgraph node type mapped to itself, with the widget order in which the editor draws it
+    (required inputs first, then optional ones; a seed's "control after generate"; an upload button last)
+    and so stores its `widgets_values`: what lets the importer read a graph saved from the editor that
+    uses ldmgraph's own nodes."""
+    ordered = sorted(spec.inputs.values(), key=lambda item: not editor_required(item))
+    widgets = [item.name for item in ordered if item.socket.literal]
+    if any((spec.type_name, name) in UPLOAD_INPUTS for name in widgets):
+        widgets.append("upload")  # the editor adds the upload button after the node's other widgets
+    seeds = frozenset(i.name for i in ordered if i.socket.name == "INT" and i.name in SEED_INPUTS)
+    return NodeMapping(spec.type_name, {n: n for n in spec.inputs}, tuple(spec.outputs), tuple(widgets), seeds)

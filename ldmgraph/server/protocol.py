@@ -35,12 +35,17 @@ from ldmgraph.interop.comfyui import api_to_workflow
 from ldmgraph.interop.comfyui_nodes import (
     COMFYUI_NODES,
     PASS_THROUGH_SHAPES,
-    UNMAPPED_COMFYUI_CLASSES,
+    SEED_INPUTS,
     ComfyInput,
     ComfyShape,
     Files,
     NodeMapping,
+    native_mapping,
+    native_name,
+    served_name,
+    taken_names,
 )
+from ldmgraph.interop.comfyui_nodes import editor_required as _is_required
 
 CATEGORY_ROOT = "ldmgraph"
 # Inputs that name a file: shown in the editor as a list of what the server has (ComfyUI's combos).
@@ -52,29 +57,11 @@ FILE_INPUTS: dict[tuple[str, str], str] = {
     ("ControlNetLoader", "control_net_name"): "checkpoints",
 }
 MULTILINE_INPUTS = {"text", "prompt"}
-SEED_INPUTS = {"seed", "noise_seed"}
-NATIVE_PREFIX = "ldmgraph."
 COMFY_CLASSES: dict[str, ComfyShape] = {
     **PASS_THROUGH_SHAPES,
     **{name: m.shape for name, m in COMFYUI_NODES.items() if m.shape is not None},
 }
 """Every ComfyUI class the server describes and the importer accepts, with its shape."""
-
-
-TAKEN_NAMES = frozenset(COMFY_CLASSES) | UNMAPPED_COMFYUI_CLASSES
-"""ComfyUI class names: an ldmgraph node type with one of these names is served as ``ldmgraph.<name>``."""
-
-
-def served_name(type_name: str) -> str:
-    """The catalogue name of an ldmgraph node type: its own, unless a ComfyUI class has that name."""
-    return NATIVE_PREFIX + type_name if type_name in TAKEN_NAMES else type_name
-
-
-def native_name(class_type: str) -> str:
-    """The ldmgraph node type behind a catalogue name (the inverse of :func:`served_name`)."""
-    if class_type.startswith(NATIVE_PREFIX) and class_type[len(NATIVE_PREFIX):] in TAKEN_NAMES:
-        return class_type[len(NATIVE_PREFIX):]
-    return class_type
 
 
 # -- prompts in -------------------------------------------------------------------------------------
@@ -109,7 +96,7 @@ def _mixed_to_document(prompt: dict[str, Any], registry: Registry) -> dict[str, 
         kind = str(node.get("class_type"))
         cls = registry.node(native_name(kind)) if kind not in COMFY_CLASSES else None
         if cls is not None:
-            classes[kind] = NodeMapping(cls.spec.type_name, {n: n for n in cls.spec.inputs}, tuple(cls.spec.outputs))
+            classes[kind] = native_mapping(cls.spec)
     try:
         return api_to_workflow(prompt, {**classes, **COMFYUI_NODES})
     except ValidationError:
@@ -332,7 +319,7 @@ def node_info(cls: type[Node], registry: Registry, files: dict[str, list[str]]) 
         "output_name": list(spec.outputs),
         "output_tooltips": [o.description for o in spec.outputs.values()],
         "name": served_name(spec.type_name),
-        "display_name": spec.type_name if spec.type_name not in TAKEN_NAMES else f"{spec.type_name} (ldmgraph)",
+        "display_name": spec.type_name if spec.type_name not in taken_names() else f"{spec.type_name} (ldmgraph)",
         "description": spec.description or first_line,
         "python_module": "nodes" if owner.startswith("ldmgraph") else f"custom_nodes.{owner}",
         "category": f"{CATEGORY_ROOT}/{spec.category}",
@@ -340,11 +327,6 @@ def node_info(cls: type[Node], registry: Registry, files: dict[str, list[str]]) 
         "deprecated": False,
         "experimental": False,
     }
-
-
-def _is_required(item: InputSpec) -> bool:
-    """ComfyUI's 'required' means 'always has a value': declared required, or a widget with a default."""
-    return item.required or (item.socket.literal and item.default is not None)
 
 
 def _input_info(node_type: str, item: InputSpec, registry: Registry, files: dict[str, list[str]]) -> list[Any]:

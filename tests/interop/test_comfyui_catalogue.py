@@ -170,3 +170,25 @@ def test_a_graph_mixing_comfyui_classes_and_ldmgraph_nodes_queues(server: Server
     mixed["8"]["class_type"] = "VAEDecode"  # ComfyUI's class: its input is samples, not latent
     reply = server.http.post("/prompt", json={"prompt": mixed})
     assert reply.status_code == 400 and "8" in reply.json()["node_errors"]
+
+
+def test_saved_workflows_as_the_editor_draws_them_import_back_to_the_same_graph(server: ServerProcess) -> None:
+    """A saved workflow in the editor's UI format (ldmgraph's own nodes, under their editor names)
+    imports back, through the importer `ldmgraph run` uses, to the same nodes, inputs and links."""
+    from ldmgraph.interop.comfyui import to_workflow
+
+    names = [w["name"] for w in server.http.get("/api/workflows").json()]
+    assert "txt2img" in names
+    for name in names:
+        original = server.http.get(f"/api/workflows/{name}").json()
+        ui = server.http.get(f"/api/userdata/workflows%2F{name}.json").json()
+        ids = ui["extra"]["ldmgraph"]["node_ids"]  # the editor's integer ids -> the workflow's ids
+        imported = to_workflow(ui)["nodes"]
+        for number, node in imported.items():
+            source = original["nodes"][ids[number]]
+            assert node["type"] == source["type"], (name, number)
+            for input_name, value in source["inputs"].items():
+                got = node["inputs"].get(input_name)
+                if isinstance(value, dict) and "node" in value:
+                    got = {"node": ids[got["node"]], "output": got["output"]}
+                assert got == value, (name, ids[number], input_name)

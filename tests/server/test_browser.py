@@ -12,6 +12,7 @@ to keep screenshots of each step (the ones in docs/ come from here).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -224,7 +225,8 @@ def test_comfyui_graph_from_a_ui_file_runs_like_ldmgraph_run_and_its_png_restore
     screenshot(page, "editor-restored-from-png.png")
 
 
-def test_saved_workflow_opens_from_the_workflow_list_and_runs(page: Any, editor_server: ServerProcess) -> None:
+def test_saved_workflow_opens_from_the_workflow_list_runs_and_its_saved_graph_runs_in_ldmgraph_run(
+        page: Any, editor_server: ServerProcess, tmp_path: Path) -> None:
     page.get(editor_server.base + "/")
     wait_for(lambda: page.execute_script("return !!(window.app && window.app.graph && window.app.canvas "
                                          "&& window.app.graph.nodes.length)"), 180, "the editor to start")
@@ -249,3 +251,14 @@ def test_saved_workflow_opens_from_the_workflow_list_and_runs(page: Any, editor_
     history = editor_server.http.get("/api/history").json()
     assert all(h["status"]["status_str"] == "success" for h in history.values())
     screenshot(page, "server-editor.png")
+
+    # the graph as the editor saves it (UI format, ldmgraph's own nodes) runs headless to the same image
+    ui_file = tmp_path / "saved_from_editor.json"
+    ui_file.write_text(json.dumps(page.execute_script("return window.app.graph.serialize()")))
+    out = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "ldmgraph.cli", "run", str(ui_file), "--output-dir", str(out),
+                    "--no-progress"], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    [cli_png] = sorted(out.glob("*.png"))
+    served = editor_server.http.get(shown[0][0].replace(editor_server.base, "")).content
+    assert np.array_equal(np.asarray(Image.open(cli_png).convert("RGB")),
+                          np.asarray(Image.open(io.BytesIO(served)).convert("RGB")))
