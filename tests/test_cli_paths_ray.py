@@ -1,7 +1,7 @@
 """`ldmgraph batch --backend ray` as a user runs it, in a process of its own: without --address it
 starts a private local cluster (a stale cluster address in Ray's temporary folder does not capture
-it), and Ctrl-C (SIGINT to the process group, as a terminal sends it) ends the batch and its cluster
-within 10 s, keeping the rows that finished."""
+it), and SIGINT (Ctrl-C, to the process group as a terminal sends it, or to the batch's process
+alone) ends the batch and its cluster within 10 s, keeping the rows that finished."""
 
 from __future__ import annotations
 
@@ -90,8 +90,11 @@ def test_a_stale_ray_cluster_address_file_does_not_capture_a_batch(ray_tmpdir: P
     assert ray_processes(ray_tmpdir) == [], "the batch's private cluster outlived it"
 
 
+@pytest.mark.parametrize("to", ["group", "process"])
 def test_sigint_ends_a_ray_batch_and_its_cluster_within_10_s_keeping_finished_rows(
-        ray_tmpdir: Path, tmp_path: Path) -> None:
+        to: str, ray_tmpdir: Path, tmp_path: Path) -> None:
+    """`to`: Ctrl-C in a terminal (the whole process group), or `kill -INT PID` (the batch alone: Ray's
+    own processes get nothing, so the batch must stop them)."""
     stale_address_file(ray_tmpdir)
     out = tmp_path / "out"
     process = subprocess.Popen(
@@ -105,7 +108,10 @@ def test_sigint_ends_a_ray_batch_and_its_cluster_within_10_s_keeping_finished_ro
             time.sleep(0.2)
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert len(manifest(out)) >= 2, "no row finished in time"
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        if to == "group":
+            os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        else:
+            os.kill(process.pid, signal.SIGINT)
         interrupted = time.monotonic()
         _, err = process.communicate(timeout=30)
         ended = time.monotonic() - interrupted
