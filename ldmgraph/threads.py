@@ -2,7 +2,7 @@
 
 Most machines are never idle. With torch's default (one compute thread per core, spinning at every
 OpenMP barrier), a run that shares the cores with other processes collapses: measured on a 2-core
-machine with two busy processes, the README's main command took 9.7 s (median of 3) against 4.7 s
+machine with two busy processes, the quick start's command took 9.7 s (median of 3) against 4.7 s
 with one thread, and 2.2 s against 2.4 s on the idle machine. So the default is one thread, and
 threads beyond the first wait passively (``OMP_WAIT_POLICY=PASSIVE``: they sleep at a barrier
 instead of spinning against the other processes). ``--threads N`` asks for more; an

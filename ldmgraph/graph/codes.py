@@ -1,8 +1,9 @@
 """Stable machine-readable problem codes reported by validation (``Problem.code``).
 
 Scripts and front ends match on these strings; never rename one, only add. :data:`CODES` is the
-one table of them with what each means; the README's table of codes is tested against it, so a new
-code is added here (a constant and a row) and in the README together.
+one table of them with what each means; the documentation's page of codes
+(``docs/reference/errors.md``) is generated from it by ``scripts/gen_docs.py``, and a test fails
+until the page is regenerated after a code is added (a constant and a row, here).
 """
 
 BAD_DOCUMENT = "bad_document"
