@@ -1,6 +1,6 @@
 """The README stays a short front page that tells the truth: it fits in a head (at most 20,000
 characters), its install-and-run and test commands are on the first screen, CI runs its test
-command, every saved workflow is in its tour, and each link it makes reaches a file."""
+command, the workflows its tour names exist, and each link it makes reaches a file."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ def test_readme_quick_start_needs_no_environment_variable() -> None:
     assert "OMP_" not in command and not re.search(r"\b[A-Z_]{3,}=", command)
 
 
-def test_every_saved_workflow_is_in_the_readme() -> None:
-    names = sorted(p.name for p in (ROOT / "workflows").glob("*.json"))
-    assert names
-    assert [n for n in names if f"`{n}`" not in README] == []
+def test_every_workflow_the_readme_names_exists_and_the_main_ones_are_there() -> None:
+    """The tour names real files; the full listing is docs/saved-workflows.md (tests/test_docs.py)."""
+    named = set(re.findall(r"`([a-z0-9_]+\.json)`", README))
+    assert {"txt2img.json", "img2img.json", "inpaint.json", "superres.json", "controlnet.json"} <= named
+    assert [n for n in sorted(named) if not (ROOT / "workflows" / n).is_file()] == []
 
 
 def test_every_link_in_the_readme_reaches_a_file() -> None:
