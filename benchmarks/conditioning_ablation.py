@@ -284,8 +284,7 @@ def score_run(name: str, seed: int, target: int, args: argparse.Namespace, ae_di
     if key in scores and not want_final:
         return
     path = folder / f"export_{target}.safetensors"
-    if not path.exists():
-        export_bundled("ldm", folder, ae_dir, scale, path)
+    export_bundled("ldm", folder, ae_dir, scale, path)  # again after an interruption: a half-written file is no export
     t0 = time.process_time()
     if key not in scores:
         scores[key] = score(path, args.samples, args.sampler_steps, args.cfg)
@@ -617,7 +616,7 @@ def plot(results: dict[str, Any], names: list[str], args: argparse.Namespace, pa
         s = xmax * i / 5
         x1, y1 = at(s, 0)
         d.line([x1, y1, x1, y1 + 4], fill="black")
-        d.text((x1 - 12, y1 + 8), f"{s:.0f}", fill="black")
+        d.text((x1 - 12, y1 + 8), f"{s:g}", fill="black")
     d.text((left, 8), f"two-object mean judge score vs training steps ({args.label})", fill="black")
     d.text((left, 22), f"mean over {args.seeds} seed(s); bars: 95% t-interval over seeds", fill="black")
     d.text(((width - right + left) / 2 - 40, height - 20), "training steps", fill="black")
