@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -458,7 +459,7 @@ def command(args: argparse.Namespace, names: list[str]) -> str:
     return (f"python benchmarks/conditioning_ablation.py --seeds {args.seeds} --seed {args.seed} --steps {args.steps} "
             f"--eval-every {args.eval_every} --batch-size {args.batch_size} --samples {args.samples} --final-samples "
             f"{args.final_samples} --pool-size {args.pool_size} --threads {args.threads}"
-            f"{' --with-both' if 'both' in names else ''} --label {args.label}")
+            f"{' --with-both' if 'both' in names else ''} --label {shlex.quote(args.label)}")
 
 
 def table(args: argparse.Namespace, results: dict[str, Any], names: list[str]) -> str:
