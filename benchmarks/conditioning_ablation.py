@@ -366,9 +366,10 @@ def run_study(args: argparse.Namespace, names: list[str], results: dict[str, Any
                 record = runs.setdefault(str(seed), {})
                 if train_to(name, seed, target, args, pool, scale, record):
                     save_json(results_path, results)
+                    write_docs(args, results, names)  # after each step of each run: the docs say what is done
                     score_run(name, seed, target, args, ae_dir, scale, record)
                 save_json(results_path, results)
-                write_docs(args, results, names)  # after each run, so an interrupted study shows what is done
+                write_docs(args, results, names)
     results["last_session_wall_seconds"] = time.time() - started
     save_json(results_path, results)
     write_docs(args, results, names)
