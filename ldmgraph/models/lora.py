@@ -28,7 +28,6 @@ architecture). The kohya writer (`write_kohya_lora`) is what `ldmgraph train lor
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -129,7 +128,7 @@ def text_aliases(encoder: nn.Module, prefix: str = "") -> dict[str, str]:
 def text_parts(text_encoder: nn.Module) -> dict[str, tuple[dict[str, str], dict[str, tuple[int, ...]]]]:
     """The text-encoder parts of a LoRA plan: "te" (SD1, SD2), or SDXL's "te1" (CLIP ViT-L, `clip_l`)
     and "te2" (OpenCLIP bigG, `clip_g`; the refiner has only this one)."""
-    shapes = _weight_shapes(text_encoder)
+    shapes = weight_shapes(text_encoder)
     clip_g = getattr(text_encoder, "clip_g", None)
     if not isinstance(clip_g, nn.Module):
         return {"te": (text_aliases(text_encoder), shapes)}
@@ -467,13 +466,13 @@ def model_parts(unet: Any = None, text_encoder: Any = None) -> dict[str, tuple[d
         module = patch_target(unet)
         info = getattr(unet, "info", None)
         config = getattr(info, "unet", None)
-        parts["unet"] = (unet_aliases(module, config), _weight_shapes(module))
+        parts["unet"] = (unet_aliases(module, config), weight_shapes(module))
     if text_encoder is not None:
         parts.update(text_parts(text_encoder))
     return parts
 
 
-def _weight_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+def weight_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in module.named_parameters() if name.endswith("weight")}
 
 
@@ -586,11 +585,3 @@ def kohya_tensors(
         out[stem + ".lora_up.weight"] = up.detach().to(dtype).contiguous()
         out[stem + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
     return out
-
-
-_LAYOUT = re.compile(r"^(input_blocks|middle_block|output_blocks)_")
-
-
-def uses_original_layout(keys: Iterable[str]) -> bool:
-    """Whether a kohya file names U-Net modules in the original layout (SDXL's kohya files do)."""
-    return any(_LAYOUT.match(s[2]) for k in keys if (s := split_key(k)) is not None and s[0] == "unet")

@@ -560,15 +560,3 @@ def _attention_chain(patches: list[AttentionPatch], info: AttentionInfo) -> Call
         return fn(q, k, v, info)
 
     return attend
-
-
-def weight_patch_bytes(patches: Sequence[Any]) -> int:
-    """Bytes held by the adapters of the weight patches (what a patched handle adds in memory)."""
-    seen: set[int] = set()
-    total = 0
-    for patch in patches:
-        adapter = getattr(patch, "adapter", None)
-        if adapter is not None and id(adapter) not in seen:
-            seen.add(id(adapter))
-            total += int(getattr(adapter, "nbytes", 0))
-    return total

@@ -103,7 +103,7 @@ def architecture_problems(
         return [], []
     texts = _text_parts_of(summary) if with_text else set()
     shapes = lora.relevant_keys({k: tuple(v.shape) for k, v in header.items()}, with_text=with_text)
-    parts = {"unet": (lora.unet_aliases(unet, config), lora._weight_shapes(unet))}
+    parts = {"unet": (lora.unet_aliases(unet, config), lora.weight_shapes(unet))}
     unet_keys = {k: v for k, v in shapes.items() if (s := lora.split_key(k, texts or ())) is None or s[0] == "unet"}
     plan = lora.plan_lora(unet_keys, parts)
     file_parts = lora.file_parts(shapes, texts or ())
