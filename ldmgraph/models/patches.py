@@ -186,9 +186,12 @@ def _scoped(handle: Any, method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def patch_target(handle: Any) -> nn.Module:
-    """The module a handle's patches change: a MODEL's U-Net, or the handle itself (text encoders)."""
+    """The module a handle's patches change, shared by every handle made from it: a MODEL's U-Net,
+    or the base text encoder handle (whose parameters every patched copy shares)."""
     module = getattr(handle, "diffusion_model", None)
-    return module if isinstance(module, nn.Module) else handle
+    if isinstance(module, nn.Module):
+        return module
+    return handle.__dict__.get("patch_base", handle)  # type: ignore[no-any-return]
 
 
 def in_use(handle: Any) -> Any:

@@ -175,3 +175,34 @@ def test_a_patch_that_fails_leaves_the_base_intact_and_a_changed_delta_is_caught
 def test_patched_refuses_what_is_not_a_patch():
     with pytest.raises(TypeError, match="not a model patch"):
         patched(tiny_handle(), [object()])
+
+
+@torch.no_grad()
+def test_two_patched_text_encoders_share_one_state_and_take_turns():
+    """Copies of one text encoder handle with different patches: inside one's scope the other
+    restores first, so each encodes with exactly its own weights, and the base comes back."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+    from model_helpers import clip_model
+
+    from ldmgraph.models.text_encoders import clip_text_encoder_from_weights
+
+    reference = clip_model(hidden=64, heads=4, layers=2, act="quick_gelu", seed=3)
+    config = {k: getattr(reference.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "max_position_embeddings", "hidden_act")}
+    base = clip_text_encoder_from_weights({k: v.clone() for k, v in reference.state_dict().items()}, kind="clip-l",
+                                          config_kwargs=config, path="tiny-clip")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    target = "transformer.encoder.layers.0.self_attn.q_proj.weight"
+    w = base.get_parameter(target)
+    a = patched(base, [WeightPatch(target, lora(w, 9), 1.0)])
+    b = patched(base, [WeightPatch(target, lora(w, 10), 1.0)])
+    alone_a, alone_b = a.encode(["a red cube"]).context, b.encode(["a red cube"]).context
+    with patch_scope(a):
+        assert torch.equal(b.encode(["a red cube"]).context, alone_b)
+        assert torch.equal(a.encode(["a red cube"]).context, alone_a)
+    assert not torch.equal(alone_a, alone_b)
+    assert bit_equal(before, {k: v.clone() for k, v in base.state_dict().items()})
