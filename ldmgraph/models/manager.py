@@ -484,7 +484,7 @@ class ModelRuntime:
 
 def _name(handle: Any, module: nn.Module) -> str:
     info = getattr(handle, "info", None)
-    family = getattr(info, "family", None) or getattr(info, "kind", None)
+    family = getattr(info, "architecture", None)
     return f"{type(module).__name__}" + (f" ({family})" if isinstance(family, str) else "")
 
 

@@ -93,6 +93,11 @@ def unet_bytes(ex) -> int:
     return module_nbytes(model.diffusion_model)
 
 
+def kind(move) -> str:
+    """The module class a move names (the name goes on with the detected architecture)."""
+    return move.model.split(" ")[0]
+
+
 def manager(budget: int) -> ModelManager:
     return ModelManager(budget, "cpu", working_fraction=0.0)
 
@@ -111,11 +116,11 @@ def test_offload_streams_a_unet_over_the_budget_with_peak_at_most_the_budget(reg
     ex = executor(registry, models_dir, tmp_path, ModelRuntime(manager=m))
     out = image(ex, txt2img())
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
-    actions = [(mv.action, mv.model) for mv in m.moves]
+    actions = [(mv.action, kind(mv)) for mv in m.moves]
     assert ("stream", "UNetModel") in actions
     assert m.accountant.peak <= m.weights_budget == budget
     assert m.accountant.bytes == 0 or set(m.resident())  # only residents are left on the device
-    unet_moves = [mv for mv in m.moves if mv.model == "UNetModel" and mv.action == "block_in"]
+    unet_moves = [mv for mv in m.moves if kind(mv) == "UNetModel" and mv.action == "block_in"]
     # every block came in once per U-Net call (two CFG halves stacked: one call per step), in forward order
     blocks = [mv.block for mv in unet_moves]
     per_call = len(blocks) // STEPS
@@ -158,7 +163,7 @@ def test_gpu_memory_models_stay_resident_between_jobs(registry, models_dir, tmp_
     ex = executor(registry, models_dir, tmp_path, ModelRuntime(manager=m))
     first = image(ex, txt2img())
     loads = [(mv.action, mv.model) for mv in m.moves]
-    assert {"UNetModel", "AutoencoderKL"} <= {model for action, model in loads if action == "load"}
+    assert {"UNetModel", "AutoencoderKL"} <= {model.split(" ")[0] for action, model in loads if action == "load"}
     doc = txt2img()
     doc["nodes"]["sample"]["inputs"]["seed"] = 4  # a new job: the sampler and the decoder run again
     second = image(ex, doc)
@@ -195,8 +200,54 @@ def test_offload_lora_patches_apply_to_streamed_weights(registry, models_dir, tm
     m = manager(unet_bytes(probe) // 2)
     ex = executor(registry, models_dir, tmp_path, ModelRuntime(manager=m))
     streamed = image(ex, txt2img(lora))
-    assert ("stream", "UNetModel") in [(mv.action, mv.model) for mv in m.moves]
+    assert ("stream", "UNetModel") in [(mv.action, kind(mv)) for mv in m.moves]
     torch.testing.assert_close(streamed, patched_reference, rtol=0, atol=1e-6)  # applied once: not skipped, not doubled
     # the base model is restored where it lives: the unpatched workflow gives the unpatched image
     torch.testing.assert_close(image(ex, txt2img()), reference, rtol=0, atol=0)
     assert m.accountant.peak <= m.weights_budget
+
+
+def _controlnet_doc() -> dict:
+    import json
+
+    doc = json.loads((REPO / "workflows" / "controlnet.json").read_text())
+    doc["nodes"]["sampler"]["inputs"]["steps"] = STEPS
+    return doc
+
+
+def test_offload_controlnet_streams_beside_a_resident_unet(registry, models_dir, tmp_path):
+    """The U-Net fits and stays resident; the ControlNet, called inside the U-Net's step, gets the
+    room that is left and runs block by block there: the image is the unmanaged one."""
+    from ldmgraph.models.cache import module_nbytes
+
+    inputs = REPO / "workflows" / "inputs"
+    probe = executor(registry, models_dir, inputs, None)
+    reference = image(probe, _controlnet_doc())
+    net = probe.run(_controlnet_doc(), outputs=["control_net"]).outputs["control_net"]["control_net"]
+    unet, control = unet_bytes(probe), module_nbytes(net.control_model)
+    m = manager(unet + control // 2)
+    ex = executor(registry, models_dir, inputs, ModelRuntime(manager=m))
+    torch.testing.assert_close(image(ex, _controlnet_doc()), reference, rtol=0, atol=0)
+    moves = [(mv.action, "ControlNet" if "controlnet" in mv.model else kind(mv)) for mv in m.moves]
+    assert moves.count(("stream", "ControlNet")) == STEPS and moves.count(("load", "UNetModel")) == 1
+    last_control = max(i for i, move in enumerate(moves) if move[1] == "ControlNet")
+    assert ("evict", "UNetModel") not in moves[:last_control]  # never evicted while its steps run
+    assert m.accountant.peak <= m.weights_budget
+
+
+def test_gpu_memory_flag_through_the_cli(tmp_path, models_dir):
+    """`ldmgraph run --gpu-memory GIB`: a budget far below the U-Net streams it; same image as
+    without the flag. A negative budget is a usage error."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmgraph.cli import main
+
+    workflow = REPO / "workflows" / "txt2img.json"
+    common = [str(workflow), "--device", "cpu", "--set", "steps=2", "--no-progress", "--models-dir", str(models_dir)]
+    assert main(["run", *common, "--output-dir", str(tmp_path / "plain")]) == 0
+    assert main(["run", *common, "--output-dir", str(tmp_path / "budget"), "--gpu-memory", "0.004"]) == 0
+    plain, budget = (np.asarray(Image.open(next((tmp_path / d).glob("*.png")))) for d in ("plain", "budget"))
+    assert np.array_equal(plain, budget)
+    with pytest.raises(SystemExit, match="--gpu-memory must be 0"):
+        main(["run", *common, "--output-dir", str(tmp_path / "bad"), "--gpu-memory", "-1"])
