@@ -472,3 +472,34 @@ def test_lcm_lora_sampling_equals_diffusers_lcm_scheduler(with_lora, folder, exe
         expected = pipe(prompt=PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=cfg,
                         height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(SEED), output_type="np").images
     assert np.abs(ours - expected).max() <= 1e-3, np.abs(ours - expected).max()
+
+
+@pytest.fixture(scope="module")
+def sd2_folder(folder) -> tuple[Path, dict[str, Any]]:
+    """An SD2-shaped variant in the same model folder: linear proj_in / proj_out, 64-wide heads."""
+    from diffusers import UNet2DConditionModel
+
+    root, modules = folder
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(1, 2), use_linear_projection=True, norm_num_groups=32,
+    ).eval()
+    pipe = root / "pipe_sd2"
+    if not pipe.exists():
+        import shutil
+
+        shutil.copytree(root / "pipe", pipe, ignore=shutil.ignore_patterns("unet"))
+        unet.save_pretrained(pipe / "unet")
+    save_file(kohya_lora(unet, modules["text_encoder"], seed=12), str(root / "loras" / "kohya_sd2.safetensors"))
+    return root, {**modules, "unet": unet}
+
+
+@pytest.mark.reference
+def test_lora_sd2_linear_projections_equal_diffusers(sd2_folder, executor):
+    doc = workflow([("kohya_sd2", 0.9, 0.7)])
+    doc["nodes"]["ckpt"]["inputs"]["ckpt_name"] = "pipe_sd2"
+    ours = np.asarray(executor.run(doc, outputs=["decode"]).outputs["decode"]["image"])
+    expected = diffusers_image(sd2_folder, "kohya_sd2.safetensors", 0.9, 0.7)
+    assert np.abs(ours - expected).max() <= 1e-3, np.abs(ours - expected).max()
