@@ -484,6 +484,11 @@ def check_plan(plan: LoraPlan, name: str, present: Iterable[str], file_parts: It
         raise LoraMismatchError(
             f"the LoRA {name} does not fit this model ({len(plan.mismatched)} weight(s) of another shape, "
             f"e.g. {sample}): it was made for another architecture; pick a LoRA trained for this model")
+    if not plan.groups and plan.unmatched:
+        raise LoraMismatchError(
+            f"none of the {len(plan.unmatched)} keys of {name} lands on this model (e.g. {plan.unmatched[0]}): "
+            "it is not a LoRA of a known format, or it was made for another architecture; pick a LoRA "
+            "trained for this model")
     present = set(present)
     for part in sorted(set(file_parts)):
         if part not in present or (part == "unet" and not plan.groups.get("unet")):

@@ -261,7 +261,12 @@ def test_lora_for_another_architecture_is_refused_at_validation(folder, executor
     sdxl["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"] = torch.zeros(RANK, 1280)
     sdxl["lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"] = torch.zeros(1280, RANK)
     save_file(sdxl, str(root / "loras" / "sdxl_te2.safetensors"))
-    for name, words in (("sd2_context", "another shape"), ("sdxl_te2", "second text encoder")):
+    zeros = {"lora_down.weight": torch.zeros(RANK, 8), "lora_up.weight": torch.zeros(8, RANK)}
+    save_file({f"transformer.single_transformer_blocks.0.attn.to_q.{k}": v for k, v in zeros.items()},
+              str(root / "loras" / "flux_style.safetensors"))
+    save_file({"some.other.tensor": torch.zeros(3)}, str(root / "loras" / "not_a_lora.safetensors"))
+    for name, words in (("sd2_context", "another shape"), ("sdxl_te2", "second text encoder"),
+                        ("flux_style", "(Flux, SD3)"), ("not_a_lora", "not a LoRA of a known format")):
         with pytest.raises(ValidationError) as info:
             executor.validate(workflow([(name, 1.0, 1.0)]), outputs=["decode"])
         text = str(info.value)
