@@ -30,6 +30,7 @@ weights only; `WORKING_FRACTION` of `--gpu-memory` is kept for activations.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import threading
 from collections import OrderedDict
@@ -346,7 +347,8 @@ class _Streamer:
         self._prefetch = rest + max(pairs, default=largest) <= available
         self._move_in(self.rest)
         module = self.entry.module
-        self._hooks = [module.register_forward_pre_hook(self._inputs, with_kwargs=True)]
+        self._hooks = [module.register_forward_pre_hook(self._inputs, with_kwargs=True),
+                       module.register_forward_hook(self._finish)]
         for i, (_, block) in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(functools.partial(self._enter, i), with_kwargs=True))
             self._hooks.append(block.register_forward_hook(functools.partial(self._leave, i)))
@@ -378,6 +380,15 @@ class _Streamer:
     def _inputs(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         device = self.manager.device
         return _to_device(args, device), _to_device(kwargs, device)
+
+    def _finish(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The end of a streamed forward: wait for every copy from the home tensors, so that a patch
+        restored on them right after the call cannot race a copy still in flight."""
+        m = self.manager
+        if m.pin:
+            if m._copy_stream is not None:
+                m._copy_stream.synchronize()
+            torch.cuda.current_stream(m.device).synchronize()
 
     def _fetch(self, i: int, stream: Any = None) -> None:
         m = self.manager
@@ -507,7 +518,7 @@ def _place_encoders(handle: nn.Module) -> None:
     them with its own patch-scoped methods and then computes where the weights are)."""
     for name in dir(type(handle)):
         method = getattr(type(handle), name, None)
-        if name.startswith("encode") and callable(method):
+        if name.startswith("encode") and inspect.isfunction(method):  # plain methods, not class or static ones
             handle.__dict__[name] = functools.partial(_placed_call, handle, method)
 
 
