@@ -103,16 +103,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except (BatchInputError, ValidationError, ManifestError) as exc:
         return _invalid(args, exc)
     planned = plan_lazily(doc, source, registry, env, label=label)
+    if args.backend != "local" and (args.compile or args.gpu_memory is not None):
+        print("ldmgraph batch: --compile and --gpu-memory apply to --backend local only", file=sys.stderr)
+        return EXIT_INVALID
     backend = _backend(args, env)
     runner = getattr(backend, "runner", None)
     if runner is not None:
         from ldmgraph.cli import install_model_runtime
 
         install_model_runtime(runner.executor.resources, args)
-    elif args.compile or args.gpu_memory is not None:
-        backend.close()
-        print("ldmgraph batch: --compile and --gpu-memory apply to --backend local only", file=sys.stderr)
-        return EXIT_INVALID
     summary = BatchSummary()
     try:
         run_batch(doc, planned, backend, env.output_dir, resume=not args.no_resume,

@@ -251,3 +251,43 @@ def test_gpu_memory_flag_through_the_cli(tmp_path, models_dir):
     assert np.array_equal(plain, budget)
     with pytest.raises(SystemExit, match="--gpu-memory must be 0"):
         main(["run", *common, "--output-dir", str(tmp_path / "bad"), "--gpu-memory", "-1"])
+
+
+def test_gpu_memory_and_compile_flags_through_batch(tmp_path, models_dir, capsys, monkeypatch):
+    """`ldmgraph batch --gpu-memory GIB --compile` (local backend): the models are resident for both
+    rows, and a backend that cannot compile falls back to eager with one line for the whole batch;
+    each row's image is the one `ldmgraph run` writes for the same seed without either flag."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmgraph.cli import main
+
+    workflow = REPO / "workflows" / "txt2img.json"
+    common = ["--device", "cpu", "--set", "steps=2", "--no-progress", "--models-dir", str(models_dir)]
+    table = tmp_path / "seeds.csv"
+    table.write_text("seed\n1\n2\n", encoding="utf-8")
+    monkeypatch.setenv("LDMGRAPH_COMPILE_BACKEND", "no-such-backend")
+    code = main(["batch", str(workflow), "--params", str(table), *common, "--output-dir", str(tmp_path / "batch"),
+                 "--gpu-memory", "1", "--compile"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "--compile" in line]
+    assert len(lines) == 1 and "UNetModel runs eager: compiling is unavailable" in lines[0], err
+    for row, seed in ((1, 1), (2, 2)):
+        assert main(["run", str(workflow), *common, "--set", f"seed={seed}", "--output-dir", str(tmp_path / f"run{seed}")]) == 0
+        ran = np.asarray(Image.open(next((tmp_path / f"run{seed}").glob("*.png"))))
+        batched = np.asarray(Image.open(next((tmp_path / "batch").glob(f"row{row:05d}_*.png"))))
+        assert np.array_equal(ran, batched)
+
+
+def test_gpu_memory_and_compile_flags_for_serve_and_their_refusal_on_ray(tmp_path, capsys):
+    from ldmgraph.cli import build_parser, main
+
+    args = build_parser("serve").parse_args(["serve", "--compile", "--gpu-memory", "6"])
+    assert (args.compile, args.gpu_memory) == (True, 6.0)
+    table = tmp_path / "seeds.csv"
+    table.write_text("seed\n1\n", encoding="utf-8")
+    code = main(["batch", str(REPO / "workflows" / "txt2img.json"), "--params", str(table), "--backend", "ray",
+                 "--gpu-memory", "4", "--no-progress", "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert "--compile and --gpu-memory apply to --backend local only" in capsys.readouterr().err
