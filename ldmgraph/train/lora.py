@@ -17,7 +17,7 @@ The run folder keeps resumable checkpoints (``checkpoint.safetensors``, ``state.
 current EMA adapter as ``lora.safetensors``, rewritten at each checkpoint.
 
 ``write_style_dataset`` draws the procedural shapes data set in a style the base model never saw
-(``outlined``: each shape as a 2-pixel outline of its colour, its inside left to the background),
+(``outlined``: each shape as a 3-pixel outline of its colour, its inside left to the background),
 with the base data set's captions, so a LoRA trained on it changes the style and keeps the content.
 """
 
@@ -44,7 +44,7 @@ CONV_TARGETS = re.compile(r"(in_layers\.2|out_layers\.3)$")
 """With ``conv_rank`` > 0, the residual blocks' 3x3 convolutions get factors too (kohya's "conv_dim",
 LyCORIS LoCon): down a kxk convolution to ``conv_rank`` channels, up a 1x1 one."""
 STYLES = ("outlined",)
-OUTLINE_PIXELS = 2.0
+OUTLINE_PIXELS = 3.0
 
 
 @dataclass
