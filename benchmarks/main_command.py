@@ -15,8 +15,9 @@ machine, wall time counts the wait for a CPU and two torch threads spin against 
 compare CPU seconds there (``--threads 1`` gives the CPU cost without that spinning).
 
 ``--busy K`` measures the default settings on a machine doing other work: each idle run is
-followed by the same run while K busy processes (pure-Python loops, one core each) hold the cores
-(interleaved, so that other jobs on a shared machine weigh on both alike); the
+followed by the same run while K busy processes (pure-Python loops, one core each, each in a session
+of its own like another job) hold the cores (interleaved, so that other jobs on a shared machine
+weigh on both alike); the
 last line then adds ``loaded_s`` (median of the loaded runs) and ``loaded_vs_idle`` (median loaded
 over median idle, in the same invocation).
 
@@ -140,7 +141,11 @@ def main() -> None:
 
 def loaded_run(k: int, args: argparse.Namespace, env: dict[str, str], extra: list[str]) -> float:
     """Wall seconds of one run while ``args.busy`` processes spin on the cores."""
-    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    # Each busy process in a session of its own, as another job (another terminal, another user) is:
+    # with Linux's autogroup scheduling a session's processes share one CPU share, so busy loops in
+    # this benchmark's session would take the measured run's share rather than compete with it.
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(args.busy)]
     try:
         time.sleep(0.5)  # let the busy processes take their cores
         return run_once(k, args.prompt, env, extra)[0]
