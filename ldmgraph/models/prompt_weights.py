@@ -34,7 +34,8 @@ EMBEDDING_PREFIX = "embedding:"
 _OPENERS = {"(": ")", "[": "]"}
 _CLOSERS = {")": "(", "]": "["}
 _NUMBER = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?\s*")
-_EMBEDDING = re.compile(re.escape(EMBEDDING_PREFIX) + r"([^\s,;()\[\]]+)")
+_EMBEDDING = re.compile(r"(?<![^\s,;])" + re.escape(EMBEDDING_PREFIX) + r"([^\s,;()\[\]]+)")
+"""`embedding:name` at the start of a word (as ComfyUI reads it: "myembedding:x" is text)."""
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ def test_prompt_weight_embedding_references_are_pieces():
     pieces = parse_prompt("a (embedding:style.pt:1.2), embedding:other in the centre")
     assert pieces == [Piece("a "), Piece("embedding:style.pt", 1.2, "style.pt"), Piece(", "),
                       Piece("embedding:other", 1.0, "other"), Piece(" in the centre")]
+    assert parse_prompt("myembedding:x,embedding:y") == [Piece("myembedding:x,"), Piece("embedding:y", 1.0, "y")]
 
 
 @pytest.mark.parametrize("text", ["a red circle on the left and a blue square, a pink triangle; the top",
