@@ -31,8 +31,9 @@ Everything runs on the same seeded random SD1.5-size weights (values do not chan
 
 `--parts` runs only some parts (e.g. `--parts compile,sdxl` within a short device lease).
 `--smoke` runs every part on the CPU with reduced models (compile through dynamo's "eager"
-backend, a tiny SDXL pair under a budget of half its U-Net): checks the script, not the figures;
-there the peak is the manager's weight accountant and the fp16 step is fp32.
+backend, a tiny SDXL pair under a budget of half its U-Net, text-to-image in bf16 only): checks
+the script, not the figures; there the peak is the manager's weight accountant and the compiled
+step is fp32.
 The log (everything printed) goes to `docs/perf/gpu_<card>.log` (`gpu_smoke.log` with `--smoke`).
 
 Last line: ``step_fp16_vs_diffusers_fp16= step_bf16_vs_diffusers_bf16= step_fp16_vs_fp32=
@@ -45,6 +46,8 @@ other's; below 1 is faster; a part not run prints nan).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -102,13 +105,15 @@ def unet_steps(device: str, side: int, config: dict[str, Any], warmup: int, time
     return seconds
 
 
-def txt2img(workdir: Path, device: str, steps: int, size: int, channels: int) -> dict[str, dict[str, float]]:
-    """benchmarks/txt2img_sd15.py's two sides in fresh processes, fp16 and bf16."""
+def txt2img(workdir: Path, device: str, steps: int, size: int, channels: int,
+            dtypes: tuple[str, ...] = ("fp16", "bf16")) -> dict[str, dict[str, float]]:
+    """benchmarks/txt2img_sd15.py's two sides in fresh processes, fp16 and bf16 (the smoke run: bf16
+    only, since a CPU decodes fp16 about a hundred times slower)."""
     import txt2img_sd15 as sd
 
     ckpt = sd.ensure_checkpoint(workdir, channels)
     results: dict[str, dict[str, float]] = {}
-    for dtype in ("fp16", "bf16"):
+    for dtype in dtypes:
         for side in ("ours", "diffusers"):
             figures = sd.worker(side, ckpt, steps, size, channels, dtype, device)
             results[f"{side}_{dtype}"] = figures
@@ -245,9 +250,11 @@ def write_sdxl(workdir: Path, device: str, smoke: bool) -> tuple[str, str]:
         sys.path.insert(0, str(ROOT / "tests" / "models"))
         import sdxl_models as sm
 
-        modules = sm.build(workdir / "diffusers")
-        sm.write_single_file(workdir / names[0], modules["base"], refiner=False)
-        sm.write_single_file(workdir / names[1], modules["refiner"], refiner=True)
+        quiet = io.StringIO()  # diffusers' progress bars while the tiny pair is written
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            modules = sm.build(workdir / "diffusers")
+            sm.write_single_file(workdir / names[0], modules["base"], refiner=False)
+            sm.write_single_file(workdir / names[1], modules["refiner"], refiner=True)
         return names
     from safetensors.torch import save_file
     from sdxl import checkpoint_shapes
@@ -345,8 +352,11 @@ def sdxl_budget(workdir: Path, device: str, smoke: bool) -> dict[str, Any]:
             return {}
         runs[gib] = json.loads(done.stdout.strip().splitlines()[-1])
         run = runs[gib]
-        print(f"sdxl base+refiner {'64' if smoke else '1024'} px, --gpu-memory {gib:g}: peak {run['peak_gib']:.2f} GiB"
-              f"{' (weight accountant, CPU stand-in)' if not device.startswith('cuda') else ' allocated'}, "
+        budget = run["weights_budget_gib"]
+        print(f"sdxl base+refiner {'64' if smoke else '1024'} px, --gpu-memory {gib:g}: peak {run['peak_gib']:.3f} GiB "
+              f"({run['peak_gib'] * 1024:.1f} MiB"
+              f"{', weight accountant: the CPU stand-in' if not device.startswith('cuda') else ' allocated'}"
+              f"{f'; weights budget {budget * 1024:.1f} MiB' if budget else ''}), "
               f"{run['step_s']:.3f} s/step, {run['total_s']:.1f} s in all; moves {run['moves']}", flush=True)
     a, b = (np.asarray(Image.open(runs[g]["image"]), dtype=np.int16) for g in (0.0, 4.0))
     diff = np.abs(a - b)
@@ -417,7 +427,8 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}", flush=True)
     started = time.perf_counter()
     unet = unet_steps(device, side, config, warmup, timed) if "unet" in parts else {}
-    t2i = txt2img(args.workdir, device, steps, size, channels) if "txt2img" in parts else {}
+    dtypes = ("bf16",) if args.smoke else ("fp16", "bf16")
+    t2i = txt2img(args.workdir, device, steps, size, channels, dtypes) if "txt2img" in parts else {}
     cli = cli_run(args.workdir, device, steps, size, channels) if "cli" in parts else NAN
     vae = vae_2048(device, big, not args.smoke) if "vae" in parts else {}
     compiled = compiled_step(device, side, config, warmup, timed, args.smoke) if "compile" in parts else {}
@@ -433,7 +444,12 @@ def main() -> None:
             return NAN
         return float(first.get("step_s", NAN) / second.get("step_s", NAN)) if isinstance(first, dict) else first / second
 
-    print(f"seconds in all: {time.perf_counter() - started:.1f}", flush=True)
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    print(f"seconds in all: {time.perf_counter() - started:.1f} wall, {cpu:.1f} CPU (this process and its children, "
+          "interpreter start-up and imports included)", flush=True)
     print(f"step_fp16_vs_diffusers_fp16={ratio('ours_fp16', 'diffusers_fp16', unet):.3f} "
           f"step_bf16_vs_diffusers_bf16={ratio('ours_bf16', 'diffusers_bf16', unet):.3f} "
           f"step_fp16_vs_fp32={ratio('ours_fp16', 'ours_fp32', unet):.3f} "
