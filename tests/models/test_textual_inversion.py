@@ -22,7 +22,6 @@ from ldmgraph.graph.executor import Executor
 from ldmgraph.models.embeddings import EmbeddingError, available_embeddings, load_embedding
 from ldmgraph.plugins import load_registry
 
-pytestmark = pytest.mark.reference
 TOL = 1e-5
 WIDTH = 128  # the tiny CLIP's width (model_helpers.clip_model)
 
@@ -94,6 +93,7 @@ def models(tmp_path: Path, sd1_file: Path, vectors: torch.Tensor) -> tuple[Path,
     return sd1_file.parent, save_formats(sd1_file.parent / "embeddings", vectors)
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("fmt", ["a1111.pt", "emb_params", "learned_embeds.bin", "diffusers_safetensors", "sdxl"])
 def test_textual_inversion_matches_diffusers_for_each_file_format(models, sd1_file, tiny_clip, vectors, fmt):
     folder, files = models
@@ -107,6 +107,7 @@ def test_textual_inversion_matches_diffusers_for_each_file_format(models, sd1_fi
     assert (plain - reference).abs().max().item() > 100 * TOL
 
 
+@pytest.mark.reference
 def test_textual_inversion_name_without_extension_and_weighted(models, sd1_file, tiny_clip, vectors):
     folder, _ = models
     ours = encode_through_executor(folder, sd1_file, "a photo of embedding:emb_params")
