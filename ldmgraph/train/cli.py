@@ -73,7 +73,7 @@ def register(subparsers: Any) -> None:
     train.add_argument("--export", type=Path, default=None, metavar="PATH",
                        help="after training, write the bundled safetensors file here (diffusion kinds)")
     train.add_argument("--base", type=Path, default=None, metavar="PATH",
-                       help="controlnet: the frozen text-to-image model (default: the bundled one)")
+                       help="controlnet, lora: the frozen text-to-image model (default: the bundled one)")
     train.add_argument("--data", type=Path, default=None, metavar="FOLDER",
                        help="lora: images with same-named .txt captions (kohya's layout)")
     train.add_argument("--make-data", choices=("outlined",), default=None, metavar="STYLE",
