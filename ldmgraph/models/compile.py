@@ -108,6 +108,14 @@ class CompiledCall:
         self.disabled: str | None = None
         self.cudagraphs = False
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        """A copied module starts eager (this call belongs to the original: its compiled graphs
+        and its eager path are the original module's); `install` compiles the copy if asked."""
+        return None
+
+    def __reduce__(self) -> Any:
+        return (type(None), ())
+
     def _backend(self, backend: str, mode: str | None) -> Any:
         """The backend callable, counting each graph it compiles."""
         if backend == "inductor":

@@ -462,6 +462,10 @@ class ModelRuntime:
     def home(self) -> str | None:
         return None if self.manager is None else str(self.manager.host)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModelRuntime:
+        """A copied handle belongs to the same session: the runtime is shared, never copied."""
+        return self
+
     def adopt(self, value: Any) -> Any:
         """Mark the handles in `value` (a Checkpoint, a handle) as this session's; compile U-Nets and
         ControlNets when asked. Idempotent; returns `value`."""

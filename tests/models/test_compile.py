@@ -129,3 +129,21 @@ def test_compile_inductor_agrees_with_eager(registry, models_dir, tmp_path, refe
     call = compiled_call(unet_of(ex))
     assert call.disabled is None and call.compilations > 0, runtime.messages
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_a_copied_model_runs_eager_on_its_own_weights(compiled_session):
+    """A deepcopy of a compiled session's model (a plugin merging weights, say) is a new model:
+    it must not call the original's compiled graph."""
+    import copy
+
+    model = compiled_session["ex"].run(txt2img(), outputs=["ckpt"]).outputs["ckpt"]["model"]
+    clone = copy.deepcopy(model)
+    assert compiled_call(clone.diffusion_model) is None
+    with torch.no_grad():
+        for p in clone.diffusion_model.out.parameters():
+            p.zero_()  # the copy's output layer is zero: its prediction must be zero, the original's not
+        x = torch.randn(2, clone.in_channels, 8, 8)
+        t = torch.tensor([500.0, 500.0])
+        context = torch.randn(2, 4, clone.context_dim)
+        assert torch.count_nonzero(clone.apply_model(x, t, context)) == 0  # not the original's graph
+    assert all(torch.count_nonzero(p) for p in model.diffusion_model.out.parameters())  # the original untouched
