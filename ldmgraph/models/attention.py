@@ -125,7 +125,8 @@ class CrossAttention(nn.Module):
     def _keys_values(self, context: torch.Tensor, cross: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of `context`; a cross-attention context's are reused inside
         `reuse_context_projections` (see there)."""
-        cache = _CONTEXT_KV.get() if cross else None
+        # not while torch.compile traces (--compile): dynamo cannot read a ContextVar and would split the graph
+        cache = _CONTEXT_KV.get() if cross and not torch.compiler.is_compiling() else None
         if cache is not None:
             hit = cache.get(id(self))
             if hit is not None and hit[0] is context:
