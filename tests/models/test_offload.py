@@ -291,3 +291,25 @@ def test_gpu_memory_and_compile_flags_for_serve_and_their_refusal_on_ray(tmp_pat
                  "--gpu-memory", "4", "--no-progress", "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert "--compile and --gpu-memory apply to --backend local only" in capsys.readouterr().err
+
+
+def test_gpu_memory_docs_name_tests_that_exist_and_flags_every_command_has():
+    """docs/gpu.md and the README's GPU paragraph stay true: every test the page names exists, and
+    run, serve and batch all take both flags."""
+    import re
+
+    from ldmgraph.cli import build_parser
+
+    page = (REPO / "docs" / "gpu.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"\b(test_(?:offload|gpu_memory|compile)\w*)\b(?!\.py)", page))  # not the files
+    here = Path(__file__).parent
+    defined = set(re.findall(r"^def (test_\w+)", (here / "test_offload.py").read_text(encoding="utf-8")
+                             + (here / "test_compile.py").read_text(encoding="utf-8"), re.MULTILINE))
+    prefixes = {name.rstrip("_") for name in named if name.endswith("_")}  # `test_compile_falls_back_to_eager_*`
+    assert named and {n for n in named if not n.endswith("_")} <= defined
+    assert all(any(d.startswith(p) for d in defined) for p in prefixes)
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "`--compile` (run, serve, batch)" in readme and "`--gpu-memory GIB`" in readme
+    for command, extra in (("run", ["w.json"]), ("serve", []), ("batch", ["w.json", "--params", "t.csv"])):
+        args = build_parser(command).parse_args([command, *extra, "--compile", "--gpu-memory", "2"])
+        assert (args.compile, args.gpu_memory) == (True, 2.0), command
