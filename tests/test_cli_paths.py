@@ -279,3 +279,17 @@ def test_threads_apply_while_the_command_runs_and_are_undone_after(command, caps
     assert cli.main(argv) == 0
     assert seen == [("3", "PASSIVE"), ("1", "PASSIVE")]
     assert "OMP_NUM_THREADS" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
+
+
+def test_batch_set_of_a_text_parameter_keeps_digits_as_text(tmp_path, capsys) -> None:
+    """`batch --set prefix=42` names the files 42, as `run --set` and a CSV cell read it."""
+    sys.path.insert(0, str(ROOT / "tests" / "batch"))
+    from batch_helpers import blend_workflow
+
+    (tmp_path / "blend.json").write_text(json.dumps(blend_workflow()))
+    code, _, err = run(capsys, "batch", str(tmp_path / "blend.json"), "--set", "prefix=42", "--sweep",
+                       "strength=0.25,0.5", "--input-dir", str(WORKFLOWS / "inputs"), "--output-dir",
+                       str(tmp_path / "out"), "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["row00001_42_00001_.png",
+                                                                          "row00002_42_00001_.png"]

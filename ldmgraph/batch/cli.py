@@ -68,7 +68,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Validate every row, then run the batch on the chosen backend."""
-    from ldmgraph.cli import environment, parse_overrides, set_precision
+    from ldmgraph.cli import environment, set_precision
     from ldmgraph.graph.components import expanded_document
     from ldmgraph.graph.errors import ValidationError
     from ldmgraph.graph.loading import load_workflow_file
@@ -95,7 +95,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if args.params is None and not args.sweep:
             raise BatchInputError(["give a parameter table (--params FILE.csv or .jsonl), a --sweep, or both"])
         source = open_rows(args.params, args.sweep, declared, text_params,
-                           constant=parse_overrides(args.overrides), max_rows=args.max_rows)
+                           constant=_constant_values(args.overrides, text_params), max_rows=args.max_rows)
         label = str(args.params or "")
         check_rows(doc, source, registry, env, label=label, total=source.total,
                    progress=not (args.json or args.no_progress))
@@ -139,6 +139,15 @@ def _backend(args: argparse.Namespace, env: Any) -> Any:
     return RayBackend(RayWorkerPool(env, workers=args.workers, address=args.address,
                                     plugin_dirs=[str(Path(p).resolve()) for p in args.plugin_dir],
                                     write_dir=write_dir, threads=args.threads or 1))
+
+
+def _constant_values(items: list[str], text_params: set[str]) -> dict[str, Any]:
+    """``--set`` values for every row, read as ``ldmgraph run`` reads them: JSON when it parses, but a
+    text parameter keeps the text as typed (``--set prompt=42`` is the prompt "42", as a CSV cell is)."""
+    from ldmgraph.cli_overrides import read_overrides
+
+    return {o.name: o.text if o.name in text_params and not isinstance(o.value, str) else o.value
+            for o in read_overrides(items)}
 
 
 def _absolute(env: Any) -> Any:
