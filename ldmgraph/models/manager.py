@@ -33,6 +33,7 @@ import functools
 import inspect
 import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -66,9 +67,9 @@ class ModelPlacementError(RuntimeError):
 @dataclass(frozen=True)
 class Move:
     """One decision: `action` is "load" (whole model to the device), "evict" (back home),
-    "stream" (the model runs block by block), "host" (it computes at home), "block_in" / "block_out" (one block of a streamed
-    model), "unstream" (its last block went home); `device_bytes` is the weight bytes on the
-    device after the move."""
+    "stream" (the model runs block by block), "host" (it computes at home), "block_in" /
+    "block_out" (one block of a streamed model), "unstream" (its last block went home), "forget"
+    (a resident model nobody holds any more); `device_bytes`: weight bytes on the device after it."""
 
     action: str
     model: str
@@ -119,7 +120,7 @@ def _nbytes(tensors: list[Tensor]) -> int:
 
 @dataclass(eq=False)
 class _Entry:
-    module: nn.Module
+    ref: Any  # weakref.ref to the module: a model the session's cache drops is freed, device copy included
     name: str
     tensors: list[Tensor]
     homes: list[Tensor]
@@ -127,6 +128,12 @@ class _Entry:
     state: str = "home"  # home | resident | streamed
     users: int = 0
     streamer: _Streamer | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        module = self.ref()
+        assert module is not None, "a model in use is alive"
+        return module  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------------- the manager
@@ -187,12 +194,23 @@ class ModelManager:
     # -- placing -----------------------------------------------------------------------------
     def _entry(self, module: nn.Module, name: str | None) -> _Entry:
         entry = self._entries.get(id(module))
-        if entry is None or entry.module is not module:
+        if entry is None or entry.ref() is not module:
             tensors = _tensors(module)
             homes = [self._home(t) for t in tensors]
-            entry = _Entry(module, name or type(module).__name__, tensors, homes, _nbytes(tensors))
+            entry = _Entry(weakref.ref(module), name or type(module).__name__, tensors, homes, _nbytes(tensors))
             self._entries[id(module)] = entry
+            weakref.finalize(module, self._forget, id(module), entry)
         return entry
+
+    def _forget(self, key: int, entry: _Entry) -> None:
+        """A model nobody holds any more: its device copy goes with it."""
+        with self._lock:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+                if entry.state == "resident":
+                    self.accountant.remove(entry.nbytes)
+                    self.moves.append(Move("forget", entry.name, entry.nbytes, self.accountant.bytes))
+                entry.tensors, entry.homes = [], []
 
     def _home(self, t: Tensor) -> Tensor:
         """The host copy a tensor is pointed back to (pinned on CUDA, for asynchronous copies)."""
@@ -203,7 +221,16 @@ class ModelManager:
         return home
 
     def _busy_bytes(self, entry: _Entry) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e is not entry and e.state == "resident" and e.users)
+        """Device bytes the other models in use hold or may hold: residents whole, streamed ones
+        their window (what stays on the device plus the blocks they may bring in at once)."""
+        busy = 0
+        for other in self._entries.values():
+            if other is not entry and other.users:
+                if other.state == "resident":
+                    busy += other.nbytes
+                elif other.state == "streamed" and other.streamer is not None:
+                    busy += other.streamer.window
+        return busy
 
     def _place(self, entry: _Entry) -> None:
         if entry.state == "resident":
@@ -219,7 +246,7 @@ class ModelManager:
             self.moves.append(Move("host", entry.name, entry.nbytes, self.accountant.bytes))
             return  # it computes at home, where its weights are
         self._make_room(self.weights_budget, entry)  # everything idle goes home
-        available = self.weights_budget - self.accountant.bytes
+        available = self.weights_budget - self._busy_bytes(entry)
         if entry.streamer is None:
             entry.streamer = _Streamer(self, entry)
         entry.streamer.start(available)
@@ -317,6 +344,7 @@ class _Streamer:
         self._hooks: list[Any] = []
         self._limit = -1
         self._prefetch = True
+        self.window = 0  # the most this model holds on the device while it streams
 
     def _split(self, available: int) -> None:
         limit = max(available // 2, 1)
@@ -345,6 +373,7 @@ class _Streamer:
                 f"weights) even block by block (largest block {largest / GIB:.2f} GiB); raise --gpu-memory")
         pairs = [a + b for a, b in zip(sizes, sizes[1:], strict=False)]
         self._prefetch = rest + max(pairs, default=largest) <= available
+        self.window = rest + (max(pairs, default=largest) if self._prefetch else largest)
         self._move_in(self.rest)
         module = self.entry.module
         self._hooks = [module.register_forward_pre_hook(self._inputs, with_kwargs=True),

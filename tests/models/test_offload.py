@@ -147,6 +147,22 @@ def test_offload_eviction_order_is_least_recently_used():
     assert m.accountant.peak <= m.weights_budget
 
 
+def test_offload_forgets_a_model_nobody_holds():
+    """A model the session's cache dropped is freed with its device copy: the manager holds no
+    reference that would keep it (or its bytes on the card) alive."""
+    import gc
+
+    layer = torch.nn.Linear(64, 64)
+    m = manager(10**6)
+    with m.use(layer, "layer"):
+        pass
+    assert m.resident() == ["layer"] and m.accountant.bytes > 0
+    del layer
+    gc.collect()
+    assert m.resident() == [] and m.accountant.bytes == 0
+    assert [mv.action for mv in m.moves] == ["load", "forget"]
+
+
 def test_offload_never_evicts_a_model_in_use():
     """A model used inside another's use (a ControlNet inside the U-Net's call) is streamed or kept
     at home rather than evicting the caller."""
