@@ -212,8 +212,11 @@ class ModelManager:
                     self.moves.append(Move("forget", entry.name, entry.nbytes, self.accountant.bytes))
                 entry.tensors, entry.homes = [], []
 
+    @torch.inference_mode(False)
     def _home(self, t: Tensor) -> Tensor:
-        """The host copy a tensor is pointed back to (pinned on CUDA, for asynchronous copies)."""
+        """The host copy a tensor is pointed back to (pinned on CUDA, for asynchronous copies).
+        Made outside inference mode, like every copy here: patches update weights in place, and
+        an inference tensor cannot be updated in place outside inference mode."""
         home = t.data if t.device == self.host else t.data.to(self.host)
         if self.pin and not home.is_pinned():
             home = home.pin_memory()
@@ -278,6 +281,7 @@ class ModelManager:
         self.accountant.remove(entry.nbytes)
         self.moves.append(Move("evict", entry.name, entry.nbytes, self.accountant.bytes))
 
+    @torch.inference_mode(False)
     def _copy(self, home: Tensor, stream: Any = None) -> Tensor:
         """A device copy of a home tensor (a real copy even where device and host are one memory,
         so CPU tests see the same data flow as the card)."""

@@ -329,3 +329,15 @@ def test_gpu_memory_docs_name_tests_that_exist_and_flags_every_command_has():
     for command, extra in (("run", ["w.json"]), ("serve", []), ("batch", ["w.json", "--params", "t.csv"])):
         args = build_parser(command).parse_args([command, *extra, "--compile", "--gpu-memory", "2"])
         assert (args.compile, args.gpu_memory) == (True, 2.0), command
+
+
+def test_offload_device_copies_take_patches_outside_inference_mode():
+    """Copies made while a sampler runs (inside inference mode) are ordinary tensors, so a patch
+    applied later outside inference mode (a text encoder's LoRA under no_grad) can update them."""
+    layer = torch.nn.Linear(8, 8).requires_grad_(False)
+    m = manager(10**6)
+    with torch.inference_mode(), m.use(layer, "layer"):
+        layer(torch.randn(1, 8))
+    assert m.resident() == ["layer"] and not layer.weight.is_inference()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
