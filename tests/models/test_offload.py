@@ -18,6 +18,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nodes"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ldmgraph_tiny_models import BUNDLED_NAMES, write_tiny_checkpoint  # noqa: E402
 
@@ -341,3 +342,45 @@ def test_offload_device_copies_take_patches_outside_inference_mode():
     assert m.resident() == ["layer"] and not layer.weight.is_inference()
     with torch.no_grad():
         layer.weight.add_(1.0)
+
+
+def test_offload_sdxl_base_and_refiner_under_a_budget_give_the_unbounded_image(registry, tmp_path):
+    """`workflows/sdxl_refiner.json` on the tests' tiny SDXL pair, with a weights budget of half the
+    base U-Net: both U-Nets stream, the accountant's peak stays under the budget, and the image is
+    the one of a session without a manager (what benchmarks/gpu.py measures at 1024 px on a card)."""
+    import json
+
+    import sdxl_models as sm
+
+    modules = sm.build(tmp_path / "diffusers")
+    sm.write_single_file(tmp_path / "base.safetensors", modules["base"], refiner=False)
+    sm.write_single_file(tmp_path / "refiner.safetensors", modules["refiner"], refiner=True)
+    doc = json.loads((REPO / "workflows" / "sdxl_refiner.json").read_text())
+    values = {"base_ckpt_name": "base.safetensors", "refiner_ckpt_name": "refiner.safetensors", "width": 64,
+              "height": 64, "steps": 4, "switch_step": 3}
+
+    def run(runtime: ModelRuntime | None) -> torch.Tensor:
+        from ldmgraph.graph.context import Environment
+        from ldmgraph.graph.executor import Executor
+        from ldmgraph.models.cache import ModelCache
+        from ldmgraph.nodes.common import MODEL_CACHE_KEY
+
+        out = tmp_path / f"out{id(runtime)}"
+        ex = Executor(registry, Environment(input_dir=tmp_path, output_dir=out, model_dirs=(tmp_path,), device="cpu"))
+        ex.resources[MODEL_CACHE_KEY] = ModelCache(runtime=runtime)
+        ex.run(doc, overrides=values)
+        from PIL import Image
+
+        return torch.as_tensor(np.asarray(Image.open(next(out.glob("*.png")))))
+
+    import numpy as np
+
+    from ldmgraph.models.cache import module_nbytes
+    from ldmgraph.models.checkpoint import load_checkpoint
+
+    base = module_nbytes(load_checkpoint(tmp_path / "base.safetensors").unet.diffusion_model)
+    m = manager(base // 2)
+    torch.testing.assert_close(run(ModelRuntime(manager=m)), run(None), rtol=0, atol=0)
+    streamed = {mv.model for mv in m.moves if mv.action == "stream"}
+    assert streamed == {"UNetModel (sdxl-base)", "UNetModel (sdxl-refiner)"}
+    assert 0 < m.accountant.peak <= m.weights_budget
