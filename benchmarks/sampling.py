@@ -2,6 +2,7 @@
 
     python benchmarks/sampling.py            # small model and the SD1.5 config
     python benchmarks/sampling.py --quick    # small model only
+    python benchmarks/sampling.py --profile  # one step by operator and by Python function
 
 Both loops run Euler over the same 10-step "normal" schedule (diffusers: EulerDiscreteScheduler,
 timestep_spacing="linspace"; 999/9 is whole, so the sigmas are identical), classifier-free
@@ -186,6 +187,53 @@ def bench_overhead(device: str, repeats: int) -> None:
     )
 
 
+def profile_step(device: str, rows: int = 15) -> None:
+    """What one step costs, by operator and by Python function (docs/perf/step_overhead.md):
+    torch.profiler over one U-Net call of each implementation on the small model, then cProfile
+    of ldmgraph's loop around a near-free network (the loop's own work, 100 steps)."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ldmgraph.diffusion import CondEntry, Latent, NoiseSchedule, sample
+
+    unet, handle = build(SMALL_UNET, device)
+    g = torch.Generator().manual_seed(7)
+    context = torch.randn(2, TOKENS, SMALL_UNET["cross_attention_dim"], generator=g).to(device)
+    x, t = torch.randn(2, 4, SIDE, SIDE, generator=g).to(device), torch.full((2,), 500.0, device=device)
+    calls = {"ldmgraph": lambda: handle.apply_model(x, t, context=context),
+             "diffusers": lambda: unet(x, t, encoder_hidden_states=context)}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            call()
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                call()
+            print(f"one U-Net call, {name}, by operator and shape:")
+            print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows))
+
+    class NullModel:
+        prediction_type = "eps"
+        noise_schedule = NoiseSchedule.from_config()
+
+        def apply_model(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            return x * 0.1
+
+    cond = torch.zeros(1, TOKENS, 768)
+
+    def loop() -> None:
+        sample(NullModel(), Latent(torch.zeros(1, 4, SIDE, SIDE)), [CondEntry(context=cond)], [CondEntry(context=cond)],
+               seed=SEED, steps=100, cfg=CFG, sampler="euler", schedule="normal", callback=lambda info: None)
+
+    loop()  # warm-up: first calls compile and cache
+    profiler = cProfile.Profile()
+    profiler.enable()
+    loop()
+    profiler.disable()
+    print("ldmgraph's loop around a near-free network, 100 steps, by function:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip the SD1.5 config")
@@ -197,9 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="torch CPU threads (default: 1 on the CPU, for stable timings on a shared machine)",
     )
+    parser.add_argument("--profile", action="store_true", help="profile one step instead (no ratios)")
     args = parser.parse_args(argv)
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
+    if args.profile:
+        profile_step(args.device)
+        return
     bench_overhead(args.device, args.repeats)
     small = bench(SMALL_UNET, "small", args.device, args.repeats)
     sd15 = None if args.quick else bench(SD15_UNET, "sd15", args.device, max(1, args.repeats - 1))
