@@ -293,3 +293,11 @@ def test_batch_set_of_a_text_parameter_keeps_digits_as_text(tmp_path, capsys) ->
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["row00001_42_00001_.png",
                                                                           "row00002_42_00001_.png"]
+
+
+def test_params_abbreviates_long_choice_lists_too(capsys) -> None:
+    code, out, _ = run(capsys, "params", str(WORKFLOWS / "paper" / "class_conditional.json"))
+    line = next(line for line in out.splitlines() if line.startswith("class_name:"))
+    assert code == 0 and "(1001 choices; --json lists them all)" in line and len(line) < 400
+    code, out, _ = run(capsys, "params", str(WORKFLOWS / "paper" / "class_conditional.json"), "--json")
+    assert len(json.loads(out)["class_name"]["choices"]) == 1001
