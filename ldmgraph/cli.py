@@ -319,6 +319,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         _print_json(summary)
     else:
         _print_warnings(compiled.warnings)
+        if (env.device or "").lower().startswith("cpu"):  # without --device, only run asks torch where
+            _warn_fp16_on_cpu(compiled, env)
         print(f"{args.workflow}: ok ({summary['nodes']} nodes, outputs {', '.join(compiled.outputs)})")
     return EXIT_OK
 
