@@ -196,7 +196,7 @@ def test_fp16_on_the_cpu_warns_with_the_measured_cost(tmp_path, capsys) -> None:
     assert code == 0 and "fp16" not in err
 
 
-def test_validate_warns_of_fp16_on_an_explicit_cpu_without_importing_torch(capsys) -> None:
+def test_validate_on_an_explicit_cpu_warns_of_fp16(capsys) -> None:
     code, _, err = run(capsys, "validate", str(WORKFLOWS / "txt2img.json"), "--set", "ckpt.dtype=fp16",
                        "--device", "cpu")
     assert code == 0 and "warning: fp16 weights on the CPU (ckpt)" in err
