@@ -185,7 +185,7 @@ def test_view_preview_and_channel(server: ServerProcess) -> None:
 
 
 def test_endpoints_the_editor_and_clients_call(server: ServerProcess) -> None:
-    assert server.http.get("/models/loras").json() == []
+    assert server.http.get("/models/loras").json() == ["ldmgraph-shapes-outlined.safetensors"]  # the bundled LoRA
     assert server.http.get("/api/models/upscale_models").json() == []
     assert TXT2IMG in server.http.get("/models/checkpoints").json()
     assert {"checkpoints", "loras", "vae", "embeddings", "controlnet"} <= set(server.http.get("/models").json())
