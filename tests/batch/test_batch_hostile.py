@@ -18,8 +18,6 @@ from batch_helpers import INPUTS, TXT2IMG
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ldmgraph.cli import main
-
 DEEP = "[" * 2000 + "1" + "]" * 2000
 
 
@@ -102,39 +100,56 @@ def test_a_large_table_whose_last_row_is_invalid_is_refused_naming_it(tmp_path: 
     assert f"row {n + 1}, column 'seed'" in err
 
 
-# --- fuzz: random tables, cells and sweeps through the CLI (in-process, image-only workflow) ----------
+# --- fuzz: random tables, cells and sweeps through the batch's reading and checking (in-process) -------
 
 _cell = st.one_of(st.text(max_size=12), st.integers(-5, 5).map(str), st.floats(allow_nan=True).map(str),
                   st.sampled_from(["shapes.png", "[1,2]", "{", "\"", "true", "1e400", DEEP[1990:2010]]))
+
+
+@pytest.fixture(scope="module")
+def fuzz_setup() -> Any:
+    from batch_helpers import blend_workflow
+
+    from ldmgraph.batch.cli import _socket_name
+    from ldmgraph.batch.params import text_parameters
+    from ldmgraph.graph.context import Environment
+    from ldmgraph.plugins import PluginManager
+
+    registry = PluginManager().registry
+    doc = blend_workflow()
+    text = text_parameters(doc, lambda t, i: _socket_name(registry, t, i))
+    return doc, registry, Environment(input_dir=INPUTS), text
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(["csv", "jsonl", "sweep"]), header=st.lists(
     st.sampled_from(["image", "strength", "prefix", "bogus", ""]), min_size=1, max_size=3),
     rows=st.lists(st.lists(_cell, min_size=0, max_size=4), max_size=4))
-def test_fuzz_batch_tables_never_crash(tmp_path_factory: Any, kind: str, header: list[str],
-                                       rows: list[list[str]], capsys: Any) -> None:
-    from batch_helpers import blend_workflow
+def test_fuzz_batch_tables_never_crash(tmp_path_factory: Any, fuzz_setup: Any, kind: str, header: list[str],
+                                       rows: list[list[str]]) -> None:
+    """Every table is either refused with BatchInputError (row and column named) or yields rows that plan
+    as the CLI plans them: no other exception, and never more rows than --max-rows."""
+    from ldmgraph.batch.params import BatchInputError, open_rows
+    from ldmgraph.batch.plan import check_rows, plan_lazily
 
+    doc, registry, env, text = fuzz_setup
     folder = tmp_path_factory.mktemp("fuzz")
-    workflow = folder / "blend.json"
-    workflow.write_text(json.dumps(blend_workflow()))
-    args: list[str] = [str(workflow), "--input-dir", str(INPUTS), "--output-dir", str(folder / "out"),
-                       "--no-progress", "--json", "--max-rows", "20"]
+    path, sweeps = None, []
     if kind == "csv":
-        text = "\n".join([",".join(header)] + [",".join(json.dumps(c) if "," in c else c for c in r) for r in rows])
-        (folder / "p.csv").write_text(text, encoding="utf-8", errors="surrogatepass")
-        args += ["--params", str(folder / "p.csv")]
+        path = folder / "p.csv"
+        lines = [",".join(header)] + [",".join(json.dumps(c) if "," in c else c for c in r) for r in rows]
+        path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
     elif kind == "jsonl":
+        path = folder / "p.jsonl"
         lines = [json.dumps(dict(zip(header, r, strict=False))) for r in rows] + ["{", "[]"][: len(rows) % 3]
-        (folder / "p.jsonl").write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
-        args += ["--params", str(folder / "p.jsonl")]
+        path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
     else:
-        for name, r in zip(header, rows or [[]], strict=False):
-            args += ["--sweep", f"{name}={','.join(r)}"]
-    code = main(["batch", *args])
-    out, err = capsys.readouterr()
-    assert code in (0, 1, 2) and "Traceback" not in err
-    produced = folder / "out"
-    images = [p for p in produced.iterdir() if p.suffix == ".png"] if produced.exists() else []
-    assert len(images) <= 20
+        sweeps = [f"{name}={','.join(r)}" for name, r in zip(header, rows or [[]], strict=False)]
+    try:
+        source = open_rows(path, sweeps, list(doc["parameters"]), text, max_rows=20)
+        check_rows(doc, source, registry, env, total=source.total)
+    except BatchInputError as exc:
+        assert exc.problems and all(isinstance(p, str) and len(p) < 5000 for p in exc.problems)
+        return
+    planned = list(plan_lazily(doc, source, registry, env))
+    assert len(planned) == source.total <= 20
