@@ -22,7 +22,8 @@ Everything runs on the same seeded random SD1.5-size weights (values do not chan
 
 5. `--compile`: the same SD1.5 U-Net CFG step at 512 px in fp16, ours through `ldmgraph.models.
    compile` (inductor, CUDA graphs: what `--compile` installs) against diffusers' eager fp16 step;
-   compile seconds, backend compilations, and the compiled output's difference to ours eager.
+   compile seconds, backend compilations, and the compiled output's difference to ours eager. Then
+   part 3's `ldmgraph run` with and without `--compile`: wall seconds and the PNGs' difference.
 6. `--gpu-memory 4`: `workflows/sdxl_refiner.json` (SDXL base + refiner, random full-size weights
    written as fp16 files, seeded) at 1024x1024, 6 steps (4 base, 2 refiner), each run in a fresh
    process: without a manager (`--gpu-memory 0`: every model on the GPU) and under a 4 GiB budget;
@@ -234,6 +235,42 @@ def compiled_step(device: str, side: int, config: dict[str, Any], warmup: int, t
             "compilations": float(call.compilations)}
 
 
+def cli_compile(workdir: Path, device: str, steps: int, size: int, channels: int, smoke: bool) -> dict[str, float]:
+    """`ldmgraph run --compile` against `ldmgraph run` on part 3's graph: wall seconds of each, and the
+    largest difference between their PNGs in 1/255 steps (the compiled sampling loop end to end)."""
+    import subprocess
+
+    import numpy as np
+    import txt2img_sd15 as sd
+    from PIL import Image
+
+    graph = workdir / "txt2img_gpu.json"
+    graph.write_text(json.dumps(sd.txt2img_workflow(sd.ensure_checkpoint(workdir, channels).name, steps, size,
+                                                    "file", "auto")))
+    env = dict(os.environ, **({"LDMGRAPH_COMPILE_BACKEND": "eager"} if smoke else {}))
+    figures: dict[str, float] = {}
+    images = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = workdir / f"out_{name}"
+        for old in out.glob("*.png") if out.is_dir() else ():
+            old.unlink()
+        command = [sys.executable, "-m", "ldmgraph.cli", "run", str(graph), "--device", device, "--precision", "auto",
+                   "--models-dir", str(workdir), "--output-dir", str(out), "--no-progress", *extra]
+        started = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+        figures[f"{name}_s"] = time.perf_counter() - started
+        notes = [line for line in done.stderr.splitlines() if "--compile" in line]
+        print(f"ldmgraph run{' --compile' if extra else ' (eager)'}: exit {done.returncode}, {figures[f'{name}_s']:.1f} s wall"
+              + (f"; {notes}" if notes else "") + ("" if done.returncode == 0 else "\n" + done.stderr[-3000:]),
+              flush=True)
+        if done.returncode:
+            return figures
+        images[name] = np.asarray(Image.open(next(out.glob("*.png"))), dtype=np.int16)
+    figures["max_diff_255"] = float(np.abs(images["eager"] - images["compiled"]).max())
+    print(f"ldmgraph run --compile against eager: images differ by at most {figures['max_diff_255']:.0f}/255", flush=True)
+    return figures
+
+
 # --- SDXL base + refiner under a device-memory budget ------------------------------------------------
 
 SDXL_STEPS, SDXL_SWITCH = 6, 4
@@ -432,6 +469,8 @@ def main() -> None:
     cli = cli_run(args.workdir, device, steps, size, channels) if "cli" in parts else NAN
     vae = vae_2048(device, big, not args.smoke) if "vae" in parts else {}
     compiled = compiled_step(device, side, config, warmup, timed, args.smoke) if "compile" in parts else {}
+    if "compile" in parts:
+        compiled["cli"] = cli_compile(args.workdir, device, steps, size, channels, args.smoke)
     sdxl = sdxl_budget(args.workdir / "sdxl", device, args.smoke) if "sdxl" in parts else {}
     if args.json:
         args.json.write_text(json.dumps({"unet_step_s": unet, "txt2img": t2i, "cli_run_s": cli, "vae": vae,
