@@ -371,7 +371,7 @@ def test_offload_sdxl_base_and_refiner_under_a_budget_give_the_unbounded_image(r
         ex.run(doc, overrides=values)
         from PIL import Image
 
-        return torch.as_tensor(np.asarray(Image.open(next(out.glob("*.png")))))
+        return torch.as_tensor(np.array(Image.open(next(out.glob("*.png")))))
 
     import numpy as np
 
