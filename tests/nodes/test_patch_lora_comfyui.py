@@ -113,10 +113,11 @@ def test_served_catalogue_lists_the_lora_files(models, tmp_path):
 
     server = ServerProcess(tmp_path / "data", "--models-dir", str(models)).start()
     try:
+        files = ["ldmgraph-shapes-outlined.safetensors", "style.safetensors"]  # the bundled LoRA and the user's
         info = server.http.get("/api/object_info/LoraLoader").json()["LoraLoader"]
-        assert info["input"]["required"]["lora_name"][0] == ["style.safetensors"]
-        assert server.http.get("/api/models/loras").json() == ["style.safetensors"]
+        assert sorted(info["input"]["required"]["lora_name"][0]) == files
+        assert sorted(server.http.get("/api/models/loras").json()) == files
         only = server.http.get("/api/object_info/LoraLoaderModelOnly").json()["LoraLoaderModelOnly"]
-        assert only["input"]["required"]["lora_name"][0] == ["style.safetensors"]
+        assert sorted(only["input"]["required"]["lora_name"][0]) == files
     finally:
         server.stop()
