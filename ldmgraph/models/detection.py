@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ldmgraph.models import configs, families
+from ldmgraph.models import sdxl_keys as sk
 from ldmgraph.models.diffusers_folder import DiffusersFolder
 from ldmgraph.models.files import (
     CLIP_PREFIX,
@@ -192,9 +193,7 @@ def detect_text_encoder(state: StateDict) -> dict[str, Any] | None:
     """The text encoder family and its transformers config kwargs, or None when the file has none."""
     t = state.tensors
     if state.has_prefix("conditioner.embedders."):  # SDXL: ViT-L + bigG (base) or bigG alone (refiner)
-        from ldmgraph.models import sdxl
-
-        return sdxl.text_config(state, "sdxl-refiner" if state.has_prefix(sdxl.REFINER_G_PREFIX) else "sdxl-base")
+        return sdxl_text_config(state, "sdxl-refiner" if state.has_prefix(sk.REFINER_G_PREFIX) else "sdxl-base")
     for level in ("text_model.", ""):  # the second: files re-saved from transformers 5 (no text_model level)
         if CLIP_PREFIX + level + "embeddings.token_embedding.weight" in t:
             sub = state.sub(CLIP_PREFIX + level)
@@ -428,6 +427,75 @@ def dominant_dtype(tensors: Iterable[Tensor]) -> str:
     return str(max(counts, key=lambda d: counts[d])).removeprefix("torch.")
 
 
+# --- SDXL single files: the same readers, SDXL's key tables (`sdxl_keys`) -------------------------
+
+
+@dataclass
+class _SDXLEncoder:
+    """Where one of SDXL's text encoders lies in a normalised state dict, and its names."""
+
+    prefix: str
+    naming: str  # "openclip" (fused in_proj, ln_final, text_projection [D, P]) | "hf" (transformers' names)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "naming": self.naming, "config": dict(self.config)}
+
+
+def _sdxl_clip_config(state: StateDict, enc: _SDXLEncoder) -> dict[str, Any]:
+    sub = state.sub(enc.prefix)
+    if enc.naming == "openclip":
+        config = _openclip_kwargs(sub)
+        projection = sub.get("text_projection")
+        if projection is not None:
+            config["projection_dim"] = int(projection.shape[1])
+        return config
+    sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
+    act = "quick_gelu" if enc.prefix == sk.L_PREFIX else "gelu"
+    return _clip_kwargs(sub, "encoder.layers.", act)
+
+
+def sdxl_text_config(state: StateDict, family: str) -> dict[str, Any] | None:
+    """The `text_encoder` entry of an SDXL file's `CheckpointInfo` (None when it holds no text weights)."""
+    encoders: dict[str, _SDXLEncoder] = {}
+    if family == "sdxl-refiner":
+        if state.has_prefix(sk.REFINER_G_PREFIX):
+            encoders["g"] = _SDXLEncoder(sk.REFINER_G_PREFIX, "openclip")
+    else:
+        if state.has_prefix(sk.L_PREFIX):
+            encoders["l"] = _SDXLEncoder(sk.L_PREFIX, "hf")
+        if state.has_prefix(sk.G_PREFIX):
+            encoders["g"] = _SDXLEncoder(sk.G_PREFIX, "openclip")
+        elif state.has_prefix(sk.HF_G_PREFIX):
+            encoders["g"] = _SDXLEncoder(sk.HF_G_PREFIX, "hf")
+    if "g" not in encoders:
+        return None
+    for enc in encoders.values():
+        enc.config = _sdxl_clip_config(state, enc)
+    return {"kind": family, "encoders": {name: enc.as_dict() for name, enc in encoders.items()}}
+
+
+def detect_sdxl(state: StateDict, *, prediction_type: str | None = None) -> CheckpointInfo:
+    """The `CheckpointInfo` of an SDXL base or refiner file (or a fine-tune: same keys, other weights)."""
+    shapes = {k: tuple(v.shape) for k, v in state.tensors.items()}
+    family = "sdxl-refiner" if families.is_sdxl_refiner(shapes) else "sdxl-base"
+    unet = detect_unet_config(state.sub(UNET_PREFIX), state.path)
+    vae = detect_vae_config(state.sub(VAE_PREFIX), state.path) if state.has_prefix(VAE_PREFIX) else None
+    text = sdxl_text_config(state, family)
+    pooled = text["encoders"]["g"]["config"].get("projection_dim") if text else None
+    layout = sk.layout_from_adm(family, int(unet["adm_in_channels"]), pooled)
+    pred, source = _prediction_type(state, {}, prediction_type)
+    concat = detect_concat_kind(unet, state.path)
+    scale = state.tensors.get("scale_factor")
+    return CheckpointInfo(
+        path=str(state.path), layout="single-file",
+        architecture=family + ("-inpaint" if concat == "inpaint-mask-latent" else ""),
+        unet=unet, vae=vae, text_encoder=text, prediction_type=pred, prediction_type_source=source,
+        concat_kind=concat,
+        scale_factor=float(scale) if scale is not None and scale.numel() == 1 else sk.SDXL_SCALE_FACTOR,
+        schedule=configs.sd_schedule(), dtype=dominant_dtype(state.tensors.values()),
+        metadata={"family": family, "vector_layout": layout},
+    )
 
 
 # --- diffusers folders: their JSON files state what the weights would tell ---------------------

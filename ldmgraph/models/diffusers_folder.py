@@ -8,6 +8,15 @@ through `diffusers_keys` (the one mapping table), the CLIP text model under
 under `cond_stage_model.model.text_projection` (OpenCLIP's [D, P] orientation). The facts the
 folder's JSON files state (U-Net and autoencoder configs, scale factor, training schedule,
 prediction type, text model config and pad token) travel beside it for the detect step.
+
+SDXL folders (`add_sdxl`): a base folder holds `unet/` (`addition_embed_type="text_time"`: the `adm`
+MLP is `add_embedding`, `addition_time_embed_dim` the width of each size number's features),
+`text_encoder/` (CLIP ViT-L, `CLIPTextModel`), `text_encoder_2/` (OpenCLIP ViT-bigG as
+`CLIPTextModelWithProjection`: `text_projection.weight` [P, D]), `tokenizer/` and `tokenizer_2/`
+(bigG's pads with "!", id 0). A refiner folder has `text_encoder_2/` alone. The text weights keep
+transformers' names, under `conditioner.embedders.0.transformer.` (ViT-L) and
+`conditioner.embedders.1.transformer.` (bigG); `sdxl.build_text_encoder` reads either naming. The
+SDXL key tables come from `sdxl_keys` (data), so normalising imports no later loading step.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ from typing import Any
 
 from torch import Tensor
 
-from ldmgraph.models import configs
+from ldmgraph.models import configs, families
 from ldmgraph.models import diffusers_keys as dk
+from ldmgraph.models import sdxl_keys as sk
 from ldmgraph.models.files import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
@@ -61,7 +71,7 @@ class DiffusersFolder:
     schedule: dict[str, Any] = field(default_factory=configs.sd_schedule)
     prediction_type: str | None = None
     text: dict[str, Any] | None = None
-    family: str | None = None  # "sdxl-base" | "sdxl-refiner" (see sdxl_diffusers), None for SD1/SD2-like
+    family: str | None = None  # "sdxl-base" | "sdxl-refiner" (see add_sdxl), None for SD1/SD2-like
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -121,8 +131,6 @@ def diffusers_schedule(path: Path) -> tuple[dict[str, Any], str | None]:
 def normalise_pipeline(path: Path, *, text_encoder: bool = True) -> DiffusersFolder:
     """A whole pipeline folder (or a `unet/` folder) in the original layout: its U-Net, and its
     autoencoder and text model when the folder has them (`text_encoder=False` skips the latter)."""
-    from ldmgraph.models import families, sdxl_diffusers
-
     refused = families.diffusers_family(_model_index(path), (path / "transformer").is_dir())
     if refused is not None:
         raise families.UnsupportedFamilyError(path, refused)
@@ -131,8 +139,8 @@ def normalise_pipeline(path: Path, *, text_encoder: bool = True) -> DiffusersFol
     folder.schedule, folder.prediction_type = diffusers_schedule(path)
     if (path / "vae").is_dir():
         _add_vae(folder, path, None)
-    if sdxl_diffusers.is_sdxl_folder(path):  # two text encoders (or the refiner's second alone)
-        sdxl_diffusers.add_sdxl(folder, path, text_encoder=text_encoder)
+    if is_sdxl_folder(path):  # two text encoders (or the refiner's second alone)
+        add_sdxl(folder, path, text_encoder=text_encoder)
     elif text_encoder and (path / "text_encoder").is_dir():
         _add_text(folder, path)
     return folder
@@ -238,3 +246,51 @@ def _pad_id(path: Path) -> int:
             if pad is not None:
                 return EOS_ID
     return EOS_ID
+
+
+# --- SDXL folders: a second text encoder (bigG), and the U-Net's vector layout ------------------
+
+
+def is_sdxl_folder(path: Path) -> bool:
+    """A diffusers pipeline folder of SDXL (a second text encoder, or an SDXL U-Net config)."""
+    if (path / "text_encoder_2").is_dir():
+        return True
+    cfg = path / "unet" / "config.json"
+    if cfg.is_file():
+        try:
+            return json.loads(cfg.read_text(encoding="utf-8")).get("addition_embed_type") == "text_time"
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return False
+    return False
+
+
+def _sdxl_text_kwargs(text_dir: Path) -> dict[str, Any]:
+    cfg = _read_json(text_dir / "config.json")
+    cfg = cfg.get("text_config", cfg)
+    return {k: cfg[k] for k in _TEXT_CONFIG_KEYS if k in cfg}
+
+
+def add_sdxl(folder: DiffusersFolder, path: Path, *, text_encoder: bool = True) -> None:
+    """Fill an SDXL `DiffusersFolder` (its U-Net already read): family, vector layout, text encoders."""
+    unet_cfg = _read_json(path / "unet" / "config.json") if (path / "unet").is_dir() else {}
+    has_l = (path / "text_encoder").is_dir()
+    family = "sdxl-base" if has_l or (folder.unet or {}).get("context_dim") == 2048 else "sdxl-refiner"
+    adm = int((folder.unet or {}).get("adm_in_channels") or 0)
+    if not adm:
+        raise UnknownArchitectureError(path / "unet", "an SDXL folder whose U-Net has no text_time embedding")
+    time_dim = int(unet_cfg.get("addition_time_embed_dim", sk.FOURIER_DIM))
+    numbers = sk.numbers_for(family)
+    folder.family = family
+    folder.metadata = {"family": family,
+                       "vector_layout": sk.layout_spec(numbers, adm - len(numbers) * time_dim, time_dim)}
+    if not text_encoder or not (path / "text_encoder_2").is_dir():
+        return
+    encoders: dict[str, Any] = {}
+    for name, sub, prefix in (("l", "text_encoder", sk.L_PREFIX), ("g", "text_encoder_2", sk.HF_G_PREFIX)):
+        text_dir = path / sub
+        if not text_dir.is_dir():
+            continue
+        weights = read_component_weights(text_dir, "model")
+        folder.state.tensors.update({prefix + k: v for k, v in weights.items()})
+        encoders[name] = {"prefix": prefix, "naming": "hf", "config": _sdxl_text_kwargs(text_dir)}
+    folder.text = {"kind": family, "encoders": encoders}

@@ -11,6 +11,8 @@ prompt names them, in place of token embeddings (`ldmgraph.models.text_encoders`
 - diffusers' `learned_embeds.bin` / `.safetensors`: `{"<token>": [D] or [n, D]}`, one entry.
 
 Only safetensors are read without the unpickler; pickled files never go through `torch.load`.
+This module is torch-free (the server lists the folders without torch); reading the files, which
+needs torch, is `ldmgraph.models.embedding_files`.
 """
 
 from __future__ import annotations
@@ -81,20 +83,6 @@ def embedding_from_tensors(name: str, tensors: Mapping[str, Tensor]) -> Embeddin
                                "clip_l/clip_g, string_to_param (Automatic1111) or one token -> vector (diffusers)")
 
 
-def load_embedding(path: str | os.PathLike[str]) -> Embedding:
-    """Read an embedding file: safetensors memory-mapped, pickles through the allow-list unpickler."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-    else:
-        from ldmgraph.models.safe_unpickle import load_pickled_weights
-
-        tensors = load_pickled_weights(path, nested=True)
-    return embedding_from_tensors(path.name, tensors)
-
-
 def embedding_folders(model_dirs: tuple[Path, ...] | list[Path]) -> list[Path]:
     return [Path(d) / EMBEDDING_FOLDER for d in model_dirs]
 
@@ -131,9 +119,3 @@ def available_embeddings(model_dirs: tuple[Path, ...] | list[Path]) -> list[str]
             names += [(rel / Path(f).stem).as_posix().removeprefix("./") for f in files
                       if f.endswith(EMBEDDING_SUFFIXES)]
     return sorted(dict.fromkeys(names))
-
-
-def load_named(names: list[str], model_dirs: tuple[Path, ...] | list[Path]) -> dict[str, Embedding]:
-    """The embeddings a prompt refers to, by the name it uses (a name ends at whitespace, a comma, a
-    semicolon or a bracket: `embedding:name.pt,` names `name.pt`)."""
-    return {name: load_embedding(find_embedding(name, model_dirs)) for name in names}

@@ -34,6 +34,7 @@ from ldmgraph.models.errors import (
     convert_hint,
 )
 from ldmgraph.models.families import UnsupportedFamilyError, diffusers_family, refuse
+from ldmgraph.models.ldm_config import config_for
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -193,8 +194,6 @@ def _inspect(path_text: str, size: int, mtime: int, need_unet: bool) -> ModelSum
     summary = ModelSummary(str(path), "single-file", "checkpoint" if unet else "weights", unet, vae, None,
                            weight_bytes, dtype_bytes)
     _check_weights(path, tensors, summary)
-    from ldmgraph.models.ldm_config import config_for
-
     config_for(path, metadata)  # the loader reads config.yaml beside the file (or the stored one): so does validation
     return summary
 

@@ -37,7 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldmgraph.models.patches import WeightPatch
+from ldmgraph.models.diffusers_keys import _UNET_RESNET, _unet_module_pairs
+from ldmgraph.models.files import read_state_dict
+from ldmgraph.models.pages import file_ranges, release
+from ldmgraph.models.patches import WeightPatch, patch_target
 
 # the suffix after a module's path, longest first so that ".lora.down.weight" wins over ".weight"
 SUFFIXES = (
@@ -90,8 +93,6 @@ def unet_aliases(unet: nn.Module, config: Mapping[str, Any] | None) -> dict[str,
     modules = [name for name, m in unet.named_modules() if name and getattr(m, "weight", None) is not None]
     aliases = {flat(name): name for name in modules}
     if config is not None:
-        from ldmgraph.models.diffusers_keys import _UNET_RESNET, _unet_module_pairs
-
         pairs = _unet_module_pairs(config)
         for name in modules:
             for ours, theirs, kind in pairs:
@@ -268,8 +269,6 @@ class _Mapped:
         return tuple(v for v in vars(self).values() if isinstance(v, Tensor))
 
     def release(self) -> None:
-        from ldmgraph.models.pages import release
-
         for tensor in self.tensors():
             release(tensor, self.ranges or [])
         inner = getattr(self, "inner", None)
@@ -447,9 +446,6 @@ class LoraFile:
 
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA safetensors file (pickles refused, as for checkpoints)."""
-    from ldmgraph.models.files import read_state_dict
-    from ldmgraph.models.pages import file_ranges, release
-
     state = read_state_dict(path)
     ranges = file_ranges(path)
     for tensor in state.tensors.values():  # reading the header may have faulted pages in: give them back
@@ -459,8 +455,6 @@ def read_lora(path: str | Path) -> LoraFile:
 
 def model_parts(unet: Any = None, text_encoder: Any = None) -> dict[str, tuple[dict[str, str], dict[str, tuple[int, ...]]]]:
     """The `parts` argument of `plan_lora` for a MODEL handle (or a bare U-Net) and a text encoder."""
-    from ldmgraph.models.patches import patch_target
-
     parts = {}
     if unet is not None:
         module = patch_target(unet)

@@ -43,6 +43,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ldmgraph.models.compile import install
+
 RUNTIME_ATTR = "ldmgraph_runtime"
 """The attribute (in a handle's `__dict__`, so patched copies carry it) naming its session's runtime."""
 
@@ -508,8 +510,6 @@ class ModelRuntime:
                 continue
             handle.__dict__[RUNTIME_ATTR] = self
             if self.compile:
-                from ldmgraph.models.compile import install
-
                 for module in _compiled_parts(handle):
                     install(module, self.compile_options, self.report)
             if self.manager is not None and not hasattr(type(handle), "apply_model"):

@@ -1,5 +1,6 @@
 """SDXL base and refiner (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for
-High-Resolution Image Synthesis"): configs, the two text encoders, micro-conditioning, detection.
+High-Resolution Image Synthesis"): configs, the two text encoders, micro-conditioning, building.
+(Its checkpoint facts as data are in `sdxl_keys`; reading a file's SDXL configs is `detection`'s.)
 
 The U-Net is `unet.UNetModel` with SDXL's config: three levels 320/640/1280 with transformer depth
 0/2/10 (refiner: 384/768/1536/1536, depth 4 on the middle two levels and in the middle block), 64
@@ -23,42 +24,41 @@ fp16, so it is built in float32 when fp16 is asked or the file is fp16 (as diffu
 Files: the original single-file layout (`model.diffusion_model.`, `first_stage_model.`,
 `conditioner.embedders.0.transformer.text_model.` (ViT-L, transformers' names),
 `conditioner.embedders.1.model.` (bigG, OpenCLIP's names); refiner `conditioner.embedders.0.model.`)
-and diffusers folders (`text_encoder/`, `text_encoder_2/`, `tokenizer_2/`: see `sdxl_diffusers`).
+and diffusers folders (`text_encoder/`, `text_encoder_2/`, `tokenizer_2/`: see `diffusers_folder`).
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ldmgraph.models import configs
-from ldmgraph.models.files import UNET_PREFIX, VAE_PREFIX, StateDict
+from ldmgraph.models.files import StateDict
+from ldmgraph.models.sdxl_keys import (  # noqa: F401 - re-exported: SDXL's facts, as data, live there
+    AESTHETIC_NEGATIVE,
+    AESTHETIC_POSITIVE,
+    BASE_NUMBERS,
+    FOURIER_DIM,
+    G_PREFIX,
+    HF_G_PREFIX,
+    L_PREFIX,
+    REFINER_G_PREFIX,
+    REFINER_NUMBERS,
+    SDXL_SCALE_FACTOR,
+    layout_from_adm,
+)
 from ldmgraph.models.text_encoders import (
     ClipTextEncoder,
     TextEncoder,
     TextEncoding,
     clip_text_encoder_from_weights,
 )
+from ldmgraph.models.tokenizer import EOS_ID
 from ldmgraph.models.unet import timestep_embedding
-
-SDXL_SCALE_FACTOR = 0.13025
-"""Latent scale of the SDXL autoencoder (its training latents' unit variance)."""
-FOURIER_DIM = 256
-"""Width of the sinusoidal features of each size / crop / score number."""
-BASE_NUMBERS = ("height", "width", "crop_h", "crop_w", "target_height", "target_width")
-REFINER_NUMBERS = ("height", "width", "crop_h", "crop_w", "aesthetic_score")
-AESTHETIC_POSITIVE, AESTHETIC_NEGATIVE = 6.0, 2.5
-"""The refiner's aesthetic score when none is given: 6 for positive, 2.5 for negative conditioning."""
-
-L_PREFIX = "conditioner.embedders.0.transformer."  # base: CLIP ViT-L, transformers' names (then text_model.)
-G_PREFIX = "conditioner.embedders.1.model."  # base: OpenCLIP ViT-bigG, OpenCLIP's names
-REFINER_G_PREFIX = "conditioner.embedders.0.model."  # refiner: bigG alone
-HF_G_PREFIX = "conditioner.embedders.1.transformer."  # a diffusers text_encoder_2/ (transformers' names)
 
 _BASE_UNET: dict[str, Any] = {
     "in_channels": 4, "out_channels": 4, "model_channels": 320, "attention_resolutions": [2, 4],
@@ -198,13 +198,8 @@ class VectorLayout:
 
 def layout_for(family: str, adm: int, pooled_dim: int | None = None) -> VectorLayout:
     """The vector layout of an SDXL base / refiner U-Net whose adm takes `adm` numbers."""
-    numbers = REFINER_NUMBERS if family == "sdxl-refiner" else BASE_NUMBERS
-    if pooled_dim is None:  # the released width: adm = pooled + 256 per number
-        pooled_dim = adm - len(numbers) * FOURIER_DIM
-    fourier, rest = divmod(adm - pooled_dim, len(numbers))
-    if rest or fourier <= 0 or fourier % 2:
-        raise ValueError(f"{family}: adm width {adm} is not pooled {pooled_dim} + {len(numbers)} even-width features")
-    return VectorLayout(numbers, pooled_dim, fourier)
+    spec = layout_from_adm(family, adm, pooled_dim)
+    return VectorLayout(tuple(spec["numbers"]), spec["pooled_dim"], spec["fourier_dim"])
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -282,87 +277,7 @@ def _pad_windows(encoder: ClipTextEncoder, ids: Tensor, n: int) -> Tensor:
     return torch.cat([ids, empty], dim=1)
 
 
-# --- detection and building ----------------------------------------------------------------------
-
-
-@dataclass
-class _Encoder:
-    """Where one of SDXL's text encoders lies in a normalised state dict, and its names."""
-
-    prefix: str
-    naming: str  # "openclip" (fused in_proj, ln_final, text_projection [D, P]) | "hf" (transformers' names)
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"prefix": self.prefix, "naming": self.naming, "config": dict(self.config)}
-
-
-def _clip_config(state: StateDict, enc: _Encoder) -> dict[str, Any]:
-    from ldmgraph.models.detection import _clip_kwargs, _openclip_kwargs
-
-    sub = state.sub(enc.prefix)
-    if enc.naming == "openclip":
-        config = _openclip_kwargs(sub)
-        projection = sub.get("text_projection")
-        if projection is not None:
-            config["projection_dim"] = int(projection.shape[1])
-        return config
-    sub = {k.removeprefix("text_model."): v for k, v in sub.items()}
-    act = "quick_gelu" if enc.prefix == L_PREFIX else "gelu"
-    return _clip_kwargs(sub, "encoder.layers.", act)
-
-
-def text_config(state: StateDict, family: str) -> dict[str, Any] | None:
-    """The `text_encoder` entry of an SDXL file's `CheckpointInfo` (None when it holds no text weights)."""
-    encoders: dict[str, _Encoder] = {}
-    if family == "sdxl-refiner":
-        if state.has_prefix(REFINER_G_PREFIX):
-            encoders["g"] = _Encoder(REFINER_G_PREFIX, "openclip")
-    else:
-        if state.has_prefix(L_PREFIX):
-            encoders["l"] = _Encoder(L_PREFIX, "hf")
-        if state.has_prefix(G_PREFIX):
-            encoders["g"] = _Encoder(G_PREFIX, "openclip")
-        elif state.has_prefix(HF_G_PREFIX):
-            encoders["g"] = _Encoder(HF_G_PREFIX, "hf")
-    if "g" not in encoders:
-        return None
-    for enc in encoders.values():
-        enc.config = _clip_config(state, enc)
-    return {"kind": family, "encoders": {name: enc.as_dict() for name, enc in encoders.items()}}
-
-
-def read_single_file(state: StateDict, *, prediction_type: str | None = None) -> Any:
-    """The `CheckpointInfo` of an SDXL base or refiner file (or a fine-tune: same keys, other weights)."""
-    from ldmgraph.models import families
-    from ldmgraph.models.detection import (
-        CheckpointInfo,
-        _prediction_type,
-        detect_concat_kind,
-        detect_unet_config,
-        detect_vae_config,
-        dominant_dtype,
-    )
-
-    shapes = {k: tuple(v.shape) for k, v in state.tensors.items()}
-    family = "sdxl-refiner" if families.is_sdxl_refiner(shapes) else "sdxl-base"
-    unet = detect_unet_config(state.sub(UNET_PREFIX), state.path)
-    vae = detect_vae_config(state.sub(VAE_PREFIX), state.path) if state.has_prefix(VAE_PREFIX) else None
-    text = text_config(state, family)
-    pooled = text["encoders"]["g"]["config"].get("projection_dim") if text else None
-    layout = layout_for(family, int(unet["adm_in_channels"]), pooled)
-    pred, source = _prediction_type(state, {}, prediction_type)
-    concat = detect_concat_kind(unet, state.path)
-    scale = state.tensors.get("scale_factor")
-    return CheckpointInfo(
-        path=str(state.path), layout="single-file",
-        architecture=family + ("-inpaint" if concat == "inpaint-mask-latent" else ""),
-        unet=unet, vae=vae, text_encoder=text, prediction_type=pred, prediction_type_source=source,
-        concat_kind=concat,
-        scale_factor=float(scale) if scale is not None and scale.numel() == 1 else SDXL_SCALE_FACTOR,
-        schedule=configs.sd_schedule(), dtype=dominant_dtype(state.tensors.values()),
-        metadata={"family": family, "vector_layout": layout_dict(layout)},
-    )
+# --- building ---------------------------------------------------------------------------------------
 
 
 def layout_dict(layout: VectorLayout) -> dict[str, Any]:
@@ -403,9 +318,7 @@ def _one_encoder(state: StateDict, spec: Mapping[str, Any], dtype: torch.dtype |
 
 
 def build_text_encoder(state: StateDict, text: Mapping[str, Any], dtype: torch.dtype | None) -> SDXLTextEncoder:
-    """The SDXL text encoder that `text` (`text_config`) describes, with the file's weights (no copy)."""
-    from ldmgraph.models.tokenizer import EOS_ID
-
+    """The SDXL text encoder that `text` (`detection.sdxl_text_config`) describes, with the file's weights (no copy)."""
     specs = text["encoders"]
     clip_g = _one_encoder(state, specs["g"], dtype, pad_id=0)  # bigG pads with "!" (id 0)
     clip_g.kind = "openclip-g"

@@ -142,7 +142,7 @@ def prompt_embeddings(text: str, ctx: NodeContext) -> dict[str, Any]:
     names = embedding_names(text)
     if not names:
         return {}
-    from ldmgraph.models.embeddings import load_named
+    from ldmgraph.models.embedding_files import load_named
 
     try:
         return load_named(names, ctx.model_dirs)

@@ -19,7 +19,8 @@ from ldmgraph.graph import codes
 from ldmgraph.graph.context import Environment
 from ldmgraph.graph.errors import ValidationError
 from ldmgraph.graph.executor import Executor
-from ldmgraph.models.embeddings import EmbeddingError, available_embeddings, load_embedding
+from ldmgraph.models.embedding_files import load_embedding
+from ldmgraph.models.embeddings import EmbeddingError, available_embeddings
 from ldmgraph.plugins import load_registry
 
 TOL = 1e-5
