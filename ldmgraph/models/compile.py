@@ -54,6 +54,11 @@ def choose(device: torch.device, options: CompileOptions | None) -> tuple[str, s
     return backend, mode
 
 
+def find_compiler(name: str) -> str | None:
+    """The path of the C++ compiler inductor will call, or None (a seam: tests stand in a machine without one)."""
+    return shutil.which(name)
+
+
 def unavailable(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot compile for `device` on this machine, checked before trying (None: try)."""
     if not hasattr(torch, "compile"):
@@ -61,8 +66,10 @@ def unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "inductor" and device.type == "cpu":
         from torch._inductor import config
 
-        cxx = config.cpp.cxx[-1] or "g++"
-        if shutil.which(cxx) is None:
+        # torch < 2.6 names the compiler in config.cpp.cxx; later releases take $CXX, else g++
+        configured = getattr(config.cpp, "cxx", None)
+        cxx = (configured[-1] if isinstance(configured, tuple) and configured else None) or os.environ.get("CXX") or "g++"
+        if find_compiler(cxx) is None:
             return f"inductor needs a C++ compiler on the CPU and {cxx!r} was not found"
     return None
 
