@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import codes
@@ -41,6 +41,9 @@ class Shape:
     height: int
     width: int
     itemsize: int = FLOAT32
+    source: str | None = field(default=None, compare=False)
+    """The input file the array is decoded from unchanged (set by the file loaders), so a node whose
+    valid range depends on the pixels (a segmentation map's class numbers) can check them before running."""
 
     @property
     def numel(self) -> int:
@@ -145,7 +148,10 @@ def estimate_workflow(compiled: CompiledWorkflow, env: Environment) -> tuple[lis
             continue
         if found is None:
             continue
+        passed_in = {v.source for v in inputs.values() if isinstance(v, Shape) and v.source}
         for name, value in found.outputs.items():
+            if isinstance(value, Shape) and value.source in passed_in:  # a new array: no longer the file's pixels
+                value = replace(value, source=None)
             facts[(node_id, name)] = value
         warnings += [Problem(node_id, name, codes.MODEL_LIMITS, message) for name, message in found.warnings]
         problems += [Problem(node_id, name, code, message) for name, code, message in found.problems]

@@ -94,7 +94,8 @@ def image_file_estimate(name: Any, env: Environment, outputs: dict[str, int]) ->
     if size is None:
         return None
     width, height = size
-    shapes = {out: Shape(1, channels, height, width) for out, channels in outputs.items()}
+    path = str(input_path(env, name))
+    shapes = {out: Shape(1, channels, height, width, source=path) for out, channels in outputs.items()}
     keeps = sum(s.nbytes for s in shapes.values())
     return Estimate(keeps=keeps, works=width * height * 4 * 5, outputs=shapes,
                     what=f"a {width}x{height} image decoded to float32")

@@ -186,7 +186,8 @@ class SegmentationConditioning(_PaperConditioner):
         f = int(getattr(model, "downscale", None) or 4)
         latent = Shape(seg.batch, int(getattr(model, "latent_channels", None) or 3), -(-seg.height // f), -(-seg.width // f))
         works = pixels * (classes * 4 * 2 + 8 + 4)
-        return Estimate(keeps=2 * latent.nbytes, works=works, outputs={"latent": latent},
+        problems = _label_problems(seg.source, classes)
+        return Estimate(keeps=2 * latent.nbytes, works=works, outputs={"latent": latent}, problems=problems,
                         what=f"a {classes}-class one-hot map of {seg.width}x{seg.height}")
 
     def contribute(self, inputs: Any, ctx: NodeContext) -> Contribution:
@@ -209,6 +210,25 @@ class SegmentationConditioning(_PaperConditioner):
             concat = rescaler(one_hot.to(weight)).float().cpu()
         latent = torch.zeros(concat.shape[0], inputs.model.latent_channels, *concat.shape[-2:])
         return Contribution(concat, outputs={"latent": Latent(samples=latent)})
+
+
+def _label_problems(source: str | None, classes: int) -> tuple[tuple[str | None, str, str], ...]:
+    """A label image straight from a file is checked before anything runs: its largest class number
+    (the red channel's maximum, read by Pillow; the size was checked from the header already) must be
+    one the model knows."""
+    if source is None:
+        return ()
+    from PIL import Image
+
+    try:
+        with Image.open(source) as image:
+            top = int(image.convert("RGB").getextrema()[0][1])
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return ()  # the loader reports an unreadable file
+    if top < classes:
+        return ()
+    return (("segmentation", codes.OUT_OF_BOUNDS, f"SegmentationConditioning: input 'segmentation': the map has "
+             f"class {top} but the model knows {classes} classes (0..{classes - 1}); red value = class number"),)
 
 
 def ldsr_concat(image: Any) -> Any:

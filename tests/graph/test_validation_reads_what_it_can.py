@@ -110,3 +110,24 @@ def test_a_config_yaml_beside_a_model_is_read_at_validation(tmp_path: Path) -> N
     found = [p for p in data["problems"] if p["node_id"] == "ckpt"]
     assert code == 2 and [p["code"] for p in found] == ["bad_model"], data
     assert "nested deeper than 64 levels" in found[0]["message"]
+
+
+def test_segmentation_class_numbers_beyond_the_model_are_found_at_validation(tmp_path: Path) -> None:
+    """The paper's semantic-synthesis workflow: a label of 182 or more (the released model knows 0..181) is an
+    error before anything runs; a map within the range passes."""
+    from PIL import Image
+
+    labels = Image.new("RGB", (64, 64))
+    labels.putpixel((3, 3), (200, 0, 0))
+    labels.save(tmp_path / "segmentation.png")
+    doc = json.loads((REPO / "workflows" / "paper" / "semantic.json").read_text())
+    doc["nodes"]["ckpt"]["inputs"]["ckpt_name"] = "ldmgraph-shapes-txt2img.safetensors"  # stands in at validation
+    doc.pop("parameters")
+    code, data, _ = validate(doc, tmp_path, "--json")
+    found = [p for p in data["problems"] if p["node_id"] == "condition"]
+    assert code == 2 and [(p["input"], p["code"]) for p in found] == [("segmentation", "out_of_bounds")], data
+    assert "class 200" in found[0]["message"] and "0..181" in found[0]["message"]
+    labels.putpixel((3, 3), (181, 0, 0))
+    labels.save(tmp_path / "segmentation.png")
+    code, data, _ = validate(doc, tmp_path, "--json")
+    assert not [p for p in data.get("problems", []) if p["node_id"] == "condition"], data
