@@ -178,7 +178,26 @@ def apply_lora(
     return model, text_encoder
 
 
-class LoraLoader(Node):
+class _LoraNode(Node):
+    """What both LoRA nodes check before running: the file's name, its identity for the cache, and the
+    memory it adds (the text encoder's share only when the node patches it)."""
+
+    with_text = True
+
+    @classmethod
+    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
+        return _check_name(literals, env)
+
+    @classmethod
+    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
+        return _fingerprint(literals, env)
+
+    @classmethod
+    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
+        return _estimate(inputs, env, with_text=cls.with_text)
+
+
+class LoraLoader(_LoraNode):
     """Apply a LoRA to a diffusion model and its text encoder (ComfyUI's LoraLoader).
 
     Reads kohya/A1111, diffusers/PEFT and LyCORIS (LoCon, LoHa, LoKr, DoRA) files from the loras/
@@ -199,29 +218,18 @@ class LoraLoader(Node):
         model: Any = OutputField(MODEL, description="the model with the LoRA")
         text_encoder: Any = OutputField(TEXT_ENCODER, description="the text encoder with the LoRA")
 
-    @classmethod
-    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
-        return _check_name(literals, env)
-
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
-        return _fingerprint(literals, env)
-
-    @classmethod
-    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
-        return _estimate(inputs, env, with_text=True)
-
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         model, text_encoder = apply_lora(ctx, inputs.lora_name, inputs.model, inputs.text_encoder,
                                          inputs.strength_model, inputs.strength_clip)
         return self.Outputs(model=model, text_encoder=text_encoder)
 
 
-class LoraLoaderModelOnly(Node):
+class LoraLoaderModelOnly(_LoraNode):
     """Apply a LoRA to the diffusion model only (ComfyUI's LoraLoaderModelOnly); its text-encoder
     keys are left aside."""
 
     type_name = "LoraLoaderModelOnly"
+    with_text = False
     category = "loaders"
 
     class Inputs(NodeInputs):
@@ -231,18 +239,6 @@ class LoraLoaderModelOnly(Node):
 
     class Outputs(NodeOutputs):
         model: Any = OutputField(MODEL, description="the model with the LoRA")
-
-    @classmethod
-    def check_inputs(cls, literals: dict[str, Any], env: Environment) -> list[tuple[str | None, str, str]]:
-        return _check_name(literals, env)
-
-    @classmethod
-    def fingerprint(cls, literals: dict[str, Any], env: Environment) -> str | None:
-        return _fingerprint(literals, env)
-
-    @classmethod
-    def estimate(cls, inputs: dict[str, Any], env: Environment) -> Estimate | None:
-        return _estimate(inputs, env, with_text=False)
 
     def run(self, inputs: Inputs, ctx: NodeContext) -> Outputs:
         model, _ = apply_lora(ctx, inputs.lora_name, inputs.model, None, inputs.strength_model, 0.0)
