@@ -20,30 +20,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import test_offload  # noqa: E402
 from test_offload import executor, image, txt2img  # noqa: E402
+
+models_dir = test_offload.models_dir  # the offload tests' fixtures: tiny checkpoints and one registry
+registry = test_offload.registry
 
 from ldmgraph.models.compile import CompileOptions, compiled_call  # noqa: E402
 from ldmgraph.models.manager import ModelRuntime  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_offload import BUNDLED, BUNDLED_NAMES, write_tiny_checkpoint
-
-    folder = tmp_path_factory.mktemp("models")
-    for kind, name in BUNDLED_NAMES.items():
-        if not (BUNDLED / name).is_file():
-            write_tiny_checkpoint(folder / name, kind)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def registry():
-    from ldmgraph.plugins import load_registry
-
-    return load_registry()
 
 
 @pytest.fixture(scope="module")
