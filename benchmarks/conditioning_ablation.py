@@ -234,6 +234,27 @@ def save_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(path.with_suffix(".tmp"), path)
 
 
+def save_results(path: Path, results: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Write this process's variants into ``results.json``, keeping the other variants as they are on disk.
+
+    Processes with disjoint ``--only`` lists can share one ``--out`` (two cores, two processes): each
+    one's save holds a lock, re-reads the file and replaces only its own variants' records.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+        merged = {**on_disk, **{k: v for k, v in results.items() if k != "variants"}}
+        merged["variants"] = {**on_disk.get("variants", {}), **{n: results["variants"][n] for n in names
+                                                                  if n in results["variants"]}}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        os.replace(tmp, path)
+    return merged
+
+
 def training_seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.seed, args.seed + args.seeds))
 
@@ -365,14 +386,11 @@ def run_study(args: argparse.Namespace, names: list[str], results: dict[str, Any
                 runs = results["variants"].setdefault(name, {}).setdefault("seeds", {})
                 record = runs.setdefault(str(seed), {})
                 if train_to(name, seed, target, args, pool, scale, record):
-                    save_json(results_path, results)
-                    write_docs(args, results, names)  # after each step of each run: the docs say what is done
+                    write_docs(args, save_results(results_path, results, names), names)  # the docs say what is done
                     score_run(name, seed, target, args, ae_dir, scale, record)
-                save_json(results_path, results)
-                write_docs(args, results, names)
+                write_docs(args, save_results(results_path, results, names), names)
     results["last_session_wall_seconds"] = time.time() - started
-    save_json(results_path, results)
-    write_docs(args, results, names)
+    write_docs(args, save_results(results_path, results, names), names)
 
 
 # --- figures over seeds -------------------------------------------------------------------------
