@@ -195,6 +195,19 @@ class BasicTransformerBlock(nn.Module):
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
+    def forward_shared(self, x: torch.Tensor, context: torch.Tensor | None, copies: int) -> torch.Tensor:
+        """`forward` of `copies` stacked copies of `x` (see `UNetModel.forward`), given one copy.
+
+        The self-attention sees only the image tokens, so it runs once on `x`; the result is
+        stacked `copies` times before the cross-attention, where the copies' contexts differ.
+        """
+        if self.disable_self_attn or self.attn1.attention_override is not None:
+            x = x.repeat(copies, 1, 1)  # the first attention reads the context, or a patch replaces it
+            return self._forward(x, context)
+        x = (self.attn1(self.norm1(x)) + x).repeat(copies, 1, 1)
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
 
 class SpatialTransformer(nn.Module):
     """Transformer over the pixels of a feature map [B, C, H, W] (Rombach et al. 2022, Fig. 3).
@@ -234,17 +247,20 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, 1))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, copies: int = 1) -> torch.Tensor:
+        """`copies` > 1: `x` is one of that many equal stacks of the batch `context` belongs to
+        (`UNetModel.forward`); the output is the whole batch's, the stacks' shared work done once."""
         b, _, h, w = x.shape
-        x_in = x
+        x_in = x if copies == 1 else x.repeat(copies, 1, 1, 1)
         x = self.norm(x)
         if not self.use_linear:
             x = self.proj_in(x)
         x = x.flatten(2).transpose(1, 2)
         if self.use_linear:
             x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(x, context)
+        for i, block in enumerate(self.transformer_blocks):
+            x = block(x, context) if i or copies == 1 else block.forward_shared(x, context, copies)
+        b = x.shape[0]
         if self.use_linear:
             x = self.proj_out(x)
         # back to a contiguous channels-first map: the convolutions and GroupNorms after this

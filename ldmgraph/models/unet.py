@@ -54,7 +54,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers that passes the timestep embedding to residual blocks and the context
-    to attention blocks (original `TimestepEmbedSequential`; its children are keys `.0`, `.1`, ...)."""
+    to attention blocks (original `TimestepEmbedSequential`; its children are keys `.0`, `.1`, ...).
+
+    `copies` > 1: `x` is one of that many equal stacks of the batch that `emb` and `context`
+    belong to (`UNetModel.forward`); the layers before the first spatial transformer run on that
+    stack only, and the output is the one stack's if no spatial transformer came, else the whole
+    batch's. (A keyword of `forward`, not another method, so forward hooks on the block still run.)
+    """
 
     def forward(  # type: ignore[override]
         self,
@@ -62,17 +68,35 @@ class TimestepEmbedSequential(nn.Sequential):
         emb: torch.Tensor,
         context: torch.Tensor | None = None,
         size: tuple[int, int] | None = None,
+        copies: int = 1,
     ) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer | AttentionBlock):
-                x = layer(x, context)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context) if copies == 1 else layer(x, context, copies)
+                copies = 1  # from here on the whole batch
+            elif isinstance(layer, AttentionBlock):  # self-attention only: it never reads the context
+                x = layer(x)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
                 x = layer(x)
         return x
+
+
+def _copies(*tensors: torch.Tensor | None) -> int:
+    """How many equal stacks the batch is: the most c (dividing the batch) for which every given
+    tensor repeats its first B/c rows c times (classifier-free guidance stacks [x, x] at one
+    timestep). 1 when no such c >= 2."""
+    batch = tensors[0].shape[0]  # type: ignore[union-attr]
+    for c in range(batch, 1, -1):
+        if batch % c:
+            continue
+        m = batch // c  # rows period m: row i equals row i + m throughout
+        if all(t is None or torch.equal(t[m:], t[:-m]) for t in tensors):
+            return c
+    return 1
 
 
 class Downsample(nn.Module):
@@ -175,6 +199,11 @@ class ResBlock(nn.Module):
         else:
             h = self.in_layers(x)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if emb_out.shape[0] != h.shape[0]:
+            # `x` is the first of equal stacks of the batch (`UNetModel.forward`); `emb` is the whole
+            # batch's, projected as a whole so that its rows come out as they do without stacks
+            # (a one-row matrix product takes another kernel, with other roundings)
+            emb_out = emb_out[: h.shape[0]]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
             h = self.out_layers[0](h) * (1 + scale) + shift
@@ -414,9 +443,30 @@ class UNetModel(nn.Module):
                 context = self.context_refiner(context)
 
         h = x.type(dtype)
-        hs = []
+        hs: list[torch.Tensor] = []
         hooks = self.patch_hooks
+        # Classifier-free guidance stacks the same latents at the same timestep for cond and uncond;
+        # until the first cross-attention the stacks' activations are equal, so that part (input
+        # convolution, first residual blocks, first self-attention) runs on one stack.
+        copies = 1
+        if hooks is None and not self.training and not torch.compiler.is_compiling():
+            copies = _copies(h, timesteps, y)
+        if copies > 1:
+            batch = h.shape[0]
+            h = h[: batch // copies]
+            for module in self.input_blocks:
+                h = module(h, emb, context, copies=copies)
+                if h.shape[0] == batch:  # past the first cross-attention: the skips so far are repeated
+                    hs = [skip.repeat(copies, 1, 1, 1) for skip in hs]
+                    hs.append(h)
+                    break
+                hs.append(h)
+            else:  # no cross-attention in the down path
+                h = h.repeat(copies, 1, 1, 1)
+                hs = [skip.repeat(copies, 1, 1, 1) for skip in hs]
         for i, module in enumerate(self.input_blocks):
+            if i < len(hs):
+                continue
             h = module(h, emb, context) if hooks is None else hooks.run("input_blocks", i, module, h, emb, context)
             hs.append(h)
         if hooks is None:

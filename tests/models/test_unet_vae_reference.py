@@ -139,6 +139,68 @@ def test_concat_unet_without_cross_attention_matches_diffusers(tmp_path: Path) -
     assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
 
 
+def _first_resblock_rows(ours: UNetModel) -> tuple[list[int], Any]:
+    """Rows of the batch the first residual block computes, per call (a forward hook)."""
+    from ldmgraph.models.unet import ResBlock
+
+    first = next(m for m in ours.modules() if isinstance(m, ResBlock))
+    rows: list[int] = []
+    return rows, first.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("name", list(UNET_CONFIGS))
+@pytest.mark.parametrize("labels_differ", [False, True])
+def test_guidance_batch_shares_work_before_cross_attention_and_matches_diffusers(
+    name: str, labels_differ: bool, tmp_path: Path
+) -> None:
+    """Classifier-free guidance's batch: the same latents and timesteps twice, two contexts.
+
+    Until the first cross-attention the two stacks are equal, and ldmgraph computes that part once
+    (the first residual block sees half the rows); diffusers computes the whole batch, and the
+    outputs must still agree. A class label that differs between the stacks changes the timestep
+    embedding, so then nothing is shared."""
+    cfg = UNET_CONFIGS[name]
+    if labels_differ and not cfg.get("num_class_embeds"):
+        pytest.skip("no class labels in this config")
+    ref = _randomize(diffusers.UNet2DConditionModel(**cfg), seed=len(name))
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    ours, _ = _ours_from_diffusers_unet(tmp_path)
+    x, t, context = _unet_inputs(cfg.get("in_channels", 4), cfg["cross_attention_dim"])
+    assert context is not None
+    uncond = torch.randn(context.shape, generator=torch.Generator().manual_seed(5))
+    xs, ts, contexts = torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond])
+    labels = None
+    if cfg.get("num_class_embeds"):
+        labels = torch.tensor([1, 7, 2, 7]) if labels_differ else torch.tensor([1, 7, 1, 7])
+    rows, hook = _first_resblock_rows(ours)
+    try:
+        with torch.no_grad():
+            expected = ref(xs, ts, contexts, class_labels=labels).sample
+            got = ours(xs, ts, contexts, y=labels)
+    finally:
+        hook.remove()
+    assert rows == [4 if labels_differ else 2]
+    assert (expected[:2] - expected[2:]).abs().max() > 0.01  # the two contexts give different predictions
+    assert (got - expected).abs().max().item() <= TOL
+
+
+def test_concat_unet_guidance_batch_matches_diffusers(tmp_path: Path) -> None:
+    """No cross-attention at all: the whole down path runs once for equal stacks."""
+    ref = _randomize(diffusers.UNet2DModel(**CONCAT_UNET), seed=7)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    ours, _ = _ours_from_diffusers_unet(tmp_path)
+    x, t, _ = _unet_inputs(7, None)
+    rows, hook = _first_resblock_rows(ours)
+    try:
+        with torch.no_grad():
+            expected = ref(torch.cat([x, x]), torch.cat([t, t])).sample
+            got = ours(torch.cat([x, x]), torch.cat([t, t]))
+    finally:
+        hook.remove()
+    assert rows == [2]
+    assert (got - expected).abs().max().item() <= TOL
+
+
 def _ours_from_diffusers_vae(folder: Path) -> AutoencoderKL:
     config = json.loads((folder / "config.json").read_text())
     weights = safetensors_torch.load_file(folder / "diffusion_pytorch_model.safetensors")

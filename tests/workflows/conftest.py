@@ -71,3 +71,15 @@ def make_executor(registry, models_dir: Path, model_cache, tmp_path: Path):
         return executor
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """CPU results depend on torch's thread count (sums split by thread): the run in this process and
+    the re-run in a fresh one both use one thread, whatever earlier tests left behind."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

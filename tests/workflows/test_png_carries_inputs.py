@@ -27,18 +27,6 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-@pytest.fixture
-def one_thread():
-    """CPU results depend on torch's thread count (sums split by thread): the run in this process and
-    the re-run in a fresh one both use one thread, whatever earlier tests left behind."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_an_inpainting_png_alone_in_an_empty_folder_re_creates_itself(make_executor, models_dir, tmp_path,
                                                                       one_thread):
     doc = json.loads((WORKFLOWS / "inpaint.json").read_text())

@@ -29,13 +29,13 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def test_png_rerun_in_a_new_process_gives_identical_pixels(make_executor, models_dir, tmp_path):
+def test_png_rerun_in_a_new_process_gives_identical_pixels(make_executor, models_dir, tmp_path, one_thread):
     first = make_executor(output_dir=tmp_path / "first").run(
         load("txt2img"), overrides={"steps": 3, "seed": 1234}
     )
     png = first.files[0]
     again = tmp_path / "again"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
         "-m",
