@@ -11,7 +11,9 @@ share the same tensors: diffusers' UNet2DConditionModel, and our UNetModel given
 through `ldmgraph.models.diffusers_keys` (no copy) inside a `DiffusionModelHandle`. Both start
 from the same noise (drawn from the seed on the CPU, scaled by sqrt(1 + sigma_max^2)); the final
 latents' max |difference| is printed as a check. Per-step time: differences of timestamps taken
-once per step (after a device sync), median over interleaved runs (ours, theirs, theirs, ours, ...)
+once per step (after a device sync), median over interleaved runs (ours, theirs, theirs, ours, ...;
+at the default `--repeats 3`, 12 of each for the small model, whose 4-second loops are otherwise at the mercy of a few seconds of
+load elsewhere on the host, 2 for SD1.5)
 after a warm-up run each. The clock is this process's CPU time (`time.process_time`), not the wall
 clock, so that other work on a shared machine does not land in either loop's figures; with one
 torch thread on the CPU that is the loops' own compute. (On a GPU the CPU clock does not see the
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip the SD1.5 config")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each loop")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each loop (the small model's loops, about 4 s each, run 4x as many)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         profile_step(args.device)
         return
     bench_overhead(args.device, args.repeats)
-    small = bench(SMALL_UNET, "small", args.device, args.repeats)
+    small = bench(SMALL_UNET, "small", args.device, 4 * args.repeats)
     sd15 = None if args.quick else bench(SD15_UNET, "sd15", args.device, max(1, args.repeats - 1))
     print(f"step_ratio_small={small:.3f} step_ratio_sd15={'skipped' if sd15 is None else f'{sd15:.3f}'}")
 
