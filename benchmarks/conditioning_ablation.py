@@ -94,7 +94,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1, help="training seeds per variant: --seed, --seed + 1, ... (default 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--with-both", action="store_true", help="also train the 'both' variant")
-    p.add_argument("--only", nargs="*", default=None, help="train/score only these variants")
+    p.add_argument("--only", nargs="*", default=None, help="train/score only these variants (processes with disjoint lists can share one --out: "
+                   "one per core; give each its own --docs and rewrite the docs with --report-only at the end)")
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))
     p.add_argument("--docs", type=Path, default=Path("docs/ablation"))
     p.add_argument("--label", default="study", help="'smoke' marks a small trial run in the table's heading")

@@ -121,3 +121,21 @@ def test_ablation_report_continues_a_one_seed_study_from_before_seeds(tmp_path: 
 def test_ablation_rejects_bad_seed_counts(bad: list[str]) -> None:
     with pytest.raises(SystemExit):
         ablation().parse(bad)
+
+
+def test_two_processes_with_disjoint_variants_share_one_results_file(tmp_path: Path) -> None:
+    """Two ``--only`` processes on one ``--out``: each save keeps the other's variants as they are on
+    disk, even when the saving process read the file before the other one wrote."""
+    module = ablation()
+    path = tmp_path / "results.json"
+    first = {"variants": {"xattn_frozen": {"seeds": {"0": run_record(0.6)}}}}
+    second = {"variants": {"vector_only": {"seeds": {"0": run_record(0.4)}}}}  # read before the first saved
+    module.save_results(path, first, ["xattn_frozen", "xattn_joint"])
+    module.save_results(path, second, ["vector_only", "xattn_lowres_only"])
+    first["variants"]["xattn_frozen"]["seeds"]["1"] = run_record(0.7)  # the first process goes on
+    module.save_results(path, first, ["xattn_frozen", "xattn_joint"])
+    on_disk = json.loads(path.read_text())["variants"]
+    assert sorted(on_disk) == ["vector_only", "xattn_frozen"]
+    assert sorted(on_disk["xattn_frozen"]["seeds"]) == ["0", "1"]
+    assert on_disk["vector_only"]["seeds"]["0"]["final"]["scores"]["two_mean"] == 0.4
+    assert not list(tmp_path.glob("*.tmp"))  # no half-written file left beside it
