@@ -250,9 +250,7 @@ def save_results(path: Path, results: dict[str, Any], names: list[str]) -> dict[
         merged = {**on_disk, **{k: v for k, v in results.items() if k != "variants"}}
         merged["variants"] = {**on_disk.get("variants", {}), **{n: results["variants"][n] for n in names
                                                                   if n in results["variants"]}}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(merged, indent=1))
-        os.replace(tmp, path)
+        save_json(path, merged)  # atomic; its fixed temporary name is safe under the lock
     return merged
 
 

@@ -12,9 +12,8 @@ through `ldmgraph.models.diffusers_keys` (no copy) inside a `DiffusionModelHandl
 from the same noise (drawn from the seed on the CPU, scaled by sqrt(1 + sigma_max^2)); the final
 latents' max |difference| is printed as a check. Per-step time: differences of timestamps taken
 once per step (after a device sync), median over interleaved runs (ours, theirs, theirs, ours, ...;
-at the default `--repeats 3`, 12 of each for the small model, whose 4-second loops are otherwise at the mercy of a few seconds of
-load elsewhere on the host, 2 for SD1.5)
-after a warm-up run each. The clock is this process's CPU time (`time.process_time`), not the wall
+at the default `--repeats 3`, 12 of each for the small model, whose 4-second loops are otherwise at
+the mercy of a few seconds of load elsewhere on the host, and 2 for SD1.5) after a warm-up run each. The clock is this process's CPU time (`time.process_time`), not the wall
 clock, so that other work on a shared machine does not land in either loop's figures; with one
 torch thread on the CPU that is the loops' own compute. (On a GPU the CPU clock does not see the
 device's work: use an idle machine and read the wall-clock figures of `benchmarks/gpu.py` there.) The last line is `step_ratio_small=<x> step_ratio_sd15=<x>`

@@ -185,26 +185,20 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.use_checkpoint = use_checkpoint
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, copies: int = 1) -> torch.Tensor:
+        """`copies` > 1: `x` is one of that many equal stacks of the batch `context` belongs to
+        (`UNetModel.forward`). The self-attention sees only the image tokens, so it runs once on `x`;
+        its result is stacked `copies` times before the cross-attention, where the contexts differ."""
         if self.use_checkpoint and self.training:
-            return checkpoint(self._forward, x, context, use_reentrant=False)
-        return self._forward(x, context)
+            return checkpoint(self._forward, x, context, copies, use_reentrant=False)
+        return self._forward(x, context, copies)
 
-    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
-
-    def forward_shared(self, x: torch.Tensor, context: torch.Tensor | None, copies: int) -> torch.Tensor:
-        """`forward` of `copies` stacked copies of `x` (see `UNetModel.forward`), given one copy.
-
-        The self-attention sees only the image tokens, so it runs once on `x`; the result is
-        stacked `copies` times before the cross-attention, where the copies' contexts differ.
-        """
-        if self.disable_self_attn or self.attn1.attention_override is not None:
-            x = x.repeat(copies, 1, 1)  # the first attention reads the context, or a patch replaces it
-            return self._forward(x, context)
-        x = (self.attn1(self.norm1(x)) + x).repeat(copies, 1, 1)
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None, copies: int = 1) -> torch.Tensor:
+        if copies > 1 and not self.disable_self_attn and self.attn1.attention_override is None:
+            x = (self.attn1(self.norm1(x)) + x).repeat(copies, 1, 1)
+        else:  # the first attention reads the context, or a patch replaces it: the whole batch
+            x = x.repeat(copies, 1, 1) if copies > 1 else x
+            x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -259,7 +253,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for i, block in enumerate(self.transformer_blocks):
-            x = block(x, context) if i or copies == 1 else block.forward_shared(x, context, copies)
+            x = block(x, context, copies if i == 0 else 1)
         b = x.shape[0]
         if self.use_linear:
             x = self.proj_out(x)
